@@ -1,0 +1,65 @@
+"""The `capfilt` command line: one entry point, one module per command under capfilt/commands/.
+
+Errors a user can cause (CapfiltError, bad options) print as one line and exit with status 2;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from capfilt.errors import CapfiltError
+
+# name -> module:attribute; imported only when that command runs, so `capfilt --help` is fast.
+COMMANDS = {
+    "synth": ("capfilt.commands.synth", "synth", "Create or serve a synthetic LAION-like world."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        module, attr, _ = COMMANDS[name]
+        return getattr(importlib.import_module(module), attr)
+
+    def format_commands(self, ctx, formatter):
+        rows = [(name, COMMANDS[name][2]) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="capfilt")
+def cli():
+    """capfilt: curate image-text data with CapFilt and train Q-Former models on it."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cli.main(args=argv, prog_name="capfilt", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("capfilt: aborted", err=True)
+        sys.exit(130)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        hint = f" (see '{exc.ctx.command_path} --help')" if getattr(exc, "ctx", None) else ""
+        click.echo(f"capfilt: error: {exc.format_message()}{hint}", err=True)
+        sys.exit(2)
+    except CapfiltError as exc:
+        click.echo(f"capfilt: error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("capfilt: interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,478 @@
+"""A synthetic LAION-like world: images with known content, noisy web captions, a misbehaving server.
+
+`make_world` renders small compositional scenes (a shape of some color and size at a position on a
+background), writes a LAION-style source Parquet whose URLs point at 127.0.0.1:<port>, the image
+files and a routes table for `WorldServer`, and a ground-truth sidecar saying what each image
+shows, which web captions were corrupted and how, and what ingest should do with each bad URL.
+Everything is a function of the config: the same seed gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import struct
+import threading
+import time
+import zlib
+from dataclasses import asdict, dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw
+
+from capfilt.errors import ConfigError
+from schemas import SOURCE
+
+SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 70, 220),
+    "yellow": (235, 215, 40),
+    "purple": (140, 50, 170),
+    "orange": (245, 140, 30),
+}
+BACKGROUNDS = {"black": (15, 15, 15), "white": (245, 245, 245), "gray": (128, 128, 128)}
+SIZES = ("small", "large")
+POSITIONS = ("left", "right", "top", "bottom", "center")
+ATTRIBUTES = ("shape", "color", "size", "position", "background")
+ATTRIBUTE_VALUES = {
+    "shape": SHAPES,
+    "color": tuple(COLORS),
+    "size": SIZES,
+    "position": POSITIONS,
+    "background": tuple(BACKGROUNDS),
+}
+
+NOISE_KINDS = ("swap", "attribute", "junk", "empty")
+BAD_URL_KINDS = (
+    "http_404",
+    "http_500",
+    "slow",
+    "truncated_jpeg",
+    "not_image",
+    "html_page",
+    "redirect_loop",
+    "huge_image",
+    "opt_out",
+)
+JUNK_ALT_TEXTS = (
+    "IMG_{n:04d}.jpg",
+    "DSC{n:05d}.JPG",
+    "click here",
+    "image",
+    "thumbnail",
+    "untitled-{n}",
+    "Buy now! Free shipping",
+    "photo {n}",
+)
+
+_POSITION_PHRASES = {
+    "left": ("on the left", "at the left", "to the left"),
+    "right": ("on the right", "at the right", "to the right"),
+    "top": ("at the top", "near the top", "in the upper part"),
+    "bottom": ("at the bottom", "near the bottom", "in the lower part"),
+    "center": ("in the center", "in the middle", "at the center"),
+}
+_TEMPLATES = (
+    "a {size} {color} {shape} {pos} of a {background} background",
+    "a {size} {color} {shape} {pos}, {background} background",
+    "{size} {color} {shape} {pos} on {background}",
+    "photo of a {size} {color} {shape} {pos} on a {background} background",
+)
+
+
+def true_caption(attrs: dict[str, str]) -> str:
+    """The canonical caption of a scene (the oracle caption)."""
+    return (
+        f"a {attrs['size']} {attrs['color']} {attrs['shape']} "
+        f"{_POSITION_PHRASES[attrs['position']][0]} of a {attrs['background']} background"
+    )
+
+
+def web_caption(attrs: dict[str, str], rng: np.random.Generator) -> str:
+    """A correct caption in one of several phrasings, as web alt-text would vary."""
+    template = _TEMPLATES[rng.integers(len(_TEMPLATES))]
+    phrases = _POSITION_PHRASES[attrs["position"]]
+    return template.format(pos=phrases[rng.integers(len(phrases))], **attrs)
+
+
+def render(attrs: dict[str, str], size: int, rng: np.random.Generator) -> Image.Image:
+    """Draw one scene with a little jitter and pixel noise so no two images are identical."""
+    img = Image.new("RGB", (size, size), BACKGROUNDS[attrs["background"]])
+    draw = ImageDraw.Draw(img)
+    radius = size * (0.14 if attrs["size"] == "small" else 0.3) * rng.uniform(0.9, 1.1)
+    centers = {
+        "left": (0.25, 0.5),
+        "right": (0.75, 0.5),
+        "top": (0.5, 0.25),
+        "bottom": (0.5, 0.75),
+        "center": (0.5, 0.5),
+    }
+    cx, cy = centers[attrs["position"]]
+    cx = size * cx + rng.uniform(-0.04, 0.04) * size
+    cy = size * cy + rng.uniform(-0.04, 0.04) * size
+    color = tuple(int(np.clip(c + rng.integers(-20, 21), 0, 255)) for c in COLORS[attrs["color"]])
+    shape = attrs["shape"]
+    if shape == "circle":
+        draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=color)
+    elif shape == "square":
+        draw.rectangle([cx - radius, cy - radius, cx + radius, cy + radius], fill=color)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - radius), (cx - radius, cy + radius), (cx + radius, cy + radius)], fill=color)
+    elif shape == "diamond":
+        draw.polygon([(cx, cy - radius), (cx + radius, cy), (cx, cy + radius), (cx - radius, cy)], fill=color)
+    elif shape == "cross":
+        w = radius * 0.35
+        draw.rectangle([cx - radius, cy - w, cx + radius, cy + w], fill=color)
+        draw.rectangle([cx - w, cy - radius, cx + w, cy + radius], fill=color)
+    pixels = np.asarray(img, dtype=np.int16)
+    pixels = pixels + rng.integers(-8, 9, size=pixels.shape)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def _jpeg_bytes(img: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def _huge_png(side: int) -> bytes:
+    """A valid grayscale PNG of side x side pixels that compresses to a few hundred KB.
+
+    Written by hand, row by row, so making it never holds the decoded image in memory.
+    """
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    compressor = zlib.compressobj(9)
+    row = b"\x00" + b"\x80" * side
+    body = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    """Knobs of a synthetic world. Validated on construction."""
+
+    images: int = 200
+    seed: int = 0
+    image_size: int = 64
+    noise: float = 0.4
+    noise_kinds: tuple[str, ...] = NOISE_KINDS
+    bad_urls_per_kind: int = 1
+    bad_url_kinds: tuple[str, ...] = BAD_URL_KINDS
+    duplicates: int = 4
+    host: str = "127.0.0.1"
+    port: int = 0
+    slow_seconds: float = 30.0
+    huge_side: int = 12000
+
+    def __post_init__(self):
+        if self.images < 1:
+            raise ConfigError(f"--images must be at least 1, got {self.images}.")
+        if not 0.0 <= self.noise <= 1.0:
+            raise ConfigError(f"--noise must be in [0, 1], got {self.noise}.")
+        if not 16 <= self.image_size <= 1024:
+            raise ConfigError(f"--image-size must be in [16, 1024], got {self.image_size}.")
+        bad = sorted(set(self.noise_kinds) - set(NOISE_KINDS))
+        if bad or not self.noise_kinds:
+            raise ConfigError(f"unknown noise kind(s) {bad}; choose from {list(NOISE_KINDS)}.")
+        bad = sorted(set(self.bad_url_kinds) - set(BAD_URL_KINDS))
+        if bad:
+            raise ConfigError(f"unknown bad-URL kind(s) {bad}; choose from {list(BAD_URL_KINDS)}.")
+        if self.bad_urls_per_kind < 0 or self.duplicates < 0:
+            raise ConfigError("--bad-urls-per-kind and --duplicates must be >= 0.")
+        if self.duplicates > self.images:
+            raise ConfigError(f"--duplicates ({self.duplicates}) cannot exceed --images ({self.images}).")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"--port must be in [0, 65535], got {self.port}.")
+
+
+def _random_attrs(rng: np.random.Generator) -> dict[str, str]:
+    return {name: str(values[rng.integers(len(values))]) for name, values in ATTRIBUTE_VALUES.items()}
+
+
+def _corrupt(kind: str, attrs: dict[str, str], other: dict[str, str], rng: np.random.Generator) -> str:
+    if kind == "swap":
+        return web_caption(other, rng)
+    if kind == "attribute":
+        name = ATTRIBUTES[rng.integers(len(ATTRIBUTES))]
+        choices = [v for v in ATTRIBUTE_VALUES[name] if v != attrs[name]]
+        wrong = dict(attrs, **{name: choices[rng.integers(len(choices))]})
+        return web_caption(wrong, rng)
+    if kind == "junk":
+        return JUNK_ALT_TEXTS[rng.integers(len(JUNK_ALT_TEXTS))].format(n=int(rng.integers(10000)))
+    return ""
+
+
+def make_world(out: str | Path, config: WorldConfig) -> dict:
+    """Write a world to `out`: source/, files/, routes.json, ground_truth.parquet, world.json.
+
+    Returns the world description (also in world.json).
+    """
+    out = Path(out)
+    rng = np.random.default_rng(config.seed)
+    port = config.port or free_port(config.host)
+    base = f"http://{config.host}:{port}"
+    (out / "files").mkdir(parents=True, exist_ok=True)
+    (out / "source").mkdir(parents=True, exist_ok=True)
+
+    scenes = [_random_attrs(rng) for _ in range(config.images)]
+    # Exactly round(noise * images) corrupted captions, so the ratio is what was asked for.
+    n_noisy = int(round(config.noise * config.images))
+    noisy = set(rng.permutation(config.images)[:n_noisy].tolist())
+    kinds = list(config.noise_kinds)
+
+    routes: dict[str, dict] = {}
+    rows: list[dict] = []
+    truth: list[dict] = []
+    for i, attrs in enumerate(scenes):
+        data = _jpeg_bytes(render(attrs, config.image_size, rng))
+        name = f"{i:06d}.jpg"
+        (out / "files" / name).write_bytes(data)
+        path = f"/img/{name}"
+        routes[path] = {"kind": "file", "file": name, "content_type": "image/jpeg"}
+        noise_kind = None
+        if i in noisy:
+            noise_kind = kinds[rng.integers(len(kinds))]
+            other = scenes[(i + 1 + int(rng.integers(config.images - 1))) % config.images] if config.images > 1 else _random_attrs(rng)
+            if noise_kind == "swap" and true_caption(other) == true_caption(attrs):
+                noise_kind = "attribute"
+            text = _corrupt(noise_kind, attrs, other, rng)
+        else:
+            text = web_caption(attrs, rng)
+        rows.append({"URL": base + path, "TEXT": text})
+        truth.append({
+            "url": base + path, "kind": "image", "image_index": i, "true_caption": true_caption(attrs),
+            "web_caption": text, "noise_kind": noise_kind, "corrupted": noise_kind is not None,
+            "duplicate_of": None, "expected_reason": None, **attrs,
+        })
+
+    # Exact duplicates: the same bytes under another URL, with a fresh correct caption.
+    for j, i in enumerate(sorted(rng.permutation(config.images)[: config.duplicates].tolist())):
+        path = f"/dup/{j:06d}.jpg"
+        routes[path] = {"kind": "file", "file": f"{i:06d}.jpg", "content_type": "image/jpeg"}
+        text = web_caption(scenes[i], rng)
+        rows.append({"URL": base + path, "TEXT": text})
+        truth.append({
+            "url": base + path, "kind": "duplicate", "image_index": i, "true_caption": true_caption(scenes[i]),
+            "web_caption": text, "noise_kind": None, "corrupted": False,
+            "duplicate_of": truth[i]["url"], "expected_reason": "duplicate", **scenes[i],
+        })
+
+    sample = _jpeg_bytes(render(_random_attrs(rng), config.image_size, rng))
+    huge = _huge_png(config.huge_side) if "huge_image" in config.bad_url_kinds and config.bad_urls_per_kind else b""
+    if huge:
+        (out / "files" / "huge.png").write_bytes(huge)
+    (out / "files" / "truncated.jpg").write_bytes(sample[: len(sample) // 2])
+    (out / "files" / "opt_out.jpg").write_bytes(sample)
+    (out / "files" / "not_image.jpg").write_bytes(rng.bytes(2048))
+    (out / "files" / "page.html").write_bytes(b"<!doctype html><html><body><h1>Hello</h1></body></html>")
+    bad_routes = {
+        "http_404": lambda p: {"kind": "status", "code": 404},
+        "http_500": lambda p: {"kind": "status", "code": 500},
+        "slow": lambda p: {"kind": "slow", "seconds": config.slow_seconds, "file": "opt_out.jpg", "content_type": "image/jpeg"},
+        "truncated_jpeg": lambda p: {"kind": "file", "file": "truncated.jpg", "content_type": "image/jpeg"},
+        "not_image": lambda p: {"kind": "file", "file": "not_image.jpg", "content_type": "image/jpeg"},
+        "html_page": lambda p: {"kind": "file", "file": "page.html", "content_type": "text/html"},
+        "redirect_loop": lambda p: {"kind": "redirect", "location": p},
+        "huge_image": lambda p: {"kind": "file", "file": "huge.png", "content_type": "image/png"},
+        "opt_out": lambda p: {"kind": "file", "file": "opt_out.jpg", "content_type": "image/jpeg",
+                              "headers": {"X-Robots-Tag": "noai, noimageai"}},
+    }
+    for kind in config.bad_url_kinds:
+        for j in range(config.bad_urls_per_kind):
+            path = f"/bad/{kind}/{j:03d}" + (".png" if kind == "huge_image" else ".jpg")
+            routes[path] = bad_routes[kind](path)
+            text = web_caption(_random_attrs(rng), rng)
+            rows.append({"URL": base + path, "TEXT": text})
+            truth.append({
+                "url": base + path, "kind": kind, "image_index": None, "true_caption": None,
+                "web_caption": text, "noise_kind": None, "corrupted": False, "duplicate_of": None,
+                "expected_reason": kind, **{a: None for a in ATTRIBUTES},
+            })
+
+    order = rng.permutation(len(rows))
+    source_rows = []
+    for idx in order:
+        row = rows[idx]
+        source_rows.append({
+            **row,
+            "WIDTH": config.image_size,
+            "HEIGHT": config.image_size,
+            "similarity": float(np.round(rng.uniform(0.25, 0.4), 4)),
+            "punsafe": float(np.round(rng.beta(1, 40), 5)),
+            "pwatermark": float(np.round(rng.beta(1, 12), 5)),
+            "LICENSE": "cc-by-4.0",
+        })
+    truth_rows = [truth[idx] for idx in order]
+    for row_number, row in enumerate(truth_rows):
+        row["source_row"] = row_number
+
+    pq.write_table(SOURCE.from_pylist(source_rows), out / "source" / "part-00000.parquet")
+    pq.write_table(pa.Table.from_pylist(truth_rows), out / "ground_truth.parquet")
+    (out / "routes.json").write_text(json.dumps(routes, indent=1, sort_keys=True))
+    n_images = config.images
+    world = {
+        "config": {**asdict(config), "port": port},
+        "host": config.host,
+        "port": port,
+        "base_url": base,
+        "rows": len(source_rows),
+        "images": n_images,
+        "duplicates": config.duplicates,
+        "bad_urls": len(source_rows) - n_images - config.duplicates,
+        "corrupted_captions": n_noisy,
+        "noise_ratio": n_noisy / n_images,
+        "source": "source",
+        "ground_truth": "ground_truth.parquet",
+    }
+    # Paths are stored relative to the world folder (same seed -> same bytes, wherever it is).
+    (out / "world.json").write_text(json.dumps(world, indent=1, sort_keys=True))
+    return load_world(out)
+
+
+def load_world(directory: str | Path) -> dict:
+    path = Path(directory) / "world.json"
+    if not path.exists():
+        raise ConfigError(f"{directory}: no world.json here; create a world with `capfilt synth --out {directory}`.")
+    world = json.loads(path.read_text())
+    for key in ("source", "ground_truth"):
+        world[key] = str(Path(directory) / world[key])
+    return world
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_version = "capfilt-synth/1"
+    world_dir: Path
+    routes: dict
+
+    def log_message(self, format, *args):  # noqa: A002 - silence per-request logging
+        pass
+
+    def do_HEAD(self):  # noqa: N802
+        self._serve(body=False)
+
+    def do_GET(self):  # noqa: N802
+        self._serve(body=True)
+
+    def _serve(self, body: bool) -> None:
+        route = self.routes.get(self.path.split("?", 1)[0])
+        if route is None:
+            self.send_error(404)
+            return
+        kind = route["kind"]
+        if kind == "status":
+            self.send_error(route["code"])
+            return
+        if kind == "redirect":
+            self.send_response(302)
+            self.send_header("Location", route["location"])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if kind == "slow":
+            # Sleep in small steps so a stopping server is not held up for the whole delay.
+            deadline = time.monotonic() + route["seconds"]
+            while time.monotonic() < deadline and not getattr(self.server, "stopping", False):
+                time.sleep(0.1)
+        data = (self.world_dir / "files" / route["file"]).read_bytes()
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", route.get("content_type", "application/octet-stream"))
+            self.send_header("Content-Length", str(len(data)))
+            for key, value in route.get("headers", {}).items():
+                self.send_header(key, value)
+            self.end_headers()
+            if body:
+                self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up (e.g. timed out on a slow route)
+
+
+class WorldServer:
+    """Serves a world's routes on its recorded host and port, in a background thread.
+
+    Use as a context manager in tests and the demo; `serve_forever` for `capfilt synth serve`.
+    """
+
+    def __init__(self, world_dir: str | Path, port: int | None = None):
+        self.world_dir = Path(world_dir)
+        world = load_world(self.world_dir)
+        self.host = world["host"]
+        self.port = port if port is not None else world["port"]
+        routes = json.loads((self.world_dir / "routes.json").read_text())
+        handler = type("WorldHandler", (_Handler,), {"world_dir": self.world_dir, "routes": routes})
+        try:
+            self.httpd = ThreadingHTTPServer((self.host, self.port), handler)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot serve the world on {self.host}:{self.port} ({exc.strerror}); stop whatever "
+                f"uses that port, or create the world again with another --port."
+            ) from exc
+        self.httpd.daemon_threads = True
+        self.httpd.stopping = False
+        self._thread: threading.Thread | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> "WorldServer":
+        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True, name="capfilt-world")
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        try:
+            self.httpd.serve_forever()
+        finally:
+            self.httpd.server_close()
+
+    def stop(self) -> None:
+        self.httpd.stopping = True
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> "WorldServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def noise_ratio(ground_truth: pa.Table) -> float:
+    """Fraction of real (non-duplicate, non-bad-URL) images whose web caption was corrupted."""
+    rows = [r for r in ground_truth.to_pylist() if r["kind"] == "image"]
+    return sum(r["corrupted"] for r in rows) / max(1, len(rows))
+
+
+__all__ = [
+    "ATTRIBUTES",
+    "ATTRIBUTE_VALUES",
+    "BAD_URL_KINDS",
+    "NOISE_KINDS",
+    "WorldConfig",
+    "WorldServer",
+    "load_world",
+    "make_world",
+    "noise_ratio",
+    "render",
+    "true_caption",
+]
