@@ -8,6 +8,8 @@ import os
 # re-resolves the environment in each worker (slow, and fails offline). The installed venv is
 # already right, so turn it off before Ray is imported anywhere.
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# img2dataset imports albumentations, which otherwise checks PyPI for updates in every worker.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import ray  # noqa: E402
 

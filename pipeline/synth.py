@@ -50,6 +50,18 @@ ATTRIBUTE_VALUES = {
 }
 
 NOISE_KINDS = ("swap", "attribute", "junk", "empty")
+# What ingest should record for each bad-URL kind (rejected.reason).
+EXPECTED_INGEST_REASON = {
+    "http_404": "http_404",
+    "http_500": "http_500",
+    "slow": "timeout",
+    "truncated_jpeg": "truncated_image",
+    "not_image": "not_an_image",
+    "html_page": "html_page",
+    "redirect_loop": "redirect_loop",
+    "huge_image": "too_many_pixels",
+    "opt_out": "opt_out",
+}
 BAD_URL_KINDS = (
     "http_404",
     "http_500",
@@ -303,7 +315,7 @@ def make_world(out: str | Path, config: WorldConfig) -> dict:
             truth.append({
                 "url": base + path, "kind": kind, "image_index": None, "true_caption": None,
                 "web_caption": text, "noise_kind": None, "corrupted": False, "duplicate_of": None,
-                "expected_reason": kind, **{a: None for a in ATTRIBUTES},
+                "expected_reason": EXPECTED_INGEST_REASON[kind], **{a: None for a in ATTRIBUTES},
             })
 
     order = rng.permutation(len(rows))
@@ -467,6 +479,7 @@ __all__ = [
     "ATTRIBUTES",
     "ATTRIBUTE_VALUES",
     "BAD_URL_KINDS",
+    "EXPECTED_INGEST_REASON",
     "NOISE_KINDS",
     "WorldConfig",
     "WorldServer",

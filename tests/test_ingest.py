@@ -1,0 +1,187 @@
+"""Ingest against the synthetic world's server: every row ends somewhere, with its reason."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from capfilt.errors import ConfigError
+from pipeline.ingest import (
+    IngestConfig,
+    ShardSpec,
+    classify_error,
+    download_shard,
+    final_rejected,
+    ingest,
+    plan_shards,
+)
+from pipeline.run_store import RunStore
+from pipeline.synth import WorldConfig, WorldServer, make_world
+from schemas import IMAGES, REJECTED
+
+FAST = dict(timeout=2.0, image_size=64, allow_private_addresses=True)
+
+
+def whole_source_spec(world, **kwargs):
+    specs = plan_shards(world["source"], 10_000, IngestConfig().columns)
+    assert len(specs) == 1
+    return specs[0]
+
+
+def truth_of(world):
+    return {r["url"]: r for r in pq.read_table(world["ground_truth"]).to_pylist()}
+
+
+def test_each_bad_url_kind_lands_in_rejected_with_its_reason(small_world):
+    world = small_world["world"]
+    images, rejected, stats = download_shard(whole_source_spec(world), IngestConfig(**FAST))
+    IMAGES.validate(images)
+    REJECTED.validate(rejected)
+    truth = truth_of(world)
+    kept_urls = set(images.column("url").to_pylist())
+    reasons = {r["url"]: r["reason"] for r in rejected.to_pylist()}
+    for url, row in truth.items():
+        if row["kind"] in ("image", "duplicate"):
+            assert url in kept_urls, (url, reasons.get(url))
+        else:
+            assert reasons.get(url) == row["expected_reason"], (row["kind"], reasons.get(url))
+    # Nothing lost, nothing twice.
+    ids = images.column("sample_id").to_pylist() + rejected.column("sample_id").to_pylist()
+    assert len(ids) == len(set(ids)) == len(truth) == stats["rows_in"]
+    assert stats["kept"] + stats["rejected"] + stats["failed"] == stats["rows_in"]
+    # Decisions are 'dropped', errors 'failed'.
+    outcome = {r["reason"]: r["outcome"] for r in rejected.to_pylist()}
+    assert outcome["opt_out"] == outcome["too_many_pixels"] == "dropped"
+    assert outcome["http_404"] == outcome["timeout"] == "failed"
+    # Provenance of downloaded rows: hashes, sizes, the LAION extras passed through.
+    row = images.to_pylist()[0]
+    assert len(row["sha256"]) == 64 and row["width"] == 64 and row["license"] == "cc-by-4.0"
+    assert row["image"][:2] == b"\xff\xd8"
+
+
+def test_private_addresses_are_refused_by_default(small_world):
+    world = small_world["world"]
+    images, rejected, stats = download_shard(whole_source_spec(world), IngestConfig(timeout=2.0))
+    assert images.num_rows == 0
+    assert set(rejected.column("reason").to_pylist()) == {"private_address"}
+    assert "--allow-private-addresses" in rejected.column("error_message")[0].as_py()
+    assert stats["rejected"] == stats["rows_in"]
+
+
+def test_url_and_hash_blocklists(small_world):
+    world = small_world["world"]
+    truth = list(truth_of(world).values())
+    duplicate = next(r for r in truth if r["kind"] == "duplicate")
+    other = next(r for r in truth if r["kind"] == "image" and r["url"] != duplicate["duplicate_of"])
+    first, _, _ = download_shard(whole_source_spec(world), IngestConfig(**FAST))
+    digest = next(r["sha256"] for r in first.to_pylist() if r["url"] == duplicate["url"])
+    config = IngestConfig(**FAST, url_blocklist=(other["url"],), hash_blocklist=(digest,))
+    images, rejected, _ = download_shard(whole_source_spec(world), config)
+    blocked = {r["url"] for r in rejected.to_pylist() if r["reason"] == "blocklisted"}
+    # The URL itself, and both URLs that serve the blocklisted bytes.
+    assert blocked == {other["url"], duplicate["url"], duplicate["duplicate_of"]}
+    assert not blocked & set(images.column("url").to_pylist())
+
+
+def test_other_formats_column_mapping_and_invalid_urls(small_world, tmp_path):
+    good = next(r["url"] for r in truth_of(small_world["world"]).values() if r["kind"] == "image")
+    table = pa.table({"link": [good, None, "ftp://x/y.jpg", "not a url"], "alt": ["a", "b", "c", "d"]})
+    csv_path = tmp_path / "src.csv"
+    pa.csv.write_csv(table, csv_path)
+    jsonl_path = tmp_path / "src.jsonl"
+    jsonl_path.write_text("\n".join(
+        '{"link": %s, "alt": "x"}' % ("null" if u is None else '"%s"' % u) for u in table.column("link").to_pylist()
+    ))
+    config = IngestConfig(**FAST, columns=IngestConfig().columns.__class__(URL="link", TEXT="alt"))
+    for path in (csv_path, jsonl_path):
+        specs = plan_shards(str(path), 10, config.columns)
+        images, rejected, _ = download_shard(specs[0], config)
+        assert images.column("url").to_pylist() == [good]
+        assert rejected.column("reason").to_pylist() == ["invalid_url"] * 3
+        assert rejected.column("sample_id").to_pylist() == ["src/1", "src/2", "src/3"]
+
+
+def test_classify_error_maps_img2dataset_messages():
+    assert classify_error("HTTP Error 404: Not Found") == "http_404"
+    assert classify_error("HTTP Error 503: Service Unavailable") == "http_503"
+    assert classify_error("<urlopen error timed out>") == "timeout"
+    assert classify_error("The read operation timed out") == "timeout"
+    assert classify_error("Use of image disallowed by X-Robots-Tag directive") == "opt_out"
+    assert classify_error("HTTP Error 302: The HTTP server returned a redirect error that would lead to an infinite loop.") == "redirect_loop"
+    assert classify_error("<urlopen error [Errno -2] Name or service not known>") == "dns_error"
+    assert classify_error("something new") == "download_error"
+
+
+def test_bad_config_and_source_errors(tmp_path):
+    with pytest.raises(ConfigError, match="--shard-size"):
+        IngestConfig(shard_size=0)
+    with pytest.raises(ConfigError, match="no such file"):
+        plan_shards(str(tmp_path / "missing"), 10, IngestConfig().columns)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="holds no"):
+        plan_shards(str(tmp_path / "empty"), 10, IngestConfig().columns)
+
+
+def test_retry_failed_requeues_retryable_rows_and_keeps_history(ray_local, tmp_path):
+    directory = tmp_path / "world"
+    make_world(directory, WorldConfig(images=6, seed=3, bad_url_kinds=("http_500", "http_404"), duplicates=0))
+    world = __import__("pipeline.synth", fromlist=["load_world"]).load_world(directory)
+    config = IngestConfig(**FAST, shard_size=4)
+    with WorldServer(directory) as server:
+        first = ingest(world["source"], str(tmp_path / "root"), "r", config, progress=False)
+        assert first.reasons == {"http_404": 1, "http_500": 1}
+        # The server recovers: the 500 route now serves an image.
+        routes = server.httpd.RequestHandlerClass.routes
+        bad = next(p for p, r in routes.items() if r.get("code") == 500)
+        routes[bad] = {"kind": "file", "file": "000000.jpg", "content_type": "image/jpeg"}
+        second = ingest(world["source"], str(tmp_path / "root"), "r", config, retry_failed=True, progress=False)
+    assert second.kept == first.kept + 1
+    assert second.reasons == {"http_404": 1}  # 404 is not retryable
+    assert second.rows_in == first.rows_in == second.kept + second.rejected + second.failed
+    store = RunStore(str(tmp_path / "root"), "r")
+    history = store.read_rejected("ingest").to_pylist()
+    assert sorted(r["reason"] for r in history) == ["http_404", "http_500"]  # attempt 1 kept on record
+    assert [r["reason"] for r in final_rejected(store).to_pylist()] == ["http_404"]
+
+
+def _images_rows(root, run):
+    table = RunStore(root, run).read("images", IMAGES)
+    return sorted(zip(table.column("sample_id").to_pylist(), table.column("sha256").to_pylist()))
+
+
+@pytest.mark.slow
+def test_resume_after_killed_run_gives_the_same_rows(ray_local, small_world, tmp_path):
+    world = small_world["world"]
+    root = str(tmp_path / "root")
+    args = [sys.executable, "-m", "capfilt.cli", "ingest", "--source", world["source"], "--root", root,
+            "--run", "killed", "--shard-size", "6", "--allow-private-addresses", "--timeout", "2",
+            "--image-size", "64", "--no-progress"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    store = RunStore(root, "killed")
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(r.status == "done" for r in store.records("ingest")):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # kill the process (and its local Ray), not a flag
+    proc.wait()
+    done_before = {r.shard for r in store.records("ingest") if r.status == "done"}
+    assert done_before, "the run was killed before any shard finished"
+    assert len(done_before) < len(plan_shards(world["source"], 6, IngestConfig().columns)), "killed too late"
+    config = IngestConfig(**FAST, shard_size=6)
+    resumed = ingest(world["source"], root, "killed", config, progress=False)
+    assert resumed.skipped == len(done_before)
+    ingest(world["source"], root, "straight", config, progress=False)
+    assert _images_rows(root, "killed") == _images_rows(root, "straight")
+    ids = [r[0] for r in _images_rows(root, "killed")] + RunStore(root, "killed").read_rejected("ingest").column("sample_id").to_pylist()
+    assert len(ids) == len(set(ids)) == world["rows"]
+    for record in RunStore(root, "killed").records("ingest"):
+        assert record.status == "done" and record.rows_in == record.kept + record.rejected + record.failed
+    # A rerun does no work.
+    again = ingest(world["source"], root, "killed", config, progress=False)
+    assert again.skipped == again.shards and Counter(again.reasons) == Counter(resumed.reasons)
