@@ -27,6 +27,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import PurePosixPath
@@ -340,7 +341,11 @@ def _guarded_resizer(config: IngestConfig):
             if stripped.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head", b"<body")):
                 return None, None, None, None, None, "html page instead of an image"
             try:
-                with Image.open(img_stream) as probe:
+                with warnings.catch_warnings():
+                    # PIL warns past MAX_IMAGE_PIXELS; the size check below turns that into a reason.
+                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                    probe = Image.open(img_stream)
+                with probe:
                     width, height = probe.size
                     if width * height > config.max_pixels:
                         return None, None, None, None, None, (
@@ -673,3 +678,11 @@ __all__ = [
     "plan_shards",
     "read_blocklist",
 ]
+
+
+if __name__ == "__main__":  # `ray job submit -- python -m pipeline.ingest --source ... --root ... --run ...`
+    import sys
+
+    from capfilt.cli import main
+
+    main(["ingest", *sys.argv[1:]])

@@ -322,3 +322,21 @@ class RunStore:
                     with self.fs.open(path, "rb") as handle:
                         tables.append(REJECTED.conform(pq.read_table(handle), where=path))
         return pa.concat_tables(tables) if tables else REJECTED.empty()
+
+
+def stage_totals(store: RunStore) -> list[dict]:
+    """Per stage: shards done/total and summed row counts from the manifest, with the keep rate."""
+    totals: dict[str, dict] = {}
+    for record in store.records():
+        row = totals.setdefault(record.stage, {
+            "stage": record.stage, "shards": 0, "done": 0, "rows_in": 0, "kept": 0,
+            "rejected": 0, "failed": 0, "rows_out": 0,
+        })
+        row["shards"] += 1
+        if record.status == "done":
+            row["done"] += 1
+            for key in ("rows_in", "kept", "rejected", "failed", "rows_out"):
+                row[key] += getattr(record, key) or 0
+    for row in totals.values():
+        row["keep_rate"] = round(row["kept"] / row["rows_in"], 4) if row["rows_in"] else 0.0
+    return list(totals.values())

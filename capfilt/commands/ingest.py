@@ -52,3 +52,4 @@ def ingest_command(source, root, run_id, shard_size, allow_private_addresses, im
     )
     summary = ingest(source, root, run_id, config, retry_failed=retry_failed, progress=not no_progress)
     click.echo(summary.line())
+    return summary

@@ -1,0 +1,159 @@
+"""Prefect flows: typed parameters checked before work, embedded runs, Ray jobs on a real head."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from pydantic import ValidationError
+
+from capfilt.errors import ConfigError
+from flows.jobs import run_job, validate_stage_args
+from flows.params import CurateParams, options_to_argv
+from pipeline.run_store import RunStore
+
+
+@pytest.fixture(scope="module")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def test_options_to_argv_and_params_validation():
+    assert options_to_argv({"shard-size": 5, "allow_private_addresses": True, "x": False}) == [
+        "--shard-size", "5", "--allow-private-addresses"]
+    with pytest.raises(ValidationError, match="run"):
+        CurateParams(source="s", run="../escape")
+    with pytest.raises(ValidationError, match="ray_address"):
+        CurateParams(source="s", run="r", execution={"mode": "cluster"})
+    with pytest.raises(ValidationError, match="extra"):
+        CurateParams(source="s", run="r", typo=1)
+
+
+def test_stage_options_are_checked_before_any_work(tmp_path):
+    with pytest.raises(ConfigError, match="stage ingest: .*shard-size"):
+        validate_stage_args("ingest", ["--source", "s", "--root", "r", "--run", "x", "--shard-size", "many"])
+    with pytest.raises(ConfigError, match="No such option"):
+        validate_stage_args("ingest", ["--source", "s", "--root", "r", "--run", "x", "--bogus", "1"])
+
+
+def test_curate_flow_embedded_records_counts_as_artifacts(prefect_harness, ray_local, small_world, tmp_path):
+    from prefect import get_client
+
+    from flows.curate import curate
+
+    world = small_world["world"]
+    params = CurateParams(
+        source=world["source"], root=str(tmp_path), run="flowrun",
+        ingest={"allow-private-addresses": True, "timeout": 2, "image-size": 64, "shard-size": 25},
+    )
+    totals = curate(params)
+    ingest = next(t for t in totals if t["stage"] == "ingest")
+    assert ingest["rows_in"] == world["rows"] == ingest["kept"] + ingest["rejected"] + ingest["failed"]
+    shards = -(-world["rows"] // 25)
+    assert ingest["done"] == ingest["shards"] == shards
+
+    async def artifacts():
+        # Plain API call: prefect 3.8's read_artifacts() sends filters this server rejects or misreads.
+        async with get_client() as client:
+            response = await client.request("POST", "/artifacts/filter", json={"limit": 200, "offset": 0, "sort": "CREATED_DESC"})
+            return response.json()
+
+    import asyncio
+
+    found = asyncio.run(artifacts())
+    kinds = {a["type"] for a in found}
+    assert {"table", "markdown", "progress"} <= kinds
+    markdowns = [a["data"] for a in found if a["type"] == "markdown"]
+    assert any(f"| ingest | {shards}/{shards} | {world['rows']} |" in m for m in markdowns)
+    assert any("/runs/flowrun/report" in m for m in markdowns)  # the link to the report (a markdown link)
+    # Bad stage options fail the flow before any stage runs.
+    with pytest.raises(ConfigError):
+        curate(CurateParams(source=world["source"], root=str(tmp_path), run="never", ingest={"shard-size": "x"}))
+    assert RunStore(str(tmp_path), "never").records() == []
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_until_jobs_accepted(address, timeout=120):
+    """The head's job agent starts a little after `ray start` returns; wait until it takes a job."""
+    from ray.job_submission import JobSubmissionClient
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            client = JobSubmissionClient(address)
+            sid = client.submit_job(entrypoint="true")
+            break
+        except (RuntimeError, ConnectionError) as exc:
+            if time.time() > deadline:
+                raise AssertionError(f"Ray head never accepted a job: {exc}")
+            time.sleep(1)
+    while client.get_job_status(sid).value not in ("SUCCEEDED", "FAILED", "STOPPED"):
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A real Ray head started with `ray start --head` on 127.0.0.1 (job submission on)."""
+    port, dashboard = _free_port(), _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_AUTH_MODE="disabled", RAY_ENABLE_UV_RUN_RUNTIME_ENV="0")
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
+                    "--disable-usage-stats", "--include-dashboard=true",
+                    # Own ports for every agent, so this head never collides with the in-process
+                    # Ray of other tests (which uses the defaults).
+                    f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+                    f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
+                    f"--ray-client-server-port={_free_port()}"],
+                   check=True, env=env, capture_output=True, timeout=120)
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    _wait_until_jobs_accepted(f"http://127.0.0.1:{dashboard}")
+    try:
+        yield {"address": f"http://127.0.0.1:{dashboard}", "env": env, "bin": ray_bin, "gcs": f"127.0.0.1:{port}"}
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        os.environ.pop("RAY_AUTH_MODE", None)
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_a_stage_and_a_retry_reattaches(ray_head, small_world, tmp_path):
+    from ray.job_submission import JobSubmissionClient
+
+    world = small_world["world"]
+    root = str(tmp_path / "root")
+    argv = ["--source", world["source"], "--root", root, "--run", "job", "--allow-private-addresses",
+            "--timeout", "2", "--image-size", "64", "--no-progress"]
+    # The stage entrypoint runs directly under `ray job submit`.
+    submitted = subprocess.run(
+        [ray_head["bin"], "job", "submit", "--address", ray_head["address"], "--submission-id", "cli-ingest",
+         "--", "python", "-m", "pipeline.ingest", *argv],
+        env=ray_head["env"], capture_output=True, text=True, timeout=300)
+    assert submitted.returncode == 0, submitted.stdout[-2000:] + submitted.stderr[-2000:]
+    assert f"ingest job: {world['rows']} rows in" in submitted.stdout
+    # A job already running under the flow's submission id is re-attached, not submitted twice.
+    client = JobSubmissionClient(ray_head["address"])
+    base = "capfilt-ingest-flowrun123"
+    client.submit_job(entrypoint="python -m capfilt.cli ingest " + " ".join(argv).replace("--run job", "--run job2"),
+                      submission_id=base + "-a1",
+                      runtime_env={"env_vars": {"RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}})
+    lines = []
+    sid = run_job(ray_head["address"], "ingest", argv, base_id=base, log=lines.append, client=client)
+    assert sid == base + "-a1"
+    assert any("re-attaching" in line for line in lines)
+    assert any("rows in" in line for line in lines)  # the job's log was streamed
+    # Once it succeeded, a further retry does nothing.
+    lines.clear()
+    assert run_job(ray_head["address"], "ingest", argv, base_id=base, log=lines.append, client=client) == sid
+    assert "already succeeded" in lines[0]
+    assert [j.submission_id for j in client.list_jobs() if j.submission_id.startswith(base)] == [base + "-a1"]
