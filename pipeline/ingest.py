@@ -603,7 +603,10 @@ def ingest(source: str, root: str, run_id: str, config: IngestConfig, retry_fail
         started = time.time()  # images/s measures downloading, not Ray's start-up
         task = ray.remote(run_shard).options(
             num_cpus=1,
-            max_retries=0,
+            # Retried only on system failures (a node or worker lost): a shard commit is atomic
+            # and idempotent, so redoing it elsewhere is safe. Errors in the shard itself are
+            # not retried here; they are reported and the rerun redoes the shard.
+            max_retries=3,
             runtime_env={"env_vars": {"OPENCV_IO_MAX_IMAGE_PIXELS": str(config.max_pixels)}},
         )
         pending = {task.remote(root, run_id, spec, config, cfg_hash): spec for spec in specs_to_run}

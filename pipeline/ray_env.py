@@ -26,7 +26,10 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=num_cpus, **kwargs)
+        # "local" always starts a new local instance: a bare ray.init() would join any cluster
+        # recorded in /tmp/ray/ray_current_cluster (someone's `ray start`), which must not
+        # happen by accident.
+        ray.init(address="local", num_cpus=num_cpus, **kwargs)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
     ctx.print_on_execution_start = False
