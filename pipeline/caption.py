@@ -21,10 +21,12 @@ from __future__ import annotations
 import io
 import json
 import re
+import time
 import unicodedata
 from dataclasses import dataclass, field
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 from PIL import Image
 
@@ -55,6 +57,7 @@ class CaptionConfig:
     decoding: Decoding = field(default_factory=Decoding)
     batch_size: int = 16
     actors: int | None = None  # default: one per GPU, else one
+    cpus_per_actor: int = 1  # CPU cores (= torch threads on CPU) each actor reserves
     device: str = "auto"
 
     def __post_init__(self):
@@ -64,6 +67,8 @@ class CaptionConfig:
             raise ConfigError(f"--batch-size must be >= 1 (got {self.batch_size}).")
         if self.actors is not None and self.actors < 1:
             raise ConfigError(f"--actors must be >= 1 (got {self.actors}).")
+        if self.cpus_per_actor < 1:
+            raise ConfigError(f"--cpus-per-actor must be >= 1 (got {self.cpus_per_actor}).")
 
     @property
     def output_hash(self) -> str:
@@ -207,14 +212,18 @@ class CaptionActor:
         if torch_threads:
             import torch
 
-            # Ray pins OMP threads to the actor's CPU reservation (1); on CPU use the cores we own
+            # as many threads as cores reserved: more threads than cores makes torch's OpenMP
+            # workers spin against the read tasks and other actors (10x slower on a busy 2-core box)
             torch.set_num_threads(torch_threads)
         self.captioner = load_captioner(captioner, device)
         self.decoding = decoding
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        began = time.time()
         result = caption_batch(batch, self.captioner, self.decoding)
-        return result.append_column("shard", batch.column("shard"))
+        return result.append_column("shard", batch.column("shard")).append_column(
+            "batch_started_at", pa.array([began] * batch.num_rows, pa.float64())
+        )
 
 
 # -- driver ------------------------------------------------------------------------------------------
@@ -229,6 +238,8 @@ class CaptionSummary:
     web_captions: int = 0
     synthetic_captions: int = 0
     degenerate: int = 0
+    captioning_s: float = 0.0  # wall time of the Ray job, actor start and model load included
+    startup_s: float | None = None  # until an actor, its model loaded, started its first batch
 
     def line(self) -> str:
         return (
@@ -283,6 +294,11 @@ def run_caption(store: RunStore, cfg: CaptionConfig) -> CaptionSummary:
 
     captioner_model_type(cfg.captioner)  # a bad --captioner fails here, before Ray starts
     todo, done, not_ready = pending_shards(store, cfg)
+    if not (todo or done or not_ready):
+        raise ConfigError(
+            f"run '{store.run_id}' under {store.root} has no images/ shards; run `capfilt ingest` "
+            f"for it first, or check --root and --run."
+        )
     summary = CaptionSummary(shards_skipped=len(done), shards_not_ingested=len(not_ready))
     expected: dict[str, int] = {}
     for shard in todo:
@@ -305,7 +321,12 @@ def run_caption(store: RunStore, cfg: CaptionConfig) -> CaptionSummary:
     ray_env.ensure_ray()
     gpus = ray_env.gpus_available()
     actors = cfg.actors or max(1, int(gpus))
-    threads = None if gpus else max(1, int(ray.cluster_resources().get("CPU", 1)) // actors)
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    if actors * cfg.cpus_per_actor > cpus:
+        raise ConfigError(
+            f"--actors {actors} x --cpus-per-actor {cfg.cpus_per_actor} needs more than the "
+            f"{cpus} CPU(s) Ray has; lower one of them."
+        )
     # Shards are read inside Ray tasks through the run store (any fsspec root), not with
     # ray.data.read_parquet: that keeps the driver's memory flat and, with ray 2.60 and the locked
     # fsspec, read_parquet fails on an import of fsspec's HTTPFileSystem.
@@ -317,20 +338,25 @@ def run_caption(store: RunStore, cfg: CaptionConfig) -> CaptionSummary:
     ).map_batches(
         CaptionActor,
         fn_constructor_kwargs=dict(
-            captioner=cfg.captioner, decoding=cfg.decoding, device=cfg.device, torch_threads=threads
+            captioner=cfg.captioner, decoding=cfg.decoding, device=cfg.device,
+            torch_threads=None if gpus else cfg.cpus_per_actor,
         ),
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=1 if gpus else 0,
+        num_cpus=cfg.cpus_per_actor,
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
     )
     arrived: dict[str, list[pa.Table]] = {s: [] for s in working}
     counts = dict.fromkeys(working, 0)
+    started = time.time()  # wall clock: compared with the actors' batch start times
     try:
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            first_batch = pa.compute.min(batch.column("batch_started_at")).as_py() - started
+            summary.startup_s = min(summary.startup_s or first_batch, first_batch)
             shard_of = batch.column("shard").to_pylist()
             for shard in set(shard_of):
-                part = batch.filter(pa.array([s == shard for s in shard_of])).drop_columns(["shard"])
+                part = batch.filter(pa.array([s == shard for s in shard_of])).drop_columns(["shard", "batch_started_at"])
                 arrived[shard].append(part)
                 counts[shard] += part.num_rows
                 if counts[shard] == expected[shard]:
@@ -344,6 +370,7 @@ def run_caption(store: RunStore, cfg: CaptionConfig) -> CaptionSummary:
         if cause is not None and cause is not exc:
             raise cause from exc
         raise
+    summary.captioning_s = time.time() - started
     if arrived:
         raise RuntimeError(f"caption: shards {sorted(arrived)} did not receive all their images")
     return summary

@@ -175,7 +175,9 @@ def test_a_killed_run_resumes_to_the_same_rows_as_an_uninterrupted_one(tmp_path,
         "--captioner", tiny_folders["blip"], "--num-captions", "3", "--max-length", "16",
         "--min-length", "8", "--seed", "5", "--batch-size", "2",
     ]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # RAY_ADDRESS=local: the killed run starts its own Ray, never joins one found on the machine
+    env = {**os.environ, "RAY_ADDRESS": "local"}
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
         deadline = time.time() + 120
         while not any(r.status == "done" for r in killed.records("caption")):

@@ -25,13 +25,15 @@ _DEFAULTS = Decoding()
 @click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True, help="Same seed, same captions.")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Images per generate call.")
 @click.option("--actors", type=int, default=None, help="Captioner actors (default: one per GPU, else one).")
+@click.option("--cpus-per-actor", type=int, default=1, show_default=True, help="CPU cores (torch threads on CPU) per actor.")
 def caption(root, run_id, captioner, num_captions, top_p, max_length, min_length, repetition_penalty,
-            prompt, num_beams, seed, batch_size, actors):
+            prompt, num_beams, seed, batch_size, actors, cpus_per_actor):
     """Write captions/<shard>.parquet: each image's web caption plus N synthetic ones."""
     decoding = Decoding(
         num_captions=num_captions, top_p=top_p, max_length=max_length, min_length=min_length,
         repetition_penalty=repetition_penalty, prompt=prompt, num_beams=num_beams, seed=seed,
     )
-    config = CaptionConfig(captioner=captioner, decoding=decoding, batch_size=batch_size, actors=actors)
+    config = CaptionConfig(captioner=captioner, decoding=decoding, batch_size=batch_size, actors=actors,
+                           cpus_per_actor=cpus_per_actor)
     summary = run_caption(RunStore(root, run_id), config)
     click.echo(summary.line())
