@@ -1,0 +1,39 @@
+"""`capfilt caption`: add N synthetic captions per ingested image of a run (Ray actors, GPU when present)."""
+
+from __future__ import annotations
+
+import click
+
+from model.captioners import Decoding
+from pipeline.caption import CaptionConfig, run_caption
+from pipeline.run_store import RunStore
+
+_DEFAULTS = Decoding()
+
+
+@click.command()
+@click.option("--root", required=True, help="Data root (local path or fsspec URI) holding runs/<run>/.")
+@click.option("--run", "run_id", required=True, help="Run id whose images/ shards to caption.")
+@click.option("--captioner", required=True, help="Hub id (e.g. Salesforce/blip-image-captioning-large) or save_pretrained folder.")
+@click.option("--num-captions", type=int, default=_DEFAULTS.num_captions, show_default=True, help="Synthetic captions per image.")
+@click.option("--top-p", type=float, default=_DEFAULTS.top_p, show_default=True, help="Nucleus sampling mass.")
+@click.option("--max-length", type=int, default=_DEFAULTS.max_length, show_default=True, help="Most tokens generated per caption.")
+@click.option("--min-length", type=int, default=_DEFAULTS.min_length, show_default=True, help="Fewest tokens generated per caption.")
+@click.option("--repetition-penalty", type=float, default=_DEFAULTS.repetition_penalty, show_default=True)
+@click.option("--prompt", default=_DEFAULTS.prompt, help="Text the captions continue, e.g. 'a photo of' (not stored in the caption).")
+@click.option("--num-beams", type=int, default=_DEFAULTS.num_beams, show_default=True, help="> 1: beam search instead of sampling.")
+@click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True, help="Same seed, same captions.")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Images per generate call.")
+@click.option("--actors", type=int, default=None, help="Captioner actors (default: one per GPU, else one).")
+@click.option("--cpus-per-actor", type=int, default=1, show_default=True, help="CPU cores (torch threads on CPU) per actor.")
+def caption(root, run_id, captioner, num_captions, top_p, max_length, min_length, repetition_penalty,
+            prompt, num_beams, seed, batch_size, actors, cpus_per_actor):
+    """Write captions/<shard>.parquet: each image's web caption plus N synthetic ones."""
+    decoding = Decoding(
+        num_captions=num_captions, top_p=top_p, max_length=max_length, min_length=min_length,
+        repetition_penalty=repetition_penalty, prompt=prompt, num_beams=num_beams, seed=seed,
+    )
+    config = CaptionConfig(captioner=captioner, decoding=decoding, batch_size=batch_size, actors=actors,
+                           cpus_per_actor=cpus_per_actor)
+    summary = run_caption(RunStore(root, run_id), config)
+    click.echo(summary.line())

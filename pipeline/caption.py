@@ -1,0 +1,376 @@
+"""Caption stage: for every ingested image keep its web caption and add N synthetic captions.
+
+    images/<shard>.parquet ──► read_parquet ──► map_batches(CaptionActor, actor pool, GPU per
+    actor when present) ──► driver groups results by shard ──► captions/<shard>.parquet
+                                                           └─► rejected/caption/<shard>.parquet
+
+Pure parts (testable without Ray): `decode_image`, `degenerate_reason`, `caption_batch` (one
+batch of images through a captioner) and `assemble_shard` (per-image results -> caption rows,
+rejected rows and counts). `CaptionActor` is the thin Ray wrapper; `run_caption` drives a run.
+
+Why one dataset over all pending shards (rather than one dataset per shard): the model is loaded
+once per actor for the whole run and the actors never idle between shards. Results stream back
+to the driver, which commits a shard through the run store as soon as all its images are in, so
+a killed run keeps every shard committed before the kill. Output rows do not depend on Ray's
+batching (see `model.captioners.SeededNucleusSampler`), so neither the streaming order nor a
+resume changes what is written: rows are put back in the shard's order before they are written.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import time
+import unicodedata
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
+import pyarrow.parquet as pq
+from PIL import Image
+
+from capfilt.errors import CapfiltError, ConfigError, SchemaError
+from model.captioners import Captioner, Decoding, caption_seed, captioner_model_type, load_captioner
+from pipeline.run_store import RunStore, ShardCounts, config_hash
+from schemas import CAPTIONS, IMAGES, REJECTED
+
+STAGE = "caption"
+UNDECODABLE = "undecodable_image"
+
+# what the actors return per image (the image bytes stay behind)
+RESULT_SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("error", pa.string()),
+        ("captions", pa.list_(pa.string())),
+        ("seeds", pa.list_(pa.int64())),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class CaptionConfig:
+    """The caption stage's settings. Only `captioner` and `decoding` change what is written."""
+
+    captioner: str
+    decoding: Decoding = field(default_factory=Decoding)
+    batch_size: int = 16
+    actors: int | None = None  # default: one per GPU, else one
+    cpus_per_actor: int = 1  # CPU cores (= torch threads on CPU) each actor reserves
+    device: str = "auto"
+
+    def __post_init__(self):
+        if not self.captioner:
+            raise ConfigError("--captioner is required: a hub id or a folder written by save_pretrained.")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1 (got {self.batch_size}).")
+        if self.actors is not None and self.actors < 1:
+            raise ConfigError(f"--actors must be >= 1 (got {self.actors}).")
+        if self.cpus_per_actor < 1:
+            raise ConfigError(f"--cpus-per-actor must be >= 1 (got {self.cpus_per_actor}).")
+
+    @property
+    def output_hash(self) -> str:
+        """Hash of what determines the output: a rerun with another batch size or pool is a no-op."""
+        return config_hash({"captioner": self.captioner, "decoding": self.decoding})
+
+
+# -- pure functions ------------------------------------------------------------------------------
+def decode_image(data: bytes | None) -> Image.Image:
+    """Decode image bytes fully (a truncated file fails here, not later) into RGB."""
+    if not data:
+        raise ValueError("no image bytes")
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        return img.convert("RGB")
+
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+def degenerate_reason(caption: str | None) -> str | None:
+    """Why a generated caption is useless, or None: empty, punctuation_only or repeated_token.
+
+    repeated_token: one word makes up the whole caption ("dog dog dog") or repeats four or more
+    times in a row ("a red red red red circle"), the usual failure of a sampling decoder.
+    """
+    text = (caption or "").strip()
+    if not text:
+        return "empty"
+    if not any(unicodedata.category(ch)[0] in "LN" for ch in text):
+        return "punctuation_only"
+    words = [w.lower() for w in _WORD.findall(text)]
+    if len(words) >= 2 and len(set(words)) == 1:
+        return "repeated_token"
+    run = 1
+    for previous, current in zip(words, words[1:]):
+        run = run + 1 if current == previous else 1
+        if run >= 4:
+            return "repeated_token"
+    return None
+
+
+def caption_batch(batch: pa.Table, captioner: Captioner, decoding: Decoding) -> pa.Table:
+    """One batch of images (sample_id, image) -> per image: error or N captions and their seeds.
+
+    Every image is decoded once; the decodable ones go through the captioner as one batch.
+    """
+    sample_ids = batch.column("sample_id").to_pylist()
+    errors: list[str | None] = [None] * len(sample_ids)
+    images, positions = [], []
+    for i, data in enumerate(batch.column("image").to_pylist()):
+        try:
+            images.append(decode_image(data))
+            positions.append(i)
+        except Exception as exc:  # noqa: BLE001 - any decoder complaint makes this one image fail
+            errors[i] = f"{type(exc).__name__}: {exc}"
+    seeds = [[caption_seed(decoding.seed, sid, j) for j in range(decoding.num_captions)] for sid in sample_ids]
+    captions: list[list[str] | None] = [None] * len(sample_ids)
+    generated = captioner.caption(images, decoding, [seeds[i] for i in positions])
+    for i, texts in zip(positions, generated):
+        captions[i] = texts
+    return pa.Table.from_pydict(
+        {
+            "sample_id": sample_ids,
+            "error": errors,
+            "captions": captions,
+            "seeds": [s if c is not None else None for s, c in zip(seeds, captions)],
+        },
+        schema=RESULT_SCHEMA,
+    )
+
+
+def assemble_shard(
+    shard: str, images: pa.Table, results: pa.Table, captioner_id: str, decoding: Decoding
+) -> tuple[pa.Table, pa.Table, ShardCounts]:
+    """Per-image results of one shard -> (captions, rejected, counts), in the shard's row order.
+
+    `images` holds the shard's sample_id, url and caption columns; every one of its rows must
+    have exactly one result.
+    """
+    by_id = {}
+    for row in results.to_pylist():
+        if row["sample_id"] in by_id:
+            raise RuntimeError(f"shard '{shard}': image {row['sample_id']} was captioned twice")
+        by_id[row["sample_id"]] = row
+    caption_rows, rejected_rows = [], []
+    decoding_json = decoding.to_json()
+    for image in images.select(["sample_id", "url", "caption"]).to_pylist():
+        sid = image["sample_id"]
+        result = by_id.pop(sid, None)
+        if result is None:
+            raise RuntimeError(f"shard '{shard}': no caption result for image {sid}")
+        if result["error"] is not None:
+            rejected_rows.append(
+                dict(
+                    stage=STAGE, shard=shard, sample_id=sid, url=image["url"], caption=image["caption"],
+                    outcome="failed", reason=UNDECODABLE,
+                    error_message=(
+                        f"image {sid} of images/{shard}.parquet could not be decoded "
+                        f"({result['error']}); re-ingest it or drop it from the source"
+                    ),
+                )
+            )
+            continue
+        caption_rows.append(
+            dict(sample_id=sid, caption_id=f"{sid}#web", caption_source="web", caption_index=0,
+                 caption=image["caption"])
+        )
+        for j, (text, seed) in enumerate(zip(result["captions"], result["seeds"]), start=1):
+            caption_rows.append(
+                dict(sample_id=sid, caption_id=f"{sid}#syn{j}", caption_source="synthetic",
+                     caption_index=j, caption=text, captioner=captioner_id, decoding=decoding_json,
+                     seed=seed, degenerate=degenerate_reason(text))
+            )
+    if by_id:
+        raise RuntimeError(f"shard '{shard}': results for images not in the shard: {sorted(by_id)[:3]}")
+    counts = ShardCounts(
+        rows_in=images.num_rows,
+        kept=images.num_rows - len(rejected_rows),
+        failed=len(rejected_rows),
+        rows_out=len(caption_rows),
+    )
+    return CAPTIONS.from_pylist(caption_rows), REJECTED.from_pylist(rejected_rows), counts
+
+
+# -- Ray wrapper -----------------------------------------------------------------------------------
+def read_image_shards(batch: pa.Table, root: str, run_id: str) -> pa.Table:
+    """Shard ids -> the (shard, sample_id, image) rows of those images/ shards, schema-checked."""
+    store = RunStore(root, run_id)
+    tables = []
+    for shard in batch.column("shard").to_pylist():
+        images = store.read_shard("images", shard, IMAGES).select(["sample_id", "image"])
+        tables.append(images.append_column("shard", pa.array([shard] * images.num_rows, pa.string())))
+    return pa.concat_tables(tables)
+
+
+class CaptionActor:
+    """Loads the captioner once per actor; captions the batches Ray hands it."""
+
+    def __init__(self, captioner: str, decoding: Decoding, device: str = "auto", torch_threads: int | None = None):
+        if torch_threads:
+            import torch
+
+            # as many threads as cores reserved: more threads than cores makes torch's OpenMP
+            # workers spin against the read tasks and other actors (10x slower on a busy 2-core box)
+            torch.set_num_threads(torch_threads)
+        self.captioner = load_captioner(captioner, device)
+        self.decoding = decoding
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        began = time.time()
+        result = caption_batch(batch, self.captioner, self.decoding)
+        return result.append_column("shard", batch.column("shard")).append_column(
+            "batch_started_at", pa.array([began] * batch.num_rows, pa.float64())
+        )
+
+
+# -- driver ------------------------------------------------------------------------------------------
+@dataclass
+class CaptionSummary:
+    shards_done: int = 0
+    shards_skipped: int = 0
+    shards_not_ingested: int = 0
+    images: int = 0
+    captioned: int = 0
+    failed: int = 0
+    web_captions: int = 0
+    synthetic_captions: int = 0
+    degenerate: int = 0
+    captioning_s: float = 0.0  # wall time of the Ray job, actor start and model load included
+    startup_s: float | None = None  # until an actor, its model loaded, started its first batch
+
+    def line(self) -> str:
+        return (
+            f"captioned {self.shards_done} shard(s), skipped {self.shards_skipped} already done"
+            + (f", {self.shards_not_ingested} not yet ingested" if self.shards_not_ingested else "")
+            + f": {self.images} images = {self.captioned} captioned + {self.failed} failed; "
+            f"{self.web_captions + self.synthetic_captions} caption rows = {self.web_captions} web + "
+            f"{self.synthetic_captions} synthetic ({self.degenerate} degenerate)"
+        )
+
+
+def pending_shards(store: RunStore, cfg: CaptionConfig) -> tuple[list[str], list[str], list[str]]:
+    """(to caption, already done with this config, not ingested yet) among the run's image shards."""
+    todo, done, not_ready = [], [], []
+    for shard in store.shards("images"):
+        ingest = store.record("ingest", shard)
+        if ingest is None or ingest.status != "done":
+            not_ready.append(shard)
+        elif store.is_done(STAGE, shard, cfg.output_hash):
+            done.append(shard)
+        else:
+            todo.append(shard)
+    return todo, done, not_ready
+
+
+def _read_columns(store: RunStore, shard: str, columns: list[str]) -> pa.Table:
+    with store.fs.open(store.shard_path("images", shard), "rb") as handle:
+        return pq.read_table(handle, columns=columns)
+
+
+def _commit(store: RunStore, cfg: CaptionConfig, shard: str, results: pa.Table, summary: CaptionSummary) -> None:
+    images = _read_columns(store, shard, ["sample_id", "url", "caption"])
+    captions, rejected, counts = assemble_shard(shard, images, results, cfg.captioner, cfg.decoding)
+    store.commit_shard(
+        STAGE, shard, cfg.output_hash, outputs={"captions": (CAPTIONS, captions)}, counts=counts,
+        rejected=rejected, extra={"captioner": cfg.captioner, "decoding": json.loads(cfg.decoding.to_json())},
+    )
+    summary.shards_done += 1
+    summary.images += counts.rows_in
+    summary.captioned += counts.kept
+    summary.failed += counts.failed
+    sources = captions.column("caption_source").to_pylist()
+    summary.web_captions += sources.count("web")
+    summary.synthetic_captions += sources.count("synthetic")
+    summary.degenerate += captions.num_rows - captions.column("degenerate").null_count
+
+
+def run_caption(store: RunStore, cfg: CaptionConfig) -> CaptionSummary:
+    """Caption every ingested image shard of a run not already captioned with this config."""
+    import pipeline.ray_env as ray_env  # sets the Ray env before ray is imported
+    import ray
+
+    captioner_model_type(cfg.captioner)  # a bad --captioner fails here, before Ray starts
+    todo, done, not_ready = pending_shards(store, cfg)
+    if not (todo or done or not_ready):
+        raise ConfigError(
+            f"run '{store.run_id}' under {store.root} has no images/ shards; run `capfilt ingest` "
+            f"for it first, or check --root and --run."
+        )
+    summary = CaptionSummary(shards_skipped=len(done), shards_not_ingested=len(not_ready))
+    expected: dict[str, int] = {}
+    for shard in todo:
+        IMAGES.validate(store.uri(store.shard_path("images", shard)))
+        with store.fs.open(store.shard_path("images", shard), "rb") as handle:
+            expected[shard] = pq.ParquetFile(handle).metadata.num_rows
+        ids = _read_columns(store, shard, ["sample_id"]).column("sample_id")
+        if len(ids.unique()) != len(ids):
+            raise SchemaError(
+                f"{store.uri(store.shard_path('images', shard))}: sample_id is not unique within the "
+                f"shard; re-run `capfilt ingest` for this run."
+            )
+        store.start_shard(STAGE, shard, cfg.output_hash)
+    for shard in [s for s in todo if expected[s] == 0]:
+        _commit(store, cfg, shard, pa.Table.from_pylist([], schema=RESULT_SCHEMA), summary)
+    working = [s for s in todo if expected[s] > 0]
+    if not working:
+        return summary
+
+    ray_env.ensure_ray()
+    gpus = ray_env.gpus_available()
+    actors = cfg.actors or max(1, int(gpus))
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    if actors * cfg.cpus_per_actor > cpus:
+        raise ConfigError(
+            f"--actors {actors} x --cpus-per-actor {cfg.cpus_per_actor} needs more than the "
+            f"{cpus} CPU(s) Ray has; lower one of them."
+        )
+    # Shards are read inside Ray tasks through the run store (any fsspec root), not with
+    # ray.data.read_parquet: that keeps the driver's memory flat and, with ray 2.60 and the locked
+    # fsspec, read_parquet fails on an import of fsspec's HTTPFileSystem.
+    ds = ray.data.from_items([{"shard": s} for s in working], override_num_blocks=len(working)).map_batches(
+        read_image_shards,
+        fn_kwargs=dict(root=store.root, run_id=store.run_id),
+        batch_size=1,
+        batch_format="pyarrow",
+    ).map_batches(
+        CaptionActor,
+        fn_constructor_kwargs=dict(
+            captioner=cfg.captioner, decoding=cfg.decoding, device=cfg.device,
+            torch_threads=None if gpus else cfg.cpus_per_actor,
+        ),
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_gpus=1 if gpus else 0,
+        num_cpus=cfg.cpus_per_actor,
+        batch_size=cfg.batch_size,
+        batch_format="pyarrow",
+    )
+    arrived: dict[str, list[pa.Table]] = {s: [] for s in working}
+    counts = dict.fromkeys(working, 0)
+    started = time.time()  # wall clock: compared with the actors' batch start times
+    try:
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            first_batch = pa.compute.min(batch.column("batch_started_at")).as_py() - started
+            summary.startup_s = min(summary.startup_s or first_batch, first_batch)
+            shard_of = batch.column("shard").to_pylist()
+            for shard in set(shard_of):
+                part = batch.filter(pa.array([s == shard for s in shard_of])).drop_columns(["shard", "batch_started_at"])
+                arrived[shard].append(part)
+                counts[shard] += part.num_rows
+                if counts[shard] == expected[shard]:
+                    _commit(store, cfg, shard, pa.concat_tables(arrived.pop(shard)), summary)
+    except Exception as exc:
+        for shard in arrived:  # shards committed above are no longer in `arrived`
+            store.fail_shard(STAGE, shard, cfg.output_hash, f"{type(exc).__name__}: {exc}"[:2000])
+        cause: BaseException | None = exc  # Ray wraps an actor's error; surface a user error as one line
+        while cause is not None and not isinstance(cause, CapfiltError):
+            cause = cause.__cause__
+        if cause is not None and cause is not exc:
+            raise cause from exc
+        raise
+    summary.captioning_s = time.time() - started
+    if arrived:
+        raise RuntimeError(f"caption: shards {sorted(arrived)} did not receive all their images")
+    return summary
