@@ -52,6 +52,9 @@ class CurateParams(BaseModel):
     root: str = Field("./data", description="Data root (local path or fsspec URI).")
     run: str = Field(..., description="Run id; a scheduled run with a fixed id only processes new shards.")
     ingest: dict[str, OptionValue] = Field(default_factory=dict, description="`capfilt ingest` options, e.g. {'shard-size': 1000}.")
+    caption: dict[str, OptionValue] | None = Field(
+        None, description="`capfilt caption` options, e.g. {'captioner': 'Salesforce/blip-image-captioning-large', 'num-captions': 10}; null skips captioning."
+    )
     execution: Execution = Field(default_factory=Execution)
 
     @field_validator("run")
@@ -64,7 +67,10 @@ class CurateParams(BaseModel):
     def stage_argv(self) -> dict[str, list[str]]:
         """Each stage's full CLI arguments, in the order the flow runs them."""
         common = ["--root", self.root, "--run", self.run]
-        return {"ingest": ["--source", self.source, *common, "--no-progress", *options_to_argv(self.ingest)]}
+        stages = {"ingest": ["--source", self.source, *common, "--no-progress", *options_to_argv(self.ingest)]}
+        if self.caption is not None:
+            stages["caption"] = [*common, *options_to_argv(self.caption)]
+        return stages
 
 
 def describe_errors(exc: Exception) -> str:

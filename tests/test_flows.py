@@ -45,17 +45,22 @@ def test_curate_flow_embedded_records_counts_as_artifacts(prefect_harness, ray_l
     from prefect import get_client
 
     from flows.curate import curate
+    from model.captioners import save_random_captioner
 
     world = small_world["world"]
+    captioner = save_random_captioner(str(tmp_path / "captioner"))
     params = CurateParams(
         source=world["source"], root=str(tmp_path), run="flowrun",
         ingest={"allow-private-addresses": True, "timeout": 2, "image-size": 64, "shard-size": 25},
+        caption={"captioner": captioner, "num-captions": 2},
     )
     totals = curate(params)
     ingest = next(t for t in totals if t["stage"] == "ingest")
     assert ingest["rows_in"] == world["rows"] == ingest["kept"] + ingest["rejected"] + ingest["failed"]
     shards = -(-world["rows"] // 25)
     assert ingest["done"] == ingest["shards"] == shards
+    caption = next(t for t in totals if t["stage"] == "caption")
+    assert caption["rows_in"] == ingest["kept"] and caption["rows_out"] == 3 * caption["kept"]
 
     async def artifacts():
         # Plain API call: prefect 3.8's read_artifacts() sends filters this server rejects or misreads.
