@@ -7,13 +7,14 @@ documented columns and `validate(table_or_path)`.
 from ._spec import ArtifactSchema, read_parquet_schema
 from .captions import CAPTION_SOURCES, CAPTIONS, DEGENERATE_REASONS
 from .curated import CURATED
+from .dedup import DEDUP
 from .images import IMAGES
 from .manifest import MANIFEST, STATUSES
 from .rejected import OUTCOMES, REJECTED
 from .scores import SCORES
 from .source import SOURCE, SourceColumns, to_canonical
 
-ALL = {s.name: s for s in (SOURCE, IMAGES, CAPTIONS, SCORES, CURATED, REJECTED, MANIFEST)}
+ALL = {s.name: s for s in (SOURCE, IMAGES, CAPTIONS, SCORES, DEDUP, CURATED, REJECTED, MANIFEST)}
 
 __all__ = [
     "ALL",
@@ -21,6 +22,7 @@ __all__ = [
     "CAPTIONS",
     "CAPTION_SOURCES",
     "CURATED",
+    "DEDUP",
     "DEGENERATE_REASONS",
     "IMAGES",
     "MANIFEST",

@@ -1,0 +1,85 @@
+"""`capfilt filter`: score every (image, caption) pair, dedup the run, select, write the report."""
+
+from __future__ import annotations
+
+import click
+
+from pipeline.dedup import DedupConfig, run_dedup
+from pipeline.filter_report import write_filter_report
+from pipeline.run_store import RunStore
+from pipeline.score import ScoreConfig, run_score
+from pipeline.select import SelectConfig, run_select
+
+
+def filter_options(f):
+    """Options shared by `capfilt filter` and `capfilt curate`."""
+    options = [
+        click.option("--clip", required=True, help="open_clip model name, e.g. ViT-L-14."),
+        click.option("--clip-pretrained", help="open_clip pretrained tag (e.g. openai) or a local checkpoint file."),
+        click.option("--clip-config", type=click.Path(exists=True), help="JSON model config(s) to register with open_clip first."),
+        click.option("--itm", help="ITM model: hub id or save_pretrained folder (BLIP / BLIP-2 ITM, capfilt Stage 1)."),
+        click.option("--policy", default="blip2", show_default=True, help="blip, blip2, clip-threshold, clip-top-fraction; comma-separated to combine (e.g. blip,blip2)."),
+        click.option("--top-k", type=int, default=2, show_default=True, help="blip2: captions kept per image."),
+        click.option("--itm-threshold", type=float, default=0.5, show_default=True, help="blip: keep when ITM p >= this."),
+        click.option("--clip-threshold", type=float, default=0.3, show_default=True, help="clip-threshold: keep when CLIP score >= this."),
+        click.option("--clip-top-fraction", type=float, default=0.3, show_default=True, help="clip-top-fraction: keep the run's top fraction by CLIP score."),
+        click.option("--min-image-size", type=int, default=0, show_default=True),
+        click.option("--max-aspect-ratio", type=float, default=float("inf")),
+        click.option("--max-punsafe", type=float, help="Drop images whose source punsafe exceeds this."),
+        click.option("--max-pwatermark", type=float, help="Drop images whose source pwatermark exceeds this."),
+        click.option("--min-caption-words", type=int, default=1, show_default=True),
+        click.option("--max-caption-words", type=int, default=1000, show_default=True),
+        click.option("--keep-degenerate", is_flag=True, help="Do not drop degenerate synthetic captions."),
+        click.option("--dedup-eps", type=float, default=0.02, show_default=True, help="Near-duplicates: cosine similarity > 1 - eps."),
+        click.option("--dedup-cluster-size", type=int, default=1000, show_default=True, help="Average images per k-means cluster."),
+        click.option("--no-semantic-dedup", is_flag=True, help="Only exact (sha256) dedup."),
+        click.option("--score-batch-size", type=int, default=64, show_default=True),
+        click.option("--score-actors", type=int, help="Scoring actors (default: one per GPU, else one)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def configs_from_options(o: dict) -> tuple[ScoreConfig, DedupConfig, SelectConfig]:
+    score = ScoreConfig(clip=o["clip"], clip_pretrained=o["clip_pretrained"], clip_config=o["clip_config"],
+                        itm=o["itm"], batch_size=o["score_batch_size"], actors=o["score_actors"])
+    dedup = DedupConfig(eps=o["dedup_eps"], cluster_size=o["dedup_cluster_size"], semantic=not o["no_semantic_dedup"])
+    policies = tuple(p.strip() for p in o["policy"].split(",") if p.strip())
+    select = SelectConfig(
+        policies=policies, top_k=o["top_k"], itm_threshold=o["itm_threshold"], clip_threshold=o["clip_threshold"],
+        clip_top_fraction=o["clip_top_fraction"], min_image_size=o["min_image_size"], max_aspect_ratio=o["max_aspect_ratio"],
+        max_punsafe=o["max_punsafe"], max_pwatermark=o["max_pwatermark"], min_caption_words=o["min_caption_words"],
+        max_caption_words=o["max_caption_words"], drop_degenerate=not o["keep_degenerate"],
+    )
+    if "blip" in policies and not score.itm:
+        raise click.UsageError("--policy blip needs --itm (an ITM model)")
+    return score, dedup, select
+
+
+def run_filter(store: RunStore, options: dict) -> dict:
+    score_cfg, dedup_cfg, select_cfg = configs_from_options(options)
+    scored = run_score(store, score_cfg)
+    click.echo(scored.line())
+    duplicates = run_dedup(store, dedup_cfg)
+    click.echo(f"dedup: {duplicates.num_rows} duplicate image(s) "
+               f"({sum(k == 'exact' for k in duplicates.column('kind').to_pylist())} exact)")
+    selected = run_select(store, select_cfg, extra_provenance={"clip": score_cfg.clip, "clip_pretrained": score_cfg.clip_pretrained,
+                                                                "itm": score_cfg.itm, "dedup": {"eps": dedup_cfg.eps}})
+    click.echo(selected.line())
+    table = write_filter_report(store)
+    click.echo(f"report: {store.uri(store.report_dir())}/filter.html")
+    return {"score": scored.__dict__, "duplicates": duplicates.num_rows, "select": selected.__dict__, "report": table}
+
+
+@click.command(name="filter")
+@click.option("--root", required=True, help="Data root (local path or fsspec URI).")
+@click.option("--run", "run_id", required=True, help="Run id.")
+@filter_options
+def filter_command(root, run_id, **options):
+    """Score (CLIP + ITM), dedup (sha256 + SemDeDup with faiss) and select a captioned run.
+
+    Writes scores/, dedup/, curated/ and rejected/ (every dropped caption with its reason) and the
+    report (histograms, reasons, sample grid). Each step skips work already done with the same settings.
+    """
+    return run_filter(RunStore(root, run_id), options)

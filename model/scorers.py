@@ -1,0 +1,209 @@
+"""Scorers for the Filter stage: CLIP similarity (open_clip) and ITM match probability.
+
+`load_clip(name, pretrained)` builds any open_clip model by name with a pretrained tag (as
+open_clip's registry knows them, e.g. ViT-L-14 + openai) or a local checkpoint file; a model
+config JSON of one's own is registered first with `register_clip_config(path)`, which is how the
+tiny test models take the same path as a real name.
+
+`load_itm(id_or_path)` loads a transformers image-text matching model by hub id or
+`save_pretrained` folder, choosing the class from the checkpoint's `model_type` (BLIP:
+BlipForImageTextRetrieval, BLIP-2: Blip2ForImageTextRetrieval). capfilt's own Stage 1
+checkpoints register their family with `register_itm_family`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from abc import ABC, abstractmethod
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from capfilt.device import autocast, inference_dtype, pick_device
+from capfilt.errors import ConfigError
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+# -- CLIP ------------------------------------------------------------------------------------
+
+def register_clip_config(path: str) -> list[str]:
+    """Register open_clip model config(s) from a JSON file or folder; returns the new names."""
+    import open_clip
+
+    if not os.path.exists(path):
+        raise ConfigError(f"--clip-config {path}: no such file or folder.")
+    before = set(open_clip.list_models())
+    open_clip.add_model_config(path)
+    return sorted(set(open_clip.list_models()) - before)
+
+
+class ClipScorer:
+    """An open_clip model that embeds images and texts (L2-normalised) and scores pairs."""
+
+    def __init__(self, name: str, pretrained: str | None = None, device: str = "auto"):
+        import open_clip
+
+        if name not in open_clip.list_models():
+            raise ConfigError(
+                f"--clip {name!r} is not an open_clip model name (e.g. ViT-L-14); register your own "
+                f"config with --clip-config FILE.json."
+            )
+        self.device = pick_device(device)
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=pretrained or None, device=self.device
+            )
+        except (RuntimeError, OSError, ValueError) as exc:
+            raise ConfigError(
+                f"--clip {name} --clip-pretrained {pretrained!r}: cannot load ({_first_line(exc)}). Give an "
+                f"open_clip pretrained tag or a local checkpoint file."
+            ) from exc
+        self.model = model.eval().to(dtype=inference_dtype(self.device))
+        self.preprocess = preprocess
+        self.tokenizer = open_clip.get_tokenizer(name)
+        self.id = f"{name}:{pretrained}" if pretrained else name
+
+    @torch.no_grad()
+    def embed_images(self, images: list[Image.Image]) -> np.ndarray:
+        pixels = torch.stack([self.preprocess(img) for img in images]).to(self.device, inference_dtype(self.device))
+        with autocast(self.device):
+            features = self.model.encode_image(pixels)
+        return torch.nn.functional.normalize(features.float(), dim=-1).cpu().numpy()
+
+    @torch.no_grad()
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        tokens = self.tokenizer([t or "" for t in texts]).to(self.device)
+        with autocast(self.device):
+            features = self.model.encode_text(tokens)
+        return torch.nn.functional.normalize(features.float(), dim=-1).cpu().numpy()
+
+
+def load_clip(name: str, pretrained: str | None = None, device: str = "auto") -> ClipScorer:
+    return ClipScorer(name, pretrained, device)
+
+
+def save_random_clip(folder: str, name: str = "capfilt-tiny-clip", width: int = 32, image_size: int = 32) -> tuple[str, str, str]:
+    """Write a tiny open_clip config and randomly initialised checkpoint to `folder`.
+
+    Returns (config path, model name, checkpoint path): register the config, then load
+    (name, checkpoint) exactly like a real model name and pretrained file.
+    """
+    import open_clip
+
+    os.makedirs(folder, exist_ok=True)
+    config = {
+        "embed_dim": width,
+        "vision_cfg": {"image_size": image_size, "layers": 2, "width": width, "patch_size": 8, "head_width": 16},
+        "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": width, "heads": 2, "layers": 2},
+    }
+    config_path = os.path.join(folder, f"{name}.json")
+    with open(config_path, "w") as handle:
+        json.dump(config, handle)
+    register_clip_config(config_path)
+    model = open_clip.create_model(name)
+    checkpoint = os.path.join(folder, f"{name}.pt")
+    torch.save({"state_dict": model.state_dict()}, checkpoint)
+    return config_path, name, checkpoint
+
+
+# -- ITM -------------------------------------------------------------------------------------
+
+class ItmScorer(ABC):
+    """Image-text matching: the probability that a caption describes an image."""
+
+    id: str
+
+    @abstractmethod
+    def match_probability(self, images: list[Image.Image], texts: list[str]) -> np.ndarray:
+        """One probability per (images[i], texts[i]) pair."""
+
+
+class HFItmScorer(ItmScorer):
+    """transformers BlipForImageTextRetrieval / Blip2ForImageTextRetrieval with the ITM head."""
+
+    def __init__(self, id_or_path: str, model_class, device: str = "auto"):
+        from transformers import AutoProcessor
+
+        self.id = id_or_path
+        self.device = pick_device(device)
+        dtype = inference_dtype(self.device)
+        try:
+            self.processor = AutoProcessor.from_pretrained(id_or_path)
+            self.model = model_class.from_pretrained(id_or_path, dtype=dtype).eval().to(self.device)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"--itm {id_or_path}: cannot load ({_first_line(exc)}).") from exc
+
+    @torch.no_grad()
+    def match_probability(self, images, texts):
+        inputs = self.processor(images=images, text=[t or "" for t in texts], return_tensors="pt",
+                                padding=True, truncation=True, max_length=64)
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(inference_dtype(self.device))
+        with autocast(self.device):
+            out = self.model(**inputs, use_image_text_matching_head=True) if "Blip2" in type(self.model).__name__ \
+                else self.model(**inputs, use_itm_head=True)
+        logits = out.logits_per_image if getattr(out, "itm_score", None) is None else out.itm_score
+        return torch.softmax(logits.float(), dim=-1)[:, 1].cpu().numpy()
+
+
+def _blip(id_or_path: str, device: str) -> ItmScorer:
+    from transformers import BlipForImageTextRetrieval
+
+    return HFItmScorer(id_or_path, BlipForImageTextRetrieval, device)
+
+
+def _blip2(id_or_path: str, device: str) -> ItmScorer:
+    from transformers import Blip2ForImageTextRetrieval
+
+    return HFItmScorer(id_or_path, Blip2ForImageTextRetrieval, device)
+
+
+ITM_FAMILIES: dict[str, Callable[[str, str], ItmScorer]] = {"blip": _blip, "blip-2": _blip2}
+
+
+def register_itm_family(model_type: str, loader: Callable[[str, str], ItmScorer]) -> None:
+    """Let `load_itm` load checkpoints whose config.json says `model_type` (Stage 1 plugs in here)."""
+    ITM_FAMILIES[model_type] = loader
+
+
+def itm_model_type(id_or_path: str) -> str:
+    from transformers import PretrainedConfig
+
+    try:
+        config, _ = PretrainedConfig.get_config_dict(id_or_path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"--itm {id_or_path}: no model config found ({_first_line(exc)}). Give a hub id or a "
+            f"folder written by save_pretrained."
+        ) from exc
+    model_type = config.get("model_type")
+    if model_type not in ITM_FAMILIES:
+        raise ConfigError(
+            f"--itm {id_or_path}: model_type {model_type!r} is not an ITM family capfilt knows "
+            f"({', '.join(sorted(ITM_FAMILIES))})."
+        )
+    return model_type
+
+
+def load_itm(id_or_path: str, device: str = "auto") -> ItmScorer:
+    return ITM_FAMILIES[itm_model_type(id_or_path)](id_or_path, device)
+
+
+def save_random_itm(folder: str, width: int = 32, image_size: int = 32) -> str:
+    """A randomly initialised BLIP ITM model + processor in `folder` (tests, demos, benchmarks)."""
+    from transformers import BlipConfig, BlipForImageTextRetrieval
+
+    from model.captioners import save_random_captioner
+
+    save_random_captioner(folder, family="blip", width=width, image_size=image_size)
+    config = BlipConfig.from_pretrained(folder)
+    BlipForImageTextRetrieval(config).save_pretrained(folder)
+    return folder

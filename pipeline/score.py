@@ -1,0 +1,249 @@
+"""Score stage: CLIP similarity and ITM match probability for every (image, caption) pair.
+
+    images/<shard> + captions/<shard> ──► pairs ──► map_batches(ScoreActor, actor pool, GPU per
+    actor when present) ──► driver groups by shard ──► scores/<shard>.parquet
+                                                   └─► rejected/score/<shard>.parquet
+
+Pure parts: `shard_pairs` (join a shard's captions with its images) and `score_pairs` (one batch
+of pairs through a CLIP scorer and an optional ITM scorer). `ScoreActor` is the Ray wrapper
+(models load once per actor); `run_score` drives a run, with the same streaming design as the
+caption stage: one dataset over all pending shards, each shard committed through the run store
+as soon as all its pairs are back. Accounting is per caption row: rows in = captions, kept =
+scored pairs, failed = pairs whose image could not be decoded.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
+
+from capfilt.errors import CapfiltError, ConfigError
+from pipeline.caption import decode_image
+from pipeline.run_store import RunStore, ShardCounts, config_hash
+from schemas import CAPTIONS, IMAGES, SCORES
+
+STAGE = "score"
+
+PAIR_COLUMNS = ["sample_id", "caption_id", "caption_source", "caption", "degenerate"]
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    clip: str
+    clip_pretrained: str | None = None
+    clip_config: str | None = None  # JSON file/folder of open_clip model configs to register first
+    itm: str | None = None
+    batch_size: int = 64
+    actors: int | None = None
+    cpus_per_actor: int = 1
+    device: str = "auto"
+
+    def __post_init__(self):
+        if not self.clip:
+            raise ConfigError("--clip is required: an open_clip model name such as ViT-L-14.")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1 (got {self.batch_size}).")
+        if self.actors is not None and self.actors < 1:
+            raise ConfigError(f"--actors must be >= 1 (got {self.actors}).")
+
+    @property
+    def output_hash(self) -> str:
+        return config_hash({"clip": self.clip, "pretrained": self.clip_pretrained, "itm": self.itm})
+
+    def load(self):
+        from model.scorers import load_clip, load_itm, register_clip_config
+
+        if self.clip_config:
+            register_clip_config(self.clip_config)
+        clip = load_clip(self.clip, self.clip_pretrained, self.device)
+        itm = load_itm(self.itm, self.device) if self.itm else None
+        return clip, itm
+
+
+# -- pure functions ------------------------------------------------------------------------------
+def shard_pairs(images: pa.Table, captions: pa.Table) -> pa.Table:
+    """Every caption row of a shard with its image's bytes, in the captions' order."""
+    image_of = dict(zip(images.column("sample_id").to_pylist(), images.column("image").to_pylist()))
+    pairs = captions.select(PAIR_COLUMNS)
+    return pairs.append_column("image", pa.array([image_of.get(s) for s in pairs.column("sample_id").to_pylist()], pa.binary()))
+
+
+def score_pairs(pairs: pa.Table, clip, itm=None) -> pa.Table:
+    """Scores for a batch of pairs; each image is decoded and embedded once.
+
+    Returns the pair columns plus clip_score, itm_score, image_embedding and `error` (set, with
+    scores null, when the image cannot be decoded).
+    """
+    sample_ids = pairs.column("sample_id").to_pylist()
+    data = pairs.column("image").to_pylist()
+    decoded: dict[str, object] = {}
+    errors: dict[str, str] = {}
+    for sid, blob in zip(sample_ids, data):
+        if sid in decoded or sid in errors:
+            continue
+        try:
+            decoded[sid] = decode_image(blob)
+        except Exception as exc:  # noqa: BLE001 - any decoder complaint becomes the row's error
+            errors[sid] = f"{type(exc).__name__}: {exc}"
+    good = list(decoded)
+    image_emb = dict(zip(good, clip.embed_images([decoded[s] for s in good]))) if good else {}
+    ok = [i for i, s in enumerate(sample_ids) if s in decoded]
+    texts = pairs.column("caption").to_pylist()
+    clip_scores = [None] * len(sample_ids)
+    itm_scores = [None] * len(sample_ids)
+    embeddings = [None] * len(sample_ids)
+    if ok:
+        text_emb = clip.embed_texts([texts[i] or "" for i in ok])
+        for row, i in enumerate(ok):
+            emb = image_emb[sample_ids[i]]
+            clip_scores[i] = float(np.dot(emb, text_emb[row]))
+            embeddings[i] = emb.astype(np.float16)
+        if itm is not None:
+            probs = itm.match_probability([decoded[sample_ids[i]] for i in ok], [texts[i] or "" for i in ok])
+            for row, i in enumerate(ok):
+                itm_scores[i] = float(probs[row])
+    out = pairs.drop_columns(["image"])
+    out = out.append_column("clip_score", pa.array(clip_scores, pa.float32()))
+    out = out.append_column("itm_score", pa.array(itm_scores, pa.float32()))
+    out = out.append_column("image_embedding", pa.array(embeddings, pa.list_(pa.float16())))
+    return out.append_column("error", pa.array([errors.get(s) for s in sample_ids], pa.string()))
+
+
+def split_scored(shard: str, scored: pa.Table) -> tuple[pa.Table, pa.Table, ShardCounts]:
+    """Scored pairs -> (scores rows, rejected rows, counts)."""
+    failed_mask = scored.column("error").is_valid()
+    good = scored.filter(pa.compute.invert(failed_mask))
+    bad = scored.filter(failed_mask).to_pylist()
+    rejected = pa.Table.from_pylist([
+        {"stage": STAGE, "shard": shard, "sample_id": r["sample_id"], "caption_id": r["caption_id"],
+         "caption": r["caption"], "outcome": "failed", "reason": "undecodable_image",
+         "error_message": f"sample {r['sample_id']} in images/{shard}.parquet: {r['error']}"}
+        for r in bad
+    ])
+    counts = ShardCounts(rows_in=scored.num_rows, kept=good.num_rows, failed=len(bad))
+    return SCORES.conform(good), rejected if bad else None, counts
+
+
+# -- Ray ---------------------------------------------------------------------------------------------
+def read_pair_shards(batch: pa.Table, root: str, run_id: str) -> pa.Table:
+    """Ray map_batches function: shard ids -> that shard's pairs (image bytes included)."""
+    store = RunStore(root, run_id)
+    tables = []
+    for shard in batch.column("shard").to_pylist():
+        pairs = shard_pairs(store.read_shard("images", shard, IMAGES), store.read_shard("captions", shard, CAPTIONS))
+        tables.append(pairs.append_column("shard", pa.array([shard] * pairs.num_rows, pa.string())))
+    return pa.concat_tables(tables)
+
+
+class ScoreActor:
+    """Holds the CLIP and ITM models (loaded once per actor) and scores batches of pairs."""
+
+    def __init__(self, config: ScoreConfig, torch_threads: int | None = None):
+        import torch
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.clip, self.itm = config.load()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        scored = score_pairs(batch.drop_columns(["shard"]), self.clip, self.itm)
+        return scored.append_column("shard", batch.column("shard"))
+
+
+@dataclass
+class ScoreSummary:
+    shards_done: int = 0
+    shards_skipped: int = 0
+    pairs: int = 0
+    scored: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+
+    def line(self) -> str:
+        return (f"scored {self.shards_done} shard(s), skipped {self.shards_skipped} already done: "
+                f"{self.pairs} pairs = {self.scored} scored + {self.failed} failed")
+
+
+def run_score(store: RunStore, cfg: ScoreConfig) -> ScoreSummary:
+    """Score every captioned shard of a run not already scored with this config."""
+    import pipeline.ray_env as ray_env
+    import ray
+
+    captioned = [r.shard for r in store.records("caption") if r.status == "done"]
+    if not captioned:
+        raise ConfigError(
+            f"run '{store.run_id}' under {store.root} has no captioned shards; run `capfilt caption` first."
+        )
+    todo = [s for s in captioned if not store.is_done(STAGE, s, cfg.output_hash)]
+    summary = ScoreSummary(shards_skipped=len(captioned) - len(todo))
+    if not todo:
+        return summary
+    cfg.load()  # a bad --clip/--itm fails here, in one line, before Ray starts
+    expected = {}
+    for shard in todo:
+        expected[shard] = store.read_shard("captions", shard, CAPTIONS).num_rows
+        store.start_shard(STAGE, shard, cfg.output_hash)
+    started = time.time()
+    for shard in [s for s in todo if expected[s] == 0]:
+        _commit(store, cfg, shard, [], summary)
+    working = [s for s in todo if expected[s] > 0]
+    if working:
+        ray_env.ensure_ray()
+        gpus = ray_env.gpus_available()
+        actors = cfg.actors or max(1, int(gpus))
+        ds = ray.data.from_items([{"shard": s} for s in working], override_num_blocks=len(working)).map_batches(
+            read_pair_shards, fn_kwargs=dict(root=store.root, run_id=store.run_id), batch_size=1, batch_format="pyarrow",
+        ).map_batches(
+            ScoreActor,
+            fn_constructor_kwargs=dict(config=cfg, torch_threads=None if gpus else cfg.cpus_per_actor),
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_gpus=1 if gpus else 0,
+            num_cpus=cfg.cpus_per_actor,
+            batch_size=cfg.batch_size,
+            batch_format="pyarrow",
+        )
+        arrived: dict[str, list[pa.Table]] = {s: [] for s in working}
+        counts = dict.fromkeys(working, 0)
+        try:
+            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                shard_of = batch.column("shard").to_pylist()
+                for shard in set(shard_of):
+                    part = batch.filter(pa.array([s == shard for s in shard_of])).drop_columns(["shard"])
+                    arrived[shard].append(part)
+                    counts[shard] += part.num_rows
+                    if counts[shard] == expected[shard]:
+                        _commit(store, cfg, shard, arrived.pop(shard), summary)
+        except Exception as exc:
+            for shard in arrived:
+                store.fail_shard(STAGE, shard, cfg.output_hash, f"{type(exc).__name__}: {exc}"[:2000])
+            cause: BaseException | None = exc
+            while cause is not None and not isinstance(cause, CapfiltError):
+                cause = cause.__cause__
+            if cause is not None and cause is not exc:
+                raise cause from exc
+            raise
+        if arrived:
+            raise RuntimeError(f"score: shards {sorted(arrived)} did not receive all their pairs")
+    summary.seconds = time.time() - started
+    return summary
+
+
+def _commit(store: RunStore, cfg: ScoreConfig, shard: str, parts: list[pa.Table], summary: ScoreSummary) -> None:
+    if parts:
+        scored = pa.concat_tables(parts)
+        # Back to the captions' order: the output does not depend on how Ray streamed batches.
+        order = {cid: i for i, cid in enumerate(store.read_shard("captions", shard, CAPTIONS).column("caption_id").to_pylist())}
+        ids = scored.column("caption_id").to_pylist()
+        scored = scored.take(pa.array(sorted(range(scored.num_rows), key=lambda i: order[ids[i]])))
+        scores, rejected, counts = split_scored(shard, scored)
+    else:
+        scores, rejected, counts = SCORES.empty(), None, ShardCounts(rows_in=0, kept=0)
+    store.commit_shard(STAGE, shard, cfg.output_hash, outputs={"scores": (SCORES, scores)}, counts=counts, rejected=rejected)
+    summary.shards_done += 1
+    summary.pairs += counts.rows_in
+    summary.scored += counts.kept
+    summary.failed += counts.failed

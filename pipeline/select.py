@@ -1,0 +1,219 @@
+"""Select stage: keep the good (image, caption) pairs, drop the rest with a reason.
+
+Per caption, checks run in this order and the first that fails is the reason it is dropped:
+  duplicate                      the image is a duplicate of another (see pipeline/dedup.py)
+  image_too_small / aspect_ratio / unsafe / watermarked     metadata filters on the image
+  empty_caption / degenerate_<why> / caption_too_short / caption_too_long   caption filters
+  then the policies, in the order given:
+  blip               ITM match probability >= itm_threshold (BLIP's filter)    -> itm_below_threshold
+  clip-threshold     CLIP score >= clip_threshold (DataComp)                   -> clip_below_threshold
+  clip-top-fraction  CLIP score within the run's top fraction (DataComp)       -> clip_not_top_fraction
+  blip2              per image, the top_k remaining captions by CLIP score     -> not_top_k
+Kept pairs go to curated/ with their rank (by CLIP score among the image's kept captions) and
+provenance; dropped ones to rejected/select/. Accounting is per caption row of scores/, and the
+manifest also records images in and images with at least one kept caption.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pyarrow as pa
+
+import capfilt
+from capfilt.errors import ConfigError
+from pipeline.run_store import RunStore, ShardCounts, config_hash
+from schemas import CURATED, DEDUP, IMAGES, SCORES
+
+STAGE = "select"
+POLICIES = ("blip", "blip2", "clip-threshold", "clip-top-fraction")
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    policies: tuple[str, ...] = ("blip2",)
+    top_k: int = 2
+    itm_threshold: float = 0.5
+    clip_threshold: float = 0.3
+    clip_top_fraction: float = 0.3
+    min_image_size: int = 0
+    max_aspect_ratio: float = float("inf")
+    max_punsafe: float | None = None
+    max_pwatermark: float | None = None
+    min_caption_words: int = 1
+    max_caption_words: int = 1000
+    drop_degenerate: bool = True
+
+    def __post_init__(self):
+        unknown = [p for p in self.policies if p not in POLICIES]
+        if unknown or not self.policies:
+            raise ConfigError(f"--policy {','.join(self.policies)!r}: choose from {', '.join(POLICIES)} (comma-separated to combine).")
+        if self.top_k < 1:
+            raise ConfigError(f"--top-k must be >= 1 (got {self.top_k}).")
+        if not 0.0 <= self.itm_threshold <= 1.0:
+            raise ConfigError(f"--itm-threshold must be in [0, 1] (got {self.itm_threshold}).")
+        if not 0.0 < self.clip_top_fraction <= 1.0:
+            raise ConfigError(f"--clip-top-fraction must be in (0, 1] (got {self.clip_top_fraction}).")
+
+
+def clip_cut(scores: list[float], fraction: float) -> float:
+    """The CLIP score above which the top `fraction` of captions lie (over the whole run)."""
+    values = np.asarray([s for s in scores if s is not None], dtype=np.float64)
+    return float(np.quantile(values, 1.0 - fraction)) if len(values) else float("inf")
+
+
+def _metadata_reason(image: dict, cfg: SelectConfig) -> tuple[str, str] | None:
+    w, h = image.get("original_width") or image.get("width"), image.get("original_height") or image.get("height")
+    if w and h:
+        if min(w, h) < cfg.min_image_size:
+            return "image_too_small", f"{w}x{h} < --min-image-size {cfg.min_image_size}"
+        if max(w, h) / min(w, h) > cfg.max_aspect_ratio:
+            return "aspect_ratio", f"{w}x{h} exceeds --max-aspect-ratio {cfg.max_aspect_ratio}"
+    if cfg.max_punsafe is not None and image.get("punsafe") is not None and image["punsafe"] > cfg.max_punsafe:
+        return "unsafe", f"punsafe {image['punsafe']:.3f} > {cfg.max_punsafe}"
+    if cfg.max_pwatermark is not None and image.get("pwatermark") is not None and image["pwatermark"] > cfg.max_pwatermark:
+        return "watermarked", f"pwatermark {image['pwatermark']:.3f} > {cfg.max_pwatermark}"
+    return None
+
+
+def _caption_reason(row: dict, cfg: SelectConfig) -> tuple[str, str] | None:
+    text = (row["caption"] or "").strip()
+    if not text:
+        return "empty_caption", "caption is empty"
+    if cfg.drop_degenerate and row.get("degenerate"):
+        return f"degenerate_{row['degenerate']}", f"generated caption is degenerate ({row['degenerate']})"
+    words = len(text.split())
+    if words < cfg.min_caption_words:
+        return "caption_too_short", f"{words} word(s) < --min-caption-words {cfg.min_caption_words}"
+    if words > cfg.max_caption_words:
+        return "caption_too_long", f"{words} words > --max-caption-words {cfg.max_caption_words}"
+    return None
+
+
+def select_pairs(scores: pa.Table, images: pa.Table, duplicate_of: dict[str, str], cfg: SelectConfig,
+                 top_fraction_cut: float | None = None) -> tuple[list[dict], list[dict]]:
+    """Decide every caption row of `scores`: (kept rows with rank, dropped rows with reason).
+
+    Pure: no I/O. `top_fraction_cut` is the run-wide CLIP cut for clip-top-fraction.
+    """
+    image_of = {r["sample_id"]: r for r in images.to_pylist()}
+    kept_by_image: dict[str, list[dict]] = {}
+    dropped: list[dict] = []
+
+    def drop(row, reason, message, duplicate=None):
+        dropped.append({**row, "reason": reason, "error_message": message, "duplicate_of": duplicate})
+
+    for row in scores.to_pylist():
+        sid = row["sample_id"]
+        if sid in duplicate_of:
+            drop(row, "duplicate", f"image is a duplicate of {duplicate_of[sid]}", duplicate_of[sid])
+            continue
+        verdict = _metadata_reason(image_of.get(sid, {}), cfg) or _caption_reason(row, cfg)
+        if verdict is None:
+            for policy in cfg.policies:
+                if policy == "blip" and (row["itm_score"] is None or row["itm_score"] < cfg.itm_threshold):
+                    verdict = ("itm_below_threshold", f"ITM {row['itm_score']} < --itm-threshold {cfg.itm_threshold}")
+                elif policy == "clip-threshold" and (row["clip_score"] is None or row["clip_score"] < cfg.clip_threshold):
+                    verdict = ("clip_below_threshold", f"CLIP {row['clip_score']:.4f} < --clip-threshold {cfg.clip_threshold}")
+                elif policy == "clip-top-fraction" and (row["clip_score"] is None or row["clip_score"] < (top_fraction_cut or float("inf"))):
+                    verdict = ("clip_not_top_fraction", f"CLIP {row['clip_score']:.4f} below the run's top-{cfg.clip_top_fraction:.0%} cut {top_fraction_cut:.4f}")
+                if verdict:
+                    break
+        if verdict:
+            drop(row, *verdict)
+        else:
+            kept_by_image.setdefault(sid, []).append(row)
+
+    kept: list[dict] = []
+    for sid, rows in kept_by_image.items():
+        rows.sort(key=lambda r: (-(r["clip_score"] if r["clip_score"] is not None else -np.inf), r["caption_id"]))
+        for rank, row in enumerate(rows):
+            if "blip2" in cfg.policies and rank >= cfg.top_k:
+                drop(row, "not_top_k", f"CLIP rank {rank} of the image's captions (--top-k {cfg.top_k})")
+            else:
+                kept.append({**row, "rank": rank})
+    return kept, dropped
+
+
+def provenance(store: RunStore, cfg: SelectConfig, score_hashes: list[str]) -> str:
+    score_record = next((r for r in store.records("score") if r.status == "done"), None)
+    caption_record = next((r for r in store.records("caption") if r.status == "done"), None)
+    return json.dumps({
+        "run_id": store.run_id,
+        "capfilt_version": capfilt.__version__,
+        "select": {k: v for k, v in asdict(cfg).items() if v not in (float("inf"),)},
+        "score_config_hashes": sorted(set(score_hashes)),
+        "caption_config_hash": caption_record.config_hash if caption_record else None,
+        "score_config_hash": score_record.config_hash if score_record else None,
+    }, sort_keys=True)
+
+
+@dataclass
+class SelectSummary:
+    shards_done: int = 0
+    shards_skipped: int = 0
+    captions: int = 0
+    kept: int = 0
+    dropped: int = 0
+    images: int = 0
+    images_kept: int = 0
+
+    def line(self) -> str:
+        return (f"selected {self.shards_done} shard(s), skipped {self.shards_skipped}: {self.captions} captions = "
+                f"{self.kept} kept + {self.dropped} dropped; {self.images_kept} of {self.images} images keep a caption")
+
+
+def run_select(store: RunStore, cfg: SelectConfig, extra_provenance: dict | None = None) -> SelectSummary:
+    """Select every scored shard of a run (after dedup); writes curated/ and rejected/select/."""
+    scored = sorted(r.shard for r in store.records("score") if r.status == "done")
+    if not scored:
+        raise ConfigError(f"run '{store.run_id}' has no scored shards; run the score step first.")
+    dedup = store.record("dedup", "all")
+    score_hashes = [store.record("score", s).config_hash for s in scored]
+    cfg_hash = config_hash({"select": cfg, "dedup": dedup.config_hash if dedup else None, "extra": extra_provenance})
+    cut = None
+    if "clip-top-fraction" in cfg.policies:
+        cut = clip_cut(store.read("scores", SCORES, scored).column("clip_score").to_pylist(), cfg.clip_top_fraction)
+        cfg_hash = config_hash({"hash": cfg_hash, "cut": cut})
+    duplicate_of = {}
+    if dedup is not None and dedup.status == "done":
+        table = store.read_shard("dedup", "all", DEDUP)
+        duplicate_of = dict(zip(table.column("sample_id").to_pylist(), table.column("duplicate_of").to_pylist()))
+    prov = json.loads(provenance(store, cfg, score_hashes))
+    prov.update(extra_provenance or {})
+    prov_json = json.dumps(prov, sort_keys=True)
+    summary = SelectSummary()
+    for shard in scored:
+        if store.is_done(STAGE, shard, cfg_hash):
+            summary.shards_skipped += 1
+            continue
+        store.start_shard(STAGE, shard, cfg_hash)
+        scores = store.read_shard("scores", shard, SCORES)
+        images = store.read_shard("images", shard, IMAGES)
+        kept, dropped = select_pairs(scores, images.drop_columns(["image"]), duplicate_of, cfg, cut)
+        image_of = {r["sample_id"]: r for r in images.to_pylist()}
+        curated = [{
+            **{k: row[k] for k in ("sample_id", "caption_id", "caption", "caption_source", "clip_score", "itm_score", "rank")},
+            **{k: image_of[row["sample_id"]][k] for k in ("image", "image_format", "sha256", "url", "width", "height")},
+            "run_id": store.run_id, "provenance": prov_json,
+        } for row in kept]
+        rejected = [{
+            "stage": STAGE, "shard": shard, "sample_id": r["sample_id"], "caption_id": r["caption_id"],
+            "url": image_of.get(r["sample_id"], {}).get("url"), "caption": r["caption"], "outcome": "dropped",
+            "reason": r["reason"], "error_message": r["error_message"], "duplicate_of": r["duplicate_of"],
+        } for r in dropped]
+        images_in = len(set(scores.column("sample_id").to_pylist()))
+        images_kept = len({r["sample_id"] for r in kept})
+        counts = ShardCounts(rows_in=scores.num_rows, kept=len(kept), rejected=len(dropped))
+        store.commit_shard(STAGE, shard, cfg_hash, outputs={"curated": (CURATED, pa.Table.from_pylist(curated) if curated else CURATED.empty())},
+                           counts=counts, rejected=pa.Table.from_pylist(rejected) if rejected else None,
+                           extra={"images_in": images_in, "images_kept": images_kept})
+        summary.shards_done += 1
+        summary.captions += counts.rows_in
+        summary.kept += counts.kept
+        summary.dropped += counts.rejected
+        summary.images += images_in
+        summary.images_kept += images_kept
+    return summary

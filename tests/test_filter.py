@@ -1,0 +1,209 @@
+"""Filter: CLIP/ITM scoring, policies with reasons, faiss dedup, curated Parquet, report."""
+
+import hashlib
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from capfilt.errors import ConfigError
+from pipeline.dedup import DedupConfig, brute_force_duplicates, find_duplicates, semantic_duplicates
+from pipeline.run_store import RunStore, ShardCounts
+from pipeline.select import SelectConfig, clip_cut, select_pairs
+from pipeline.synth import WorldConfig, make_world
+from schemas import CAPTIONS, CURATED, IMAGES, SCORES
+from tests.caption_helpers import commit_image_shards
+
+# -- policies on crafted scores --------------------------------------------------------------------
+
+
+def crafted(rows):
+    """Scores rows: (sample_id, caption_id, source, caption, clip, itm, degenerate)."""
+    keys = ["sample_id", "caption_id", "caption_source", "caption", "clip_score", "itm_score", "degenerate"]
+    return SCORES.conform(pa.Table.from_pylist([dict(zip(keys, r)) for r in rows]))
+
+
+SCORES_A = crafted([
+    ("a", "a#web", "web", "a red circle", 0.30, 0.90, None),
+    ("a", "a#syn0", "synthetic", "a red circle left", 0.40, 0.80, None),
+    ("a", "a#syn1", "synthetic", "a blue square", 0.10, 0.20, None),
+    ("a", "a#syn2", "synthetic", "", 0.50, 0.95, "empty"),
+    ("b", "b#web", "web", "IMG_0042.jpg", 0.05, 0.10, None),
+    ("b", "b#syn0", "synthetic", "circle circle circle circle", 0.35, 0.60, "repeated_token"),
+    ("c", "c#web", "web", "a green cross", 0.45, 0.70, None),
+])
+IMAGES_A = pa.Table.from_pylist([
+    {"sample_id": "a", "width": 64, "height": 64, "punsafe": 0.01, "pwatermark": 0.9},
+    {"sample_id": "b", "width": 64, "height": 64, "punsafe": 0.01, "pwatermark": 0.0},
+    {"sample_id": "c", "width": 10, "height": 64, "punsafe": 0.9, "pwatermark": 0.0},
+])
+
+
+def decided(kept, dropped):
+    return {r["caption_id"]: ("kept", r["rank"]) for r in kept} | {r["caption_id"]: r["reason"] for r in dropped}
+
+
+def test_every_caption_is_decided_once():
+    for policies in (("blip",), ("blip2",), ("clip-threshold",), ("clip-top-fraction",), ("blip", "blip2")):
+        kept, dropped = select_pairs(SCORES_A, IMAGES_A, {}, SelectConfig(policies=policies), top_fraction_cut=0.3)
+        ids = [r["caption_id"] for r in kept + dropped]
+        assert sorted(ids) == sorted(SCORES_A.column("caption_id").to_pylist()), policies
+
+
+def test_blip_policy_keeps_itm_matches():
+    out = decided(*select_pairs(SCORES_A, IMAGES_A, {}, SelectConfig(policies=("blip",), itm_threshold=0.5)))
+    assert out["a#web"] == ("kept", 1) and out["a#syn0"] == ("kept", 0)
+    assert out["a#syn1"] == "itm_below_threshold"
+    assert out["a#syn2"] == "empty_caption"
+    assert out["b#syn0"] == "degenerate_repeated_token"
+    assert out["b#web"] == "itm_below_threshold"
+
+
+def test_blip2_policy_keeps_top_k_by_clip():
+    out = decided(*select_pairs(SCORES_A, IMAGES_A, {}, SelectConfig(policies=("blip2",), top_k=1)))
+    assert out["a#syn0"] == ("kept", 0) and out["a#web"] == "not_top_k" and out["a#syn1"] == "not_top_k"
+    assert out["b#web"] == ("kept", 0)  # the only non-degenerate caption of b
+
+
+def test_datacomp_policies_and_combination():
+    out = decided(*select_pairs(SCORES_A, IMAGES_A, {}, SelectConfig(policies=("clip-threshold",), clip_threshold=0.25)))
+    assert out["a#web"][0] == "kept" and out["a#syn1"] == "clip_below_threshold"
+    cut = clip_cut(SCORES_A.column("clip_score").to_pylist(), 0.5)
+    out = decided(*select_pairs(SCORES_A, IMAGES_A, {}, SelectConfig(policies=("clip-top-fraction",), clip_top_fraction=0.5), cut))
+    assert out["a#syn0"][0] == "kept" and out["a#web"] == "clip_not_top_fraction"
+    combined = decided(*select_pairs(SCORES_A, IMAGES_A, {}, SelectConfig(policies=("blip", "blip2"), top_k=1)))
+    assert combined["a#syn0"] == ("kept", 0) and combined["a#web"] == "not_top_k"
+
+
+def test_metadata_filters_and_duplicates():
+    cfg = SelectConfig(min_image_size=32, max_pwatermark=0.5, max_punsafe=0.5)
+    out = decided(*select_pairs(SCORES_A, IMAGES_A, {"b": "a"}, cfg))
+    assert out["a#web"] == "watermarked"
+    assert out["b#web"] == "duplicate"
+    assert out["c#web"] == "image_too_small"
+
+
+def test_bad_select_config_is_a_clear_error():
+    with pytest.raises(ConfigError, match="choose from"):
+        SelectConfig(policies=("blip3",))
+    with pytest.raises(ConfigError, match="--top-k"):
+        SelectConfig(top_k=0)
+
+
+# -- dedup ------------------------------------------------------------------------------------------
+
+
+def test_dedup_finds_the_worlds_exact_duplicates(tmp_path):
+    world = make_world(tmp_path, WorldConfig(images=30, seed=4, duplicates=5, bad_url_kinds=(), huge_side=100))
+    truth = pq.read_table(world["ground_truth"]).to_pylist()
+    ids, digests = [], []
+    for row in truth:  # what ingest records: the sha256 of the bytes each URL serves
+        path = row["url"].split("/", 3)[3]
+        name = path.rsplit("/", 1)[1] if path.startswith("img/") else f"{row['image_index']:06d}.jpg"
+        ids.append(f"part-00000/{row['source_row']}")
+        digests.append(hashlib.sha256((tmp_path / "files" / name).read_bytes()).hexdigest())
+    table = find_duplicates(ids, digests, None, DedupConfig(semantic=False))
+    assert table.num_rows == 5 and set(table.column("kind").to_pylist()) == {"exact"}
+    by_url = {f"part-00000/{r['source_row']}": r for r in truth}
+    for row in table.to_pylist():
+        pair = {by_url[row["sample_id"]]["url"], by_url[row["duplicate_of"]]["url"]}
+        dup = next(r for r in truth if r["url"] in pair and r["kind"] == "duplicate")
+        assert pair == {dup["url"], dup["duplicate_of"]}
+
+
+def test_semantic_dedup_matches_brute_force():
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(300, 16)).astype(np.float32)
+    near = base[:40] + 0.01 * rng.normal(size=(40, 16)).astype(np.float32)
+    x = np.concatenate([base, near])
+    ids = [f"s{i:04d}" for i in range(len(x))]
+    expected = brute_force_duplicates(ids, x, eps=0.01)
+    assert len(expected) == 40
+    found, sims = semantic_duplicates(ids, x, DedupConfig(eps=0.01, cluster_size=50))
+    assert found == expected  # every near-duplicate lands in its original's cluster here
+    assert all(s > 0.99 for s in sims.values())
+
+
+# -- the stage end to end ---------------------------------------------------------------------------
+
+
+def commit_caption_shards(store, shards):
+    """Per image: the web caption, a true synthetic one, a wrong one and an empty (degenerate) one."""
+    for shard in shards:
+        images = store.read_shard("images", shard, IMAGES)
+        rows = []
+        for sid, caption in zip(images.column("sample_id").to_pylist(), images.column("caption").to_pylist()):
+            rows.append({"sample_id": sid, "caption_id": f"{sid}#web", "caption_source": "web", "caption_index": 0, "caption": caption})
+            rows.append({"sample_id": sid, "caption_id": f"{sid}#syn0", "caption_source": "synthetic", "caption_index": 0,
+                         "caption": caption, "captioner": "t"})
+            rows.append({"sample_id": sid, "caption_id": f"{sid}#syn1", "caption_source": "synthetic", "caption_index": 1,
+                         "caption": "a tiny blue thing somewhere", "captioner": "t"})
+            rows.append({"sample_id": sid, "caption_id": f"{sid}#syn2", "caption_source": "synthetic", "caption_index": 2,
+                         "caption": "", "captioner": "t", "degenerate": "empty"})
+        store.commit_shard("caption", shard, "test-caption", outputs={"captions": (CAPTIONS, pa.Table.from_pylist(rows))},
+                           counts=ShardCounts(rows_in=images.num_rows, kept=images.num_rows, rows_out=len(rows)))
+
+
+@pytest.fixture(scope="module")
+def tiny_scorers(tmp_path_factory):
+    from model.scorers import save_random_clip, save_random_itm
+
+    folder = tmp_path_factory.mktemp("scorers")
+    config, name, checkpoint = save_random_clip(str(folder / "clip"))
+    itm = save_random_itm(str(folder / "itm"))
+    return {"clip": name, "clip_pretrained": checkpoint, "clip_config": config, "itm": itm}
+
+
+def test_tiny_open_clip_loads_through_the_named_path(tiny_scorers):
+    from PIL import Image
+
+    from model.scorers import load_clip, load_itm
+
+    clip = load_clip(tiny_scorers["clip"], tiny_scorers["clip_pretrained"])
+    emb = clip.embed_images([Image.new("RGB", (40, 40), "red")])
+    assert emb.shape == (1, 32) and abs(np.linalg.norm(emb) - 1) < 1e-5
+    assert load_itm(tiny_scorers["itm"]).match_probability([Image.new("RGB", (40, 40))], ["a"]).shape == (1,)
+    with pytest.raises(ConfigError, match="not an open_clip model name"):
+        load_clip("no-such-model")
+    with pytest.raises(ConfigError, match="no model config found"):
+        load_itm("/nonexistent/folder")
+
+
+@pytest.mark.slow
+def test_filter_command_end_to_end(ray_local, tiny_scorers, tmp_path):
+    import duckdb
+
+    from capfilt.cli import cli
+
+    root = str(tmp_path)
+    store = RunStore(root, "f")
+    commit_image_shards(store, {"s0": 6, "s1": 5}, corrupt={"s1": (2,)})
+    commit_caption_shards(store, ["s0", "s1"])
+    argv = ["filter", "--root", root, "--run", "f", "--clip", tiny_scorers["clip"], "--clip-config", tiny_scorers["clip_config"],
+            "--clip-pretrained", tiny_scorers["clip_pretrained"], "--itm", tiny_scorers["itm"], "--policy", "blip2", "--top-k", "2",
+            "--dedup-eps", "0.0"]
+    result = cli.main(args=argv, prog_name="capfilt", standalone_mode=False)
+    captions = store.read("captions", CAPTIONS).num_rows
+    scored = store.read("scores", SCORES).num_rows
+    failed = store.read_rejected("score").num_rows
+    assert scored + failed == captions == 44 and failed == 4  # the corrupt image's 4 pairs
+    curated = store.read("curated", CURATED)
+    dropped = store.read_rejected("select")
+    assert curated.num_rows + dropped.num_rows == scored  # every scored caption decided once
+    assert set(dropped.column("reason").to_pylist()) == {"empty_caption", "not_top_k"}
+    assert curated.num_rows == 2 * 10  # top-2 of each decodable image
+    for record in store.records():
+        assert record.rows_in == record.kept + record.rejected + record.failed
+    # Curated Parquet reads with pyarrow, pandas, DuckDB.
+    curated_dir = f"{root}/runs/f/curated"
+    assert pq.read_table(curated_dir).to_pandas().shape[0] == curated.num_rows
+    count = duckdb.sql(f"select count(*) from read_parquet('{curated_dir}/*.parquet') where rank < 2").fetchall()[0][0]
+    assert count == curated.num_rows
+    report = tmp_path / "runs" / "f" / "report"
+    for name in ("scores_hist.png", "sample_grid.png", "filter.html", "filter_reasons.json"):
+        assert (report / name).stat().st_size > 0
+    assert result["select"]["captions"] == scored
+    # A rerun does no work.
+    again = cli.main(args=argv, prog_name="capfilt", standalone_mode=False)
+    assert again["score"]["shards_skipped"] == 2 and again["select"]["shards_skipped"] == 2
