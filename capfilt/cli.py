@@ -15,6 +15,7 @@ from capfilt.errors import CapfiltError
 
 # name -> module:attribute; imported only when that command runs, so `capfilt --help` is fast.
 COMMANDS = {
+    "curate": ("capfilt.commands.curate", "curate", "Ingest, caption and filter a source in one go."),
     "filter": ("capfilt.commands.filter", "filter_command", "Score, dedup and select captions into curated Parquet."),
     "caption": ("capfilt.commands.caption", "caption", "Add N synthetic captions per ingested image (Ray actors)."),
     "synth": ("capfilt.commands.synth", "synth", "Create or serve a synthetic LAION-like world."),

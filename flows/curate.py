@@ -1,4 +1,4 @@
-"""The `curate` flow: ingest (then caption, filter, dedup as they land) for a source.
+"""The `curate` flow: ingest -> caption -> filter (score, dedup, select) for a source.
 
 Wiring only: each step is a `capfilt` stage command run embedded or as a Ray job (flows/jobs.py);
 what a step does lives in pipeline/. Incremental by construction: every stage skips shards it

@@ -55,6 +55,9 @@ class CurateParams(BaseModel):
     caption: dict[str, OptionValue] | None = Field(
         None, description="`capfilt caption` options, e.g. {'captioner': 'Salesforce/blip-image-captioning-large', 'num-captions': 10}; null skips captioning."
     )
+    filter: dict[str, OptionValue] | None = Field(
+        None, description="`capfilt filter` options, e.g. {'clip': 'ViT-L-14', 'clip-pretrained': 'openai', 'itm': 'Salesforce/blip2-itm-vit-g', 'policy': 'blip2'}; null skips filtering."
+    )
     execution: Execution = Field(default_factory=Execution)
 
     @field_validator("run")
@@ -70,6 +73,8 @@ class CurateParams(BaseModel):
         stages = {"ingest": ["--source", self.source, *common, "--no-progress", *options_to_argv(self.ingest)]}
         if self.caption is not None:
             stages["caption"] = [*common, *options_to_argv(self.caption)]
+        if self.filter is not None:
+            stages["filter"] = [*common, *options_to_argv(self.filter)]
         return stages
 
 

@@ -10,6 +10,7 @@ import base64
 import html
 import io
 import json
+import textwrap
 from collections import Counter
 
 import matplotlib
@@ -46,7 +47,7 @@ def score_histograms(scores) -> bytes:
 
 def sample_grid(pairs: list[dict], images: dict[str, bytes], columns: int = 4) -> bytes:
     rows = max(1, -(-len(pairs) // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.2 * rows))
+    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.8 * rows))
     for ax in np.atleast_1d(axes).ravel():
         ax.axis("off")
     for ax, pair in zip(np.atleast_1d(axes).ravel(), pairs):
@@ -54,7 +55,7 @@ def sample_grid(pairs: list[dict], images: dict[str, bytes], columns: int = 4) -
         if data:
             ax.imshow(Image.open(io.BytesIO(data)).convert("RGB"))
         verdict = "KEPT" if pair["reason"] is None else f"DROP: {pair['reason']}"
-        caption = (pair["caption"] or "")[:60]
+        caption = "\n".join(textwrap.wrap((pair["caption"] or "")[:90], 32)) or "(empty)"
         ax.set_title(f"{verdict}\n{caption}\nclip {pair['clip_score'] or 0:.2f} itm {pair['itm_score'] or 0:.2f}",
                      fontsize=7, color="green" if pair["reason"] is None else "red")
     return _png(fig)

@@ -41,7 +41,15 @@ def test_stage_options_are_checked_before_any_work(tmp_path):
         validate_stage_args("ingest", ["--source", "s", "--root", "r", "--run", "x", "--bogus", "1"])
 
 
-def test_curate_flow_embedded_records_counts_as_artifacts(prefect_harness, ray_local, small_world, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_scorers(tmp_path_factory):
+    from model.scorers import save_random_clip
+
+    config, name, checkpoint = save_random_clip(str(tmp_path_factory.mktemp("clip")))
+    return {"clip": name, "clip_pretrained": checkpoint, "clip_config": config}
+
+
+def test_curate_flow_embedded_records_counts_as_artifacts(prefect_harness, ray_local, small_world, tiny_scorers, tmp_path):
     from prefect import get_client
 
     from flows.curate import curate
@@ -53,6 +61,8 @@ def test_curate_flow_embedded_records_counts_as_artifacts(prefect_harness, ray_l
         source=world["source"], root=str(tmp_path), run="flowrun",
         ingest={"allow-private-addresses": True, "timeout": 2, "image-size": 64, "shard-size": 25},
         caption={"captioner": captioner, "num-captions": 2},
+        filter={"clip": tiny_scorers["clip"], "clip-config": tiny_scorers["clip_config"],
+                "clip-pretrained": tiny_scorers["clip_pretrained"], "policy": "blip2", "top-k": 1},
     )
     totals = curate(params)
     ingest = next(t for t in totals if t["stage"] == "ingest")
@@ -61,6 +71,8 @@ def test_curate_flow_embedded_records_counts_as_artifacts(prefect_harness, ray_l
     assert ingest["done"] == ingest["shards"] == shards
     caption = next(t for t in totals if t["stage"] == "caption")
     assert caption["rows_in"] == ingest["kept"] and caption["rows_out"] == 3 * caption["kept"]
+    select = next(t for t in totals if t["stage"] == "select")
+    assert select["rows_in"] == caption["rows_out"] and select["kept"] + select["rejected"] == select["rows_in"]
 
     async def artifacts():
         # Plain API call: prefect 3.8's read_artifacts() sends filters this server rejects or misreads.
