@@ -1,6 +1,7 @@
 """Prefect flows: typed parameters checked before work, embedded runs, Ray jobs on a real head."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -125,21 +126,33 @@ def ray_head(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_AUTH_MODE="disabled", RAY_ENABLE_UV_RUN_RUNTIME_ENV="0")
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
-    subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
-                    "--disable-usage-stats", "--include-dashboard=true",
-                    # Own ports for every agent, so this head never collides with the in-process
-                    # Ray of other tests (which uses the defaults).
-                    f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-                    f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
-                    f"--ray-client-server-port={_free_port()}"],
-                   check=True, env=env, capture_output=True, timeout=120)
+    # `--block` keeps the head in this process group, so teardown stops exactly this head:
+    # `ray stop` would kill every Ray on the machine, the in-process Ray of other tests too.
+    head = subprocess.Popen(
+        [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
+         "--disable-usage-stats", "--include-dashboard=true",
+         # Own ports for every agent, so this head never collides with the in-process Ray of
+         # other tests (which uses the defaults).
+         f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+         f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
+         f"--ray-client-server-port={_free_port()}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    _wait_until_jobs_accepted(f"http://127.0.0.1:{dashboard}")
     try:
+        _wait_until_jobs_accepted(f"http://127.0.0.1:{dashboard}")
         yield {"address": f"http://127.0.0.1:{dashboard}", "env": env, "bin": ray_bin, "gcs": f"127.0.0.1:{port}"}
     finally:
-        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(head.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                head.wait(timeout=20)
+                break
+            except subprocess.TimeoutExpired:
+                continue
         os.environ.pop("RAY_AUTH_MODE", None)
 
 
