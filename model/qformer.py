@@ -255,9 +255,9 @@ class QFormer(nn.Module):
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Activation checkpointing of the Q-Former layers (transformers' GradientCheckpointingLayer)."""
         if enabled:
-            self.qformer.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            self.qformer.gradient_checkpointing_disable()
+            self.qformer.activation_checkpointing_enable({"use_reentrant": False})
+        elif self.qformer.is_activation_checkpointing:
+            self.qformer.activation_checkpointing_disable()
 
     # -- persistence: a folder with a JSON config and safetensors -------------------------------
     def save_pretrained(self, folder: str | Path, tokenizer=None) -> Path:

@@ -195,3 +195,17 @@ def test_init_from_bert_copies_every_bert_weight(tokenizer, tmp_path):
     # What BERT cannot provide: cross-attention, queries, heads, ln_vision, temperature.
     assert all(k.startswith(("qformer.encoder.layer.0.crossattention", "query_tokens", "vision_projection",
                              "text_projection", "itm_head", "ln_vision", "temp")) for k in missing), missing
+
+
+def test_activation_checkpointing_gives_the_same_gradients(tokenizer):
+    ids, mask = batch(tokenizer, CAPTIONS)
+    features = torch.randn(4, 5, VISION_WIDTH)
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny(tokenizer, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        model.set_gradient_checkpointing(checkpointing)
+        model.train()
+        out = stage1_losses(model, features, ids, mask, torch.arange(4), generator=torch.Generator().manual_seed(0))
+        out.total.backward()
+        grads.append(model.qformer.encoder.layer[0].attention.attention.query.weight.grad)
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
