@@ -16,6 +16,7 @@ from capfilt.errors import CapfiltError
 # name -> module:attribute; imported only when that command runs, so `capfilt --help` is fast.
 COMMANDS = {
     "synth": ("capfilt.commands.synth", "synth", "Create or serve a synthetic LAION-like world."),
+    "train": ("capfilt.commands.train", "train", "Train the Q-Former on a curated run (stage1)."),
 }
 
 
