@@ -443,7 +443,7 @@ class _nullcontext:
 # -- several workers: Ray Train -----------------------------------------------------------------
 
 def train_distributed(config: Stage1Config, workers: int, use_gpu: bool | None = None) -> dict:
-    """Run `train` on `workers` Ray Train workers (DDP); returns rank 0's result."""
+    """Run `train` on `workers` Ray Train workers (DDP); returns rank 0's {'step', 'checkpoint', 'metrics'}."""
     import pipeline.ray_env  # noqa: F401  (sets Ray's environment before ray is imported)
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -464,4 +464,11 @@ def train_distributed(config: Stage1Config, workers: int, use_gpu: bool | None =
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=ray.train.RunConfig(storage_path=str(Path(config.out).resolve() / "ray"), name="stage1"),
     )
-    return trainer.fit().metrics
+    trainer.fit()  # raises if a worker failed
+    # Rank 0's checkpoint and log on disk are the result (the folder must be shared by workers).
+    out = Path(config.out)
+    checkpoint = latest_checkpoint(out)
+    step = json.loads((checkpoint / "stage1.json").read_text())["step"] if checkpoint else 0
+    log = out / METRICS_NAME
+    metrics = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    return {"step": step, "checkpoint": str(checkpoint) if checkpoint else None, "metrics": metrics}
