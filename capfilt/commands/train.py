@@ -1,0 +1,74 @@
+"""`capfilt train stage1`: train the Q-Former (ITC + ITM + ITG) on a curated run."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+
+@click.group()
+def train():
+    """Train capfilt's models on a curated run."""
+
+
+@train.command()
+@click.option("--root", required=True, help="Data root (local path or fsspec URI) holding runs/<run>/curated.")
+@click.option("--run", "run_id", required=True, help="Run whose curated/ pairs to train on.")
+@click.option("--vision", required=True, help="Frozen encoder: open_clip:<name>@<tag|checkpoint>, or a transformers id/folder.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Checkpoint folder (resumed from if it holds one).")
+@click.option("--tokenizer", default="bert-base-uncased", show_default=True, help="BERT tokenizer id or folder.")
+@click.option("--bert", default="bert-base-uncased", show_default=True, help="BERT checkpoint to initialise from; 'none' for random init.")
+@click.option("--model-config", default=None, help="JSON object of Q-Former config overrides, e.g. '{\"num_hidden_layers\": 2}'.")
+@click.option("--steps", type=int, default=10_000, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Per worker and micro-step.")
+@click.option("--grad-accumulation", type=int, default=1, show_default=True)
+@click.option("--lr", type=float, default=1e-4, show_default=True)
+@click.option("--min-lr", type=float, default=1e-5, show_default=True)
+@click.option("--warmup-steps", type=int, default=2000, show_default=True)
+@click.option("--weight-decay", type=float, default=0.05, show_default=True)
+@click.option("--precision", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True, help="Autocast dtype on GPU (CPU runs fp32).")
+@click.option("--activation-checkpointing/--no-activation-checkpointing", default=False, show_default=True)
+@click.option("--augment/--no-augment", default=True, show_default=True, help="Random resized crop and flip.")
+@click.option("--flip/--no-flip", default=True, show_default=True, help="Horizontal flip (swaps left/right in captions).")
+@click.option("--cache-features/--no-cache-features", default=False, show_default=True, help="Compute frozen features once per image (needs --no-augment).")
+@click.option("--holdout-images", type=int, default=0, show_default=True, help="Images kept out of training for evaluation.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--workers", type=int, default=1, show_default=True, help="Ray Train workers (DDP) when > 1.")
+@click.option("--data-workers", type=int, default=0, show_default=True, help="DataLoader processes per trainer.")
+@click.option("--log-every", type=int, default=10, show_default=True)
+@click.option("--checkpoint-every", type=int, default=500, show_default=True)
+@click.option("--resume/--no-resume", default=True, show_default=True)
+@click.option("--stop-at", type=int, default=None, help="Stop after this step (the schedule still spans --steps).")
+def stage1(root, run_id, vision, out, tokenizer, bert, model_config, steps, batch_size, grad_accumulation, lr,
+           min_lr, warmup_steps, weight_decay, precision, activation_checkpointing, augment, flip, cache_features,
+           holdout_images, seed, device, workers, data_workers, log_every, checkpoint_every, resume, stop_at):
+    """Train Stage 1 (ITC + ITM + ITG) against a frozen image encoder; checkpoints and metrics go to --out."""
+    from model.train_stage1 import Stage1Config, train as train_local, train_distributed
+
+    try:
+        overrides = json.loads(model_config) if model_config else {}
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not JSON ({exc})", param_hint="--model-config") from exc
+    if not isinstance(overrides, dict):
+        raise click.BadParameter("must be a JSON object", param_hint="--model-config")
+    config = Stage1Config(
+        root=root, run=run_id, vision=vision, out=out, tokenizer=tokenizer,
+        bert=None if bert.lower() == "none" else bert, model=overrides, steps=steps, batch_size=batch_size,
+        grad_accumulation=grad_accumulation, lr=lr, min_lr=min_lr, warmup_steps=warmup_steps,
+        weight_decay=weight_decay, precision=precision, activation_checkpointing=activation_checkpointing,
+        augment=augment, flip=flip, cache_features=cache_features, holdout_images=holdout_images, seed=seed,
+        device=device, num_data_workers=data_workers, log_every=log_every, checkpoint_every=checkpoint_every,
+        resume=resume, stop_at=stop_at,
+    )
+    if workers > 1:
+        result = train_distributed(config, workers)
+        click.echo(f"trained to step {result['step']} on {workers} workers; checkpoints in {out}")
+        return
+    result = train_local(config)
+    last = result["metrics"][-1] if result["metrics"] else {}
+    click.echo(
+        f"trained to step {result['step']}; last loss {last.get('loss')} (itc {last.get('itc')}, itm {last.get('itm')}, "
+        f"itg {last.get('itg')}); checkpoint {result['checkpoint']}; metrics {out}/metrics.jsonl"
+    )

@@ -1,0 +1,474 @@
+"""Stage 1 trainer: the Q-Former learns ITC + ITM + ITG on a curated run against a frozen encoder.
+
+Read top to bottom: config -> data (curated Parquet -> per-sample seeded transforms) -> model
+and optimizer -> the loop (accumulate, clip, step, log, checkpoint) -> resume. One process on
+CPU/GPU via `train(config)`, several workers via `train_distributed(config, workers)` (Ray Train
+TorchTrainer, DDP over gloo on CPU / NCCL on GPU).
+
+Exact resume: every random choice of the data (which caption, crop, flip) is drawn from a
+generator seeded by (seed, epoch, position), so the data at step s is a function of s alone;
+the checkpoint holds model, optimizer, scheduler, grad scaler, step, torch RNG (dropout) and the
+ITM negative-sampling generator. A resumed CPU run therefore reproduces the uninterrupted run's
+losses exactly.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from capfilt.device import autocast, pick_device
+from capfilt.errors import ConfigError
+
+from .losses import stage1_losses, world
+from .qformer import QFormer, config_for_tokenizer, init_from_bert, load_tokenizer
+from .vision import FeatureCache, Preprocess, load_vision_encoder
+
+METRICS_NAME = "metrics.jsonl"
+LATEST_NAME = "latest"
+
+
+# -- config -------------------------------------------------------------------------------------
+
+@dataclass
+class Stage1Config:
+    """Everything a Stage 1 run needs; defaults are BLIP-2's recipe (paper / LAVIS pretrain yaml)."""
+
+    root: str
+    run: str
+    vision: str  # see model/vision.py: open_clip:<name>@<tag|file> or a transformers id/folder
+    out: str
+    tokenizer: str = "bert-base-uncased"
+    bert: str | None = "bert-base-uncased"  # initialise the Q-Former from it; None = random init
+    model: dict = field(default_factory=dict)  # QFormerConfig overrides (tiny models in tests)
+    steps: int = 10_000
+    batch_size: int = 32  # per worker, per micro-step
+    grad_accumulation: int = 1
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    warmup_steps: int = 2000
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.98)
+    grad_clip: float = 1.0
+    precision: str = "bf16"  # bf16 | fp16 (with GradScaler) | fp32; autocast on GPU only
+    activation_checkpointing: bool = False
+    augment: bool = True  # random resized crop (scale crop_min..1) + flip
+    crop_min: float = 0.5
+    flip: bool = True  # a flip also swaps 'left' and 'right' in the caption
+    cache_features: bool = False  # frozen features computed once per image (needs augment off)
+    max_text_length: int = 32
+    itc_label_smoothing: float = 0.1
+    itg_label_smoothing: float = 0.1
+    holdout_images: int = 0  # images kept out of training, for retrieval evaluation
+    seed: int = 0
+    device: str = "auto"
+    num_data_workers: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 500
+    resume: bool = True
+    stop_at: int | None = None  # stop after this step as if killed (time-sliced jobs, tests)
+    progress: bool = True
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)
+        if self.precision not in ("bf16", "fp16", "fp32"):
+            raise ConfigError(f"--precision must be bf16, fp16 or fp32, got {self.precision!r}.")
+        if self.cache_features and self.augment:
+            raise ConfigError(
+                "--cache-features needs --no-augment: cached features are only valid when an "
+                "image's pixels are the same every epoch."
+            )
+        for name in ("steps", "batch_size", "grad_accumulation", "log_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}.")
+        if not 0 < self.crop_min <= 1:
+            raise ConfigError(f"--crop-min must be in (0, 1], got {self.crop_min}.")
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+@dataclass
+class CuratedImage:
+    sample_id: str
+    image: bytes
+    captions: list[str]
+
+
+def load_curated_images(root: str, run: str) -> list[CuratedImage]:
+    """A run's curated pairs grouped by image (sorted by sample_id, captions in curated order)."""
+    from pipeline.run_store import RunStore
+    from schemas import CURATED
+
+    store = RunStore(root, run)
+    table = store.read("curated", CURATED).select(["sample_id", "image", "caption"])
+    if table.num_rows == 0:
+        raise ConfigError(
+            f"run '{run}' under {root} has no curated rows ({store.uri(store.artifact_dir('curated'))}); "
+            f"run `capfilt filter` for it first."
+        )
+    images: dict[str, CuratedImage] = {}
+    for sample_id, image, caption in zip(*(table.column(c).to_pylist() for c in ("sample_id", "image", "caption"))):
+        entry = images.setdefault(sample_id, CuratedImage(sample_id, image, []))
+        entry.captions.append(caption)
+    return [images[k] for k in sorted(images)]
+
+
+def split_holdout(images: list[CuratedImage], holdout: int, seed: int):
+    """(train, held out): `holdout` images picked by a seeded permutation."""
+    if holdout >= len(images):
+        raise ConfigError(f"--holdout-images {holdout} leaves no training images (the run has {len(images)}).")
+    order = np.random.default_rng([seed, 7]).permutation(len(images))
+    held = set(order[:holdout].tolist())
+    return [im for i, im in enumerate(images) if i not in held], [im for i, im in enumerate(images) if i in held]
+
+
+_LEFT_RIGHT = re.compile(r"\b(left|right)\b")
+
+
+def swap_left_right(caption: str) -> str:
+    """What a horizontal flip does to a caption's meaning."""
+    return _LEFT_RIGHT.sub(lambda m: "right" if m.group(1) == "left" else "left", caption)
+
+
+def image_pixels(data: bytes, preprocess: Preprocess, crop=None, flip: bool = False) -> torch.Tensor:
+    """Decode, crop (i, j, h, w) or plain-resize to the encoder's size, flip, normalise."""
+    from PIL import Image
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    size = [preprocess.image_size, preprocess.image_size]
+    if crop is None:
+        img = TF.resize(img, size, interpolation=InterpolationMode.BICUBIC)
+    else:
+        img = TF.resized_crop(img, *crop, size, interpolation=InterpolationMode.BICUBIC)
+    if flip:
+        img = TF.hflip(img)
+    return TF.normalize(TF.to_tensor(img), preprocess.mean, preprocess.std)
+
+
+class Stage1Batches(torch.utils.data.Dataset):
+    """Micro-batch number m -> that micro-batch, for this worker; a pure function of (seed, m).
+
+    Each epoch is a seeded permutation of the images, dealt round-robin to the workers; the
+    ragged end of an epoch is dropped so every worker holds equal batches (ITC's targets rely on
+    it). Per sample, a generator seeded by (seed, epoch, image) picks the caption (one of the
+    image's kept captions, BLIP-2), the crop and the flip.
+    """
+
+    def __init__(self, images, tokenizer, preprocess, config: Stage1Config, rank: int = 0, world_size: int = 1):
+        self.images, self.tokenizer, self.preprocess, self.config = images, tokenizer, preprocess, config
+        self.rank, self.world_size = rank, world_size
+        self.per_epoch = len(images) // world_size // config.batch_size
+        if self.per_epoch == 0:
+            raise ConfigError(
+                f"{len(images)} training images cannot fill one batch of {config.batch_size} on each of "
+                f"{world_size} worker(s); lower --batch-size."
+            )
+
+    def __len__(self):
+        return self.per_epoch * 10**9  # endless; the trainer decides when to stop
+
+    def position(self, micro: int) -> dict:
+        return {"epoch": micro // self.per_epoch, "batch_in_epoch": micro % self.per_epoch}
+
+    def example(self, epoch: int, index: int):
+        from torchvision.transforms import RandomResizedCrop
+
+        cfg = self.config
+        image = self.images[index]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash_seed(cfg.seed, epoch, index))
+            caption = image.captions[int(torch.randint(len(image.captions), ()))]
+            crop, flip = None, False
+            if cfg.augment:
+                from PIL import Image
+
+                with Image.open(io.BytesIO(image.image)) as img:
+                    crop = RandomResizedCrop.get_params(img, scale=(cfg.crop_min, 1.0), ratio=(3 / 4, 4 / 3))
+                flip = cfg.flip and bool(torch.rand(()) < 0.5)
+        if flip:
+            caption = swap_left_right(caption)
+        return image_pixels(image.image, self.preprocess, crop, flip), caption
+
+    def __getitem__(self, micro: int) -> dict:
+        cfg = self.config
+        pos = self.position(micro)
+        order = np.random.default_rng([cfg.seed, pos["epoch"]]).permutation(len(self.images))
+        mine = order[self.rank::self.world_size]
+        start = pos["batch_in_epoch"] * cfg.batch_size
+        indices = mine[start:start + cfg.batch_size].tolist()
+        pixels, captions = zip(*(self.example(pos["epoch"], i) for i in indices))
+        text = self.tokenizer(list(captions), padding="max_length", truncation=True,
+                              max_length=cfg.max_text_length, return_tensors="pt")
+        return {
+            "pixels": torch.stack(pixels),
+            "input_ids": text.input_ids,
+            "attention_mask": text.attention_mask,
+            "image_ids": torch.tensor(indices),
+        }
+
+
+def hash_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+# -- model, optimizer, schedule ----------------------------------------------------------------
+
+class Stage1Objective(nn.Module):
+    """The Q-Former with its three losses as `forward`, so DDP sees one forward per step."""
+
+    def __init__(self, qformer: QFormer, config: Stage1Config):
+        super().__init__()
+        self.qformer = qformer
+        self.config = config
+
+    def forward(self, image_features, input_ids, attention_mask, image_ids, generator=None):
+        return stage1_losses(
+            self.qformer, image_features, input_ids, attention_mask, image_ids,
+            self.config.itc_label_smoothing, self.config.itg_label_smoothing, generator,
+        )
+
+
+def build_model(config: Stage1Config, tokenizer, vision_width: int) -> QFormer:
+    settings = {"max_text_length": config.max_text_length, **config.model, "vision_width": vision_width}
+    torch.manual_seed(config.seed)
+    model = QFormer(config_for_tokenizer(tokenizer, **settings))
+    if config.bert:
+        init_from_bert(model, config.bert)
+    model.set_gradient_checkpointing(config.activation_checkpointing)
+    return model
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: not on biases, norms or the temperature (LAVIS: ndim < 2)."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_factor(step: int, config: Stage1Config) -> float:
+    """Linear warmup to the peak, then cosine decay to min_lr at the last step (as a fraction of lr)."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    floor = config.min_lr / config.lr
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# -- checkpoints --------------------------------------------------------------------------------
+
+def save_checkpoint(out: Path, step: int, model: QFormer, tokenizer, optimizer, scheduler, scaler,
+                    generator, config: Stage1Config, data_position: dict) -> Path:
+    folder = out / f"step-{step:08d}"
+    model.save_pretrained(folder / "model", tokenizer=tokenizer)
+    state = {
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "itm_generator": generator.get_state(),
+        "data_position": data_position,
+    }
+    torch.save(state, folder / "trainer.pt")
+    (folder / "stage1.json").write_text(json.dumps({
+        "config": asdict(config), "step": step, "data_position": data_position,
+        "curated_run": {"root": config.root, "run": config.run}, "vision": config.vision,
+    }, indent=1, default=str))
+    (out / LATEST_NAME).write_text(folder.name)  # written last: the checkpoint is complete
+    return folder
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    pointer = out / LATEST_NAME
+    return out / pointer.read_text().strip() if pointer.exists() else None
+
+
+def restore(folder: Path, model: QFormer, optimizer, scheduler, scaler, generator) -> int:
+    from safetensors.torch import load_model
+
+    load_model(model, str(folder / "model" / "model.safetensors"), device=str(next(model.parameters()).device))
+    state = torch.load(folder / "trainer.pt", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    generator.set_state(state["itm_generator"])
+    return state["step"]
+
+
+def _trim_metrics(path: Path, after_step: int) -> None:
+    """Drop log lines past the resumed step, so a resumed run's log reads as one run."""
+    if path.exists():
+        lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= after_step]
+        path.write_text("".join(ln + "\n" for ln in lines))
+
+
+# -- the loop -----------------------------------------------------------------------------------
+
+def train(config: Stage1Config) -> dict:
+    """Train (or resume) Stage 1; returns {'step', 'checkpoint', 'metrics'} of this process."""
+    rank, world_size = world()
+    device = _worker_device(config)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = load_tokenizer(config.tokenizer)
+    encoder = load_vision_encoder(config.vision, device)
+    images, _ = split_holdout(load_curated_images(config.root, config.run), config.holdout_images, config.seed)
+    data = Stage1Batches(images, tokenizer, encoder.preprocess, config, rank, world_size)
+    cache = FeatureCache(encoder) if config.cache_features else None
+
+    model = build_model(config, tokenizer, encoder.width).to(device)
+    objective = Stage1Objective(model, config)
+    if world_size > 1:
+        objective = nn.parallel.DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr, betas=config.betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
+    use_fp16 = config.precision == "fp16" and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_fp16)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[config.precision]
+    generator = torch.Generator(device=device).manual_seed(hash_seed(config.seed, rank, 1))
+
+    step = 0
+    previous = latest_checkpoint(out) if config.resume else None
+    if previous is not None:
+        step = restore(previous, model, optimizer, scheduler, scaler, generator)
+    metrics_path = out / METRICS_NAME
+    if rank == 0:
+        _trim_metrics(metrics_path, step)
+
+    start_micro = step * config.grad_accumulation
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=None, sampler=range(start_micro, config.steps * config.grad_accumulation),
+        num_workers=config.num_data_workers,
+        # Its own generator: creating the iterator would otherwise draw from the global torch RNG
+        # (which drives dropout) at a different moment in a resumed run than in a straight one.
+        generator=torch.Generator().manual_seed(config.seed),
+    )
+    batches = iter(loader)
+    last_stop = min(config.steps, config.stop_at or config.steps)
+    progress = _progress(config, rank, step, last_stop)
+    window_start, window_samples, history = time.perf_counter(), 0, []
+    checkpoint = previous
+    objective.train()
+    while step < last_stop:
+        optimizer.zero_grad(set_to_none=True)
+        totals = {"loss": 0.0, "itc": 0.0, "itm": 0.0, "itg": 0.0, "itm_accuracy": 0.0}
+        for micro in range(config.grad_accumulation):
+            batch = next(batches)
+            features = _image_features(batch, encoder, cache, device)
+            sync = world_size == 1 or micro == config.grad_accumulation - 1
+            with (objective.no_sync() if not sync else _nullcontext()), autocast(device, amp_dtype):
+                losses = objective(features, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                   batch["image_ids"].to(device), generator)
+            scaler.scale(losses.total / config.grad_accumulation).backward()
+            for key, value in (("loss", losses.total), ("itc", losses.itc), ("itm", losses.itm),
+                               ("itg", losses.itg), ("itm_accuracy", losses.itm_accuracy)):
+                totals[key] += float(value.detach()) / config.grad_accumulation
+            window_samples += batch["input_ids"].shape[0] * world_size
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        step += 1
+        progress.update(1)
+
+        if step % config.log_every == 0 or step == last_stop:
+            elapsed = time.perf_counter() - window_start
+            record = {"step": step, **{k: round(v, 6) for k, v in totals.items()},
+                      "temp": round(model.temp.item(), 6), "lr": optimizer.param_groups[0]["lr"],
+                      "samples_per_s": round(window_samples / max(elapsed, 1e-9), 2),
+                      **data.position(step * config.grad_accumulation)}
+            history.append(record)
+            progress.set_postfix(loss=f"{totals['loss']:.3f}", itm_acc=f"{totals['itm_accuracy']:.2f}")
+            if rank == 0:
+                with metrics_path.open("a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+            window_start, window_samples = time.perf_counter(), 0
+        if rank == 0 and (step % config.checkpoint_every == 0 or step == last_stop):
+            checkpoint = save_checkpoint(out, step, model, tokenizer, optimizer, scheduler, scaler, generator,
+                                         config, data.position(step * config.grad_accumulation))
+    progress.close()
+    return {"step": step, "checkpoint": str(checkpoint) if checkpoint else None, "metrics": history}
+
+
+def _image_features(batch, encoder, cache, device) -> torch.Tensor:
+    if cache is None:
+        return encoder(batch["pixels"].to(device))
+    keys = [str(i) for i in batch["image_ids"].tolist()]
+    by_key = dict(zip(keys, batch["pixels"]))
+    return cache(keys, lambda missing: torch.stack([by_key[k] for k in missing])).to(device)
+
+
+def _worker_device(config: Stage1Config) -> torch.device:
+    _, world_size = world()
+    if world_size > 1:
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+    return pick_device(config.device)
+
+
+def _progress(config, rank, step, last):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=last, initial=step, desc="stage1", disable=not config.progress or rank != 0)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+# -- several workers: Ray Train -----------------------------------------------------------------
+
+def train_distributed(config: Stage1Config, workers: int, use_gpu: bool | None = None) -> dict:
+    """Run `train` on `workers` Ray Train workers (DDP); returns rank 0's {'step', 'checkpoint', 'metrics'}."""
+    import pipeline.ray_env  # noqa: F401  (sets Ray's environment before ray is imported)
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipeline.ray_env import ensure_ray, gpus_available
+
+    ensure_ray()
+    use_gpu = gpus_available() >= workers if use_gpu is None else use_gpu
+
+    def loop(cfg: dict) -> None:
+        result = train(Stage1Config(**cfg))
+        ray.train.report({"step": result["step"], "final": result["metrics"][-1] if result["metrics"] else {}})
+
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config=asdict(config),
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(storage_path=str(Path(config.out).resolve() / "ray"), name="stage1"),
+    )
+    trainer.fit()  # raises if a worker failed
+    # Rank 0's checkpoint and log on disk are the result (the folder must be shared by workers).
+    out = Path(config.out)
+    checkpoint = latest_checkpoint(out)
+    step = json.loads((checkpoint / "stage1.json").read_text())["step"] if checkpoint else 0
+    log = out / METRICS_NAME
+    metrics = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    return {"step": step, "checkpoint": str(checkpoint) if checkpoint else None, "metrics": metrics}
