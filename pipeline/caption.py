@@ -49,11 +49,14 @@ RESULT_SCHEMA = pa.schema(
 )
 
 
+WEB_ONLY = "none"
+
+
 @dataclass(frozen=True)
 class CaptionConfig:
     """The caption stage's settings. Only `captioner` and `decoding` change what is written."""
 
-    captioner: str
+    captioner: str  # WEB_ONLY: no model, the web caption passes through alone (bootstrap round 0)
     decoding: Decoding = field(default_factory=Decoding)
     batch_size: int = 16
     actors: int | None = None  # default: one per GPU, else one
@@ -71,8 +74,14 @@ class CaptionConfig:
             raise ConfigError(f"--cpus-per-actor must be >= 1 (got {self.cpus_per_actor}).")
 
     @property
+    def web_only(self) -> bool:
+        return self.captioner.lower() == WEB_ONLY
+
+    @property
     def output_hash(self) -> str:
         """Hash of what determines the output: a rerun with another batch size or pool is a no-op."""
+        if self.web_only:
+            return config_hash({"captioner": WEB_ONLY})
         return config_hash({"captioner": self.captioner, "decoding": self.decoding})
 
 
@@ -111,7 +120,7 @@ def degenerate_reason(caption: str | None) -> str | None:
     return None
 
 
-def caption_batch(batch: pa.Table, captioner: Captioner, decoding: Decoding) -> pa.Table:
+def caption_batch(batch: pa.Table, captioner: Captioner | None, decoding: Decoding) -> pa.Table:
     """One batch of images (sample_id, image) -> per image: error or N captions and their seeds.
 
     Every image is decoded once; the decodable ones go through the captioner as one batch.
@@ -127,7 +136,10 @@ def caption_batch(batch: pa.Table, captioner: Captioner, decoding: Decoding) -> 
             errors[i] = f"{type(exc).__name__}: {exc}"
     seeds = [[caption_seed(decoding.seed, sid, j) for j in range(decoding.num_captions)] for sid in sample_ids]
     captions: list[list[str] | None] = [None] * len(sample_ids)
-    generated = captioner.caption(images, decoding, [seeds[i] for i in positions])
+    if captioner is None:  # web-only: images are still decoded, so a broken one fails here as it would
+        generated, seeds = [[] for _ in positions], [[] for _ in sample_ids]
+    else:
+        generated = captioner.caption(images, decoding, [seeds[i] for i in positions])
     for i, texts in zip(positions, generated):
         captions[i] = texts
     return pa.Table.from_pydict(
@@ -273,9 +285,10 @@ def _read_columns(store: RunStore, shard: str, columns: list[str]) -> pa.Table:
 def _commit(store: RunStore, cfg: CaptionConfig, shard: str, results: pa.Table, summary: CaptionSummary) -> None:
     images = _read_columns(store, shard, ["sample_id", "url", "caption"])
     captions, rejected, counts = assemble_shard(shard, images, results, cfg.captioner, cfg.decoding)
+    decoding = None if cfg.web_only else json.loads(cfg.decoding.to_json())
     store.commit_shard(
         STAGE, shard, cfg.output_hash, outputs={"captions": (CAPTIONS, captions)}, counts=counts,
-        rejected=rejected, extra={"captioner": cfg.captioner, "decoding": json.loads(cfg.decoding.to_json())},
+        rejected=rejected, extra={"captioner": cfg.captioner, "decoding": decoding},
     )
     summary.shards_done += 1
     summary.images += counts.rows_in
@@ -292,7 +305,8 @@ def run_caption(store: RunStore, cfg: CaptionConfig) -> CaptionSummary:
     import pipeline.ray_env as ray_env  # sets the Ray env before ray is imported
     import ray
 
-    captioner_model_type(cfg.captioner)  # a bad --captioner fails here, before Ray starts
+    if not cfg.web_only:
+        captioner_model_type(cfg.captioner)  # a bad --captioner fails here, before Ray starts
     todo, done, not_ready = pending_shards(store, cfg)
     if not (todo or done or not_ready):
         raise ConfigError(
@@ -315,6 +329,11 @@ def run_caption(store: RunStore, cfg: CaptionConfig) -> CaptionSummary:
     for shard in [s for s in todo if expected[s] == 0]:
         _commit(store, cfg, shard, pa.Table.from_pylist([], schema=RESULT_SCHEMA), summary)
     working = [s for s in todo if expected[s] > 0]
+    if cfg.web_only:  # no model to spread over Ray: decode-check and pass the web captions through here
+        for shard in working:
+            images = _read_columns(store, shard, ["sample_id", "image"])
+            _commit(store, cfg, shard, caption_batch(images, None, cfg.decoding), summary)
+        return summary
     if not working:
         return summary
 

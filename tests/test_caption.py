@@ -155,6 +155,19 @@ def test_stage_captions_every_ingested_shard_accounts_for_every_image_and_rerun_
     assert store.read("captions", CAPTIONS).equals(captions)
 
 
+def test_captioner_none_passes_web_captions_through_and_still_fails_undecodable_images(tmp_path):
+    store = RunStore(str(tmp_path), "r")
+    commit_image_shards(store, {"a": 3, "b": 2}, corrupt={"b": (1,)})
+
+    summary = run_caption(store, CaptionConfig(captioner="none"))
+
+    assert (summary.images, summary.captioned, summary.failed, summary.synthetic_captions) == (5, 4, 1, 0)
+    captions = store.read("captions", CAPTIONS)
+    assert captions.column("caption_source").to_pylist() == ["web"] * 4
+    assert [r["reason"] for r in store.read_rejected("caption").to_pylist()] == ["undecodable_image"]
+    assert run_caption(store, CaptionConfig(captioner="none")).shards_skipped == 2
+
+
 def test_stage_skips_image_shards_whose_ingest_is_not_done(tmp_path, ray_local, tiny_folders):
     store = RunStore(str(tmp_path), "r")
     commit_image_shards(store, {"a": 2, "late": 2})
