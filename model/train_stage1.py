@@ -32,6 +32,7 @@ from capfilt.errors import ConfigError
 from .losses import stage1_losses, world
 from .qformer import QFormer, config_for_tokenizer, init_from_bert, load_tokenizer
 from .vision import FeatureCache, Preprocess, load_vision_encoder
+from pipeline.lineage import curated_lineage
 
 METRICS_NAME = "metrics.jsonl"
 LATEST_NAME = "latest"
@@ -270,7 +271,7 @@ def lr_factor(step: int, config: Stage1Config) -> float:
 # -- checkpoints --------------------------------------------------------------------------------
 
 def save_checkpoint(out: Path, step: int, model: QFormer, tokenizer, optimizer, scheduler, scaler,
-                    generator, config: Stage1Config, data_position: dict) -> Path:
+                    generator, config: Stage1Config, data_position: dict, lineage: dict | None = None) -> Path:
     folder = out / f"step-{step:08d}"
     model.save_pretrained(folder / "model", tokenizer=tokenizer)
     state = {
@@ -287,6 +288,7 @@ def save_checkpoint(out: Path, step: int, model: QFormer, tokenizer, optimizer, 
     (folder / "stage1.json").write_text(json.dumps({
         "config": asdict(config), "step": step, "data_position": data_position,
         "curated_run": {"root": config.root, "run": config.run}, "vision": config.vision,
+        "lineage": lineage,  # which run, thresholds and models produced the training data
     }, indent=1, default=str))
     (out / LATEST_NAME).write_text(folder.name)  # written last: the checkpoint is complete
     return folder
@@ -331,6 +333,9 @@ def train(config: Stage1Config) -> dict:
     tokenizer = load_tokenizer(config.tokenizer)
     encoder = load_vision_encoder(config.vision, device)
     images, _ = split_holdout(load_curated_images(config.root, config.run), config.holdout_images, config.seed)
+    lineage = curated_lineage(config.root, config.run)
+    if rank == 0:
+        (out / "lineage.json").write_text(json.dumps(lineage, indent=1, default=str))
     data = Stage1Batches(images, tokenizer, encoder.preprocess, config, rank, world_size)
     cache = FeatureCache(encoder) if config.cache_features else None
 
@@ -404,7 +409,7 @@ def train(config: Stage1Config) -> dict:
             window_start, window_samples = time.perf_counter(), 0
         if rank == 0 and (step % config.checkpoint_every == 0 or step == last_stop):
             checkpoint = save_checkpoint(out, step, model, tokenizer, optimizer, scheduler, scaler, generator,
-                                         config, data.position(step * config.grad_accumulation))
+                                         config, data.position(step * config.grad_accumulation), lineage)
     progress.close()
     return {"step": step, "checkpoint": str(checkpoint) if checkpoint else None, "metrics": history}
 

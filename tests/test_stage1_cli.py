@@ -21,7 +21,7 @@ def test_train_stage1_cli_learns_and_resumes(tmp_path):
 
     make_curated_run(tmp_path / "data", "r1", images=96, seed=0)
     out = tmp_path / "out"
-    args = ["train", "stage1", "--root", str(tmp_path / "data"), "--run", "r1",
+    args = ["train", "stage1", "--root", str(tmp_path / "data"), "--from-run", "r1",
             "--vision", make_clip_vision(tmp_path / "clip"), "--out", str(out),
             "--tokenizer", str(make_tokenizer(tmp_path / "tok")), "--bert", "none", "--model-config", json.dumps(TINY),
             "--steps", "200", "--batch-size", "16", "--lr", "2e-3", "--warmup-steps", "20", "--no-augment",

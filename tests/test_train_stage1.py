@@ -65,6 +65,9 @@ def test_a_resumed_run_reproduces_the_uninterrupted_run(world, tmp_path):
     assert all(torch.equal(m1[k], m2[k]) for k in m1)
     saved = json.loads((Path(resumed["checkpoint"]) / "stage1.json").read_text())
     assert saved["curated_run"]["run"] == "r1" and saved["data_position"]["epoch"] == 6 // 3  # 3 batches/epoch
+    lineage = saved["lineage"]  # what data made this model
+    assert lineage["run"] == "r1" and lineage["curated_pairs"] == lineage["curated_images"] * 2
+    assert lineage["caption_sources"] == {"synthetic": lineage["curated_pairs"]}
 
 
 def test_training_never_changes_the_frozen_encoder(world):

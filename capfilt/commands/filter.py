@@ -65,7 +65,7 @@ def run_filter(store: RunStore, options: dict) -> dict:
     click.echo(f"dedup: {duplicates.num_rows} duplicate image(s) "
                f"({sum(k == 'exact' for k in duplicates.column('kind').to_pylist())} exact)")
     selected = run_select(store, select_cfg, extra_provenance={"clip": score_cfg.clip, "clip_pretrained": score_cfg.clip_pretrained,
-                                                                "itm": score_cfg.itm, "dedup": {"eps": dedup_cfg.eps}})
+                                                                "itm": score_cfg.itm, "dedup": {"semantic": dedup_cfg.semantic, "eps": dedup_cfg.eps if dedup_cfg.semantic else None}})
     click.echo(selected.line())
     table = write_filter_report(store)
     click.echo(f"report: {store.uri(store.report_dir())}/filter.html")

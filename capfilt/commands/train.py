@@ -14,7 +14,8 @@ def train():
 
 @train.command()
 @click.option("--root", required=True, help="Data root (local path or fsspec URI) holding runs/<run>/curated.")
-@click.option("--run", "run_id", required=True, help="Run whose curated/ pairs to train on.")
+@click.option("--run", "--from-run", "run_id", required=True,
+              help="Run whose curated/ pairs to train on; its lineage (models, thresholds) is recorded in the checkpoint.")
 @click.option("--vision", required=True, help="Frozen encoder: open_clip:<name>@<tag|checkpoint>, or a transformers id/folder.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Checkpoint folder (resumed from if it holds one).")
 @click.option("--tokenizer", default="bert-base-uncased", show_default=True, help="BERT tokenizer id or folder.")
