@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import flow, get_run_logger, task
+from prefect import flow
 from prefect.artifacts import (
     create_link_artifact,
     create_markdown_artifact,
@@ -18,46 +18,16 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
-from prefect.runtime import flow_run
 
-from capfilt.errors import CapfiltError
-from flows.jobs import run_embedded, run_job, stop_jobs, submission_id, validate_stage_args
-from flows.params import CurateParams, Execution
+from flows.params import CurateParams
+from flows.tasks import run_step, stop_flow_run_jobs, validate_steps
 from pipeline.run_store import RunStore, stage_totals
-
-
-def _transient_only(task, task_run, state) -> bool:
-    """Retry Ray/infrastructure failures, never a CapfiltError (bad input or config)."""
-    try:
-        state.result()
-    except CapfiltError:
-        return False
-    except Exception:  # noqa: BLE001 - anything else may be transient (node lost, job failed)
-        return True
-    return False
-
-
-@task(name="stage", retries=2, retry_delay_seconds=2, retry_condition_fn=_transient_only)
-def run_stage(stage: str, argv: list[str], execution: Execution) -> None:
-    logger = get_run_logger()
-    if execution.mode == "embedded":
-        logger.info("running capfilt %s embedded", stage)
-        run_embedded(stage, argv)
-        return
-    runtime_env = {"working_dir": execution.working_dir} if execution.working_dir else None
-    run_job(
-        execution.ray_address, stage, argv,
-        base_id=submission_id(flow_run.get_id() or "local", stage),
-        log=logger.info, runtime_env=runtime_env,
-    )
 
 
 def _stop_cluster_jobs(flow, flow_run_obj, state) -> None:
     """On cancellation, stop this flow run's Ray jobs (their ids end with the flow run id)."""
     params = CurateParams.model_validate(flow_run_obj.parameters["params"])
-    if params.execution.mode == "cluster":
-        for stage in params.stage_argv():
-            stop_jobs(params.execution.ray_address, submission_id(str(flow_run_obj.id), stage))
+    stop_flow_run_jobs(params.execution, str(flow_run_obj.id), params.stage_argv())
 
 
 def publish_artifacts(params: CurateParams) -> list[dict]:
@@ -80,11 +50,10 @@ def publish_artifacts(params: CurateParams) -> list[dict]:
 @flow(name="curate", on_cancellation=[_stop_cluster_jobs], log_prints=True)
 def curate(params: CurateParams) -> list[dict]:
     """Curate a LAION-style source into a run; returns per-stage counts (also as artifacts)."""
-    stages = params.stage_argv()
-    for stage, argv in stages.items():  # every stage's options are checked before any work
-        validate_stage_args(stage, argv)
+    stages = {stage: [stage, *argv] for stage, argv in params.stage_argv().items()}
+    validate_steps(stages)  # every stage's options are checked before any work
     progress = create_progress_artifact(progress=0.0, description=f"stages of run {params.run} done")
     for i, (stage, argv) in enumerate(stages.items(), start=1):
-        run_stage.with_options(task_run_name=stage)(stage, argv, params.execution)
+        run_step.with_options(task_run_name=stage)(stage, argv, params.execution)
         update_progress_artifact(progress, progress=100.0 * i / len(stages))
     return publish_artifacts(params)

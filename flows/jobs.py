@@ -36,8 +36,14 @@ def validate_stage_args(stage: str, argv: list[str]) -> None:
     command = cli.get_command(None, stage)
     if command is None:
         raise ConfigError(f"unknown stage {stage!r}")
+    argv = list(argv)
+    if isinstance(command, click.Group):  # e.g. `train stage1 ...`: check the subcommand's options
+        sub = command.get_command(None, argv[0]) if argv else None
+        if sub is None:
+            raise ConfigError(f"stage {stage}: name one of {', '.join(sorted(command.list_commands(None)))} first")
+        stage, command, argv = f"{stage} {argv[0]}", sub, argv[1:]
     try:
-        ctx = command.make_context(f"capfilt {stage}", list(argv), resilient_parsing=False)
+        ctx = command.make_context(f"capfilt {stage}", argv, resilient_parsing=False)
     except click.ClickException as exc:
         raise ConfigError(f"stage {stage}: {exc.format_message()}") from exc
     validate = getattr(command, "validate_params", None)

@@ -78,6 +78,48 @@ class CurateParams(BaseModel):
         return stages
 
 
+def _run_id(value: str) -> str:
+    if not _RUN_ID.match(value):
+        raise ValueError("use letters, digits, '.', '_' and '-' (at most 128)")
+    return value
+
+
+def _join(root: str, *parts: str) -> str:
+    return "/".join([root.rstrip("/"), *parts])
+
+
+class TrainParams(BaseModel):
+    """Parameters of the `train` flow: Stage 1 then Stage 2 on a curated run."""
+
+    model_config = ConfigDict(extra="forbid")
+    root: str = Field("./data", description="Data root holding runs/<run>/curated.")
+    run: str = Field(..., description="Curated run to train on (its lineage is recorded in the checkpoints).")
+    out: str | None = Field(None, description="Checkpoint folder; default <root>/models/<run> (stage1/ and stage2/ inside).")
+    stage1: dict[str, OptionValue] = Field(
+        ..., description="`capfilt train stage1` options, e.g. {'vision': 'open_clip:ViT-L-14@openai', 'steps': 250000}."
+    )
+    stage2: dict[str, OptionValue] | None = Field(
+        None, description="`capfilt train stage2` options, e.g. {'llm': 'facebook/opt-2.7b'}; null stops after Stage 1."
+    )
+    execution: Execution = Field(default_factory=Execution)
+
+    _run = field_validator("run")(classmethod(lambda cls, v: _run_id(v)))
+
+    @property
+    def models(self) -> str:
+        return self.out or _join(self.root, "models", self.run)
+
+    def stage_argv(self) -> dict[str, list[str]]:
+        """{step label: ['train', subcommand, ...]} in the order the flow runs them."""
+        stage1_out = _join(self.models, "stage1")
+        steps = {"stage1": ["train", "stage1", "--root", self.root, "--from-run", self.run, "--out", stage1_out,
+                            *options_to_argv(self.stage1)]}
+        if self.stage2 is not None:
+            steps["stage2"] = ["train", "stage2", "--root", self.root, "--run", self.run, "--stage1", stage1_out,
+                               "--out", _join(self.models, "stage2"), *options_to_argv(self.stage2)]
+        return steps
+
+
 def describe_errors(exc: Exception) -> str:
     """One line per pydantic error: 'field.path: message'."""
     errors = getattr(exc, "errors", None)
@@ -86,4 +128,4 @@ def describe_errors(exc: Exception) -> str:
     return "; ".join(".".join(str(p) for p in e["loc"]) + ": " + e["msg"] for e in errors())
 
 
-__all__ = ["CurateParams", "Execution", "describe_errors", "options_to_argv"]
+__all__ = ["CurateParams", "Execution", "TrainParams", "describe_errors", "options_to_argv"]

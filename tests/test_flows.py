@@ -187,3 +187,45 @@ def test_ray_job_submit_runs_a_stage_and_a_retry_reattaches(ray_head, small_worl
     assert run_job(ray_head["address"], "ingest", argv, base_id=base, log=lines.append, client=client) == sid
     assert "already succeeded" in lines[0]
     assert [j.submission_id for j in client.list_jobs() if j.submission_id.startswith(base)] == [base + "-a1"]
+
+
+TINY_QFORMER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                    num_query_tokens=4, embed_dim=16, max_position_embeddings=64)
+
+
+def tiny_train_params(tmp_path, **stage1):
+    import json
+
+    from flows.params import TrainParams
+    from stage1_world import make_clip_vision, make_curated_run, make_tokenizer
+
+    make_curated_run(tmp_path / "data", "c1", images=16)
+    options = {"vision": make_clip_vision(tmp_path / "clip"), "tokenizer": str(make_tokenizer(tmp_path / "tok")),
+               "bert": "none", "model-config": json.dumps(TINY_QFORMER), "steps": 6, "batch-size": 8,
+               "warmup-steps": 2, "no-augment": True, "log-every": 2, "checkpoint-every": 3, **stage1}
+    return TrainParams(root=str(tmp_path / "data"), run="c1", stage1=options)
+
+
+def test_train_flow_checks_trainer_options_before_any_work(tmp_path):
+    from flows.jobs import validate_stage_args
+
+    params = tiny_train_params(tmp_path, steps="many")
+    with pytest.raises(ConfigError, match="stage train stage1: .*steps"):
+        for argv in params.stage_argv().values():
+            validate_stage_args(argv[0], argv[1:])
+    assert not (tmp_path / "data" / "models").exists()
+
+
+def test_train_flow_trains_stage1_and_the_checkpoint_records_its_data(prefect_harness, tmp_path):
+    import json
+
+    from flows.train import train
+
+    params = tiny_train_params(tmp_path)
+    rows = train(params)
+
+    assert {r["metric"] for r in rows} >= {"loss", "itc", "itm", "itg"} and all(r["step"] == 6 for r in rows)
+    checkpoint = tmp_path / "data" / "models" / "c1" / "stage1"
+    latest = checkpoint / (checkpoint / "latest").read_text().strip()
+    lineage = json.loads((latest / "stage1.json").read_text())["lineage"]
+    assert lineage["run"] == "c1" and lineage["curated_images"] == 16

@@ -1,0 +1,58 @@
+"""The one Prefect task every flow uses: run a capfilt command, embedded or as a Ray job.
+
+A step is a label (unique within its flow run: it names the Ray job) and a full `capfilt`
+argument list (command first). Retries are for transient failures only; on cancellation a flow
+stops its own Ray jobs, found by the flow run id their submission ids end with.
+"""
+
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+from prefect.runtime import flow_run
+
+from capfilt.errors import CapfiltError
+from flows.jobs import run_embedded, run_job, stop_jobs, submission_id, validate_stage_args
+from flows.params import Execution
+
+
+def _transient_only(task, task_run, state) -> bool:
+    """Retry Ray/infrastructure failures, never a CapfiltError (bad input or config)."""
+    try:
+        state.result()
+    except CapfiltError:
+        return False
+    except Exception:  # noqa: BLE001 - anything else may be transient (node lost, job failed)
+        return True
+    return False
+
+
+def validate_steps(steps: dict[str, list[str]]) -> None:
+    """Parse every step's arguments as the CLI would, before any work starts."""
+    for argv in steps.values():
+        validate_stage_args(argv[0], argv[1:])
+
+
+@task(name="step", retries=2, retry_delay_seconds=2, retry_condition_fn=_transient_only)
+def run_step(label: str, argv: list[str], execution: Execution) -> None:
+    logger = get_run_logger()
+    if execution.mode == "embedded":
+        logger.info("running capfilt %s embedded", " ".join(argv[:2]))
+        run_embedded(argv[0], argv[1:])
+        return
+    runtime_env = {"working_dir": execution.working_dir} if execution.working_dir else None
+    run_job(
+        execution.ray_address, argv[0], argv[1:],
+        base_id=submission_id(flow_run.get_id() or "local", label),
+        log=logger.info, runtime_env=runtime_env,
+    )
+
+
+def run_steps(steps: dict[str, list[str]], execution: Execution) -> None:
+    for label, argv in steps.items():
+        run_step.with_options(task_run_name=label)(label, argv, execution)
+
+
+def stop_flow_run_jobs(execution: Execution, flow_run_id: str, labels) -> None:
+    if execution.mode == "cluster":
+        for label in labels:
+            stop_jobs(execution.ray_address, submission_id(flow_run_id, label))
