@@ -120,6 +120,83 @@ class TrainParams(BaseModel):
         return steps
 
 
+class BootstrapParams(BaseModel):
+    """Parameters of the `bootstrap` flow: round 0 on the raw source, then CapFilt rounds.
+
+    Runs are `<run>-r0`, `<run>-r1`, ...; models go to `<root>/models/<run>-r<k>/stage1|stage2`.
+    A preset fills every stage's options; the dicts here override single options of it.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    source: str = Field(..., description="LAION-style source file or folder (local path or fsspec URI).")
+    root: str = Field("./data", description="Data root (local path or fsspec URI).")
+    run: str = Field("bootstrap", description="Prefix of the rounds' run ids.")
+    rounds: int = Field(1, ge=0, le=10, description="CapFilt rounds after round 0.")
+    preset: Literal["toy", "blip2", "none"] = Field("toy", description="Stage options to start from.")
+    quick: bool = Field(False, description="Toy preset: fewer steps and captions.")
+    ingest: dict[str, OptionValue] = Field(default_factory=dict)
+    round0_caption: dict[str, OptionValue] = Field(default_factory=dict)
+    round0_filter: dict[str, OptionValue] = Field(default_factory=dict)
+    caption: dict[str, OptionValue] = Field(default_factory=dict)
+    filter: dict[str, OptionValue] = Field(default_factory=dict)
+    stage1: dict[str, OptionValue] = Field(default_factory=dict)
+    stage2: dict[str, OptionValue] | None = Field(default_factory=dict, description="null: Stage 1 only.")
+    truth: str | None = Field(None, description="Ground-truth Parquet of a synthetic world: adds an oracle model and evaluation.")
+    execution: Execution = Field(default_factory=Execution)
+
+    _run = field_validator("run")(classmethod(lambda cls, v: _run_id(v)))
+
+    def round_run(self, k: int) -> str:
+        return f"{self.run}-r{k}"
+
+    def models(self, run: str) -> str:
+        return _join(self.root, "models", run)
+
+    @property
+    def toy_dir(self) -> str:
+        return self.models(f"{self.run}-toy")
+
+    def preset_options(self):
+        from capfilt.presets import get_preset
+
+        return get_preset(self.preset, self.toy_dir, self.quick)
+
+    def round_params(self, k: int) -> tuple[CurateParams, dict[str, OptionValue], TrainParams]:
+        """Round k: (curate params without filter, filter options, train params)."""
+        preset = self.preset_options()
+        run = self.round_run(k)
+        if k == 0:
+            caption = {**preset.round0_caption, **self.round0_caption}
+            filter_options = {**preset.round0_filter, **self.round0_filter}
+        else:
+            previous = self.models(self.round_run(k - 1))
+            caption = {**preset.caption, "captioner": _join(previous, "stage2"), **self.caption}
+            filter_options = {**preset.filter, "itm": _join(previous, "stage1"), **self.filter}
+        curate = CurateParams(source=self.source, root=self.root, run=run, ingest={**preset.ingest, **self.ingest},
+                              caption=caption, filter=None, execution=self.execution)
+        return curate, filter_options, self.train_params(run)
+
+    def train_params(self, run: str) -> TrainParams:
+        preset = self.preset_options()
+        stage2 = None if self.stage2 is None else {**preset.stage2, **self.stage2}
+        return TrainParams(root=self.root, run=run, out=self.models(run), stage1={**preset.stage1, **self.stage1},
+                           stage2=stage2, execution=self.execution)
+
+    def filter_argv(self, k: int) -> list[str]:
+        _, options, _ = self.round_params(k)
+        return ["filter", "--root", self.root, "--run", self.round_run(k), *options_to_argv(options)]
+
+    def pretrain_argv(self) -> list[str] | None:
+        pretrain = self.preset_options().pretrain
+        if pretrain is None:
+            return None
+        return ["toy", "pretrain", "--root", self.root, "--run", self.round_run(0), *pretrain]
+
+    @property
+    def oracle_run(self) -> str:
+        return f"{self.run}-oracle"
+
+
 def describe_errors(exc: Exception) -> str:
     """One line per pydantic error: 'field.path: message'."""
     errors = getattr(exc, "errors", None)
@@ -128,4 +205,4 @@ def describe_errors(exc: Exception) -> str:
     return "; ".join(".".join(str(p) for p in e["loc"]) + ": " + e["msg"] for e in errors())
 
 
-__all__ = ["CurateParams", "Execution", "TrainParams", "describe_errors", "options_to_argv"]
+__all__ = ["BootstrapParams", "CurateParams", "Execution", "TrainParams", "describe_errors", "options_to_argv"]

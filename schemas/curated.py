@@ -14,7 +14,7 @@ CURATED = ArtifactSchema(
             field("image", pa.binary(), "encoded image bytes", nullable=False),
             field("image_format", pa.string(), "encoding of `image`"),
             field("caption", pa.string(), "kept caption", nullable=False),
-            field("caption_source", pa.string(), "'web' or 'synthetic'", nullable=False),
+            field("caption_source", pa.string(), "'web', 'synthetic', or 'oracle' (true caption of a synthetic world)", nullable=False),
             field("clip_score", pa.float32(), "CLIP score of the pair"),
             field("itm_score", pa.float32(), "ITM match probability of the pair"),
             field("rank", pa.int32(), "rank of this caption among its image's captions under the policy (0 = best)"),

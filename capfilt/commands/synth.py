@@ -63,3 +63,17 @@ def serve(directory):
 def info(directory):
     """Print a world's description (world.json)."""
     click.echo(json.dumps(load_world(directory), indent=1, sort_keys=True))
+
+
+@synth.command()
+@click.option("--truth", required=True, type=click.Path(exists=True, dir_okay=False), help="The world's ground_truth.parquet.")
+@click.option("--root", required=True, help="Data root holding both runs.")
+@click.option("--from-run", required=True, help="Run whose ingested images to use.")
+@click.option("--run", "run_id", required=True, help="Run to write: curated/ with the true captions.")
+def oracle(truth, root, from_run, run_id):
+    """Curate a run from ingested images and their TRUE captions (an upper bound for training)."""
+    from pipeline.synth import write_oracle_run
+
+    totals = write_oracle_run(truth, root, from_run, run_id)
+    click.echo(f"oracle run {run_id}: {totals['images']} images = {totals['kept']} with true captions + "
+               f"{totals['dropped']} dropped (no ground truth)")

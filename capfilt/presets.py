@@ -1,0 +1,89 @@
+"""Presets: the stage options of a bootstrap, as data.
+
+A preset fills every stage's options (the CLI's option names) for `capfilt bootstrap`; options a
+user passes override it. `blip2` names the real models of the papers (hub ids and open_clip tags).
+`toy` is the BLIP-2 recipe in miniature for a laptop without internet: its frozen pieces (text
+tokenizer, a small CLIP, a small causal LM) are first trained from scratch on the source's raw
+web pairs by `capfilt toy pretrain`, into `<root>/models/<run>-toy/`, and every later stage
+points there.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from capfilt.errors import ConfigError
+
+Options = dict[str, str | int | float | bool | None]
+
+# Layout written by `capfilt toy pretrain --out DIR` (model/toy.py): the preset refers to it.
+TOY_TOKENIZER = "tokenizer"
+TOY_CLIP = "clip"  # an open_clip local-dir: open_clip_config.json + weights
+TOY_LM = "lm"
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    ingest: Options = field(default_factory=dict)
+    round0_caption: Options = field(default_factory=dict)  # round 0: no model of our own yet
+    round0_filter: Options = field(default_factory=dict)
+    caption: Options = field(default_factory=dict)  # rounds >= 1: captioner = previous round's Stage 2
+    filter: Options = field(default_factory=dict)  # rounds >= 1: ITM = previous round's Stage 1
+    stage1: Options = field(default_factory=dict)
+    stage2: Options = field(default_factory=dict)
+    pretrain: list[str] | None = None  # `capfilt toy pretrain` arguments, for presets that need it
+
+
+def blip2_preset() -> Preset:
+    """The papers' models: BLIP-large captioner, ViT-L-14 CLIP, blip2-itm-vit-g, EVA ViT-g, OPT-2.7B."""
+    clip = {"clip": "ViT-L-14", "clip-pretrained": "openai"}
+    return Preset(
+        name="blip2",
+        ingest={"image-size": 364, "shard-size": 10_000},
+        round0_caption={"captioner": "Salesforce/blip-image-captioning-large", "num-captions": 10},
+        round0_filter={**clip, "itm": "Salesforce/blip2-itm-vit-g", "policy": "blip2", "top-k": 2},
+        caption={"num-captions": 10, "prompt": "a photo of"},
+        filter={**clip, "policy": "blip2", "top-k": 2},
+        stage1={"vision": "open_clip:EVA01-g-14@laion400m_s11b_b41k", "steps": 250_000, "batch-size": 64},
+        stage2={"llm": "facebook/opt-2.7b", "steps": 80_000, "batch-size": 64},
+    )
+
+
+def toy_preset(toy_dir: str, quick: bool = False) -> Preset:
+    """Miniature BLIP-2 recipe, trained on the source itself (see module docstring)."""
+    clip_spec = f"local-dir:{toy_dir}/{TOY_CLIP}"
+    qformer = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
+               "num_query_tokens": 8, "embed_dim": 32, "max_position_embeddings": 64}
+    stage1_steps, stage2_steps = (60, 60) if quick else (300, 300)
+    return Preset(
+        name="toy",
+        ingest={"image-size": 64, "allow-private-addresses": True},
+        round0_caption={"captioner": "none"},
+        # Raw web pairs: exact duplicates and empty captions go, nothing is judged by a model.
+        round0_filter={"clip": clip_spec, "policy": "blip2", "top-k": 1, "no-semantic-dedup": True},
+        caption={"num-captions": 2 if quick else 4, "top-p": 0.9, "max-length": 16, "min-length": 4},
+        filter={"clip": clip_spec, "policy": "blip,blip2", "top-k": 2, "itm-threshold": 0.5},
+        stage1={"vision": f"open_clip:{clip_spec}", "tokenizer": f"{toy_dir}/{TOY_TOKENIZER}", "bert": "none",
+                "model-config": json.dumps(qformer), "steps": stage1_steps, "batch-size": 32, "lr": 2e-3,
+                "warmup-steps": 20, "no-augment": True, "cache-features": True, "log-every": 10,
+                "checkpoint-every": 100},
+        stage2={"llm": f"{toy_dir}/{TOY_LM}", "steps": stage2_steps, "batch-size": 32, "lr": 2e-3,
+                "warmup-steps": 20, "no-augment": True, "cache-features": True, "log-every": 10,
+                "checkpoint-every": 100},
+        pretrain=["--out", toy_dir, *(["--quick"] if quick else [])],
+    )
+
+
+PRESETS = ("toy", "blip2", "none")
+
+
+def get_preset(name: str, toy_dir: str, quick: bool = False) -> Preset:
+    if name == "toy":
+        return toy_preset(toy_dir, quick)
+    if name == "blip2":
+        return blip2_preset()
+    if name == "none":
+        return Preset(name="none")
+    raise ConfigError(f"--preset {name!r}: choose one of {', '.join(PRESETS)}.")
