@@ -15,6 +15,8 @@ from capfilt.errors import CapfiltError
 
 # name -> module:attribute; imported only when that command runs, so `capfilt --help` is fast.
 COMMANDS = {
+    "bootstrap": ("capfilt.commands.bootstrap", "bootstrap", "Bootstrap rounds: curate, train, caption and filter with your own model."),
+    "demo": ("capfilt.commands.demo", "demo", "Bootstrap a model on a served synthetic world and measure what CapFilt bought."),
     "curate": ("capfilt.commands.curate", "curate", "Ingest, caption and filter a source in one go."),
     "filter": ("capfilt.commands.filter", "filter_command", "Score, dedup and select captions into curated Parquet."),
     "caption": ("capfilt.commands.caption", "caption", "Add N synthetic captions per ingested image (Ray actors)."),

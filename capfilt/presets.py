@@ -59,7 +59,7 @@ def toy_preset(toy_dir: str, quick: bool = False) -> Preset:
     stage1_steps, stage2_steps = (60, 60) if quick else (300, 300)
     return Preset(
         name="toy",
-        ingest={"image-size": 64, "allow-private-addresses": True},
+        ingest={"image-size": 64, "timeout": 3, "allow-private-addresses": True},
         round0_caption={"captioner": "none"},
         # Raw web pairs: exact duplicates and empty captions go, nothing is judged by a model.
         round0_filter={"clip": clip_spec, "policy": "blip2", "top-k": 1, "no-semantic-dedup": True},

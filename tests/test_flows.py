@@ -229,3 +229,19 @@ def test_train_flow_trains_stage1_and_the_checkpoint_records_its_data(prefect_ha
     latest = checkpoint / (checkpoint / "latest").read_text().strip()
     lineage = json.loads((latest / "stage1.json").read_text())["lineage"]
     assert lineage["run"] == "c1" and lineage["curated_images"] == 16
+
+
+def test_bootstrap_rounds_use_the_previous_rounds_models_and_presets_can_be_overridden():
+    from capfilt.commands.bootstrap import parse_sets
+    from flows.params import BootstrapParams
+
+    params = BootstrapParams(source="src", root="/d", run="b", rounds=2, preset="toy",
+                             **parse_sets(("stage1.steps=7", "filter.top-k=1", "round0_caption.captioner=none")))
+    curate0, filter0, train0 = params.round_params(0)
+    assert curate0.caption == {"captioner": "none"} and "itm" not in filter0
+    curate2, filter2, train2 = params.round_params(2)
+    assert curate2.caption["captioner"] == "/d/models/b-r1/stage2" and filter2["itm"] == "/d/models/b-r1/stage1"
+    assert filter2["top-k"] == 1 and train2.stage1["steps"] == 7 and train2.models == "/d/models/b-r2"
+    assert params.pretrain_argv()[:2] == ["toy", "pretrain"]
+    with pytest.raises(Exception, match="STAGE.OPTION"):
+        parse_sets(("steps=3",))

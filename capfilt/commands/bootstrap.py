@@ -1,0 +1,79 @@
+"""`capfilt bootstrap`: the `bootstrap` Prefect flow from the command line (local Ray, Prefect local mode)."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+STAGE_DICTS = ("ingest", "round0_caption", "round0_filter", "caption", "filter", "stage1", "stage2")
+
+
+def parse_sets(values: tuple[str, ...]) -> dict[str, dict]:
+    """('stage1.steps=100', 'filter.top-k=1') -> {'stage1': {'steps': 100}, 'filter': {'top-k': 1}}."""
+    out: dict[str, dict] = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        stage, dot, option = key.partition(".")
+        if not sep or not dot or stage.replace("-", "_") not in STAGE_DICTS:
+            raise click.BadParameter(
+                f"{item!r}: use STAGE.OPTION=VALUE with STAGE one of {', '.join(STAGE_DICTS)}", param_hint="--set"
+            )
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out.setdefault(stage.replace("-", "_"), {})[option] = value
+    return out
+
+
+def bootstrap_params(source, root, run, rounds, preset, quick, truth, sets, ray_address, working_dir):
+    from pydantic import ValidationError
+
+    from capfilt.errors import ConfigError
+    from flows.params import BootstrapParams, describe_errors
+
+    execution = {"mode": "cluster", "ray_address": ray_address, "working_dir": working_dir} if ray_address else {}
+    try:
+        return BootstrapParams(source=source, root=root, run=run, rounds=rounds, preset=preset, quick=quick,
+                               truth=truth, execution=execution, **parse_sets(sets))
+    except ValidationError as exc:
+        raise ConfigError(f"bootstrap parameters: {describe_errors(exc)}") from exc
+
+
+@click.command()
+@click.option("--source", required=True, help="LAION-style source: Parquet/CSV/JSONL file or folder (local or fsspec URI).")
+@click.option("--root", default="./data", show_default=True, help="Data root for runs and models.")
+@click.option("--run", default="bootstrap", show_default=True, help="Prefix of the rounds' run ids (<run>-r0, <run>-r1, ...).")
+@click.option("--rounds", type=int, default=1, show_default=True, help="CapFilt rounds after round 0.")
+@click.option("--preset", type=click.Choice(["toy", "blip2", "none"]), default="toy", show_default=True,
+              help="toy: everything trained from scratch on the source (no downloads); blip2: the papers' models.")
+@click.option("--quick", is_flag=True, help="Toy preset: fewer steps and captions.")
+@click.option("--truth", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Ground-truth Parquet (synthetic worlds): also trains an oracle and evaluates every model.")
+@click.option("--set", "sets", multiple=True, metavar="STAGE.OPTION=VALUE",
+              help="Override one stage option of the preset, e.g. --set stage1.steps=500 --set filter.top-k=1.")
+@click.option("--ray-address", default=None, help="Run every stage as a Ray job on this cluster (http://head:8265).")
+@click.option("--working-dir", default=None, help="With --ray-address: runtime_env working_dir uploaded with each job.")
+def bootstrap(source, root, run, rounds, preset, quick, truth, sets, ray_address, working_dir):
+    """Round 0 on the raw source, then CapFilt rounds with each round's own models (a Prefect flow)."""
+    from flows.bootstrap import bootstrap as bootstrap_flow
+
+    params = bootstrap_params(source, root, run, rounds, preset, quick, truth, sets, ray_address, working_dir)
+    summary = bootstrap_flow(params)
+    click.echo(format_summary(summary))
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"models: {', '.join(f'{run} -> {path}' for run, path in summary['models'].items())}"]
+    if summary.get("report"):
+        lines.append(f"report: {summary['report']}")
+    table = summary.get("table")
+    if table:
+        names = list(table[0])[1:]
+        width = max(len(r["metric"]) for r in table)
+        lines.append(f"{'metric':<{width}}  " + "  ".join(f"{n:>12}" for n in names))
+        for row in table:
+            cells = "  ".join(f"{'-' if row[n] is None else format(row[n], '.3f'):>12}" for n in names)
+            lines.append(f"{row['metric']:<{width}}  {cells}")
+    return "\n".join(lines)
