@@ -142,10 +142,16 @@ def swap_left_right(caption: str) -> str:
 def image_pixels(data: bytes, preprocess: Preprocess, crop=None, flip: bool = False) -> torch.Tensor:
     """Decode, crop (i, j, h, w) or plain-resize to the encoder's size, flip, normalise."""
     from PIL import Image
+
+    return pil_pixels(Image.open(io.BytesIO(data)), preprocess, crop, flip)
+
+
+def pil_pixels(img, preprocess: Preprocess, crop=None, flip: bool = False) -> torch.Tensor:
+    """`image_pixels` for an image already decoded (a PIL image)."""
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import functional as TF
 
-    img = Image.open(io.BytesIO(data)).convert("RGB")
+    img = img.convert("RGB")
     size = [preprocess.image_size, preprocess.image_size]
     if crop is None:
         img = TF.resize(img, size, interpolation=InterpolationMode.BICUBIC)
