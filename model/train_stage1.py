@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -294,7 +295,11 @@ def save_checkpoint(out: Path, step: int, model: QFormer, tokenizer, optimizer, 
         "config": asdict(config), "step": step, "data_position": data_position,
         "curated_run": {"root": config.root, "run": config.run}, "vision": config.vision,
     }, indent=1, default=str))
-    (out / LATEST_NAME).write_text(folder.name)  # written last: the checkpoint is complete
+    # Written last: the checkpoint is complete. Through a rename, because a process killed
+    # between write_text's truncate and its write would leave an empty pointer and no resume.
+    pointer = out / f".{LATEST_NAME}.tmp"
+    pointer.write_text(folder.name)
+    os.replace(pointer, out / LATEST_NAME)
     return folder
 
 
