@@ -22,6 +22,7 @@ COMMANDS = {
     "caption": ("capfilt.commands.caption", "caption", "Add N synthetic captions per ingested image (Ray actors)."),
     "synth": ("capfilt.commands.synth", "synth", "Create or serve a synthetic LAION-like world."),
     "ingest": ("capfilt.commands.ingest", "ingest_command", "Download a URL source into image shards (img2dataset on Ray)."),
+    "export": ("capfilt.commands.export", "export", "Export a run's curated pairs as WebDataset tars (open_clip, LAVIS)."),
     "train": ("capfilt.commands.train", "train", "Train the Q-Former on a curated run (stage1)."),
 }
 

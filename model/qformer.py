@@ -36,6 +36,10 @@ from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
 from capfilt.errors import ConfigError
 
 CONFIG_NAME = "qformer_config.json"
+# Written into CONFIG_NAME so `load_itm` / `itm_model_type` can tell a Stage 1 model folder by
+# its model_type, as they tell BLIP from BLIP-2. Not a transformers model type: the file keeps its
+# own name so no AutoConfig mistakes it for one.
+MODEL_TYPE = "capfilt-qformer"
 WEIGHTS_NAME = "model.safetensors"
 DEC_TOKEN = "[DEC]"
 
@@ -101,11 +105,15 @@ class QFormerConfig:
         return config
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1, sort_keys=True)
+        return json.dumps({"model_type": MODEL_TYPE, **asdict(self)}, indent=1, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str, where: str = "config") -> "QFormerConfig":
         data = json.loads(text)
+        # Files written before model_type existed have none; any other value is not a Q-Former.
+        model_type = data.pop("model_type", MODEL_TYPE)
+        if model_type != MODEL_TYPE:
+            raise ConfigError(f"{where}: model_type {model_type!r} is not a capfilt Q-Former ({MODEL_TYPE!r}).")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

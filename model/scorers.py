@@ -7,8 +7,9 @@ tiny test models take the same path as a real name.
 
 `load_itm(id_or_path)` loads a transformers image-text matching model by hub id or
 `save_pretrained` folder, choosing the class from the checkpoint's `model_type` (BLIP:
-BlipForImageTextRetrieval, BLIP-2: Blip2ForImageTextRetrieval). capfilt's own Stage 1
-checkpoints register their family with `register_itm_family`.
+BlipForImageTextRetrieval, BLIP-2: Blip2ForImageTextRetrieval, capfilt's Stage 1 Q-Former:
+"capfilt-qformer", whose folders are a `capfilt train stage1 --out`, one of its step-* folders
+or a step's model/). Other families plug in with `register_itm_family`.
 """
 
 from __future__ import annotations
@@ -166,7 +167,14 @@ def _blip2(id_or_path: str, device: str) -> ItmScorer:
     return HFItmScorer(id_or_path, Blip2ForImageTextRetrieval, device)
 
 
-ITM_FAMILIES: dict[str, Callable[[str, str], ItmScorer]] = {"blip": _blip, "blip-2": _blip2}
+def _stage1(id_or_path: str, device: str) -> ItmScorer:
+    from model.stage1_inference import Stage1Scorer
+
+    return Stage1Scorer.from_checkpoint(id_or_path, device=device)
+
+
+STAGE1_MODEL_TYPE = "capfilt-qformer"  # model.qformer.MODEL_TYPE, without importing the Q-Former here
+ITM_FAMILIES: dict[str, Callable[[str, str], ItmScorer]] = {"blip": _blip, "blip-2": _blip2, STAGE1_MODEL_TYPE: _stage1}
 
 
 def register_itm_family(model_type: str, loader: Callable[[str, str], ItmScorer]) -> None:
@@ -174,16 +182,35 @@ def register_itm_family(model_type: str, loader: Callable[[str, str], ItmScorer]
     ITM_FAMILIES[model_type] = loader
 
 
+def _stage1_config(id_or_path: str) -> dict | None:
+    """The Q-Former config of a local Stage 1 checkpoint folder (trainer --out, step-* or model/), else None."""
+    if not os.path.isdir(id_or_path):
+        return None
+    from model.qformer import CONFIG_NAME
+    from model.stage1_inference import resolve_checkpoint
+
+    _, model_dir = resolve_checkpoint(id_or_path)
+    path = model_dir / CONFIG_NAME
+    if not path.exists():
+        return None
+    config = json.loads(path.read_text())
+    # Q-Former configs written before they carried a model_type are still Q-Formers: the file name says so.
+    config.setdefault("model_type", STAGE1_MODEL_TYPE)
+    return config
+
+
 def itm_model_type(id_or_path: str) -> str:
     from transformers import PretrainedConfig
 
-    try:
-        config, _ = PretrainedConfig.get_config_dict(id_or_path)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(
-            f"--itm {id_or_path}: no model config found ({_first_line(exc)}). Give a hub id or a "
-            f"folder written by save_pretrained."
-        ) from exc
+    config = _stage1_config(id_or_path)
+    if config is None:
+        try:
+            config, _ = PretrainedConfig.get_config_dict(id_or_path)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(
+                f"--itm {id_or_path}: no model config found ({_first_line(exc)}). Give a hub id, a "
+                f"folder written by save_pretrained or a `capfilt train stage1 --out` folder."
+            ) from exc
     model_type = config.get("model_type")
     if model_type not in ITM_FAMILIES:
         raise ConfigError(

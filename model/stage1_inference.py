@@ -1,7 +1,9 @@
 """A Stage 1 checkpoint at work: image and text embeddings, ITM scores, retrieval.
 
 `Stage1Scorer.from_checkpoint(folder)` is what the Filter stage uses to score (image, caption)
-pairs with capfilt's own ITM head; retrieval is BLIP-2's: ITC top-k, then ITM re-ranking.
+pairs with capfilt's own ITM head: it is an `ItmScorer`, and `load_itm(folder)` (`--itm` of
+`capfilt filter`) returns one for any Stage 1 checkpoint folder, because the Q-Former's config
+says model_type "capfilt-qformer". Retrieval is BLIP-2's: ITC top-k, then ITM re-ranking.
 """
 
 from __future__ import annotations
@@ -9,40 +11,64 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from capfilt.device import pick_device
 from capfilt.errors import ConfigError
 
-from .qformer import QFormer, load_tokenizer
-from .train_stage1 import LATEST_NAME, image_pixels
+from .qformer import CONFIG_NAME, QFormer, load_tokenizer
+from .scorers import ItmScorer
+from .train_stage1 import LATEST_NAME, image_pixels, pil_pixels
 from .vision import FrozenImageEncoder, load_vision_encoder
 
 
-class Stage1Scorer:
+def resolve_checkpoint(folder: str | Path) -> tuple[Path, Path]:
+    """(step folder, model folder) of a trainer --out folder (its latest step), a step-* folder or
+    a model folder; for a model folder on its own both are that folder."""
+    folder = Path(folder)
+    if (folder / LATEST_NAME).exists():
+        folder = folder / (folder / LATEST_NAME).read_text().strip()
+    model_dir = folder / "model" if (folder / "model" / CONFIG_NAME).exists() else folder
+    return folder, model_dir
+
+
+class Stage1Scorer(ItmScorer):
     """A trained Q-Former with its tokenizer and frozen encoder, in eval mode."""
 
-    def __init__(self, model: QFormer, tokenizer, encoder: FrozenImageEncoder, device: torch.device):
+    def __init__(self, model: QFormer, tokenizer, encoder: FrozenImageEncoder, device: torch.device, id: str = "stage1"):
         self.model, self.tokenizer, self.encoder, self.device = model.eval().to(device), tokenizer, encoder, device
+        self.id = id
 
     @classmethod
     def from_checkpoint(cls, folder: str | Path, vision: str | None = None, device: str = "auto") -> "Stage1Scorer":
-        """`folder`: a trainer --out folder (its latest step), a step-* folder, or a model folder."""
-        folder = Path(folder)
-        if (folder / LATEST_NAME).exists():
-            folder = folder / (folder / LATEST_NAME).read_text().strip()
-        model_dir = folder / "model" if (folder / "model").is_dir() else folder
+        """`folder`: a trainer --out folder (its latest step), a step-* folder, or a model folder.
+
+        The image encoder is the one the step folder's stage1.json names unless `vision` is given;
+        a model folder on its own has no stage1.json, so it needs `vision` or one beside it.
+        """
+        step, model_dir = resolve_checkpoint(folder)
         if vision is None:
-            info = folder / "stage1.json"
-            if not info.exists():
-                raise ConfigError(f"{folder}: no stage1.json saying which image encoder was used; pass vision=.")
+            candidates = [step / "stage1.json", model_dir.parent / "stage1.json"]
+            info = next((c for c in candidates if c.exists()), None)
+            if info is None:
+                raise ConfigError(
+                    f"{folder}: no stage1.json saying which image encoder was used (looked in {step} and "
+                    f"{model_dir.parent}); pass the checkpoint's step folder, or vision=."
+                )
             vision = json.loads(info.read_text())["vision"]
         device = pick_device(device)
         return cls(QFormer.from_pretrained(model_dir, device), load_tokenizer(model_dir),
-                   load_vision_encoder(vision, device), device)
+                   load_vision_encoder(vision, device), device, id=str(folder))
 
-    def _tokens(self, images: list[bytes]) -> torch.Tensor:
-        pixels = torch.stack([image_pixels(data, self.encoder.preprocess) for data in images]).to(self.device)
+    def _pixels(self, image) -> torch.Tensor:
+        if isinstance(image, (bytes, bytearray, memoryview)):
+            return image_pixels(bytes(image), self.encoder.preprocess)
+        return pil_pixels(image, self.encoder.preprocess)
+
+    def _tokens(self, images: list) -> torch.Tensor:
+        """Image tokens (after ln_vision) of encoded images (bytes) or decoded PIL images."""
+        pixels = torch.stack([self._pixels(image) for image in images]).to(self.device)
         return self.model.prepare_image(self.encoder(pixels))
 
     def _text(self, texts: list[str]):
@@ -61,10 +87,14 @@ class Stage1Scorer:
         return self.model.text_features(*self._text(texts))
 
     @torch.no_grad()
-    def itm_scores(self, images: list[bytes], texts: list[str]) -> torch.Tensor:
-        """(N,) probability that image i matches text i."""
+    def itm_scores(self, images: list, texts: list[str]) -> torch.Tensor:
+        """(N,) probability that image i (bytes or PIL image) matches text i."""
         logits = self.model.itm_logits(self._tokens(images), *self._text(texts))
         return logits.float().softmax(dim=1)[:, 1]
+
+    def match_probability(self, images, texts) -> np.ndarray:
+        """ItmScorer: the Filter stage's ITM score of each (images[i], texts[i])."""
+        return self.itm_scores(images, [t or "" for t in texts]).cpu().numpy()
 
     @torch.no_grad()
     def retrieve_images(self, texts: list[str], images: list[bytes], k: int = 128) -> torch.Tensor:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -143,10 +144,16 @@ def swap_left_right(caption: str) -> str:
 def image_pixels(data: bytes, preprocess: Preprocess, crop=None, flip: bool = False) -> torch.Tensor:
     """Decode, crop (i, j, h, w) or plain-resize to the encoder's size, flip, normalise."""
     from PIL import Image
+
+    return pil_pixels(Image.open(io.BytesIO(data)), preprocess, crop, flip)
+
+
+def pil_pixels(img, preprocess: Preprocess, crop=None, flip: bool = False) -> torch.Tensor:
+    """`image_pixels` for an image already decoded (a PIL image)."""
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import functional as TF
 
-    img = Image.open(io.BytesIO(data)).convert("RGB")
+    img = img.convert("RGB")
     size = [preprocess.image_size, preprocess.image_size]
     if crop is None:
         img = TF.resize(img, size, interpolation=InterpolationMode.BICUBIC)
@@ -290,7 +297,11 @@ def save_checkpoint(out: Path, step: int, model: QFormer, tokenizer, optimizer, 
         "curated_run": {"root": config.root, "run": config.run}, "vision": config.vision,
         "lineage": lineage,  # which run, thresholds and models produced the training data
     }, indent=1, default=str))
-    (out / LATEST_NAME).write_text(folder.name)  # written last: the checkpoint is complete
+    # Written last: the checkpoint is complete. Through a rename, because a process killed
+    # between write_text's truncate and its write would leave an empty pointer and no resume.
+    pointer = out / f".{LATEST_NAME}.tmp"
+    pointer.write_text(folder.name)
+    os.replace(pointer, out / LATEST_NAME)
     return folder
 
 

@@ -150,8 +150,11 @@ class ScoreActor:
         self.clip, self.itm = config.load()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        began = time.time()
         scored = score_pairs(batch.drop_columns(["shard"]), self.clip, self.itm)
-        return scored.append_column("shard", batch.column("shard"))
+        return scored.append_column("shard", batch.column("shard")).append_column(
+            "batch_started_at", pa.array([began] * batch.num_rows, pa.float64())
+        )
 
 
 @dataclass
@@ -161,7 +164,8 @@ class ScoreSummary:
     pairs: int = 0
     scored: int = 0
     failed: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall time of the Ray job, actor start and model load included
+    startup_s: float | None = None  # until an actor, its models loaded, started its first batch
 
     def line(self) -> str:
         return (f"scored {self.shards_done} shard(s), skipped {self.shards_skipped} already done: "
@@ -210,9 +214,11 @@ def run_score(store: RunStore, cfg: ScoreConfig) -> ScoreSummary:
         counts = dict.fromkeys(working, 0)
         try:
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                first_batch = pa.compute.min(batch.column("batch_started_at")).as_py() - started
+                summary.startup_s = min(summary.startup_s or first_batch, first_batch)
                 shard_of = batch.column("shard").to_pylist()
                 for shard in set(shard_of):
-                    part = batch.filter(pa.array([s == shard for s in shard_of])).drop_columns(["shard"])
+                    part = batch.filter(pa.array([s == shard for s in shard_of])).drop_columns(["shard", "batch_started_at"])
                     arrived[shard].append(part)
                     counts[shard] += part.num_rows
                     if counts[shard] == expected[shard]:

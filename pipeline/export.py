@@ -1,0 +1,169 @@
+"""Export a run's curated pairs as WebDataset tars that open_clip and LAVIS training read.
+
+    curated/<shard>.parquet (in shard order) ──► <out>/<prefix>-000000.tar, -000001.tar, ...
+
+Each curated caption row is one sample of three members sharing a key: `<key>.jpg` (the
+image), `<key>.txt` (the caption; open_clip's webdataset loader renames `jpg;png;jpeg;webp` to
+image and `txt` to text) and `<key>.json` (`{"caption": ...}` plus where the pair came from;
+LAVIS's LaionDataset reads `to_tuple("jpg", "json")` and `json["caption"]`). Keys are the
+sample's position in the export, zero-padded as img2dataset numbers its samples, not caption
+ids: webdataset cuts a member name at its first dot and treats '/' as a folder, both of which
+ids may contain; the json keeps the ids.
+
+JPEG bytes are copied unchanged (no second lossy encode); any other format is decoded and
+re-encoded as JPEG, because `.jpg` is the one image extension every trainer's loader asks for.
+Tars are written with the standard library's tarfile under a hidden temporary name and renamed,
+so a tar that exists is complete; member mtimes are fixed so the same run exports the same bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import uuid
+from dataclasses import dataclass
+from typing import Iterator
+
+import fsspec
+
+from capfilt.errors import ConfigError, SchemaError
+from pipeline.run_store import RunStore
+from schemas import CURATED
+
+JSON_FIELDS = ("sample_id", "caption_id", "caption_source", "clip_score", "itm_score", "url", "run_id")
+_JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+@dataclass(frozen=True)
+class WebDatasetExport:
+    out: str  # folder (local path or fsspec URI) for the tars
+    shard_size: int = 10_000  # samples per tar; open_clip's and img2dataset's usual size
+    prefix: str = "curated"
+    jpeg_quality: int = 95  # only for images that were not JPEG already
+    overwrite: bool = False
+
+    def __post_init__(self):
+        if self.shard_size < 1:
+            raise ConfigError(f"--shard-size must be >= 1 (got {self.shard_size}).")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ConfigError(f"--jpeg-quality must be in 1..100 (got {self.jpeg_quality}).")
+
+
+@dataclass
+class ExportSummary:
+    tars: list[str]
+    samples: int
+    reencoded: int
+
+    def line(self, out: str) -> str:
+        return (f"wrote {self.samples} sample(s) in {len(self.tars)} tar(s) to {out}"
+                f" ({self.reencoded} image(s) re-encoded to JPEG)")
+
+
+def as_jpeg(data: bytes, quality: int, where: str) -> tuple[bytes, bool]:
+    """(JPEG bytes, whether they were re-encoded). JPEG input is returned as-is."""
+    if data[:3] == _JPEG_MAGIC:
+        return data, False
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+                # JPEG has no alpha: composite on white, as a viewer shows a transparent image.
+                rgba = img.convert("RGBA")
+                rgb = Image.new("RGB", rgba.size, (255, 255, 255))
+                rgb.paste(rgba, mask=rgba.getchannel("A"))
+            else:
+                rgb = img.convert("RGB")
+    except Exception as exc:  # noqa: BLE001 - any decoder complaint names the row
+        raise SchemaError(
+            f"{where}: image bytes cannot be decoded ({type(exc).__name__}: {exc}); curated rows should only "
+            f"hold images the score stage decoded. Re-run `capfilt filter` for this run."
+        ) from exc
+    buffer = io.BytesIO()
+    rgb.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue(), True
+
+
+def curated_rows(store: RunStore) -> Iterator[tuple[str, dict]]:
+    """(shard, row) for every curated row, shard by shard in shard order, one shard in memory."""
+    for shard in store.shards("curated"):
+        for row in store.read_shard("curated", shard, CURATED).to_pylist():
+            yield shard, row
+
+
+def sample_members(key: str, row: dict, quality: int, where: str) -> tuple[dict[str, bytes], bool]:
+    image, reencoded = as_jpeg(row["image"], quality, where)
+    meta = {"caption": row["caption"], **{k: row[k] for k in JSON_FIELDS}}
+    return {f"{key}.jpg": image, f"{key}.txt": row["caption"].encode(),
+            f"{key}.json": json.dumps(meta, ensure_ascii=False).encode()}, reencoded
+
+
+def export_webdataset(store: RunStore, config: WebDatasetExport) -> ExportSummary:
+    """Write the run's curated pairs as tars of `config.shard_size` samples; returns what was written."""
+    if not store.shards("curated"):
+        raise ConfigError(f"run '{store.run_id}' under {store.root} has no curated/ shards; run `capfilt filter` first.")
+    fs, folder = fsspec.core.url_to_fs(config.out)
+    folder = folder.rstrip("/")
+    fs.makedirs(folder, exist_ok=True)
+    stale = sorted(p for p in fs.glob(f"{folder}/{config.prefix}-*.tar"))
+    if stale and not config.overwrite:
+        raise ConfigError(
+            f"--out {config.out} already holds {len(stale)} {config.prefix}-*.tar file(s); choose an empty folder "
+            f"or pass --overwrite to replace them."
+        )
+    for path in stale:
+        fs.rm(path)
+
+    summary = ExportSummary(tars=[], samples=0, reencoded=0)
+    writer: _TarWriter | None = None
+    try:
+        for shard, row in curated_rows(store):
+            if summary.samples % config.shard_size == 0:
+                if writer is not None:
+                    summary.tars.append(writer.commit())
+                writer = _TarWriter(fs, f"{folder}/{config.prefix}-{len(summary.tars):06d}.tar")
+            where = f"curated/{shard}.parquet caption {row['caption_id']}"
+            members, reencoded = sample_members(f"{summary.samples:09d}", row, config.jpeg_quality, where)
+            for name, data in members.items():
+                writer.add(name, data)
+            summary.samples += 1
+            summary.reencoded += int(reencoded)
+        if writer is not None:
+            summary.tars.append(writer.commit())
+            writer = None
+    finally:
+        if writer is not None:
+            writer.abort()
+    return summary
+
+
+class _TarWriter:
+    """One tar, written under a hidden temporary name and renamed into place by `commit`."""
+
+    def __init__(self, fs, path: str):
+        folder, name = path.rsplit("/", 1)
+        self.fs, self.path = fs, path
+        self.tmp = f"{folder}/.{name}.tmp-{uuid.uuid4().hex[:8]}"
+        self.handle = fs.open(self.tmp, "wb")
+        self.tar = tarfile.open(fileobj=self.handle, mode="w", format=tarfile.USTAR_FORMAT)
+
+    def add(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mode = 0o444
+        info.mtime = 0  # reproducible tars
+        self.tar.addfile(info, io.BytesIO(data))
+
+    def commit(self) -> str:
+        self.tar.close()
+        self.handle.close()
+        self.fs.mv(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        self.tar.close()
+        self.handle.close()
+        self.fs.rm(self.tmp)
