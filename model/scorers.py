@@ -51,7 +51,7 @@ class ClipScorer:
     def __init__(self, name: str, pretrained: str | None = None, device: str = "auto"):
         import open_clip
 
-        if name not in open_clip.list_models():
+        if name not in open_clip.list_models() and not name.startswith(("hf-hub:", "local-dir:")):
             raise ConfigError(
                 f"--clip {name!r} is not an open_clip model name (e.g. ViT-L-14); register your own "
                 f"config with --clip-config FILE.json."
