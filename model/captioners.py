@@ -223,10 +223,18 @@ class Blip2Captioner(HFCaptioner):
         return input_ids.shape[1] if self.model.config.use_decoder_only_language_model else 0
 
 
-# model_type in config.json -> loader(id_or_path, device). Stage 2 registers capfilt's own type.
+def _capfilt_stage2(id_or_path: str, device: str = "auto") -> Captioner:
+    # Imported on use: a Stage 2 checkpoint loads without anyone registering it first.
+    from model.stage2 import load_stage2_captioner
+
+    return load_stage2_captioner(id_or_path, device)
+
+
+# model_type in config.json -> loader(id_or_path, device).
 CAPTIONER_FAMILIES: dict[str, Callable[[str, str], Captioner]] = {
     "blip": BlipCaptioner,
     "blip-2": Blip2Captioner,
+    "capfilt-blip2-stage2": _capfilt_stage2,  # capfilt's own Stage 2 checkpoints (model/stage2.py)
 }
 
 

@@ -738,10 +738,10 @@ def _device(config: Stage2Config) -> torch.device:
 
 def train_distributed(config: Stage2Config, workers: int, use_gpu: bool | None = None) -> dict:
     """Run `train` on `workers` Ray Train workers (DDP); returns rank 0's {'step', 'checkpoint', 'metrics'}."""
-    import pipeline.ray_env  # noqa: F401  (sets Ray's environment before ray is imported)
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    import pipeline.ray_env  # noqa: F401  (sets Ray's environment before ray is imported)
     from pipeline.ray_env import ensure_ray, gpus_available
 
     ensure_ray()
@@ -831,11 +831,11 @@ class Stage2Generator:
 
     def caption(self, images, prompt: str | None = None, num_beams: int = 5, max_new_tokens: int = 30,
                 min_new_tokens: int = 1, top_p: float | None = None, seed: int = 0,
-                repetition_penalty: float = 1.0) -> list[str]:
+                repetition_penalty: float = 1.0, first_index: int = 0) -> list[str]:
         """One caption per image: beam search by default; `top_p` switches to nucleus sampling
-        seeded by (seed, image position) only."""
+        where image i (counted from `first_index`) draws from its own generator seeded by (seed, i)."""
         prompt = self.model.config.prompt if prompt is None else prompt
-        seeds = [hash_seed(seed, i) for i in range(len(images))] if top_p is not None else None
+        seeds = [hash_seed(seed, first_index + i) for i in range(len(images))] if top_p is not None else None
         ids = self.generate_ids(images, [prompt] * len(images), num_beams=num_beams, max_new_tokens=max_new_tokens,
                                 min_new_tokens=min_new_tokens, top_p=top_p, seeds=seeds,
                                 repetition_penalty=repetition_penalty)

@@ -9,9 +9,9 @@ import json
 from pathlib import Path
 
 import torch
+from stage1_world import IMAGE_SIZE, make_tokenizer
 
 from pipeline.synth import ATTRIBUTE_VALUES, true_caption
-from stage1_world import IMAGE_SIZE, make_tokenizer
 
 TINY_QFORMER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                     num_query_tokens=4, embed_dim=16, max_position_embeddings=64)

@@ -46,7 +46,8 @@ def stage1(root, run_id, vision, out, tokenizer, bert, model_config, steps, batc
            min_lr, warmup_steps, weight_decay, precision, activation_checkpointing, augment, flip, cache_features,
            holdout_images, seed, device, workers, data_workers, log_every, checkpoint_every, resume, stop_at):
     """Train Stage 1 (ITC + ITM + ITG) against a frozen image encoder; checkpoints and metrics go to --out."""
-    from model.train_stage1 import Stage1Config, train as train_local, train_distributed
+    from model.train_stage1 import Stage1Config, train_distributed
+    from model.train_stage1 import train as train_local
 
     try:
         overrides = json.loads(model_config) if model_config else {}
@@ -72,4 +73,62 @@ def stage1(root, run_id, vision, out, tokenizer, bert, model_config, steps, batc
     click.echo(
         f"trained to step {result['step']}; last loss {last.get('loss')} (itc {last.get('itc')}, itm {last.get('itm')}, "
         f"itg {last.get('itg')}); checkpoint {result['checkpoint']}; metrics {out}/metrics.jsonl"
+    )
+
+
+@train.command()
+@click.option("--root", required=True, help="Data root (local path or fsspec URI) holding runs/<run>/curated.")
+@click.option("--run", "run_id", required=True, help="Run whose curated/ pairs to train on.")
+@click.option("--stage1", required=True, type=click.Path(exists=True, file_okay=False), help="Stage 1 checkpoint: its --out folder, a step-* folder or model/.")
+@click.option("--llm", required=True, help="Frozen LLM: hub id or folder (AutoModelForCausalLM, e.g. OPT; or Flan-T5/T5) with its tokenizer.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Checkpoint folder (resumed from if it holds one).")
+@click.option("--vision", default=None, help="Frozen encoder; default: the one named in the Stage 1 checkpoint's stage1.json.")
+@click.option("--prompt", default="", show_default=True, help="Text before every caption (no loss on it), e.g. 'a photo of'.")
+@click.option("--instruction-aware/--no-instruction-aware", default=False, show_default=True, help="InstructBLIP: the prompt also enters the Q-Former.")
+@click.option("--steps", type=int, default=10_000, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Per worker and micro-step.")
+@click.option("--grad-accumulation", type=int, default=1, show_default=True)
+@click.option("--lr", type=float, default=1e-4, show_default=True)
+@click.option("--min-lr", type=float, default=5e-5, show_default=True)
+@click.option("--warmup-steps", type=int, default=2000, show_default=True)
+@click.option("--weight-decay", type=float, default=0.05, show_default=True)
+@click.option("--max-text-length", type=int, default=32, show_default=True, help="LLM tokens per caption (eos included).")
+@click.option("--precision", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True, help="Autocast dtype on GPU (CPU runs fp32).")
+@click.option("--activation-checkpointing/--no-activation-checkpointing", default=False, show_default=True)
+@click.option("--augment/--no-augment", default=True, show_default=True, help="Random resized crop and flip.")
+@click.option("--flip/--no-flip", default=True, show_default=True, help="Horizontal flip (swaps left/right in captions).")
+@click.option("--cache-features/--no-cache-features", default=False, show_default=True, help="Compute frozen features once per image (needs --no-augment).")
+@click.option("--holdout-images", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--workers", type=int, default=1, show_default=True, help="Ray Train workers (DDP) when > 1.")
+@click.option("--data-workers", type=int, default=0, show_default=True, help="DataLoader processes per trainer.")
+@click.option("--log-every", type=int, default=10, show_default=True)
+@click.option("--checkpoint-every", type=int, default=500, show_default=True)
+@click.option("--resume/--no-resume", default=True, show_default=True)
+@click.option("--stop-at", type=int, default=None, help="Stop after this step (the schedule still spans --steps).")
+def stage2(root, run_id, stage1, llm, out, vision, prompt, instruction_aware, steps, batch_size, grad_accumulation, lr,
+           min_lr, warmup_steps, weight_decay, max_text_length, precision, activation_checkpointing, augment, flip,
+           cache_features, holdout_images, seed, device, workers, data_workers, log_every, checkpoint_every, resume,
+           stop_at):
+    """Train Stage 2: the Stage 1 Q-Former and a projection in front of a frozen LLM; checkpoints go to --out."""
+    from model.stage2 import Stage2Config, train_distributed
+    from model.stage2 import train as train_local
+
+    config = Stage2Config(
+        root=root, run=run_id, stage1=stage1, llm=llm, out=out, vision=vision, prompt=prompt,
+        instruction_aware=instruction_aware, steps=steps, batch_size=batch_size, grad_accumulation=grad_accumulation,
+        lr=lr, min_lr=min_lr, warmup_steps=warmup_steps, weight_decay=weight_decay, max_text_length=max_text_length,
+        precision=precision, activation_checkpointing=activation_checkpointing, augment=augment, flip=flip,
+        cache_features=cache_features, holdout_images=holdout_images, seed=seed, device=device,
+        num_data_workers=data_workers, log_every=log_every, checkpoint_every=checkpoint_every, resume=resume,
+        stop_at=stop_at,
+    )
+    result = train_distributed(config, workers) if workers > 1 else train_local(config)
+    metrics = result["metrics"]
+    first, last = (metrics[0], metrics[-1]) if metrics else ({}, {})
+    click.echo(
+        f"trained to step {result['step']}{f' on {workers} workers' if workers > 1 else ''}; loss "
+        f"{first.get('loss')} (step {first.get('step')}) -> {last.get('loss')} (step {last.get('step')}); "
+        f"checkpoint {result['checkpoint']}; metrics {out}/metrics.jsonl"
     )

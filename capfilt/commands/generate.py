@@ -1,0 +1,48 @@
+"""`capfilt generate`: captions (or VQA answers) for image files from a Stage 2 checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command()
+@click.option("--checkpoint", required=True, help="Stage 2 checkpoint (--out, step-* or model folder) or a transformers BLIP-2 id/folder.")
+@click.option("--images", required=True, multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Image files; repeat the option or list several after it.")
+@click.argument("more_images", nargs=-1, type=click.Path(exists=True, dir_okay=False))
+@click.option("--question", default=None, help="Ask this question about every image (prompt 'Question: {} Answer:').")
+@click.option("--prompt", default=None, help="Caption prompt, e.g. 'a photo of'; default: the one it was trained with.")
+@click.option("--num-beams", type=int, default=5, show_default=True)
+@click.option("--max-new-tokens", type=int, default=None, help="Default 30 for captions, 10 for answers.")
+@click.option("--min-new-tokens", type=int, default=1, show_default=True)
+@click.option("--top-p", type=float, default=None, help="Nucleus sampling instead of beam search (seeded, per image).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--vision", default=None, help="Override the checkpoint's image encoder.")
+@click.option("--device", default="auto", show_default=True)
+def generate(checkpoint, images, more_images, question, prompt, num_beams, max_new_tokens, min_new_tokens, top_p, seed,
+             batch_size, vision, device):
+    """Print one line per image: the path, a tab, and the caption (or answer)."""
+    from capfilt.errors import ConfigError
+    from model.stage2 import Stage2Generator
+
+    if question is not None and prompt is not None:
+        raise ConfigError("--question and --prompt exclude each other: a question sets the prompt.")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ConfigError(f"--top-p must be in (0, 1], got {top_p}.")
+    paths = list(images) + list(more_images)
+    generator = Stage2Generator.from_checkpoint(checkpoint, vision=vision, device=device)
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start:start + batch_size]
+        data = [Path(p).read_bytes() for p in chunk]
+        if question is not None:
+            texts = generator.answer(data, [question] * len(data), num_beams=num_beams,
+                                     max_new_tokens=max_new_tokens or 10)
+        else:
+            # seeds count from the first image of the whole call, so batching never changes a caption
+            texts = generator.caption(data, prompt=prompt, num_beams=num_beams, max_new_tokens=max_new_tokens or 30,
+                                      min_new_tokens=min_new_tokens, top_p=top_p, seed=seed, first_index=start)
+        for path, text in zip(chunk, texts):
+            click.echo(f"{path}\t{text}")
