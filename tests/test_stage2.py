@@ -293,3 +293,15 @@ def test_cli_trains_stage2_and_generates_one_line_per_image(world, tmp_path, cap
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["generate", "--checkpoint", str(tmp_path), "--images", str(paths[0])])
     assert exit_info.value.code == 2 and "capfilt: error:" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_ray_train_workers_train_one_model_and_rank0_checkpoints(world, tmp_path, ray_local):
+    from model.stage2 import train_distributed
+
+    cfg = config(world, tmp_path / "ddp", steps=3, batch_size=4, checkpoint_every=3)
+    result = train_distributed(cfg, workers=2, use_gpu=False)
+    assert result["step"] == 3 and [m["step"] for m in result["metrics"]] == [1, 2, 3]
+    assert all(m["samples_per_s"] > 0 and m["loss"] > 0 for m in result["metrics"])
+    loaded = Blip2Stage2.from_pretrained(Path(result["checkpoint"]) / "model")
+    assert loaded.config.llm == str(Path(world["opt"]).resolve())
