@@ -33,7 +33,7 @@ def make_opt(folder: Path, width: int = 32, layers: int = 2) -> str:
     raw = Tokenizer(models.BPE())
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     raw.train_from_iterator(corpus(), trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<pad>", "</s>", "<unk>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        vocab_size=600, special_tokens=["<pad>", "</s>", "<unk>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     raw.post_processor = processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", 1)])
     raw.decoder = decoders.ByteLevel()
     tokenizer = GPT2TokenizerFast(tokenizer_object=raw, bos_token="</s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
@@ -71,7 +71,7 @@ def make_t5(folder: Path, width: int = 32, layers: int = 2) -> str:
     return str(folder)
 
 
-def pretrain(model, tokenizer, seq2seq: bool, steps: int = 60, batch: int = 32) -> None:
+def pretrain(model, tokenizer, seq2seq: bool, steps: int = 100, batch: int = 32) -> None:
     """A few steps of language modelling on the world's captions, so the frozen LLM speaks the
     captions' language (a random LLM ignores its input, and a soft prompt could not steer it)."""
     import numpy as np
@@ -89,7 +89,10 @@ def pretrain(model, tokenizer, seq2seq: bool, steps: int = 60, batch: int = 32) 
             labels = tgt.input_ids.masked_fill(tgt.attention_mask == 0, -100)
             loss = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, labels=labels).loss
         else:
-            enc = tokenizer([t + tokenizer.eos_token for t in chosen], padding=True, return_tensors="pt")
+            # rows of captions each said twice: the LM learns positions well past the soft
+            # prompt's length, and to take a caption from its context (what a soft prompt uses)
+            rows = [tokenizer.eos_token.join(texts[i] for i in np.repeat(rng.integers(0, len(texts), 2), 2)) for _ in chosen]
+            enc = tokenizer([t + tokenizer.eos_token for t in rows], padding=True, return_tensors="pt")
             labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
             loss = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, labels=labels).loss
         optimizer.zero_grad()
@@ -104,7 +107,8 @@ def make_blip2_vision(folder: Path, width: int = 48) -> str:
 
     torch.manual_seed(0)
     config = Blip2VisionConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
-                               num_attention_heads=3, image_size=IMAGE_SIZE, patch_size=8)
+                               num_attention_heads=3, image_size=IMAGE_SIZE, patch_size=8,
+                               initializer_range=0.02)  # the default 1e-10 makes every image look the same
     Blip2VisionModel(config).save_pretrained(str(folder))
     return str(folder)
 
