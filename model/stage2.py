@@ -634,7 +634,10 @@ def save_checkpoint(out: Path, step: int, model: Blip2Stage2, optimizer, schedul
 def restore(folder: Path, model: Blip2Stage2, optimizer, scheduler, scaler) -> int:
     from safetensors.torch import load_file
 
-    model.load_state_dict(load_file(str(folder / "model" / WEIGHTS_NAME), device=str(model.device)), strict=False)
+    result = model.load_state_dict(load_file(str(folder / "model" / WEIGHTS_NAME), device=str(model.device)), strict=False)
+    if result.unexpected_keys:
+        raise ConfigError(f"{folder}: checkpoint weights {result.unexpected_keys[:3]} do not fit this model; "
+                          f"was --out used for another Stage 2 configuration? Use a fresh --out or --no-resume.")
     state = torch.load(folder / "trainer.pt", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

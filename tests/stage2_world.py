@@ -48,16 +48,15 @@ def make_opt(folder: Path, width: int = 32, layers: int = 2) -> str:
     return str(folder)
 
 
-def make_t5(folder: Path, width: int = 32, layers: int = 2) -> str:
-    """A tiny T5ForConditionalGeneration with a Unigram tokenizer that appends `</s>` (as T5's does)."""
+def make_t5(folder: Path, width: int = 32, layers: int = 2, pretrain_steps: int = 100) -> str:
+    """A tiny T5ForConditionalGeneration with a word-level tokenizer that appends `</s>` (as T5's does)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
 
-    raw = Tokenizer(models.Unigram())
+    raw = Tokenizer(models.WordLevel(unk_token="<unk>"))
     raw.normalizer = normalizers.Lowercase()
     raw.pre_tokenizer = pre_tokenizers.Metaspace()
-    raw.train_from_iterator(corpus(), trainers.UnigramTrainer(vocab_size=200, special_tokens=["<pad>", "</s>", "<unk>"],
-                                                              unk_token="<unk>"))
+    raw.train_from_iterator(corpus(), trainers.WordLevelTrainer(special_tokens=["<pad>", "</s>", "<unk>"]))
     raw.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     raw.decoder = decoders.Metaspace()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
@@ -65,7 +64,7 @@ def make_t5(folder: Path, width: int = 32, layers: int = 2) -> str:
     config = T5Config(vocab_size=len(tokenizer) + 8, d_model=width, d_kv=8, d_ff=2 * width, num_layers=layers,
                       num_heads=4, decoder_start_token_id=0, eos_token_id=1, pad_token_id=0, dropout_rate=0.0)
     model = T5ForConditionalGeneration(config)
-    pretrain(model, tokenizer, seq2seq=True)
+    pretrain(model, tokenizer, seq2seq=True, steps=pretrain_steps)
     model.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
     return str(folder)
@@ -82,10 +81,16 @@ def pretrain(model, tokenizer, seq2seq: bool, steps: int = 100, batch: int = 32)
     model.train()
     for _ in range(steps):
         chosen = [texts[i] for i in rng.integers(0, len(texts), batch)]
-        if seq2seq:  # prefix -> rest, split at a random word (the Stage 2 prefix-LM task)
+        if seq2seq:
+            # half the rows: prefix -> rest, split at a random word (the Stage 2 prefix-LM task);
+            # the other half: caption -> the same caption, so the decoder learns to read what the
+            # encoder holds (what a soft prompt uses)
             cuts = [rng.integers(0, len(t.split())) for t in chosen]
-            enc = tokenizer([" ".join(t.split()[:k]) for t, k in zip(chosen, cuts)], padding=True, return_tensors="pt")
-            tgt = tokenizer([" ".join(t.split()[k:]) for t, k in zip(chosen, cuts)], padding=True, return_tensors="pt")
+            copy = rng.random(len(chosen)) < 0.5
+            sources = [t if c else " ".join(t.split()[:k]) for t, k, c in zip(chosen, cuts, copy)]
+            targets = [t if c else " ".join(t.split()[k:]) for t, k, c in zip(chosen, cuts, copy)]
+            enc = tokenizer(sources, padding=True, return_tensors="pt")
+            tgt = tokenizer(targets, padding=True, return_tensors="pt")
             labels = tgt.input_ids.masked_fill(tgt.attention_mask == 0, -100)
             loss = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, labels=labels).loss
         else:

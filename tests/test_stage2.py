@@ -198,6 +198,25 @@ def test_instruction_aware_qformer_reads_the_prompt(world, tmp_path):
         export_blip2(result["checkpoint"], tmp_path / "hf")
 
 
+@pytest.mark.slow
+def test_the_soft_prompt_carries_the_image_captions_name_each_images_color_and_shape(world, tmp_path):
+    """Four images, one caption each, a T5 that learnt to read its encoder: after Stage 2 the
+    frozen LLM says what is in each image, which only the soft prompt can tell it."""
+    t5 = make_t5(tmp_path / "t5", width=64, pretrain_steps=400)
+    make_curated_run(tmp_path / "data", "r4", images=4, seed=3, captions_per_image=1)
+    cfg = config(world, tmp_path / "out", root=str(tmp_path / "data"), run="r4", llm="t5", steps=600, batch_size=4,
+                 warmup_steps=10, lr=3e-3, checkpoint_every=600)
+    cfg.llm = t5
+    result = train(cfg)
+    gen = Stage2Generator.from_checkpoint(result["checkpoint"], device="cpu")
+    pictures = load_curated_images(str(tmp_path / "data"), "r4")
+    captions = gen.caption([p.image for p in pictures], max_new_tokens=40)
+    truths = [p.captions[0] for p in pictures]
+    # size, color and shape right; a caption that ignored the image could be right for one image only
+    right = [c.split()[1:4] == t.split()[1:4] for c, t in zip(captions, truths)]
+    assert sum(right) >= 3, (captions, truths)
+
+
 # -- generation ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("llm", ["opt", "t5"])
 def test_generation_is_deterministic_and_sampling_depends_only_on_image_and_seed(trained, world, llm):
@@ -208,7 +227,33 @@ def test_generation_is_deterministic_and_sampling_depends_only_on_image_and_seed
     sampled = gen.caption(pics, top_p=0.9, seed=3)
     assert sampled == gen.caption(pics, top_p=0.9, seed=3)
     assert gen.caption(pics[2:], top_p=0.9, seed=3, first_index=2) == sampled[2:]
-    assert len(gen.answer(pics, ["what color is the shape?"] * 3)) == 3
+    # questions of different lengths are padded (left for decoder-only): each answer is the one it gets alone
+    questions = ["what color?", "what color is the shape in the middle of the picture?"]
+    together = gen.answer(pics[:2], questions)
+    assert together == [gen.answer([p], [q])[0] for p, q in zip(pics[:2], questions)]
+
+
+def test_a_transformers_blip2_checkpoint_loads_and_generates_what_transformers_generates(world, tmp_path):
+    """Import: Blip2ForConditionalGeneration's vision_model / qformer / query_tokens /
+    language_projection / language_model land in capfilt's places (a model capfilt did not write)."""
+    import io
+
+    from PIL import Image
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+    from model.captioners import save_random_captioner
+
+    folder = save_random_captioner(str(tmp_path / "blip2"), "blip-2", image_size=32)
+    ours = Stage2Generator.from_checkpoint(folder, device="cpu")
+    hf = Blip2ForConditionalGeneration.from_pretrained(folder).eval()
+    processor = Blip2Processor.from_pretrained(folder)
+    pics = images(world, 2)
+    inputs = processor(images=[Image.open(io.BytesIO(b)).convert("RGB") for b in pics], text=["a photo of"] * 2,
+                       return_tensors="pt")
+    with torch.no_grad():
+        theirs = hf.generate(**inputs, num_beams=2, max_new_tokens=6, min_new_tokens=6)[:, inputs["input_ids"].shape[1]:]
+    mine = ours.generate_ids(pics, ["a photo of"] * 2, num_beams=2, max_new_tokens=6, min_new_tokens=6)
+    assert mine == theirs.tolist()
 
 
 @pytest.mark.parametrize("llm", ["opt", "t5"])
