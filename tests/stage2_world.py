@@ -22,7 +22,7 @@ def corpus() -> list[str]:
     return captions + ["a photo of", "Question: what color? Answer:"]
 
 
-def make_opt(folder: Path, width: int = 32, layers: int = 2) -> str:
+def make_opt(folder: Path, width: int = 32, layers: int = 2, pretrain_steps: int = 100) -> str:
     """A tiny OPTForCausalLM with a byte-level BPE tokenizer that prepends `</s>` (as OPT's does).
 
     Its embedding matrix has spare rows past the tokenizer, as facebook/opt-* have (50272 vs 50265).
@@ -42,7 +42,7 @@ def make_opt(folder: Path, width: int = 32, layers: int = 2) -> str:
                        num_hidden_layers=layers, ffn_dim=2 * width, num_attention_heads=2, max_position_embeddings=128,
                        bos_token_id=1, eos_token_id=1, pad_token_id=0)
     model = OPTForCausalLM(config)
-    pretrain(model, tokenizer, seq2seq=False)
+    pretrain(model, tokenizer, seq2seq=False, steps=pretrain_steps)
     model.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
     return str(folder)
@@ -94,9 +94,9 @@ def pretrain(model, tokenizer, seq2seq: bool, steps: int = 100, batch: int = 32)
             labels = tgt.input_ids.masked_fill(tgt.attention_mask == 0, -100)
             loss = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, labels=labels).loss
         else:
-            # rows of captions each said twice: the LM learns positions well past the soft
-            # prompt's length, and to take a caption from its context (what a soft prompt uses)
-            rows = [tokenizer.eos_token.join(texts[i] for i in np.repeat(rng.integers(0, len(texts), 2), 2)) for _ in chosen]
+            # each caption said twice: the LM learns positions past a short soft prompt's length
+            # and to take a caption from its context (what a soft prompt uses)
+            rows = [t + tokenizer.eos_token + t for t in chosen]
             enc = tokenizer([t + tokenizer.eos_token for t in rows], padding=True, return_tensors="pt")
             labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
             loss = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, labels=labels).loss
