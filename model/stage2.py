@@ -895,7 +895,11 @@ def export_blip2(checkpoint: str | Path, out: str | Path, vision: str | None = N
     Needs a Blip2VisionModel-compatible encoder (a blip-2 / blip_2_vision_model --vision);
     open_clip, CLIP and SigLIP towers have no place in that class. The LLM tokenizer gains an
     `<image>` token (as transformers' BLIP-2 repos have); it takes a spare embedding row when the
-    LLM has one (OPT and T5 pad their vocabularies), else the embeddings grow by one row.
+    LLM has one (OPT and T5 pad their vocabularies), else the embeddings grow by one row
+    (transformers' mean initialisation; that token is never fed, only its row is scored).
+    `ln_vision` becomes `vision_model.post_layernorm`, whose eps is the vision config's (1e-6 in
+    BLIP-2 configs) where capfilt's ln_vision uses LAVIS's 1e-5: a difference far below what
+    changes a token in the tests, but not bit-identical hidden states.
     """
     from transformers import (
         AutoConfig,

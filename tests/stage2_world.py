@@ -48,6 +48,27 @@ def make_opt(folder: Path, width: int = 32, layers: int = 2, pretrain_steps: int
     return str(folder)
 
 
+def make_gpt2_without_pad(folder: Path, width: int = 32) -> str:
+    """A tiny GPT2LMHeadModel whose tokenizer has only an eos token (no pad, no BOS added): the
+    weakest tokenizer the Stage 2 contract accepts."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.train_from_iterator(corpus(), trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    raw.decoder = decoders.ByteLevel()
+    tokenizer = GPT2TokenizerFast(tokenizer_object=raw, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                  unk_token="<|endoftext|>")
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=width, n_layer=2, n_head=2, n_positions=128,
+                        bos_token_id=0, eos_token_id=0)
+    GPT2LMHeadModel(config).save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return str(folder)
+
+
 def make_t5(folder: Path, width: int = 32, layers: int = 2, pretrain_steps: int = 100) -> str:
     """A tiny T5ForConditionalGeneration with a word-level tokenizer that appends `</s>` (as T5's does)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers

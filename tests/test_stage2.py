@@ -13,7 +13,7 @@ import pytest
 import torch
 from caption_helpers import commit_image_shards, image_rows
 from stage1_world import make_clip_vision, make_curated_run
-from stage2_world import make_blip2_vision, make_opt, make_stage1_checkpoint, make_t5
+from stage2_world import make_blip2_vision, make_gpt2_without_pad, make_opt, make_stage1_checkpoint, make_t5
 
 from capfilt.cli import main as cli_main
 from capfilt.errors import ConfigError
@@ -160,6 +160,17 @@ def test_training_never_changes_the_llm_and_only_the_qformer_and_projection_lear
     q_after = model.qformer.state_dict()
     assert not torch.equal(q_before["query_tokens"], q_after["query_tokens"])
     assert torch.equal(q_before["itm_head.weight"], q_after["itm_head.weight"])  # Stage 1 heads are not Stage 2's
+
+
+def test_any_causal_lm_folder_with_an_eos_token_works_padding_with_eos(world, tmp_path):
+    gpt2 = make_gpt2_without_pad(tmp_path / "gpt2")
+    world_with_gpt2 = {**world, "gpt2": gpt2}
+    result = train(config(world_with_gpt2, tmp_path / "out", llm="gpt2", steps=2, checkpoint_every=2))
+    gen = Stage2Generator.from_checkpoint(result["checkpoint"], device="cpu")
+    assert gen.model.tokenizer.pad_token_id == gen.model.tokenizer.eos_token_id
+    assert gen.model.layout.prompt_ids("") == []  # GPT-2 adds no BOS: generation starts right after the queries
+    captions = gen.caption(images(world, 2), max_new_tokens=5)
+    assert len(captions) == 2 and captions == gen.caption(images(world, 2), max_new_tokens=5)
 
 
 def test_recipe_defaults_follow_the_paper():
