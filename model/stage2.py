@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,6 +49,7 @@ from torch import nn
 
 from capfilt.device import autocast, inference_dtype, pick_device
 from capfilt.errors import ConfigError
+from pipeline.lineage import curated_lineage
 
 from .captioners import Captioner, Decoding, SeededNucleusSampler
 from .losses import world
@@ -60,11 +62,11 @@ from .train_stage1 import (
     _nullcontext,
     _trim_metrics,
     hash_seed,
-    image_pixels,
     latest_checkpoint,
     load_curated_images,
     lr_factor,
     param_groups,
+    pil_pixels,
     split_holdout,
 )
 from .vision import FeatureCache, FrozenImageEncoder, TransformersEncoder, load_vision_encoder
@@ -608,7 +610,7 @@ def _marker(path: Path) -> None:
 
 
 def save_checkpoint(out: Path, step: int, model: Blip2Stage2, optimizer, scheduler, scaler, config: Stage2Config,
-                    data_position: dict) -> Path:
+                    data_position: dict, lineage: dict | None = None) -> Path:
     folder = out / f"step-{step:08d}"
     model.save_pretrained(folder / "model")
     torch.save({
@@ -624,10 +626,14 @@ def save_checkpoint(out: Path, step: int, model: Blip2Stage2, optimizer, schedul
         "config": asdict(config), "step": step, "data_position": data_position,
         "curated_run": {"root": config.root, "run": config.run}, "vision": model.config.vision,
         "stage1": str(Path(config.stage1).resolve()), "llm": model.config.llm,
+        "lineage": lineage,  # which run, thresholds and models produced the training data
     }, indent=1, default=str))
     _marker(folder)
     _marker(out)
-    (out / LATEST_NAME).write_text(folder.name)  # written last: the checkpoint is complete
+    # Written last, through a rename (as Stage 1): a kill never leaves an empty pointer.
+    pointer = out / f".{LATEST_NAME}.tmp"
+    pointer.write_text(folder.name)
+    os.replace(pointer, out / LATEST_NAME)
     return folder
 
 
@@ -659,6 +665,9 @@ def train(config: Stage2Config) -> dict:
 
     model, encoder, _ = build_model(config, device)
     images, _ = split_holdout(load_curated_images(config.root, config.run), config.holdout_images, config.seed)
+    lineage = curated_lineage(config.root, config.run)
+    if rank == 0:
+        (out / "lineage.json").write_text(json.dumps(lineage, indent=1, default=str))
     data = Stage2Batches(images, model.layout, encoder.preprocess, config, rank, world_size)
     cache = FeatureCache(encoder) if config.cache_features else None
 
@@ -725,7 +734,7 @@ def train(config: Stage2Config) -> dict:
             window_start, window_samples = time.perf_counter(), 0
         if rank == 0 and (step % config.checkpoint_every == 0 or step == last_stop):
             checkpoint = save_checkpoint(out, step, model, optimizer, scheduler, scaler, config,
-                                         data.position(step * config.grad_accumulation))
+                                         data.position(step * config.grad_accumulation), lineage)
     progress.close()
     return {"step": step, "checkpoint": str(checkpoint) if checkpoint else None, "metrics": history}
 
@@ -782,11 +791,9 @@ def _pil(image) -> "object":
     return image.convert("RGB")
 
 
-def pil_pixels(image, preprocess) -> torch.Tensor:
-    """The plain-resize preprocessing of training (no crop, no flip) for a PIL image."""
-    buffer = io.BytesIO()
-    _pil(image).save(buffer, format="PNG")  # lossless round trip through Stage 1's decoder
-    return image_pixels(buffer.getvalue(), preprocess)
+def pixels_of(image, preprocess) -> torch.Tensor:
+    """The plain-resize preprocessing of training (no crop, no flip) for bytes, a path or a PIL image."""
+    return pil_pixels(_pil(image), preprocess)
 
 
 @dataclass
@@ -822,7 +829,7 @@ class Stage2Generator:
         return self.model.device
 
     def pixels(self, images) -> torch.Tensor:
-        return torch.stack([pil_pixels(im, self.encoder.preprocess) for im in images]).to(self.device)
+        return torch.stack([pixels_of(im, self.encoder.preprocess) for im in images]).to(self.device)
 
     @torch.no_grad()
     def features(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -192,6 +192,7 @@ def test_a_resumed_run_reproduces_the_uninterrupted_run(world, trained, tmp_path
     assert all(torch.equal(a[k], b[k]) for k in a)
     saved = json.loads((Path(resumed["checkpoint"]) / "stage2.json").read_text())
     assert saved["curated_run"]["run"] == "r1" and saved["vision"] == world["vision"]
+    assert saved["lineage"]["run"] == "r1" and saved["lineage"]["curated_pairs"] == 32  # what data made it
 
 
 def test_instruction_aware_qformer_reads_the_prompt(world, tmp_path):
