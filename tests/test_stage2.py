@@ -333,7 +333,6 @@ def test_a_stage2_checkpoint_captions_through_the_caption_stage(trained, world, 
 
 
 # -- CLI ----------------------------------------------------------------------------------------
-@pytest.mark.slow
 def test_cli_trains_stage2_and_generates_one_line_per_image(world, tmp_path, capsys):
     out = tmp_path / "cli"
     cli_main(["train", "stage2", "--root", world["root"], "--run", "r1", "--stage1", world["stage1"], "--llm", world["opt"],
@@ -344,7 +343,8 @@ def test_cli_trains_stage2_and_generates_one_line_per_image(world, tmp_path, cap
     for i, data in enumerate(images(world, 2)):
         paths.append(tmp_path / f"img{i}.jpg")
         paths[-1].write_bytes(data)
-    cli_main(["generate", "--checkpoint", str(out), "--images", str(paths[0]), str(paths[1]), "--device", "cpu"])
+    cli_main(["generate", "--checkpoint", str(out), "--images", str(paths[0]), str(paths[1]), "--device", "cpu",
+              "--llm", world["opt"]])
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split("\t")[0] for line in lines] == [str(p) for p in paths]
     with pytest.raises(SystemExit) as exit_info:

@@ -21,9 +21,10 @@ import click
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--vision", default=None, help="Override the checkpoint's image encoder.")
+@click.option("--llm", default=None, help="Where the frozen LLM is now, if it moved since training (id or folder).")
 @click.option("--device", default="auto", show_default=True)
 def generate(checkpoint, images, more_images, question, prompt, num_beams, max_new_tokens, min_new_tokens, top_p, seed,
-             batch_size, vision, device):
+             batch_size, vision, llm, device):
     """Print one line per image: the path, a tab, and the caption (or answer)."""
     from capfilt.errors import ConfigError
     from model.stage2 import Stage2Generator
@@ -33,7 +34,7 @@ def generate(checkpoint, images, more_images, question, prompt, num_beams, max_n
     if top_p is not None and not 0 < top_p <= 1:
         raise ConfigError(f"--top-p must be in (0, 1], got {top_p}.")
     paths = list(images) + list(more_images)
-    generator = Stage2Generator.from_checkpoint(checkpoint, vision=vision, device=device)
+    generator = Stage2Generator.from_checkpoint(checkpoint, vision=vision, llm=llm, device=device)
     for start in range(0, len(paths), batch_size):
         chunk = paths[start:start + batch_size]
         data = [Path(p).read_bytes() for p in chunk]
