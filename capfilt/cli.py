@@ -21,6 +21,7 @@ COMMANDS = {
     "synth": ("capfilt.commands.synth", "synth", "Create or serve a synthetic LAION-like world."),
     "ingest": ("capfilt.commands.ingest", "ingest_command", "Download a URL source into image shards (img2dataset on Ray)."),
     "train": ("capfilt.commands.train", "train", "Train the Q-Former on a curated run (stage1)."),
+    "eval": ("capfilt.commands.eval", "eval_command", "Retrieval, caption, attribute and filter metrics of a run."),
 }
 
 

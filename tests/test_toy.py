@@ -9,7 +9,7 @@ import torch
 from capfilt.errors import ConfigError
 from model.toy import ToyPreset, pretrain_clip, pretrain_lm, train_text_tokenizer
 from pipeline.synth import ATTRIBUTE_VALUES, render, true_caption, web_caption
-from tests.stage1_world import jpeg, scenes
+from stage1_world import jpeg, scenes
 
 # Few steps: enough to show learning in seconds, not the demo's quality.
 PRESET = ToyPreset(clip_steps=150, lm_steps=60)
