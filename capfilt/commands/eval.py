@@ -1,0 +1,37 @@
+"""`capfilt eval`: retrieval, captioning, attribute and filter metrics of a run, as JSON and a table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from pipeline.evaluate import EvalConfig, run_eval, summary_lines
+
+
+@click.command("eval")
+@click.option("--root", required=True, help="Run store root (local folder or fsspec URL).")
+@click.option("--run", required=True, help="Run to evaluate: its filter quality, and its images when no Stage 1 holdout exists.")
+@click.option("--stage1", help="Stage 1 checkpoint (trainer --out folder, step-* or model folder): retrieval R@1/5/10.")
+@click.option("--captioner", help="Captioner folder or hub id (load_captioner): BLEU-4, CIDEr, attribute accuracy.")
+@click.option("--truth", type=click.Path(dir_okay=False), help="A synthetic world's ground_truth.parquet: clean references, attribute and filter metrics.")
+@click.option("--clip-config", type=click.Path(exists=True), help="open_clip model config(s) to register first (a toy CLIP the Stage 1 checkpoint names).")
+@click.option("--max-images", type=int, default=200, show_default=True, help="Evaluation images at most (seeded sample).")
+@click.option("--rerank-k", type=int, default=16, show_default=True, help="Retrieval: ITC top-k re-ranked by ITM.")
+@click.option("--num-beams", type=int, default=3, show_default=True, help="Captioning: beam width (one caption per image).")
+@click.option("--max-length", type=int, default=30, show_default=True, help="Captioning: most generated tokens.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, ...")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="Where to write the metrics JSON.")
+def eval_command(root, run, stage1, captioner, truth, clip_config, max_images, rerank_k, num_beams, max_length, seed, device, out):
+    """Measure a run: retrieval (--stage1), captions (--captioner) and, on a synthetic world (--truth), filter quality."""
+    config = EvalConfig(root=root, run=run, stage1=stage1, captioner=captioner, truth=truth, max_images=max_images,
+                        rerank_k=rerank_k, num_beams=num_beams, max_length=max_length, seed=seed, device=device,
+                        clip_config=clip_config)
+    result = run_eval(config)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=1, sort_keys=True))
+    for line in summary_lines(result):
+        click.echo(line)
+    click.echo(f"metrics: {out}")

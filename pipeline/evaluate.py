@@ -1,0 +1,460 @@
+"""Evaluation: retrieval, captioning, attribute accuracy and filter quality of a run.
+
+Pure metric functions first (no I/O, crafted inputs in tests), then `run_eval`, which reads a
+run, picks an evaluation set and calls them:
+
+  retrieval      R@1/5/10 image->text and text->image with a Stage 1 checkpoint: ITC ranking,
+                 then the ITC top-k re-ranked by ITM logit + ITC similarity (BLIP-2 / LAVIS).
+  captioning     BLEU-4 and CIDEr (pycocoevalcap's scorers) of one generated caption per image.
+  attributes     on a synthetic world: how many of an image's attributes a caption gets right.
+  filter         on a synthetic world: precision / recall of the kept pairs and ROC-AUC of each
+                 score column for telling clean web captions from corrupted ones.
+
+Evaluation set: the images the Stage 1 checkpoint held out of training (stage1.json records
+`holdout_images`, and `split_holdout` picks the same ones again) when there are any; otherwise
+the run's own images, flagged `in_sample` in the output. References are the ground truth's true
+captions when a sidecar is given (clean), otherwise the run's curated captions.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from capfilt.errors import ConfigError
+from pipeline.synth import ATTRIBUTE_VALUES, ATTRIBUTES
+
+RECALL_KS = (1, 5, 10)
+
+
+# -- retrieval ----------------------------------------------------------------------------------
+
+def recall_at_k(ranked: Sequence[Sequence[int]], relevant: Sequence[set[int]], ks: Sequence[int] = RECALL_KS) -> dict:
+    """Fraction of queries with a relevant item among their first k results, for each k."""
+    if len(ranked) != len(relevant):
+        raise ValueError(f"{len(ranked)} rankings for {len(relevant)} queries")
+    if not len(ranked):
+        return {f"r{k}": None for k in ks}
+    return {f"r{k}": float(np.mean([bool(set(list(r[:k])) & rel) for r, rel in zip(ranked, relevant)])) for k in ks}
+
+
+def relevance(texts: Sequence[str], text_image: Sequence[int], n_images: int) -> tuple[list[set[int]], list[set[int]]]:
+    """(texts relevant to each image, images relevant to each text).
+
+    A text is relevant to every image one of whose references it equals: two scenes with the
+    same content share their caption, and ranking either first is right.
+    """
+    images_of_text: dict[str, set[int]] = {}
+    for text, image in zip(texts, text_image):
+        images_of_text.setdefault(text, set()).add(image)
+    t2i = [images_of_text[t] for t in texts]
+    i2t: list[set[int]] = [set() for _ in range(n_images)]
+    for t, images in enumerate(t2i):
+        for i in images:
+            i2t[i].add(t)
+    return i2t, t2i
+
+
+def rerank(sims, k: int, itm_logit) -> list[list[int]]:
+    """Full rankings of each row of `sims` (queries x candidates): the ITC top-k re-ordered by
+    `itm_logit(query, candidate_indices) + sim` (LAVIS's score), then the rest in ITC order."""
+    import torch
+
+    sims = torch.as_tensor(sims, dtype=torch.float32)
+    order = sims.argsort(dim=1, descending=True, stable=True)
+    k = min(k, sims.shape[1])
+    ranked = []
+    for q in range(sims.shape[0]):
+        top = order[q, :k]
+        if k:
+            score = itm_logit(q, top).float().cpu() + sims[q, top]
+            top = top[score.argsort(descending=True, stable=True)]
+        ranked.append(top.tolist() + order[q, k:].tolist())
+    return ranked
+
+
+def stage1_retrieval(scorer, images: list[bytes], texts: list[str], text_image: list[int], k: int = 16,
+                     batch_size: int = 64) -> dict:
+    """R@1/5/10 both ways with a `Stage1Scorer`, by ITC alone and by ITC then ITM re-ranking of the top k.
+
+    Image tokens and text ids are computed once and shared by both directions (the scorer's
+    `retrieve_images` recomputes them per call and has no image->text counterpart).
+    """
+    import torch
+
+    with torch.no_grad():
+        tokens = torch.cat([scorer._tokens(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+        image_feats = scorer.model.image_features(tokens)  # (N, Q, D)
+        ids, mask = scorer._text(texts)
+        text_feats = scorer.model.text_features(ids, mask)  # (T, D)
+        # BLIP-2's ITC similarity of an image and a text: the best of its query tokens
+        sims = torch.einsum("td,nqd->tnq", text_feats, image_feats).amax(dim=-1).float().cpu()  # (T, N)
+
+        def i2t_logit(i, cand):
+            n = len(cand)
+            return scorer.model.itm_logits(tokens[i:i + 1].expand(n, -1, -1), ids[cand], mask[cand])[:, 1]
+
+        def t2i_logit(t, cand):
+            n = len(cand)
+            return scorer.model.itm_logits(tokens[cand], ids[t:t + 1].expand(n, -1), mask[t:t + 1].expand(n, -1))[:, 1]
+
+        i2t_rel, t2i_rel = relevance(texts, text_image, len(images))
+        itc_i2t = sims.T.argsort(dim=1, descending=True, stable=True).tolist()
+        itc_t2i = sims.argsort(dim=1, descending=True, stable=True).tolist()
+        return {
+            "images": len(images), "texts": len(texts), "rerank_k": k,
+            "itc": {"image_to_text": recall_at_k(itc_i2t, i2t_rel), "text_to_image": recall_at_k(itc_t2i, t2i_rel)},
+            "itm": {"image_to_text": recall_at_k(rerank(sims.T, k, i2t_logit), i2t_rel),
+                    "text_to_image": recall_at_k(rerank(sims, k, t2i_logit), t2i_rel)},
+        }
+
+
+# -- captioning ---------------------------------------------------------------------------------
+
+def normalize_caption(text: str | None) -> str:
+    """Lowercase, punctuation to spaces, single spaces.
+
+    Stands in for pycocoevalcap's PTBTokenizer, which runs Stanford CoreNLP (Java); on plain
+    English captions the two differ only on contractions and hyphens, so scores are close to,
+    not identical with, published COCO numbers.
+    """
+    return " ".join(re.sub(r"[^0-9a-z]+", " ", (text or "").lower()).split())
+
+
+def caption_scores(candidates: Sequence[str], references: Sequence[Sequence[str]]) -> dict:
+    """Corpus BLEU-4 and CIDEr(-D) of one candidate per image against its references.
+
+    CIDEr's document frequencies come from these references (as in the COCO evaluation), so it
+    is comparable only between systems scored on the same evaluation set.
+    """
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+
+    if len(candidates) != len(references):
+        raise ValueError(f"{len(candidates)} candidates for {len(references)} reference sets")
+    if any(not refs for refs in references):
+        raise ValueError("every image needs at least one reference caption")
+    if not candidates:
+        return {"bleu4": None, "cider": None, "images": 0}
+    res = {i: [normalize_caption(c)] for i, c in enumerate(candidates)}
+    gts = {i: [normalize_caption(r) for r in refs] for i, refs in enumerate(references)}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    cider, _ = Cider().compute_score(gts, res)
+    return {"bleu4": float(bleu[3]), "cider": float(cider), "images": len(candidates)}
+
+
+def generate_captions(captioner, images: list[bytes], decoding, seed: int = 0, batch_size: int = 16) -> list[str]:
+    """One caption per image (the first of `decoding.num_captions`), seeded per image index."""
+    from PIL import Image
+
+    from model.captioners import caption_seed
+
+    captions = []
+    for start in range(0, len(images), batch_size):
+        batch = [Image.open(io.BytesIO(b)).convert("RGB") for b in images[start:start + batch_size]]
+        seeds = [[caption_seed(seed, str(start + i), j) for j in range(decoding.num_captions)] for i in range(len(batch))]
+        captions += [c[0] for c in captioner.caption(batch, decoding, seeds)]
+    return captions
+
+
+# -- attributes (synthetic worlds) --------------------------------------------------------------
+
+# Words of the world's phrasings that name a value under another word (pipeline/synth.py's
+# _POSITION_PHRASES: "in the middle", "in the upper part", ...).
+_SYNONYMS = {"middle": ("position", "center"), "upper": ("position", "top"), "lower": ("position", "bottom")}
+_WORD_VALUE = {value: (name, value) for name, values in ATTRIBUTE_VALUES.items() for value in values} | _SYNONYMS
+
+
+def parse_attributes(caption: str | None) -> dict[str, str | None]:
+    """The world attributes a caption names; None for an attribute named not at all or twice
+    with different values (a caption that says "red blue circle" gets no color)."""
+    found: dict[str, set[str]] = {name: set() for name in ATTRIBUTES}
+    for word in normalize_caption(caption).split():
+        if word in _WORD_VALUE:
+            name, value = _WORD_VALUE[word]
+            found[name].add(value)
+    return {name: next(iter(values)) if len(values) == 1 else None for name, values in found.items()}
+
+
+def caption_correct(caption: str | None, truth: dict) -> bool:
+    """A caption is correct for an image when it names every attribute, each one rightly."""
+    parsed = parse_attributes(caption)
+    return all(parsed[name] == truth[name] for name in ATTRIBUTES)
+
+
+def attribute_accuracy(captions: Sequence[str], truths: Sequence[dict]) -> dict:
+    """Mean fraction of the attributes right per caption, the all-right rate, and per attribute."""
+    if len(captions) != len(truths):
+        raise ValueError(f"{len(captions)} captions for {len(truths)} ground-truth rows")
+    if not captions:
+        return {"attribute_accuracy": None, "exact_match": None, "per_attribute": {}, "captions": 0}
+    right = np.array([[parse_attributes(c)[a] == t[a] for a in ATTRIBUTES] for c, t in zip(captions, truths)])
+    return {
+        "attribute_accuracy": float(right.mean()),
+        "exact_match": float(right.all(axis=1).mean()),
+        "per_attribute": {a: float(right[:, j].mean()) for j, a in enumerate(ATTRIBUTES)},
+        "captions": len(captions),
+    }
+
+
+# -- filter quality (synthetic worlds) ----------------------------------------------------------
+
+def precision_recall(kept: Sequence[bool], correct: Sequence[bool]) -> dict:
+    """Precision of the kept pairs (correct among kept) and recall (kept among the correct)."""
+    kept, correct = np.asarray(kept, bool), np.asarray(correct, bool)
+    tp = int((kept & correct).sum())
+    return {
+        "precision": tp / int(kept.sum()) if kept.any() else None,
+        "recall": tp / int(correct.sum()) if correct.any() else None,
+        "kept": int(kept.sum()), "correct": int(correct.sum()), "kept_correct": tp, "pairs": len(kept),
+    }
+
+
+def score_auc(scores: Sequence[float | None], clean: Sequence[bool]) -> dict:
+    """ROC-AUC of a score for ranking clean captions above corrupted ones (0.5 = no signal).
+
+    Pairs without a score (None / NaN) are left out and counted in `unscored`.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    values = np.array([np.nan if s is None else s for s in scores], dtype=float)
+    labels = np.asarray(clean, bool)
+    ok = ~np.isnan(values)
+    result = {"pairs": int(ok.sum()), "unscored": int((~ok).sum()), "clean": int(labels[ok].sum()),
+              "corrupted": int((~labels[ok]).sum())}
+    if result["clean"] == 0 or result["corrupted"] == 0:
+        return {"auc": None, **result, "why": "needs both clean and corrupted captions with scores"}
+    return {"auc": float(roc_auc_score(labels[ok], values[ok])), **result}
+
+
+def filter_quality(pairs: Sequence[dict]) -> dict:
+    """Filter metrics from scored pairs with keys kept, correct, caption_source, clip_score,
+    itm_score and (web captions) corrupted."""
+    result = {"all": precision_recall([p["kept"] for p in pairs], [p["correct"] for p in pairs])}
+    for source in sorted({p["caption_source"] for p in pairs}):
+        chosen = [p for p in pairs if p["caption_source"] == source]
+        result[source] = precision_recall([p["kept"] for p in chosen], [p["correct"] for p in chosen])
+    web = [p for p in pairs if p["caption_source"] == "web"]
+    result["auc_clean_vs_corrupted_web"] = {
+        column: score_auc([p[column] for p in web], [not p["corrupted"] for p in web]) for column in ("clip_score", "itm_score")
+    }
+    return result
+
+
+# -- orchestration ------------------------------------------------------------------------------
+
+@dataclass
+class EvalImage:
+    sample_id: str
+    url: str | None
+    image: bytes
+    references: list[str]
+    truth: dict | None = None
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    root: str
+    run: str
+    stage1: str | None = None
+    captioner: str | None = None
+    truth: str | None = None
+    max_images: int = 200
+    rerank_k: int = 16
+    num_beams: int = 3
+    max_length: int = 30
+    seed: int = 0
+    device: str = "auto"
+    clip_config: str | None = None  # open_clip configs to register first (a toy CLIP named in stage1.json)
+
+    def __post_init__(self):
+        if not (self.stage1 or self.captioner or self.truth):
+            raise ConfigError("nothing to evaluate: give --stage1 (retrieval), --captioner (captions) and/or "
+                              "--truth (filter quality on a synthetic world).")
+        if self.max_images < 1 or self.rerank_k < 0 or self.num_beams < 1:
+            raise ConfigError("--max-images and --num-beams must be >= 1 and --rerank-k >= 0.")
+
+
+def load_truth(path: str) -> dict[str, dict]:
+    """Ground-truth rows of real images and their exact duplicates, by URL."""
+    import pyarrow.parquet as pq
+
+    if not Path(path).exists():
+        raise ConfigError(f"--truth {path}: no such file; a synthetic world writes ground_truth.parquet.")
+    rows = pq.read_table(path).to_pylist()
+    missing = [c for c in ("url", "kind", "corrupted", "true_caption", *ATTRIBUTES) if rows and c not in rows[0]]
+    if missing:
+        raise ConfigError(f"--truth {path}: not a synthetic world's sidecar (no column(s) {missing}).")
+    return {r["url"]: r for r in rows if r["kind"] in ("image", "duplicate")}
+
+
+def _stage1_holdout(stage1: str) -> tuple[list[EvalImage], dict] | None:
+    """The images a Stage 1 run kept out of training, or None when it kept none."""
+    from model.train_stage1 import LATEST_NAME, load_curated_images, split_holdout
+    from pipeline.run_store import RunStore
+    from schemas import CURATED
+
+    folder = Path(stage1)
+    if (folder / LATEST_NAME).exists():
+        folder = folder / (folder / LATEST_NAME).read_text().strip()
+    info_file = folder / "stage1.json"
+    if not info_file.exists():
+        return None
+    info = json.loads(info_file.read_text())
+    config = info.get("config", {})
+    holdout = int(config.get("holdout_images") or 0)
+    if not holdout:
+        return None
+    root, run = info["curated_run"]["root"], info["curated_run"]["run"]
+    _, held = split_holdout(load_curated_images(root, run), holdout, int(config.get("seed", 0)))
+    table = RunStore(root, run).read("curated", CURATED).select(["sample_id", "url"])
+    url_of = dict(zip(table.column("sample_id").to_pylist(), table.column("url").to_pylist()))
+    images = [EvalImage(im.sample_id, url_of.get(im.sample_id), im.image, list(dict.fromkeys(im.captions))) for im in held]
+    return images, {"source": "stage1_holdout", "run": run, "in_sample": False}
+
+
+def _run_images(root: str, run: str) -> list[EvalImage]:
+    """Distinct images of a run (images/ when it was ingested, else curated/) with curated captions."""
+    from pipeline.run_store import RunStore
+    from schemas import CURATED, IMAGES
+
+    store = RunStore(root, run)
+    curated = store.read("curated", CURATED).select(["sample_id", "url", "image", "caption", "sha256"])
+    captions: dict[str, list[str]] = {}
+    for sid, caption in zip(curated.column("sample_id").to_pylist(), curated.column("caption").to_pylist()):
+        captions.setdefault(sid, []).append(caption)
+    table = store.read("images", IMAGES).select(["sample_id", "url", "image", "sha256"]) if store.shards("images") else curated
+    images, seen = [], set()
+    for row in table.to_pylist():
+        key = row["sha256"] or row["sample_id"]
+        if row["sample_id"] in seen or key in seen:
+            continue  # exact duplicates would be two right answers that look like one
+        seen.update((row["sample_id"], key))
+        images.append(EvalImage(row["sample_id"], row["url"], row["image"], list(dict.fromkeys(captions.get(row["sample_id"], [])))))
+    if not images:
+        raise ConfigError(f"run '{run}' under {root} has no images or curated rows to evaluate on; run ingest/filter first.")
+    return sorted(images, key=lambda im: im.sample_id)
+
+
+def evaluation_set(config: EvalConfig, truth: dict[str, dict] | None) -> tuple[list[EvalImage], dict]:
+    held = _stage1_holdout(config.stage1) if config.stage1 else None
+    images, info = held or (_run_images(config.root, config.run),
+                            {"source": "run_images", "run": config.run, "in_sample": True})
+    if truth is not None:
+        known = [im for im in images if im.url in truth and truth[im.url]["kind"] == "image"]
+        info["without_truth"] = len(images) - len(known)  # duplicates and URLs the world does not know
+        images = [EvalImage(im.sample_id, im.url, im.image, [truth[im.url]["true_caption"]], truth[im.url]) for im in known]
+        info["references"] = "true_caption"
+    else:
+        info["without_references"] = sum(not im.references for im in images)
+        images = [im for im in images if im.references]
+        info["references"] = "curated_captions"
+    if len(images) > config.max_images:
+        pick = np.random.default_rng([config.seed, 11]).permutation(len(images))[:config.max_images]
+        images = [images[i] for i in sorted(pick)]
+        info["subsampled_to"] = config.max_images
+    info["images"] = len(images)
+    return images, info
+
+
+def filter_pairs(root: str, run: str, truth: dict[str, dict]) -> list[dict]:
+    """Every scored pair of a run whose image the ground truth knows, with kept/correct/corrupted."""
+    from pipeline.run_store import RunStore
+    from schemas import CURATED, IMAGES, SCORES
+
+    store = RunStore(root, run)
+    scores = store.read("scores", SCORES)
+    if scores.num_rows == 0:
+        raise ConfigError(f"run '{run}' under {root} has no scores/; run `capfilt filter` for it to measure filter quality.")
+    kept = set(store.read("curated", CURATED).column("caption_id").to_pylist())
+    images = store.read("images", IMAGES).select(["sample_id", "url"])
+    url_of = dict(zip(images.column("sample_id").to_pylist(), images.column("url").to_pylist()))
+    pairs = []
+    for row in scores.select(["sample_id", "caption_id", "caption_source", "caption", "clip_score", "itm_score"]).to_pylist():
+        known = truth.get(url_of.get(row["sample_id"]))
+        if known is None:
+            continue
+        pairs.append({**row, "kept": row["caption_id"] in kept, "correct": caption_correct(row["caption"], known),
+                      "corrupted": bool(known["corrupted"]) if row["caption_source"] == "web" else None})
+    return pairs
+
+
+def run_eval(config: EvalConfig) -> dict:
+    """All metrics the inputs allow, as one JSON-ready dict."""
+    from model.captioners import Decoding
+
+    truth = load_truth(config.truth) if config.truth else None
+    result: dict = {"run": config.run, "root": config.root, "stage1": config.stage1, "captioner": config.captioner,
+                    "truth": config.truth}
+    if truth is not None:
+        pairs = filter_pairs(config.root, config.run, truth)
+        result["filter"] = {"pairs_with_truth": len(pairs), **filter_quality(pairs)}
+    if not (config.stage1 or config.captioner):
+        return result
+    images, info = evaluation_set(config, truth)
+    result["eval_set"] = info
+    if not images:
+        raise ConfigError(f"no evaluation images with references ({json.dumps(info)}).")
+    if config.clip_config:
+        from model.scorers import register_clip_config
+
+        register_clip_config(config.clip_config)
+    if config.stage1:
+        from model.stage1_inference import Stage1Scorer
+
+        scorer = Stage1Scorer.from_checkpoint(config.stage1, device=config.device)
+        texts = [r for im in images for r in im.references]
+        text_image = [i for i, im in enumerate(images) for _ in im.references]
+        result["retrieval"] = stage1_retrieval(scorer, [im.image for im in images], texts, text_image, config.rerank_k)
+    if config.captioner:
+        from model.captioners import load_captioner
+
+        decoding = Decoding(num_captions=1, num_beams=config.num_beams, max_length=config.max_length, min_length=1,
+                            seed=config.seed)
+        captions = generate_captions(load_captioner(config.captioner, config.device), [im.image for im in images],
+                                     decoding, config.seed)
+        result["captioning"] = {**caption_scores(captions, [im.references for im in images]),
+                                "decoding": json.loads(decoding.to_json()),
+                                "samples": [{"sample_id": im.sample_id, "caption": c, "references": im.references}
+                                            for im, c in list(zip(images, captions))[:5]]}
+        if truth is not None:
+            result["attributes"] = attribute_accuracy(captions, [im.truth for im in images])
+    return result
+
+
+def summary_lines(result: dict) -> list[str]:
+    """A short human table of the headline numbers."""
+    def f(x):
+        return "-" if x is None else f"{x:.3f}"
+
+    lines = []
+    if "eval_set" in result:
+        s = result["eval_set"]
+        lines.append(f"eval set: {s['images']} images from {s['source']} ({'in-sample' if s['in_sample'] else 'held out'}), "
+                     f"references: {s['references']}")
+    if "retrieval" in result:
+        r = result["retrieval"]
+        lines.append(f"{'retrieval':<24} {'R@1':>6} {'R@5':>6} {'R@10':>6}")
+        for how in ("itc", "itm"):
+            for way in ("image_to_text", "text_to_image"):
+                m = r[how][way]
+                lines.append(f"  {how} {way:<19} {f(m['r1']):>6} {f(m['r5']):>6} {f(m['r10']):>6}")
+    if "captioning" in result:
+        c = result["captioning"]
+        lines.append(f"captioning: BLEU-4 {f(c['bleu4'])}  CIDEr {f(c['cider'])}  ({c['images']} images)")
+    if "attributes" in result:
+        a = result["attributes"]
+        lines.append(f"attributes: accuracy {f(a['attribute_accuracy'])}  all-correct {f(a['exact_match'])}")
+    if "filter" in result:
+        q = result["filter"]
+        lines.append(f"filter: precision {f(q['all']['precision'])}  recall {f(q['all']['recall'])}  "
+                     f"({q['all']['kept']} kept of {q['all']['pairs']} pairs with truth)")
+        for column, auc in q["auc_clean_vs_corrupted_web"].items():
+            lines.append(f"  ROC-AUC {column:<10} {f(auc['auc'])}  ({auc['clean']} clean / {auc['corrupted']} corrupted web captions)")
+    return lines

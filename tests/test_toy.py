@@ -1,0 +1,114 @@
+"""The toy preset: pieces trained from scratch load through the same calls as real checkpoints."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from capfilt.errors import ConfigError
+from model.toy import ToyPreset, pretrain_clip, pretrain_lm, train_text_tokenizer
+from pipeline.synth import ATTRIBUTE_VALUES, render, true_caption, web_caption
+from stage1_world import jpeg, scenes
+
+# Few steps: enough to show learning in seconds, not the demo's quality.
+PRESET = ToyPreset(clip_steps=150, lm_steps=60)
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    """360 scenes: 300 with web-style captions to train on, 60 held out with their true captions."""
+    rng = np.random.default_rng(11)
+    world = scenes(360, seed=11)
+    rows = [(jpeg(render(attrs, 32, rng)), web_caption(attrs, rng), true_caption(attrs)) for attrs in world]
+    return {"train": [(img, web) for img, web, _ in rows[:300]], "held": [(img, true) for img, _, true in rows[300:]]}
+
+
+@pytest.fixture(scope="module")
+def toy_clip(pairs, tmp_path_factory):
+    return pretrain_clip(pairs["train"], tmp_path_factory.mktemp("clip"), PRESET, eval_pairs=pairs["held"])
+
+
+def test_tokenizer_loads_as_the_qformer_tokenizer_with_dec(tmp_path, pairs):
+    from model.qformer import DEC_TOKEN, load_tokenizer
+
+    folder = train_text_tokenizer([text for _, text in pairs["train"]], tmp_path / "tok")
+    tokenizer = load_tokenizer(folder)
+    assert tokenizer.bos_token == DEC_TOKEN and DEC_TOKEN in tokenizer.get_vocab()
+    ids = tokenizer("A Large RED Circle in the middle").input_ids
+    assert ids[0] == tokenizer.cls_token_id and ids[-1] == tokenizer.sep_token_id
+    # every word of the world is in the vocabulary (lowercased), so nothing becomes [UNK]
+    words = [w for values in ATTRIBUTE_VALUES.values() for w in values]
+    assert tokenizer.unk_token_id not in tokenizer(" ".join(words)).input_ids
+
+
+def test_clip_retrieval_beats_chance_on_held_out_pairs(toy_clip):
+    metrics = toy_clip.metrics
+    assert metrics["loss_last"] < 0.6 * metrics["loss_first"]
+    # 60 held-out images with captions never seen in training: chance is 1/60
+    assert metrics["eval"]["image_to_text_top1"] > 6 * metrics["eval"]["chance"]
+    assert metrics["eval"]["text_to_image_top1"] > 6 * metrics["eval"]["chance"]
+
+
+def test_clip_loads_as_filter_scorer_and_as_frozen_stage1_encoder(toy_clip, pairs):
+    from PIL import Image
+    import io
+
+    from model.vision import load_vision_encoder
+
+    scorer = toy_clip.load_scorer()  # register_clip_config + load_clip(name, checkpoint)
+    image, caption = pairs["held"][0]
+    wrong = pairs["held"][1][1]
+    image_emb = scorer.embed_images([Image.open(io.BytesIO(image))])
+    text_emb = scorer.embed_texts([caption, wrong, ""])
+    assert image_emb.shape == (1, PRESET.clip_embed_dim) and np.allclose(np.linalg.norm(text_emb, axis=1), 1, atol=1e-5)
+
+    pixels = torch.randn(2, 3, PRESET.image_size, PRESET.image_size)
+    by_dir = load_vision_encoder(toy_clip.local_vision_spec)
+    by_name = load_vision_encoder(toy_clip.vision_spec)
+    tokens = by_dir.tokens(pixels)
+    patches = (PRESET.image_size // PRESET.patch_size) ** 2
+    assert tokens.shape == (2, patches + 1, PRESET.clip_width)
+    assert torch.equal(tokens, by_name.tokens(pixels))
+    assert not any(p.requires_grad for p in by_dir.parameters())
+    # the frozen encoder is the trained one, not a fresh random tower
+    assert torch.equal(by_dir.visual.conv1.weight, scorer.model.visual.conv1.weight)
+
+
+def test_lm_learns_the_captions_and_loads_as_a_causal_lm(tmp_path, pairs):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    texts = [text for _, text in pairs["train"]]
+    lm = pretrain_lm(texts + ["", "   "], tmp_path / "lm", PRESET, eval_texts=[t for _, t in pairs["held"]])
+    assert lm.metrics["texts"] == len(texts)  # the empty ones carry no tokens
+    assert lm.metrics["loss_last"] < 0.5 * lm.metrics["loss_first"]
+    assert lm.metrics["eval"]["loss"] < 0.5 * lm.metrics["loss_first"]
+
+    tokenizer = AutoTokenizer.from_pretrained(lm.folder)
+    model = AutoModelForCausalLM.from_pretrained(lm.folder).eval()
+    assert tokenizer.eos_token == "</s>" and tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert tokenizer("a small").input_ids[0] == tokenizer.bos_token_id  # OPT's convention
+    out = model.generate(**tokenizer(["a"], return_tensors="pt"), max_new_tokens=12, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id)
+    generated = tokenizer.decode(out[0], skip_special_tokens=True).split()
+    assert any(word in ATTRIBUTE_VALUES["shape"] + ATTRIBUTE_VALUES["color"] for word in generated)
+
+
+def test_lm_training_is_deterministic(tmp_path, pairs):
+    texts = [text for _, text in pairs["train"][:100]]
+    preset = ToyPreset(lm_steps=10)
+    first = pretrain_lm(texts, tmp_path / "a", preset)
+    second = pretrain_lm(texts, tmp_path / "b", preset)
+    assert first.metrics["loss_last"] == second.metrics["loss_last"]
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+def test_bad_inputs_name_the_problem(tmp_path, pairs):
+    with pytest.raises(ConfigError, match="at least 2"):
+        pretrain_clip(pairs["train"][:1], tmp_path / "c1")
+    with pytest.raises(ConfigError, match="pair 1 has image bytes"):
+        pretrain_clip([pairs["train"][0], (b"not an image", "x")], tmp_path / "c2", ToyPreset(clip_steps=1))
+    with pytest.raises(ConfigError, match="no non-empty texts"):
+        pretrain_lm(["", None], tmp_path / "lm")
+    with pytest.raises(ConfigError, match="clip_layers"):
+        ToyPreset(clip_layers=1)
