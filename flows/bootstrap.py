@@ -4,17 +4,21 @@ Round 0 curates the raw source (the preset's round-0 captioner and filter; the t
 trains its frozen pieces on the raw web pairs) and trains Stage 1 + Stage 2 on it. Round k
 curates the source again with round k-1's Stage 2 as captioner and its Stage 1 as ITM filter,
 then trains round k's models. With a ground-truth table (synthetic worlds), an oracle model is
-trained on the true captions, and every model is evaluated.
+trained on the true captions. Every model is evaluated (`capfilt eval`) and one report page
+shows the last round's funnel, plots, training curves and the evaluation table.
 
 Wiring only: every step is a capfilt command (flows/tasks.py), curate and train run as subflows.
 """
 
 from __future__ import annotations
 
-from prefect import flow
-from prefect.artifacts import create_markdown_artifact
+import json
+from pathlib import Path
 
-from flows.curate import curate
+from prefect import flow, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
+
+from flows.curate import curate, publish_artifacts
 from flows.params import BootstrapParams, TrainParams
 from flows.tasks import run_step, validate_steps
 from flows.train import train
@@ -32,51 +36,78 @@ def _all_steps(params: BootstrapParams) -> dict[str, list[str]]:
             steps[f"{stage}-r{k}"] = argv
     if params.pretrain_argv():
         steps["toy"] = params.pretrain_argv()
-    for label, argv in oracle_and_eval_steps(params).items():
-        steps[label] = argv
-    return steps
-
-
-def oracle_and_eval_steps(params: BootstrapParams) -> dict[str, list[str]]:
-    if not params.truth:
-        return {}
-    steps = {"oracle": ["synth", "oracle", "--truth", params.truth, "--root", params.root,
-                        "--from-run", params.round_run(0), "--run", params.oracle_run]}
-    return steps
-
-
-def eval_argv(params: BootstrapParams, run: str) -> list[str]:
-    models = params.models(run)
-    argv = ["eval", "--root", params.root, "--run", params.round_run(0), "--stage1", f"{models}/stage1",
-            "--out", f"{models}/eval.json"]
-    if params.stage2 is not None:
-        argv += ["--captioner", f"{models}/stage2"]
     if params.truth:
-        argv += ["--truth", params.truth]
-    return argv
+        steps["oracle"] = oracle_argv(params)
+    for run, label in model_labels(params).items():
+        if params.evaluate:
+            steps[f"eval-{label}"] = params.eval_argv(run)
+    return steps
+
+
+def oracle_argv(params: BootstrapParams) -> list[str]:
+    return ["synth", "oracle", "--truth", params.truth, "--root", params.root,
+            "--from-run", params.round_run(0), "--run", params.oracle_run]
+
+
+def model_labels(params: BootstrapParams) -> dict[str, str]:
+    """Trained run -> column name in the summary: raw (round 0), curated rounds, oracle."""
+    labels = {params.round_run(0): "raw-r0"}
+    labels |= {params.round_run(k): f"capfilt-r{k}" for k in range(1, params.rounds + 1)}
+    if params.truth:
+        labels[params.oracle_run] = "oracle"
+    return labels
+
+
+@task(name="bootstrap-report")
+def write_report(params: BootstrapParams, labels: dict[str, str]) -> dict:
+    from pipeline.bootstrap_report import headline_rows, write_bootstrap_report
+
+    evaluations = {}
+    for run, label in labels.items():
+        path = Path(params.models(run)) / "eval.json"
+        if path.exists():
+            evaluations[label] = json.loads(path.read_text())
+    last = params.round_run(params.rounds)
+    notes = [f"source: {params.source}", f"preset: {params.preset}{' (quick)' if params.quick else ''}",
+             f"rounds: {params.rounds} after round 0; funnel and plots of {last}"]
+    if params.heldout:
+        notes.append(f"evaluation set: held-out world {params.heldout} (true captions, never trained on)")
+    page = write_bootstrap_report(params.root, params.run, last,
+                                  {label: params.models(run) for run, label in labels.items()}, evaluations, notes)
+    return {"report": str(page), "table": headline_rows(evaluations)}
 
 
 @flow(name="bootstrap", log_prints=True)
 def bootstrap(params: BootstrapParams) -> dict:
-    """Round 0 + `rounds` CapFilt rounds (+ oracle and evaluation with ground truth)."""
-    validate_steps(_all_steps(params))
-    trained: list[str] = []
+    """Round 0 + `rounds` CapFilt rounds (+ oracle with ground truth), evaluation and report."""
+    validate_steps(_all_steps(params), will_exist=(params.models(""),))  # later rounds read earlier models
     for k in range(params.rounds + 1):
         curate_params, _, train_params = params.round_params(k)
         curate(curate_params)
         if k == 0 and params.pretrain_argv():
             run_step.with_options(task_run_name="toy-pretrain")("toy", params.pretrain_argv(), params.execution)
         run_step.with_options(task_run_name=f"filter-r{k}")(f"filter-r{k}", params.filter_argv(k), params.execution)
+        publish_artifacts(curate_params)  # the round's counts now include the filter
         train(train_params)
-        trained.append(train_params.run)
     if params.truth:
-        for label, argv in oracle_and_eval_steps(params).items():
-            run_step.with_options(task_run_name=label)(label, argv, params.execution)
+        run_step.with_options(task_run_name="oracle")("oracle", oracle_argv(params), params.execution)
         oracle: TrainParams = params.train_params(params.oracle_run)
         train(oracle)
-        trained.append(oracle.run)
-    summary = {"runs": trained, "models": {run: params.models(run) for run in trained}}
-    lines = [f"# bootstrap `{params.run}`", "", "| run | models |", "|---|---|"]
+    labels = model_labels(params)
+    if params.evaluate:
+        for run, label in labels.items():
+            run_step.with_options(task_run_name=f"eval-{label}")(f"eval-{label}", params.eval_argv(run), params.execution)
+    report = write_report(params, labels)
+    summary = {"runs": list(labels), "models": {run: params.models(run) for run in labels}, **report}
+    lines = [f"# bootstrap `{params.run}`", "", f"report: `{report['report']}`", "", "| run | models |", "|---|---|"]
     lines += [f"| {run} | `{path}` |" for run, path in summary["models"].items()]
+    if report["table"]:
+        names = list(report["table"][0])[1:]
+        lines += ["", "| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        lines += ["| " + row["metric"] + " | " + " | ".join("-" if row[n] is None else f"{row[n]:.3f}" for n in names)
+                  + " |" for row in report["table"]]
     create_markdown_artifact(markdown="\n".join(lines), description=f"Bootstrap {params.run}")
+    if "://" not in report["report"]:
+        create_link_artifact(link=Path(report["report"]).resolve().as_uri(), link_text="bootstrap report",
+                             description=f"Bootstrap report of {params.run}")
     return summary

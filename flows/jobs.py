@@ -10,6 +10,7 @@ that is still running (or already succeeded) instead of submitting a second one.
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import time
 from typing import Callable
@@ -26,10 +27,12 @@ class StageJobError(Exception):
     """A Ray job running a stage ended FAILED or STOPPED (transient: worth a retry)."""
 
 
-def validate_stage_args(stage: str, argv: list[str]) -> None:
+def validate_stage_args(stage: str, argv: list[str], will_exist: tuple[str, ...] = ()) -> None:
     """Parse a stage's arguments exactly as the CLI would, without running anything.
 
-    Raises ConfigError naming the stage and the bad option, so flows fail before any work.
+    Paths that must exist may instead lie under one of `will_exist` (folders earlier steps of the
+    same flow write, e.g. the models a later round reads). Raises ConfigError naming the stage
+    and the bad option, so flows fail before any work.
     """
     from capfilt.cli import cli
 
@@ -42,13 +45,31 @@ def validate_stage_args(stage: str, argv: list[str]) -> None:
         if sub is None:
             raise ConfigError(f"stage {stage}: name one of {', '.join(sorted(command.list_commands(None)))} first")
         stage, command, argv = f"{stage} {argv[0]}", sub, argv[1:]
+    must_exist = [p for p in command.params if isinstance(p.type, click.Path) and p.type.exists] if will_exist else []
+    for param in must_exist:  # checked below, against will_exist too
+        param.type.exists = False
     try:
         ctx = command.make_context(f"capfilt {stage}", argv, resilient_parsing=False)
     except click.ClickException as exc:
         raise ConfigError(f"stage {stage}: {exc.format_message()}") from exc
+    finally:
+        for param in must_exist:
+            param.type.exists = True
+    for param in must_exist:
+        value = ctx.params.get(param.name)
+        if value is None or os.path.exists(value):
+            continue
+        if not any(_under(str(value), folder) for folder in will_exist):
+            raise ConfigError(f"stage {stage}: Invalid value for '{param.opts[-1]}': {value} does not exist "
+                              f"(and no earlier step writes it).")
     validate = getattr(command, "validate_params", None)
     if validate is not None:
         validate(ctx.params)
+
+
+def _under(path: str, folder: str) -> bool:
+    path, folder = os.path.abspath(path), os.path.abspath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def run_embedded(stage: str, argv: list[str]):

@@ -142,6 +142,8 @@ class BootstrapParams(BaseModel):
     stage1: dict[str, OptionValue] = Field(default_factory=dict)
     stage2: dict[str, OptionValue] | None = Field(default_factory=dict, description="null: Stage 1 only.")
     truth: str | None = Field(None, description="Ground-truth Parquet of a synthetic world: adds an oracle model and evaluation.")
+    heldout: str | None = Field(None, description="A synthetic world folder no model trains on: the clean evaluation set.")
+    evaluate: bool = Field(True, description="Run `capfilt eval` on every trained model and put the table in the report.")
     execution: Execution = Field(default_factory=Execution)
 
     _run = field_validator("run")(classmethod(lambda cls, v: _run_id(v)))
@@ -195,6 +197,20 @@ class BootstrapParams(BaseModel):
     @property
     def oracle_run(self) -> str:
         return f"{self.run}-oracle"
+
+    def eval_argv(self, run: str) -> list[str]:
+        """`capfilt eval` of the models trained on `run`: retrieval (and captions with Stage 2) on the
+        held-out world when given (else on the run itself), and filter quality of the run with ground truth."""
+        models = self.models(run)
+        argv = ["eval", "--root", self.root, "--run", run, "--stage1", _join(models, "stage1"),
+                "--out", _join(models, "eval.json")]
+        if self.stage2 is not None:
+            argv += ["--captioner", _join(models, "stage2")]
+        if self.heldout:
+            argv += ["--heldout", self.heldout]
+        if self.truth and run != self.oracle_run:  # the oracle run has no scores to judge
+            argv += ["--truth", self.truth]
+        return argv
 
 
 def describe_errors(exc: Exception) -> str:

@@ -26,10 +26,11 @@ def _transient_only(task, task_run, state) -> bool:
     return False
 
 
-def validate_steps(steps: dict[str, list[str]]) -> None:
-    """Parse every step's arguments as the CLI would, before any work starts."""
+def validate_steps(steps: dict[str, list[str]], will_exist: tuple[str, ...] = ()) -> None:
+    """Parse every step's arguments as the CLI would, before any work starts; paths that must
+    exist may lie under `will_exist` (what earlier steps write)."""
     for argv in steps.values():
-        validate_stage_args(argv[0], argv[1:])
+        validate_stage_args(argv[0], argv[1:], will_exist)
 
 
 @task(name="step", retries=2, retry_delay_seconds=2, retry_condition_fn=_transient_only)

@@ -57,6 +57,6 @@ def publish_artifacts(params: TrainParams) -> list[dict]:
 def train(params: TrainParams) -> list[dict]:
     """Train Stage 1 (and Stage 2 when asked) on a curated run; returns the loss summary."""
     steps = params.stage_argv()
-    validate_steps(steps)
+    validate_steps(steps, will_exist=(params.out,))  # Stage 2 reads the Stage 1 this flow trains
     run_steps(steps, params.execution)
     return publish_artifacts(params)

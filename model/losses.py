@@ -88,8 +88,9 @@ def itc_loss(image_feats, text_feat, temp, label_smoothing: float = 0.1) -> ITCO
 
 # -- ITM ----------------------------------------------------------------------------------------
 
-def sample_hard_negatives(sim: torch.Tensor, positive: torch.Tensor, generator=None) -> torch.Tensor:
-    """For each row, one column index sampled in proportion to softmax(sim) over non-positives.
+def sample_hard_negatives(sim: torch.Tensor, positive: torch.Tensor, generator=None, hard: bool = True) -> torch.Tensor:
+    """For each row, one column index sampled in proportion to softmax(sim) over non-positives
+    (uniformly over non-positives when not `hard`).
 
     LAVIS: fills positives with -10000 before the softmax, which still samples a positive when a
     row has nothing else; here positives get probability exactly 0 and such a row is an error.
@@ -101,7 +102,8 @@ def sample_hard_negatives(sim: torch.Tensor, positive: torch.Tensor, generator=N
             f"ITM: row {row} of the batch has no negative (every sample in the gathered batch of "
             f"{sim.shape[1]} shows the same image). Use a larger batch or deduplicated data."
         )
-    weights = torch.softmax(sim.float().masked_fill(positive, float("-inf")), dim=1)
+    scores = sim.float() if hard else torch.zeros_like(sim, dtype=torch.float32)
+    weights = torch.softmax(scores.masked_fill(positive, float("-inf")), dim=1)
     return torch.multinomial(weights, 1, generator=generator).squeeze(1)
 
 
@@ -120,6 +122,7 @@ def itm_loss(
     image_ids: torch.Tensor,
     itc: ITCOutput,
     generator=None,
+    hard_negatives: bool = True,
 ) -> ITMOutput:
     """ITM on 3B pairs: (image, its text) match; (image, hard negative text) and (hard negative
     image, text) do not.
@@ -134,8 +137,8 @@ def itm_loss(
     image_ids_all = gather_no_grad(image_ids)
     positive = image_ids[:, None] == image_ids_all[None, :]  # same image id = positive
     with torch.no_grad():
-        neg_image_for_text = sample_hard_negatives(itc.sim_t2i, positive, generator)
-        neg_text_for_image = sample_hard_negatives(itc.sim_i2t, positive, generator)
+        neg_image_for_text = sample_hard_negatives(itc.sim_t2i, positive, generator, hard_negatives)
+        neg_text_for_image = sample_hard_negatives(itc.sim_i2t, positive, generator, hard_negatives)
     negative_images = model.prepare_image(image_features_all[neg_image_for_text])
     pair_images = torch.cat([image_tokens, image_tokens, negative_images], dim=0)
     pair_ids = torch.cat([input_ids, ids_all[neg_text_for_image], input_ids], dim=0)
@@ -187,6 +190,7 @@ def stage1_losses(
     itc_label_smoothing: float = 0.1,
     itg_label_smoothing: float = 0.1,
     generator=None,
+    hard_negatives: bool = True,
 ) -> Stage1Losses:
     """ITC + ITM + ITG on one local batch of frozen image features and tokenized captions."""
     model.clamp_temperature()  # LAVIS clamps temp to [0.001, 0.5] in place before each forward
@@ -195,7 +199,7 @@ def stage1_losses(
     text_feat = model.text_features(input_ids, attention_mask)
     itc = itc_loss(image_feats, text_feat, model.temp, itc_label_smoothing)
     itm = itm_loss(
-        model, image_tokens, gather_no_grad(image_features), input_ids, attention_mask, image_ids, itc, generator
+        model, image_tokens, gather_no_grad(image_features), input_ids, attention_mask, image_ids, itc, generator, hard_negatives
     )
     # LAVIS: ITG reuses the queries' key/value cache from the ITC forward; we recompute the
     # queries inside one [queries ; text] pass with the multimodal causal mask: the same values

@@ -66,7 +66,11 @@ class ToyPreset:
     lm_width: int = 128
     lm_layers: int = 2
     lm_heads: int = 4
-    lm_max_length: int = 48
+    lm_max_length: int = 64
+    # Train on "caption</s>caption" rows as well as single captions: an LM that has learned to
+    # take words from its context is one a Stage 2 soft prompt can steer; trained on independent
+    # captions alone, the toy LM ignored the soft prompt (Stage 2 loss stayed at the text-only floor).
+    lm_repeat: bool = True
     lm_steps: int = 300
     lm_batch_size: int = 32
     lm_lr: float = 2e-3
@@ -413,7 +417,10 @@ def _pretrain_lm(corpus: list[str], folder: Path, preset: ToyPreset, eval_texts)
     for step, idx in enumerate(_batches(len(corpus), preset.lm_batch_size, preset.lm_steps, generator)):
         for group in optimizer.param_groups:
             group["lr"] = preset.lm_lr * _lr(step, preset.lm_steps, preset.lm_warmup)
-        ids, mask, labels = encode([corpus[i] for i in idx.tolist()])
+        texts = [corpus[i] for i in idx.tolist()]
+        if preset.lm_repeat:  # every other row says its caption twice
+            texts = [t + tokenizer.eos_token + t if j % 2 else t for j, t in enumerate(texts)]
+        ids, mask, labels = encode(texts)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -447,7 +454,74 @@ def lm_heldout(model, tokenizer, texts: Sequence[str], max_length: int = 48) -> 
     return {"loss": loss, "token_accuracy": accuracy, "texts": len(texts)}
 
 
+# -- all three from an ingested run ---------------------------------------------------------------
+
+TOY_DONE = "toy_pretrain.json"  # written last: its presence means the folder is complete
+
+
+def run_pairs(root: str, run: str) -> tuple[list[tuple[bytes, str]], dict]:
+    """(image bytes, web caption) of a run's distinct images that decode and have a caption, and counts
+    of what was left out (exact duplicate bytes, empty captions, undecodable images)."""
+    from PIL import Image
+
+    from pipeline.run_store import RunStore
+    from schemas import IMAGES
+
+    store = RunStore(root, run)
+    if not store.shards("images"):
+        raise ConfigError(f"run '{run}' under {root} has no images/; run `capfilt ingest` for it first.")
+    table = store.read("images", IMAGES).select(["sample_id", "image", "caption", "sha256"])
+    pairs, seen = [], set()
+    counts = {"images": table.num_rows, "duplicates": 0, "empty_caption": 0, "undecodable": 0}
+    for row in table.to_pylist():
+        key = row["sha256"] or row["sample_id"]
+        if key in seen:
+            counts["duplicates"] += 1
+            continue
+        seen.add(key)
+        caption = (row["caption"] or "").strip()
+        if not caption:
+            counts["empty_caption"] += 1
+            continue
+        try:
+            Image.open(io.BytesIO(row["image"])).convert("RGB")
+        except Exception:  # noqa: BLE001 - PIL raises many types; such rows are counted, not trained on
+            counts["undecodable"] += 1
+            continue
+        pairs.append((row["image"], caption))
+    counts["pairs"] = len(pairs)
+    return pairs, counts
+
+
+def pretrain_toy(root: str, run: str, out: str | Path, preset: ToyPreset = ToyPreset()) -> dict:
+    """Train the toy preset's frozen pieces on a run's raw web pairs into `out`:
+    `tokenizer/` (Q-Former WordPiece), `clip/` (open_clip local-dir) and `lm/` (causal LM).
+
+    A folder already complete for the same run and preset is reused (a rerun of a flow resumes).
+    """
+    out = Path(out)
+    done = out / TOY_DONE
+    if done.exists():
+        info = json.loads(done.read_text())
+        if info.get("run") == run and info.get("preset") == asdict(preset):
+            return {**info, "reused": True}
+    pairs, counts = run_pairs(root, run)
+    if len(pairs) < 2:
+        raise ConfigError(f"run '{run}' under {root} has {len(pairs)} usable (image, caption) pairs ({counts}); "
+                          f"the toy preset needs at least 2 to pretrain on.")
+    started = time.perf_counter()
+    texts = [caption for _, caption in pairs]
+    train_text_tokenizer(texts, out / "tokenizer", preset)
+    clip = pretrain_clip(pairs, out / "clip", preset)
+    lm = pretrain_lm(texts, out / "lm", preset)
+    info = {"root": str(root), "run": run, "preset": asdict(preset), "counts": counts, "clip": clip.metrics,
+            "lm": lm.metrics, "seconds": time.perf_counter() - started}
+    done.write_text(json.dumps(info, indent=1, sort_keys=True))
+    return {**info, "reused": False}
+
+
 __all__ = [
+    "pretrain_toy", "run_pairs",
     "ToyClip", "ToyLM", "ToyPreset", "clip_model_config", "clip_retrieval_top1", "lm_heldout", "pretrain_clip",
     "pretrain_lm", "train_lm_tokenizer", "train_text_tokenizer",
 ]

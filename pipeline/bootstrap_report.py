@@ -82,6 +82,37 @@ def eval_table(evaluations: dict[str, dict]) -> tuple[list[str], list[dict]]:
     return list(flat), rows
 
 
+# The numbers the terminal summary and the report's first table show (flattened eval.json keys).
+HEADLINE = (
+    ("retrieval.itm.text_to_image.r1", "text->image R@1 (ITM rerank)"),
+    ("retrieval.itm.text_to_image.r5", "text->image R@5 (ITM rerank)"),
+    ("retrieval.itc.text_to_image.r1", "text->image R@1 (ITC)"),
+    ("retrieval.itm.image_to_text.r1", "image->text R@1 (ITM rerank)"),
+    ("captioning.bleu4", "caption BLEU-4"),
+    ("captioning.cider", "caption CIDEr"),
+    ("attributes.attribute_accuracy", "caption attribute accuracy"),
+    ("filter.all.precision", "kept-pair precision"),
+    ("filter.all.recall", "kept-pair recall"),
+    ("filter.auc_clean_vs_corrupted_web.itm_score.auc", "ITM ROC-AUC (corrupted web)"),
+    ("filter.auc_clean_vs_corrupted_web.clip_score.auc", "CLIP ROC-AUC (corrupted web)"),
+)
+
+
+def headline_rows(evaluations: dict[str, dict]) -> list[dict]:
+    """Rows {metric, <model>: value or None} of the HEADLINE metrics any model has."""
+    flat = {name: flatten(ev) for name, ev in evaluations.items()}
+    return [{"metric": label, **{name: values.get(key) for name, values in flat.items()}}
+            for key, label in HEADLINE if any(key in values for values in flat.values())]
+
+
+def _table(names: list[str], rows: list[dict]) -> list[str]:
+    parts = ["<table border=1 cellpadding=4><tr><th>metric</th>" + "".join(f"<th>{html.escape(n)}</th>" for n in names) + "</tr>"]
+    for row in rows:
+        cells = "".join(f"<td align=right>{'' if row[n] is None else f'{row[n]:.3f}'}</td>" for n in names)
+        parts.append(f"<tr><td>{html.escape(row['metric'])}</td>{cells}</tr>")
+    return parts + ["</table>"]
+
+
 def _img(data: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
 
@@ -112,12 +143,11 @@ def write_bootstrap_report(root: str, run: str, curated_run: str, models: dict[s
         parts.append("<h2>Training curves</h2><img alt='training curves' src='training_curves.png' style='max-width:100%'>")
     names, rows = eval_table(evaluations)
     if rows:
-        parts.append("<h2>Evaluation</h2><table border=1 cellpadding=4><tr><th>metric</th>"
-                     + "".join(f"<th>{html.escape(n)}</th>" for n in names) + "</tr>")
-        for row in rows:
-            cells = "".join(f"<td align=right>{'' if row[n] is None else f'{row[n]:.3f}'}</td>" for n in names)
-            parts.append(f"<tr><td>{html.escape(row['metric'])}</td>{cells}</tr>")
-        parts.append("</table>")
+        parts.append("<h2>Evaluation</h2>")
+        parts += _table(names, headline_rows(evaluations))
+        parts.append("<details><summary>every metric</summary>")
+        parts += _table(names, rows)
+        parts.append("</details>")
     (report / "evaluation.json").write_text(json.dumps(evaluations, indent=1, sort_keys=True))
     page = "<!doctype html><html><head><meta charset='utf-8'><title>capfilt bootstrap report</title></head><body>"
     (report / "index.html").write_text(page + "\n".join(parts) + "</body></html>")

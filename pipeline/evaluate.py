@@ -10,7 +10,8 @@ run, picks an evaluation set and calls them:
   filter         on a synthetic world: precision / recall of the kept pairs and ROC-AUC of each
                  score column for telling clean web captions from corrupted ones.
 
-Evaluation set: the images the Stage 1 checkpoint held out of training (stage1.json records
+Evaluation set: a held-out synthetic world (`heldout`: a world folder no model trained on, its
+true captions as clean references) when given; otherwise the images the Stage 1 checkpoint held out of training (stage1.json records
 `holdout_images`, and `split_holdout` picks the same ones again) when there are any; otherwise
 the run's own images, flagged `in_sample` in the output. References are the ground truth's true
 captions when a sidecar is given (clean), otherwise the run's curated captions.
@@ -272,6 +273,7 @@ class EvalConfig:
     seed: int = 0
     device: str = "auto"
     clip_config: str | None = None  # open_clip configs to register first (a toy CLIP named in stage1.json)
+    heldout: str | None = None  # a synthetic world folder: a clean evaluation set no model has seen
 
     def __post_init__(self):
         if not (self.stage1 or self.captioner or self.truth):
@@ -342,7 +344,32 @@ def _run_images(root: str, run: str) -> list[EvalImage]:
     return sorted(images, key=lambda im: im.sample_id)
 
 
+def world_images(world: str) -> list[EvalImage]:
+    """A synthetic world's distinct images with their true captions and attributes (clean references)."""
+    import pyarrow.parquet as pq
+
+    folder = Path(world)
+    sidecar = folder / "ground_truth.parquet"
+    if not sidecar.exists():
+        raise ConfigError(f"--heldout {world}: not a synthetic world folder (no ground_truth.parquet); "
+                          f"make one with `capfilt synth --out DIR --noise 0`.")
+    images = []
+    for row in sorted((r for r in pq.read_table(sidecar).to_pylist() if r["kind"] == "image"),
+                      key=lambda r: r["image_index"]):
+        path = folder / "files" / f"{row['image_index']:06d}.jpg"
+        if not path.exists():
+            raise ConfigError(f"--heldout {world}: image file {path} of {row['url']} is missing.")
+        images.append(EvalImage(f"heldout/{row['image_index']}", row["url"], path.read_bytes(), [row["true_caption"]], row))
+    if not images:
+        raise ConfigError(f"--heldout {world}: the world has no images.")
+    return images
+
+
 def evaluation_set(config: EvalConfig, truth: dict[str, dict] | None) -> tuple[list[EvalImage], dict]:
+    if config.heldout:
+        images, info = world_images(config.heldout), {"source": "heldout_world", "world": config.heldout,
+                                                     "in_sample": False, "references": "true_caption"}
+        return _subsample(images, info, config)
     held = _stage1_holdout(config.stage1) if config.stage1 else None
     images, info = held or (_run_images(config.root, config.run),
                             {"source": "run_images", "run": config.run, "in_sample": True})
@@ -355,6 +382,10 @@ def evaluation_set(config: EvalConfig, truth: dict[str, dict] | None) -> tuple[l
         info["without_references"] = sum(not im.references for im in images)
         images = [im for im in images if im.references]
         info["references"] = "curated_captions"
+    return _subsample(images, info, config)
+
+
+def _subsample(images: list[EvalImage], info: dict, config: EvalConfig) -> tuple[list[EvalImage], dict]:
     if len(images) > config.max_images:
         pick = np.random.default_rng([config.seed, 11]).permutation(len(images))[:config.max_images]
         images = [images[i] for i in sorted(pick)]
@@ -423,7 +454,7 @@ def run_eval(config: EvalConfig) -> dict:
                                 "decoding": json.loads(decoding.to_json()),
                                 "samples": [{"sample_id": im.sample_id, "caption": c, "references": im.references}
                                             for im, c in list(zip(images, captions))[:5]]}
-        if truth is not None:
+        if all(im.truth is not None for im in images):
             result["attributes"] = attribute_accuracy(captions, [im.truth for im in images])
     return result
 

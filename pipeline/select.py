@@ -29,12 +29,14 @@ from schemas import CURATED, DEDUP, IMAGES, SCORES
 
 STAGE = "select"
 POLICIES = ("blip", "blip2", "clip-threshold", "clip-top-fraction")
+RANK_BY = ("clip", "itm")  # blip2's per-image ranking: CLIP similarity (the paper) or ITM probability
 
 
 @dataclass(frozen=True)
 class SelectConfig:
     policies: tuple[str, ...] = ("blip2",)
     top_k: int = 2
+    rank_by: str = "clip"
     itm_threshold: float = 0.5
     clip_threshold: float = 0.3
     clip_top_fraction: float = 0.3
@@ -50,6 +52,8 @@ class SelectConfig:
         unknown = [p for p in self.policies if p not in POLICIES]
         if unknown or not self.policies:
             raise ConfigError(f"--policy {','.join(self.policies)!r}: choose from {', '.join(POLICIES)} (comma-separated to combine).")
+        if self.rank_by not in RANK_BY:
+            raise ConfigError(f"--rank-by {self.rank_by!r}: choose from {', '.join(RANK_BY)}.")
         if self.top_k < 1:
             raise ConfigError(f"--top-k must be >= 1 (got {self.top_k}).")
         if not 0.0 <= self.itm_threshold <= 1.0:
@@ -128,10 +132,11 @@ def select_pairs(scores: pa.Table, images: pa.Table, duplicate_of: dict[str, str
 
     kept: list[dict] = []
     for sid, rows in kept_by_image.items():
-        rows.sort(key=lambda r: (-(r["clip_score"] if r["clip_score"] is not None else -np.inf), r["caption_id"]))
+        column = f"{cfg.rank_by}_score"
+        rows.sort(key=lambda r: (-(r[column] if r[column] is not None else -np.inf), r["caption_id"]))
         for rank, row in enumerate(rows):
             if "blip2" in cfg.policies and rank >= cfg.top_k:
-                drop(row, "not_top_k", f"CLIP rank {rank} of the image's captions (--top-k {cfg.top_k})")
+                drop(row, "not_top_k", f"{cfg.rank_by.upper()} rank {rank} of the image's captions (--top-k {cfg.top_k})")
             else:
                 kept.append({**row, "rank": rank})
     return kept, dropped

@@ -212,3 +212,18 @@ def test_retrieval_and_captioning_on_the_stage1_holdout(tmp_path):
     assert 0.0 <= captioning["bleu4"] <= 1.0 and captioning["cider"] >= 0.0 and captioning["images"] == 6
     with pytest.raises(ConfigError, match="nothing to evaluate"):
         EvalConfig(root="r", run="x")
+
+
+def test_a_heldout_world_is_the_clean_evaluation_set(tmp_path):
+    from pipeline.evaluate import evaluation_set, world_images
+    from pipeline.synth import WorldConfig, make_world
+
+    make_world(tmp_path / "w", WorldConfig(images=6, seed=3, noise=0.0, bad_urls_per_kind=0, duplicates=0))
+    images = world_images(str(tmp_path / "w"))
+    assert len(images) == 6 and all(len(im.references) == 1 and im.truth["shape"] for im in images)
+    assert images[0].references == [true_caption({a: images[0].truth[a] for a in SCENE})]
+    chosen, info = evaluation_set(EvalConfig(root=str(tmp_path), run="x", stage1="s", heldout=str(tmp_path / "w"),
+                                             max_images=4), None)
+    assert len(chosen) == 4 and info["source"] == "heldout_world" and info["in_sample"] is False
+    with pytest.raises(ConfigError, match="not a synthetic world folder"):
+        world_images(str(tmp_path))

@@ -64,6 +64,10 @@ def test_blip2_policy_keeps_top_k_by_clip():
     out = decided(*select_pairs(SCORES_A, IMAGES_A, {}, SelectConfig(policies=("blip2",), top_k=1)))
     assert out["a#syn0"] == ("kept", 0) and out["a#web"] == "not_top_k" and out["a#syn1"] == "not_top_k"
     assert out["b#web"] == ("kept", 0)  # the only non-degenerate caption of b
+    by_itm = decided(*select_pairs(SCORES_A, IMAGES_A, {}, SelectConfig(policies=("blip2",), top_k=1, rank_by="itm")))
+    assert by_itm["a#web"] == ("kept", 0) and by_itm["a#syn0"] == "not_top_k"
+    with pytest.raises(ConfigError, match="--rank-by"):
+        SelectConfig(rank_by="bleu")
 
 
 def test_datacomp_policies_and_combination():

@@ -112,3 +112,51 @@ def test_bad_inputs_name_the_problem(tmp_path, pairs):
         pretrain_lm(["", None], tmp_path / "lm")
     with pytest.raises(ConfigError, match="clip_layers"):
         ToyPreset(clip_layers=1)
+
+
+def write_images_run(root, run: str, rows: list[dict]) -> None:
+    import pyarrow as pa
+
+    from pipeline.run_store import RunStore, ShardCounts
+    from schemas import IMAGES
+
+    table = pa.Table.from_pylist([{"sample_id": f"src/{i}", "url": f"http://127.0.0.1:1/{i}.jpg", **r}
+                                  for i, r in enumerate(rows)])
+    RunStore(str(root), run).commit_shard("ingest", "00000", "h", outputs={"images": (IMAGES, table)},
+                                          counts=ShardCounts(rows_in=len(rows), kept=len(rows)))
+
+
+def test_pretrain_toy_reads_an_ingested_run_counts_what_it_leaves_out_and_resumes(tmp_path, pairs):
+    from model.toy import TOY_DONE, pretrain_toy
+
+    rows = [{"image": img, "caption": cap, "sha256": f"h{i}"} for i, (img, cap) in enumerate(pairs["train"][:40])]
+    rows += [{"image": rows[0]["image"], "caption": "same bytes", "sha256": "h0"},  # exact duplicate
+             {"image": pairs["train"][41][0], "caption": "  ", "sha256": "e"},  # empty caption
+             {"image": b"not an image", "caption": "a red circle", "sha256": "x"}]  # undecodable
+    write_images_run(tmp_path, "raw", rows)
+    preset = ToyPreset(clip_steps=5, lm_steps=5, clip_batch_size=16, lm_batch_size=8)
+    info = pretrain_toy(str(tmp_path), "raw", tmp_path / "toy", preset)
+    assert info["counts"] == {"images": 43, "duplicates": 1, "empty_caption": 1, "undecodable": 1, "pairs": 40}
+    assert not info["reused"] and (tmp_path / "toy" / TOY_DONE).exists()
+    for part in ("tokenizer", "clip", "lm"):
+        assert (tmp_path / "toy" / part).is_dir()
+    from model.vision import load_vision_encoder
+
+    assert load_vision_encoder(f"open_clip:local-dir:{tmp_path / 'toy' / 'clip'}") is not None
+    assert pretrain_toy(str(tmp_path), "raw", tmp_path / "toy", preset)["reused"]
+    # another preset is not the same folder's content: trained again
+    assert not pretrain_toy(str(tmp_path), "raw", tmp_path / "toy", ToyPreset(clip_steps=6, lm_steps=5,
+                                                                             clip_batch_size=16, lm_batch_size=8))["reused"]
+
+
+def test_toy_pretrain_cli_names_a_run_without_images_or_pairs(tmp_path, capsys):
+    from capfilt.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["toy", "pretrain", "--root", str(tmp_path), "--run", "nothing", "--out", str(tmp_path / "toy")])
+    assert exc.value.code == 2 and "has no images/" in capsys.readouterr().err
+    write_images_run(tmp_path, "one", [{"image": jpeg(render(dict(scenes(1, seed=0)[0]), 32, np.random.default_rng(0))),
+                                        "caption": "a red circle", "sha256": "a"}])
+    with pytest.raises(SystemExit) as exc:
+        main(["toy", "pretrain", "--root", str(tmp_path), "--run", "one", "--out", str(tmp_path / "toy")])
+    assert exc.value.code == 2 and "1 usable (image, caption) pairs" in capsys.readouterr().err

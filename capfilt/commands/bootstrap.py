@@ -27,7 +27,8 @@ def parse_sets(values: tuple[str, ...]) -> dict[str, dict]:
     return out
 
 
-def bootstrap_params(source, root, run, rounds, preset, quick, truth, sets, ray_address, working_dir):
+def bootstrap_params(source, root, run, rounds, preset, quick, truth, sets, ray_address, working_dir, heldout=None,
+                     evaluate=True):
     from pydantic import ValidationError
 
     from capfilt.errors import ConfigError
@@ -36,7 +37,8 @@ def bootstrap_params(source, root, run, rounds, preset, quick, truth, sets, ray_
     execution = {"mode": "cluster", "ray_address": ray_address, "working_dir": working_dir} if ray_address else {}
     try:
         return BootstrapParams(source=source, root=root, run=run, rounds=rounds, preset=preset, quick=quick,
-                               truth=truth, execution=execution, **parse_sets(sets))
+                               truth=truth, heldout=heldout, evaluate=evaluate,
+                               execution=execution, **parse_sets(sets))
     except ValidationError as exc:
         raise ConfigError(f"bootstrap parameters: {describe_errors(exc)}") from exc
 
@@ -51,15 +53,19 @@ def bootstrap_params(source, root, run, rounds, preset, quick, truth, sets, ray_
 @click.option("--quick", is_flag=True, help="Toy preset: fewer steps and captions.")
 @click.option("--truth", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Ground-truth Parquet (synthetic worlds): also trains an oracle and evaluates every model.")
+@click.option("--heldout", type=click.Path(exists=True, file_okay=False), default=None,
+              help="A synthetic world folder no model trains on: the clean evaluation set.")
+@click.option("--eval/--no-eval", "evaluate", default=True, show_default=True, help="Evaluate every model (capfilt eval).")
 @click.option("--set", "sets", multiple=True, metavar="STAGE.OPTION=VALUE",
               help="Override one stage option of the preset, e.g. --set stage1.steps=500 --set filter.top-k=1.")
 @click.option("--ray-address", default=None, help="Run every stage as a Ray job on this cluster (http://head:8265).")
 @click.option("--working-dir", default=None, help="With --ray-address: runtime_env working_dir uploaded with each job.")
-def bootstrap(source, root, run, rounds, preset, quick, truth, sets, ray_address, working_dir):
+def bootstrap(source, root, run, rounds, preset, quick, truth, heldout, evaluate, sets, ray_address, working_dir):
     """Round 0 on the raw source, then CapFilt rounds with each round's own models (a Prefect flow)."""
     from flows.bootstrap import bootstrap as bootstrap_flow
 
-    params = bootstrap_params(source, root, run, rounds, preset, quick, truth, sets, ray_address, working_dir)
+    params = bootstrap_params(source, root, run, rounds, preset, quick, truth, sets, ray_address, working_dir,
+                              heldout, evaluate)
     summary = bootstrap_flow(params)
     click.echo(format_summary(summary))
 

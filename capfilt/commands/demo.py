@@ -8,10 +8,13 @@ from pathlib import Path
 import click
 
 
+HELDOUT_IMAGES = 200
+
+
 @click.command()
 @click.option("--root", default="./data", show_default=True, help="Where the world, runs, models and report go.")
 @click.option("--quick", is_flag=True, help="A smaller world and fewer steps (about 3 minutes on 2 cores).")
-@click.option("--images", type=int, default=None, help="Images in the world (default 600, --quick 240).")
+@click.option("--images", type=int, default=None, help="Images in the world (default 600, --quick 200).")
 @click.option("--noise", type=float, default=0.4, show_default=True, help="Fraction of corrupted web captions.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--set", "sets", multiple=True, metavar="STAGE.OPTION=VALUE", help="Override a toy-preset option.")
@@ -22,18 +25,25 @@ def demo(root, quick, images, noise, seed, sets):
     from pipeline.synth import WorldConfig, WorldServer, free_port, load_world, make_world
 
     started = time.perf_counter()
-    images = images or (240 if quick else 600)
+    images = images or (200 if quick else 600)
     world_dir = Path(root) / "worlds" / f"seed{seed}-{images}-{noise}"
     if (world_dir / "world.json").exists():  # same world, same URLs: reruns resume instead of redoing
         world = load_world(world_dir)
     else:
         world = make_world(world_dir, WorldConfig(images=images, seed=seed, noise=noise, port=free_port(),
                                                   slow_seconds=5.0))
-    click.echo(f"world: {world['images']} images, noise {world['noise_ratio']:.2f}, in {world_dir}")
+    # The clean evaluation set: the same generator, another seed, never downloaded or trained on.
+    heldout_dir = Path(root) / "worlds" / f"heldout-seed{seed}-{HELDOUT_IMAGES}"
+    if not (heldout_dir / "world.json").exists():
+        make_world(heldout_dir, WorldConfig(images=HELDOUT_IMAGES, seed=seed + 7919, noise=0.0, bad_urls_per_kind=0,
+                                            duplicates=0))
+    click.echo(f"world: {world['images']} images, noise {world['noise_ratio']:.2f}, in {world_dir}; "
+               f"held-out evaluation world: {HELDOUT_IMAGES} clean images in {heldout_dir}")
     run = "demo-quick" if quick else "demo"
     with WorldServer(world_dir) as server:
         click.echo(f"serving it at {server.base_url}")
-        params = bootstrap_params(world["source"], root, run, 1, "toy", quick, world["ground_truth"], sets, None, None)
+        params = bootstrap_params(world["source"], root, run, 1, "toy", quick, world["ground_truth"], sets, None, None,
+                                  str(heldout_dir))
         summary = bootstrap_flow(params)
     click.echo(format_summary(summary))
     click.echo(f"demo finished in {time.perf_counter() - started:.0f} s")

@@ -16,6 +16,8 @@ from pipeline.evaluate import EvalConfig, run_eval, summary_lines
 @click.option("--stage1", help="Stage 1 checkpoint (trainer --out folder, step-* or model folder): retrieval R@1/5/10.")
 @click.option("--captioner", help="Captioner folder or hub id (load_captioner): BLEU-4, CIDEr, attribute accuracy.")
 @click.option("--truth", type=click.Path(dir_okay=False), help="A synthetic world's ground_truth.parquet: clean references, attribute and filter metrics.")
+@click.option("--heldout", type=click.Path(exists=True, file_okay=False),
+              help="A synthetic world folder no model trained on: the clean evaluation set (true captions).")
 @click.option("--clip-config", type=click.Path(exists=True), help="open_clip model config(s) to register first (a toy CLIP the Stage 1 checkpoint names).")
 @click.option("--max-images", type=int, default=200, show_default=True, help="Evaluation images at most (seeded sample).")
 @click.option("--rerank-k", type=int, default=16, show_default=True, help="Retrieval: ITC top-k re-ranked by ITM.")
@@ -24,11 +26,11 @@ from pipeline.evaluate import EvalConfig, run_eval, summary_lines
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, ...")
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="Where to write the metrics JSON.")
-def eval_command(root, run, stage1, captioner, truth, clip_config, max_images, rerank_k, num_beams, max_length, seed, device, out):
+def eval_command(root, run, stage1, captioner, truth, heldout, clip_config, max_images, rerank_k, num_beams, max_length, seed, device, out):
     """Measure a run: retrieval (--stage1), captions (--captioner) and, on a synthetic world (--truth), filter quality."""
     config = EvalConfig(root=root, run=run, stage1=stage1, captioner=captioner, truth=truth, max_images=max_images,
                         rerank_k=rerank_k, num_beams=num_beams, max_length=max_length, seed=seed, device=device,
-                        clip_config=clip_config)
+                        clip_config=clip_config, heldout=heldout)
     result = run_eval(config)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(result, indent=1, sort_keys=True))

@@ -20,6 +20,8 @@ def filter_options(f):
         click.option("--itm", help="ITM model: hub id or save_pretrained folder (BLIP / BLIP-2 ITM, capfilt Stage 1)."),
         click.option("--policy", default="blip2", show_default=True, help="blip, blip2, clip-threshold, clip-top-fraction; comma-separated to combine (e.g. blip,blip2)."),
         click.option("--top-k", type=int, default=2, show_default=True, help="blip2: captions kept per image."),
+        click.option("--rank-by", type=click.Choice(["clip", "itm"]), default="clip", show_default=True,
+                     help="blip2: rank an image's captions by CLIP similarity (BLIP-2) or by ITM probability."),
         click.option("--itm-threshold", type=float, default=0.5, show_default=True, help="blip: keep when ITM p >= this."),
         click.option("--clip-threshold", type=float, default=0.3, show_default=True, help="clip-threshold: keep when CLIP score >= this."),
         click.option("--clip-top-fraction", type=float, default=0.3, show_default=True, help="clip-top-fraction: keep the run's top fraction by CLIP score."),
@@ -47,13 +49,15 @@ def configs_from_options(o: dict) -> tuple[ScoreConfig, DedupConfig, SelectConfi
     dedup = DedupConfig(eps=o["dedup_eps"], cluster_size=o["dedup_cluster_size"], semantic=not o["no_semantic_dedup"])
     policies = tuple(p.strip() for p in o["policy"].split(",") if p.strip())
     select = SelectConfig(
-        policies=policies, top_k=o["top_k"], itm_threshold=o["itm_threshold"], clip_threshold=o["clip_threshold"],
+        policies=policies, top_k=o["top_k"], rank_by=o["rank_by"], itm_threshold=o["itm_threshold"], clip_threshold=o["clip_threshold"],
         clip_top_fraction=o["clip_top_fraction"], min_image_size=o["min_image_size"], max_aspect_ratio=o["max_aspect_ratio"],
         max_punsafe=o["max_punsafe"], max_pwatermark=o["max_pwatermark"], min_caption_words=o["min_caption_words"],
         max_caption_words=o["max_caption_words"], drop_degenerate=not o["keep_degenerate"],
     )
     if "blip" in policies and not score.itm:
         raise click.UsageError("--policy blip needs --itm (an ITM model)")
+    if select.rank_by == "itm" and not score.itm:
+        raise click.UsageError("--rank-by itm needs --itm (an ITM model)")
     return score, dedup, select
 
 

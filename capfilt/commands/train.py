@@ -34,6 +34,8 @@ def train():
 @click.option("--flip/--no-flip", default=True, show_default=True, help="Horizontal flip (swaps left/right in captions).")
 @click.option("--cache-features/--no-cache-features", default=False, show_default=True, help="Compute frozen features once per image (needs --no-augment).")
 @click.option("--holdout-images", type=int, default=0, show_default=True, help="Images kept out of training for evaluation.")
+@click.option("--itm-random-negative-steps", type=int, default=0, show_default=True,
+              help="ITM negatives drawn uniformly for this many steps before hard negatives (training from scratch).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--workers", type=int, default=1, show_default=True, help="Ray Train workers (DDP) when > 1.")
@@ -44,7 +46,8 @@ def train():
 @click.option("--stop-at", type=int, default=None, help="Stop after this step (the schedule still spans --steps).")
 def stage1(root, run_id, vision, out, tokenizer, bert, model_config, steps, batch_size, grad_accumulation, lr,
            min_lr, warmup_steps, weight_decay, precision, activation_checkpointing, augment, flip, cache_features,
-           holdout_images, seed, device, workers, data_workers, log_every, checkpoint_every, resume, stop_at):
+           holdout_images, itm_random_negative_steps, seed, device, workers, data_workers, log_every,
+           checkpoint_every, resume, stop_at):
     """Train Stage 1 (ITC + ITM + ITG) against a frozen image encoder; checkpoints and metrics go to --out."""
     from model.train_stage1 import Stage1Config, train_distributed
     from model.train_stage1 import train as train_local
@@ -60,7 +63,8 @@ def stage1(root, run_id, vision, out, tokenizer, bert, model_config, steps, batc
         bert=None if bert.lower() == "none" else bert, model=overrides, steps=steps, batch_size=batch_size,
         grad_accumulation=grad_accumulation, lr=lr, min_lr=min_lr, warmup_steps=warmup_steps,
         weight_decay=weight_decay, precision=precision, activation_checkpointing=activation_checkpointing,
-        augment=augment, flip=flip, cache_features=cache_features, holdout_images=holdout_images, seed=seed,
+        augment=augment, flip=flip, cache_features=cache_features, holdout_images=holdout_images,
+        itm_random_negative_steps=itm_random_negative_steps, seed=seed,
         device=device, num_data_workers=data_workers, log_every=log_every, checkpoint_every=checkpoint_every,
         resume=resume, stop_at=stop_at,
     )
