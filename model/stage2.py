@@ -67,6 +67,7 @@ from .train_stage1 import (
     lr_factor,
     param_groups,
     pil_pixels,
+    run_on_ray_train,
     split_holdout,
 )
 from .vision import FeatureCache, FrozenImageEncoder, TransformersEncoder, load_vision_encoder
@@ -750,33 +751,7 @@ def _device(config: Stage2Config) -> torch.device:
 
 def train_distributed(config: Stage2Config, workers: int, use_gpu: bool | None = None) -> dict:
     """Run `train` on `workers` Ray Train workers (DDP); returns rank 0's {'step', 'checkpoint', 'metrics'}."""
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    import pipeline.ray_env  # noqa: F401  (sets Ray's environment before ray is imported)
-    from pipeline.ray_env import ensure_ray, gpus_available
-
-    ensure_ray()
-    use_gpu = gpus_available() >= workers if use_gpu is None else use_gpu
-
-    def loop(cfg: dict) -> None:
-        result = train(Stage2Config(**cfg))
-        ray.train.report({"step": result["step"], "final": result["metrics"][-1] if result["metrics"] else {}})
-
-    trainer = TorchTrainer(
-        loop,
-        train_loop_config=asdict(config),
-        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=ray.train.RunConfig(storage_path=str(Path(config.out).resolve() / "ray"), name="stage2"),
-    )
-    trainer.fit()
-    out = Path(config.out)
-    checkpoint = latest_checkpoint(out)
-    step = json.loads((checkpoint / "stage2.json").read_text())["step"] if checkpoint else 0
-    log = out / METRICS_NAME
-    metrics = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-    return {"step": step, "checkpoint": str(checkpoint) if checkpoint else None, "metrics": metrics}
+    return run_on_ray_train(train, config, workers, use_gpu, "stage2")
 
 
 # -- inference -----------------------------------------------------------------------------------

@@ -466,6 +466,12 @@ class _nullcontext:
 
 def train_distributed(config: Stage1Config, workers: int, use_gpu: bool | None = None) -> dict:
     """Run `train` on `workers` Ray Train workers (DDP); returns rank 0's {'step', 'checkpoint', 'metrics'}."""
+    return run_on_ray_train(train, config, workers, use_gpu, "stage1")
+
+
+def run_on_ray_train(train_fn, config, workers: int, use_gpu: bool | None, name: str) -> dict:
+    """Run `train_fn(config)` (a Stage 1 or Stage 2 trainer) on Ray Train workers with DDP; returns
+    rank 0's {'step', 'checkpoint', 'metrics'} from `config.out` (`<name>.json` holds the step)."""
     import pipeline.ray_env  # noqa: F401  (sets Ray's environment before ray is imported)
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -474,9 +480,10 @@ def train_distributed(config: Stage1Config, workers: int, use_gpu: bool | None =
 
     ensure_ray()
     use_gpu = gpus_available() >= workers if use_gpu is None else use_gpu
+    config_class = type(config)
 
     def loop(cfg: dict) -> None:
-        result = train(Stage1Config(**cfg))
+        result = train_fn(config_class(**cfg))
         ray.train.report({"step": result["step"], "final": result["metrics"][-1] if result["metrics"] else {}})
 
     trainer = TorchTrainer(
@@ -484,13 +491,13 @@ def train_distributed(config: Stage1Config, workers: int, use_gpu: bool | None =
         train_loop_config=asdict(config),
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=ray.train.RunConfig(storage_path=str(Path(config.out).resolve() / "ray"), name="stage1"),
+        run_config=ray.train.RunConfig(storage_path=str(Path(config.out).resolve() / "ray"), name=name),
     )
     trainer.fit()  # raises if a worker failed
     # Rank 0's checkpoint and log on disk are the result (the folder must be shared by workers).
     out = Path(config.out)
     checkpoint = latest_checkpoint(out)
-    step = json.loads((checkpoint / "stage1.json").read_text())["step"] if checkpoint else 0
+    step = json.loads((checkpoint / f"{name}.json").read_text())["step"] if checkpoint else 0
     log = out / METRICS_NAME
     metrics = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     return {"step": step, "checkpoint": str(checkpoint) if checkpoint else None, "metrics": metrics}

@@ -7,6 +7,24 @@ import json
 import click
 
 
+
+def run_options(f):
+    """Options both trainers share: seed, device, workers, logging, checkpoints, resume."""
+    options = [
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--device", default="auto", show_default=True),
+        click.option("--workers", type=int, default=1, show_default=True, help="Ray Train workers (DDP) when > 1."),
+        click.option("--data-workers", type=int, default=0, show_default=True, help="DataLoader processes per trainer."),
+        click.option("--log-every", type=int, default=10, show_default=True),
+        click.option("--checkpoint-every", type=int, default=500, show_default=True),
+        click.option("--resume/--no-resume", default=True, show_default=True),
+        click.option("--stop-at", type=int, default=None, help="Stop after this step (the schedule still spans --steps)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
 @click.group()
 def train():
     """Train capfilt's models on a curated run."""
@@ -36,14 +54,7 @@ def train():
 @click.option("--holdout-images", type=int, default=0, show_default=True, help="Images kept out of training for evaluation.")
 @click.option("--itm-random-negative-steps", type=int, default=0, show_default=True,
               help="ITM negatives drawn uniformly for this many steps before hard negatives (training from scratch).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--workers", type=int, default=1, show_default=True, help="Ray Train workers (DDP) when > 1.")
-@click.option("--data-workers", type=int, default=0, show_default=True, help="DataLoader processes per trainer.")
-@click.option("--log-every", type=int, default=10, show_default=True)
-@click.option("--checkpoint-every", type=int, default=500, show_default=True)
-@click.option("--resume/--no-resume", default=True, show_default=True)
-@click.option("--stop-at", type=int, default=None, help="Stop after this step (the schedule still spans --steps).")
+@run_options
 def stage1(root, run_id, vision, out, tokenizer, bert, model_config, steps, batch_size, grad_accumulation, lr,
            min_lr, warmup_steps, weight_decay, precision, activation_checkpointing, augment, flip, cache_features,
            holdout_images, itm_random_negative_steps, seed, device, workers, data_workers, log_every,
@@ -103,14 +114,7 @@ def stage1(root, run_id, vision, out, tokenizer, bert, model_config, steps, batc
 @click.option("--flip/--no-flip", default=True, show_default=True, help="Horizontal flip (swaps left/right in captions).")
 @click.option("--cache-features/--no-cache-features", default=False, show_default=True, help="Compute frozen features once per image (needs --no-augment).")
 @click.option("--holdout-images", type=int, default=0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--workers", type=int, default=1, show_default=True, help="Ray Train workers (DDP) when > 1.")
-@click.option("--data-workers", type=int, default=0, show_default=True, help="DataLoader processes per trainer.")
-@click.option("--log-every", type=int, default=10, show_default=True)
-@click.option("--checkpoint-every", type=int, default=500, show_default=True)
-@click.option("--resume/--no-resume", default=True, show_default=True)
-@click.option("--stop-at", type=int, default=None, help="Stop after this step (the schedule still spans --steps).")
+@run_options
 def stage2(root, run_id, stage1, llm, out, vision, prompt, instruction_aware, steps, batch_size, grad_accumulation, lr,
            min_lr, warmup_steps, weight_decay, max_text_length, precision, activation_checkpointing, augment, flip,
            cache_features, holdout_images, seed, device, workers, data_workers, log_every, checkpoint_every, resume,
