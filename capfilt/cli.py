@@ -11,6 +11,7 @@ import sys
 
 import click
 
+from capfilt.environment import apply_defaults
 from capfilt.errors import CapfiltError
 
 # name -> module:attribute; imported only when that command runs, so `capfilt --help` is fast.
@@ -53,6 +54,7 @@ def cli():
 
 
 def main(argv: list[str] | None = None) -> None:
+    apply_defaults()  # before any command imports Ray, Prefect or transformers
     try:
         cli.main(args=argv, prog_name="capfilt", standalone_mode=False)
     except click.exceptions.Abort:

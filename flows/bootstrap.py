@@ -44,6 +44,11 @@ def _all_steps(params: BootstrapParams) -> dict[str, list[str]]:
     return steps
 
 
+def check(params: BootstrapParams) -> None:
+    """Every step's options, checked as its stage would check them, before any work (no Prefect needed)."""
+    validate_steps(_all_steps(params), will_exist=(params.models(""),))  # later rounds read earlier models
+
+
 def oracle_argv(params: BootstrapParams) -> list[str]:
     return ["synth", "oracle", "--truth", params.truth, "--root", params.root,
             "--from-run", params.round_run(0), "--run", params.oracle_run]
@@ -80,7 +85,7 @@ def write_report(params: BootstrapParams, labels: dict[str, str]) -> dict:
 @flow(name="bootstrap", log_prints=True)
 def bootstrap(params: BootstrapParams) -> dict:
     """Round 0 + `rounds` CapFilt rounds (+ oracle with ground truth), evaluation and report."""
-    validate_steps(_all_steps(params), will_exist=(params.models(""),))  # later rounds read earlier models
+    check(params)
     for k in range(params.rounds + 1):
         curate_params, _, train_params = params.round_params(k)
         curate(curate_params)

@@ -28,7 +28,8 @@ class StageJobError(Exception):
 
 
 def validate_stage_args(stage: str, argv: list[str], will_exist: tuple[str, ...] = ()) -> None:
-    """Parse a stage's arguments exactly as the CLI would, without running anything.
+    """Parse a stage's arguments exactly as the CLI would and build its typed config, without running
+    anything, so whatever the stage would refuse is refused before any work.
 
     Paths that must exist may instead lie under one of `will_exist` (folders earlier steps of the
     same flow write, e.g. the models a later round reads). Raises ConfigError naming the stage
@@ -62,9 +63,14 @@ def validate_stage_args(stage: str, argv: list[str], will_exist: tuple[str, ...]
         if not any(_under(str(value), folder) for folder in will_exist):
             raise ConfigError(f"stage {stage}: Invalid value for '{param.opts[-1]}': {value} does not exist "
                               f"(and no earlier step writes it).")
-    validate = getattr(command, "validate_params", None)
+    validate = getattr(command, "validate_params", None)  # builds the stage's typed config(s)
     if validate is not None:
-        validate(ctx.params)
+        try:
+            validate(ctx.params)
+        except click.ClickException as exc:
+            raise ConfigError(f"stage {stage}: {exc.format_message()}") from None
+        except ConfigError as exc:
+            raise ConfigError(f"stage {stage}: {exc}") from None
 
 
 def _under(path: str, folder: str) -> bool:

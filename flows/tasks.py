@@ -37,7 +37,8 @@ def validate_steps(steps: dict[str, list[str]], will_exist: tuple[str, ...] = ()
 def run_step(label: str, argv: list[str], execution: Execution) -> None:
     logger = get_run_logger()
     if execution.mode == "embedded":
-        logger.info("running capfilt %s embedded", " ".join(argv[:2]))
+        command = " ".join(a for a in argv[:2] if not a.startswith("-"))  # e.g. "filter", "train stage1"
+        logger.info("step %s: capfilt %s, in this process", label, command)
         run_embedded(argv[0], argv[1:])
         return
     runtime_env = {"working_dir": execution.working_dir} if execution.working_dir else None

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import os
+from capfilt.environment import apply_defaults
 
-# Ray >= 2.47 starts every worker through `uv run` when the driver runs under `uv run`; that
-# re-resolves the environment in each worker (slow, and fails offline). The installed venv is
-# already right, so turn it off before Ray is imported anywhere.
-os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-# img2dataset imports albumentations, which otherwise checks PyPI for updates in every worker.
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+# Before Ray is imported anywhere: no `uv run` per worker, no usage reports (capfilt/environment.py).
+apply_defaults()
+
+import logging  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
 
 import ray  # noqa: E402
 
@@ -31,7 +31,12 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         # happen by accident.
         ray.init(address="local", num_cpus=num_cpus, **kwargs)
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = True
+    # Bars on a terminal; in a log file Ray Data would instead print a multi-line progress block
+    # every 10 s ("Total Progress: 0/?", "pending: 1 CPU") that reads as a hang. The stages print
+    # their own summary line either way.
+    ctx.enable_progress_bars = sys.stderr.isatty()
+    if not ctx.enable_progress_bars:  # and no warning that they are off: that was asked for
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     ctx.print_on_execution_start = False
 
 

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import os
 
-# Set before Ray is imported anywhere (see pipeline/ray_env.py), and never join a cluster named
-# by the developer's environment from a test.
-os.environ["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] = "0"
+# The environment the tests were started in: what a user has. Tests of user-facing commands
+# (the demo test) run their subprocess in exactly this, not in what is set below.
+USER_ENV = dict(os.environ)
+
+from capfilt.environment import apply_defaults  # noqa: E402
+
+# What every capfilt command sets for its users (offline, patient Prefect): tests that call
+# library code in-process get the same, no more.
+apply_defaults()
+# Never join a cluster named by the developer's environment from a test.
 os.environ.pop("RAY_ADDRESS", None)
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-os.environ.setdefault("WANDB_MODE", "disabled")
+# In-process unit tests load only local folders; should one ever name a hub id by mistake, fail at
+# once instead of retrying against a hub these machines cannot reach. The demo test runs without
+# it and audits every connection its process tree makes.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 import pytest  # noqa: E402
 

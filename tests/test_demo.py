@@ -2,24 +2,100 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
-import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import USER_ENV
+
+# strace -f lines: `PID connect(fd, {sa_family=AF_INET, sin_port=htons(P), sin_addr=inet_addr("A")}, 16) = 0`,
+# `PID execve("/path", ["argv0", ...], ...)`, `PID clone3(...) = CHILD` (or `<... clone3 resumed>... = CHILD`).
+CONNECT = re.compile(r'^(\d+)\s+connect\(\d+, \{sa_family=AF_INET6?, sin6?_port=htons\((\d+)\),.*?'
+                     r'(?:inet_addr\("([^"]+)"\)|inet_pton\(AF_INET6, "([^"]+)")', re.M)
+EXECVE = re.compile(r'^(\d+)\s+execve\("[^"]*", \[(.*?)\]', re.M)
+SPAWN = re.compile(r'^(\d+)\s+(?:<\.\.\. )?(?:clone3?|fork|vfork)\b.*=\s+(\d+)$', re.M)
+# Ray's dashboard head asks the cloud metadata service which cloud it runs on when it starts, even
+# with usage stats off (usage_stats_head.py -> get_cluster_config_to_report): a link-local address
+# and the DNS lookup of metadata.google.internal. Nothing else may leave loopback.
+RAY_DASHBOARD = "ray/dashboard/dashboard.py"
+METADATA = "169.254.169.254"
+
+
+def connections(trace: str) -> list[dict]:
+    """Every IPv4/IPv6 connect() in a `strace -f` trace, with the command line of the process that made it."""
+    parent = {int(child): int(pid) for pid, child in SPAWN.findall(trace)}
+    argv = {int(pid): args for pid, args in EXECVE.findall(trace)}
+
+    def command(pid: int) -> str:
+        while pid not in argv and pid in parent:
+            pid = parent[pid]
+        return argv.get(pid, "?")
+
+    return [{"address": v4 or v6, "port": int(port), "command": command(int(pid))}
+            for pid, port, v4, v6 in CONNECT.findall(trace)]
+
+
+def is_loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    return ip.is_loopback or (ip.version == 6 and ip.ipv4_mapped is not None and ip.ipv4_mapped.is_loopback)
+
+
+def leaving_the_machine(trace: str) -> list[dict]:
+    return [c for c in connections(trace) if not is_loopback(c["address"]) and not (
+        RAY_DASHBOARD in c["command"] and (c["address"] == METADATA or c["port"] == 53))]
+
+
+def test_connection_audit_sees_every_address_and_who_asked():
+    trace = ('10 execve("/venv/bin/capfilt", ["/venv/bin/capfilt", "demo"], 0x7ffe /* 3 vars */) = 0\n'
+             '10 connect(5, {sa_family=AF_INET, sin_port=htons(8408), sin_addr=inet_addr("127.0.0.1")}, 16) = 0\n'
+             '10 clone3({flags=CLONE_VM, child_tid=0x7f}, 88) = 11\n'
+             '11 connect(7, {sa_family=AF_INET6, sin6_port=htons(443), sin6_flowinfo=htonl(0), '
+             'inet_pton(AF_INET6, "2001:4860::8888", &sin6_addr), sin6_scope_id=0}, 28) = -1 ENETUNREACH\n'
+             '12 execve("/venv/bin/python", ["/venv/bin/python", "/venv/lib/ray/dashboard/dashboard.py"], 0x1) = 0\n'
+             '12 connect(9, {sa_family=AF_UNIX, sun_path="/tmp/ray/session/sockets/raylet"}, 110) = 0\n'
+             '12 connect(9, {sa_family=AF_INET, sin_port=htons(80), sin_addr=inet_addr("169.254.169.254")}, 16) = -1\n'
+             '12 connect(9, {sa_family=AF_INET, sin_port=htons(53), sin_addr=inet_addr("10.0.0.53")}, 16) = 0\n'
+             '10 connect(6, {sa_family=AF_INET, sin_port=htons(53), sin_addr=inet_addr("10.0.0.53")}, 16) = 0\n')
+    found = connections(trace)
+    assert [(c["address"], c["port"]) for c in found] == [
+        ("127.0.0.1", 8408), ("2001:4860::8888", 443), ("169.254.169.254", 80), ("10.0.0.53", 53), ("10.0.0.53", 53)]
+    assert found[1]["command"].startswith('"/venv/bin/capfilt"')  # a thread of the capfilt process
+    assert [(c["address"], c["port"]) for c in leaving_the_machine(trace)] == [("2001:4860::8888", 443),
+                                                                              ("10.0.0.53", 53)]
+
 
 @pytest.mark.slow
-def test_demo_quick_bootstraps_evaluates_and_writes_the_report(tmp_path):
-    # As a user runs it: its own process, its own temporary Prefect server and local Ray.
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PREFECT_API_URL")}
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed (.ci/run installs it)")
+def test_demo_quick_on_a_fresh_busy_machine_stays_offline_and_writes_the_report(tmp_path):
+    # As a user runs it: their environment (none of the test suite's settings), a Prefect home
+    # that has never been used, its own temporary Prefect server and local Ray, and another
+    # process keeping one of the two cores busy. strace records every connect() of the whole
+    # process tree (Prefect's server, Ray's raylet and workers): all must stay on this machine.
+    env = {k: v for k, v in USER_ENV.items() if k not in ("RAY_ADDRESS", "PREFECT_API_URL")}
     env["PREFECT_HOME"] = str(tmp_path / "prefect")
-    done = subprocess.run([str(Path(sys.executable).parent / "capfilt"), "demo", "--quick", "--root", str(tmp_path)],
-                          env=env, capture_output=True, text=True, timeout=900)
+    trace = tmp_path / "connect.trace"
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        done = subprocess.run(["strace", "-f", "-qq", "-s", "256", "--seccomp-bpf", "-o", str(trace),
+                               "-e", "trace=connect,execve,clone,clone3,fork,vfork",
+                               str(Path(sys.executable).parent / "capfilt"), "demo", "--quick", "--root",
+                               str(tmp_path)], env=env, capture_output=True, text=True, timeout=1200)
+    finally:
+        busy.kill()
+        busy.wait()
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    seen = connections(trace.read_text())
+    assert {c["address"] for c in seen} >= {"127.0.0.1"}  # the audit saw the local Prefect server and world
+    assert leaving_the_machine(trace.read_text()) == []
+    assert "Traceback" not in done.stderr and "Failed to send telemetry" not in done.stderr
     printed = done.stdout
+    assert "Prefect: local server ready" in printed and "about 4 min" in printed
     report = tmp_path / "runs" / "demo-quick" / "report"
     assert f"report: {report / 'index.html'}" in printed
     for column in ("raw-r0", "capfilt-r1", "oracle"):

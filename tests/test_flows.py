@@ -10,7 +10,7 @@ import time
 import pytest
 from pydantic import ValidationError
 
-from capfilt.errors import ConfigError
+from capfilt.errors import CapfiltError, ConfigError
 from flows.jobs import run_job, validate_stage_args
 from flows.params import CurateParams, options_to_argv
 from pipeline.run_store import RunStore
@@ -40,6 +40,47 @@ def test_stage_options_are_checked_before_any_work(tmp_path):
         validate_stage_args("ingest", ["--source", "s", "--root", "r", "--run", "x", "--shard-size", "many"])
     with pytest.raises(ConfigError, match="No such option"):
         validate_stage_args("ingest", ["--source", "s", "--root", "r", "--run", "x", "--bogus", "1"])
+
+
+BASE = {"ingest": ["--source", "s", "--root", "r", "--run", "x"], "caption": ["--root", "r", "--run", "x"],
+        "filter": ["--root", "r", "--run", "x", "--clip", "ViT-B-32"], "eval": ["--root", "r", "--run", "x"],
+        "train stage1": ["stage1", "--root", "r", "--run", "x", "--vision", "v", "--out", "o"],
+        "train stage2": ["stage2", "--root", "r", "--run", "x", "--stage1", ".", "--llm", "l", "--out", "o"]}
+
+
+@pytest.mark.parametrize("stage, extra, message", [
+    ("filter", ["--top-k", "0"], "--top-k must be >= 1"),
+    ("filter", ["--policy", "bogus"], "--policy 'bogus': choose from"),
+    ("filter", ["--policy", "blip"], "--policy blip needs --itm"),
+    ("train stage1", ["--cache-features"], "--cache-features needs --no-augment"),
+    ("train stage1", ["--model-config", "[1]"], "--model-config: must be a JSON object"),
+    ("train stage2", ["--min-lr", "1"], "--min-lr must be in"),
+    ("ingest", ["--resize-mode", "stretch"], "--resize-mode 'stretch' is not one of"),
+    ("ingest", ["--url-blocklist", "/nonexistent/list.txt"], "blocklist file /nonexistent/list.txt does not exist"),
+    ("caption", ["--captioner", "c", "--top-p", "0"], "--top-p must be in"),
+    ("caption", ["--captioner", "c", "--num-beams", "2", "--num-captions", "4"], "raise --num-beams"),
+    ("eval", ["--out", "o.json"], "nothing to evaluate"),
+])
+def test_every_stage_builds_its_typed_config_before_any_work(stage, extra, message):
+    # What the stage itself would refuse hours later (after ingest and captioning) is refused up front.
+    command, _, sub = stage.partition(" ")
+    with pytest.raises(ConfigError, match=f"^stage {stage}: .*{message}"):
+        validate_stage_args(command, BASE[stage] + extra)
+    validate_stage_args(command, BASE[stage] + (["--captioner", "c"] if command == "caption" else [])
+                        + (["--out", "o.json", "--stage1", "."] if command == "eval" else []))  # the defaults pass
+
+
+def test_bootstrap_refuses_a_bad_override_before_prefect_or_ray_start(tmp_path):
+    # One line, no traceback, and neither Prefect nor Ray were started for it.
+    done = subprocess.run([sys.executable, "-m", "capfilt.cli", "bootstrap", "--source", str(tmp_path), "--root",
+                           str(tmp_path), "--set", "filter.top-k=0"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == "", done.stdout + done.stderr
+    assert done.stderr.strip() == "capfilt: error: stage filter: --top-k must be >= 1 (got 0)."
+    done = subprocess.run([sys.executable, "-m", "capfilt.cli", "bootstrap", "--source", str(tmp_path), "--root",
+                           str(tmp_path), "--set", "stage1.stepz=5"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == "", done.stdout + done.stderr
+    assert done.stderr.startswith("capfilt: error: stage train stage1: No such option '--stepz'") and \
+        "--steps" in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
 
 @pytest.fixture(scope="module")
@@ -245,3 +286,34 @@ def test_bootstrap_rounds_use_the_previous_rounds_models_and_presets_can_be_over
     assert params.pretrain_argv()[:2] == ["toy", "pretrain"]
     with pytest.raises(Exception, match="STAGE.OPTION"):
         parse_sets(("steps=3",))
+
+
+def test_capfilt_uses_the_prefect_server_that_prefect_api_url_names(prefect_harness):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.server import ensure_prefect_api
+
+    said = []
+    assert ensure_prefect_api(said.append) == PREFECT_API_URL.value()  # the harness's running server
+    assert said == [f"Prefect: using the server at {PREFECT_API_URL.value()}"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/api"
+    with temporary_settings({PREFECT_API_URL: dead}):
+        with pytest.raises(CapfiltError, match=f"PREFECT_API_URL={dead} does not answer .*prefect server start"):
+            ensure_prefect_api(said.append)
+
+
+def test_a_prefect_server_that_does_not_start_is_one_clear_line(tmp_path):
+    # A fresh Prefect home needs its database migrated (15-50 s on a busy 2-core machine); with
+    # 1 s allowed the start fails, and the user reads what to do instead of a traceback.
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "RAY_ADDRESS")}
+    env |= {"PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "1"}
+    done = subprocess.run([sys.executable, "-m", "capfilt.cli", "bootstrap", "--source", str(tmp_path / "none"),
+                           "--root", str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr and "Prefect: starting its local server" in done.stdout
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("capfilt: error: Prefect's local server did not start within 1 s") and \
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in last and "prefect server start" in last
+    assert not (tmp_path / "runs").exists()  # no work started

@@ -63,9 +63,13 @@ def bootstrap_params(source, root, run, rounds, preset, quick, truth, sets, ray_
 def bootstrap(source, root, run, rounds, preset, quick, truth, heldout, evaluate, sets, ray_address, working_dir):
     """Round 0 on the raw source, then CapFilt rounds with each round's own models (a Prefect flow)."""
     from flows.bootstrap import bootstrap as bootstrap_flow
+    from flows.bootstrap import check
+    from flows.server import ensure_prefect_api
 
     params = bootstrap_params(source, root, run, rounds, preset, quick, truth, sets, ray_address, working_dir,
                               heldout, evaluate)
+    check(params)  # every stage's options, before Prefect, Ray or any download starts
+    ensure_prefect_api(click.echo)
     summary = bootstrap_flow(params)
     click.echo(format_summary(summary))
 

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import click
 
-from model.captioners import Decoding
-from pipeline.caption import CaptionConfig, run_caption
-from pipeline.run_store import RunStore
+from model.decoding import Decoding
 
 _DEFAULTS = Decoding()
 
@@ -26,14 +24,23 @@ _DEFAULTS = Decoding()
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Images per generate call.")
 @click.option("--actors", type=int, default=None, help="Captioner actors (default: one per GPU, else one).")
 @click.option("--cpus-per-actor", type=int, default=1, show_default=True, help="CPU cores (torch threads on CPU) per actor.")
-def caption(root, run_id, captioner, num_captions, top_p, max_length, min_length, repetition_penalty,
-            prompt, num_beams, seed, batch_size, actors, cpus_per_actor):
+def caption(root, run_id, **options):
     """Write captions/<shard>.parquet: each image's web caption plus N synthetic ones."""
-    decoding = Decoding(
-        num_captions=num_captions, top_p=top_p, max_length=max_length, min_length=min_length,
-        repetition_penalty=repetition_penalty, prompt=prompt, num_beams=num_beams, seed=seed,
-    )
-    config = CaptionConfig(captioner=captioner, decoding=decoding, batch_size=batch_size, actors=actors,
-                           cpus_per_actor=cpus_per_actor)
-    summary = run_caption(RunStore(root, run_id), config)
+    from pipeline.caption import run_caption
+    from pipeline.run_store import RunStore
+
+    summary = run_caption(RunStore(root, run_id), caption_config(options))
     click.echo(summary.line())
+
+
+def caption_config(options: dict):
+    """The caption stage's typed config from the command's options (checks every value)."""
+    from pipeline.caption import CaptionConfig
+
+    o = {k: v for k, v in options.items() if k not in ("root", "run_id")}
+    decoding = Decoding(**{k: o.pop(k) for k in ("num_captions", "top_p", "max_length", "min_length",
+                                                  "repetition_penalty", "prompt", "num_beams", "seed")})
+    return CaptionConfig(decoding=decoding, **o)
+
+
+caption.validate_params = caption_config

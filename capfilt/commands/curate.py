@@ -5,8 +5,6 @@ from __future__ import annotations
 import click
 
 from capfilt.commands.filter import filter_options
-from flows.jobs import run_embedded, validate_stage_args
-from flows.params import options_to_argv
 
 
 @click.command()
@@ -27,6 +25,9 @@ def curate(source, root, run_id, shard_size, allow_private_addresses, image_size
            top_p, prompt, seed, **filter_opts):
     """Curate a source into <root>/runs/<run>/curated: every stage's options are checked before any
     work, and every stage skips shards it already finished (rerunning resumes)."""
+    from flows.jobs import run_embedded, validate_stage_args
+    from flows.params import options_to_argv
+
     common = ["--root", root, "--run", run_id]
     stages = {
         "ingest": ["--source", source, *common, "--no-progress", *options_to_argv({

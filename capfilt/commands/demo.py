@@ -9,6 +9,8 @@ import click
 
 
 HELDOUT_IMAGES = 200
+# Wall time measured on 2 CPU cores from a fresh clone (README); printed so a newcomer knows what to expect.
+EXPECTED_MINUTES = {"quick": 4, "full": 20}
 
 
 @click.command()
@@ -22,6 +24,8 @@ def demo(root, quick, images, noise, seed, sets):
     """Bootstrap a model end to end on a synthetic world and print what CapFilt bought."""
     from capfilt.commands.bootstrap import bootstrap_params, format_summary
     from flows.bootstrap import bootstrap as bootstrap_flow
+    from flows.bootstrap import check
+    from flows.server import ensure_prefect_api
     from pipeline.synth import WorldConfig, WorldServer, free_port, load_world, make_world
 
     started = time.perf_counter()
@@ -40,10 +44,15 @@ def demo(root, quick, images, noise, seed, sets):
     click.echo(f"world: {world['images']} images, noise {world['noise_ratio']:.2f}, in {world_dir}; "
                f"held-out evaluation world: {HELDOUT_IMAGES} clean images in {heldout_dir}")
     run = "demo-quick" if quick else "demo"
+    minutes = EXPECTED_MINUTES["quick" if quick else "full"]
+    click.echo(f"when it is done (about {minutes} min on 2 CPU cores): the table here and the report at "
+               f"{Path(root) / 'runs' / run / 'report' / 'index.html'}")
+    params = bootstrap_params(world["source"], root, run, 1, "toy", quick, world["ground_truth"], sets, None, None,
+                              str(heldout_dir))
+    check(params)  # every stage's options, before Prefect, Ray or any download starts
+    ensure_prefect_api(click.echo)
     with WorldServer(world_dir) as server:
         click.echo(f"serving it at {server.base_url}")
-        params = bootstrap_params(world["source"], root, run, 1, "toy", quick, world["ground_truth"], sets, None, None,
-                                  str(heldout_dir))
         summary = bootstrap_flow(params)
     click.echo(format_summary(summary))
     click.echo(f"demo finished in {time.perf_counter() - started:.0f} s")

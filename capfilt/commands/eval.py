@@ -7,8 +7,6 @@ from pathlib import Path
 
 import click
 
-from pipeline.evaluate import EvalConfig, run_eval, summary_lines
-
 
 @click.command("eval")
 @click.option("--root", required=True, help="Run store root (local folder or fsspec URL).")
@@ -26,14 +24,23 @@ from pipeline.evaluate import EvalConfig, run_eval, summary_lines
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, ...")
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="Where to write the metrics JSON.")
-def eval_command(root, run, stage1, captioner, truth, heldout, clip_config, max_images, rerank_k, num_beams, max_length, seed, device, out):
+def eval_command(out, **options):
     """Measure a run: retrieval (--stage1), captions (--captioner) and, on a synthetic world (--truth), filter quality."""
-    config = EvalConfig(root=root, run=run, stage1=stage1, captioner=captioner, truth=truth, max_images=max_images,
-                        rerank_k=rerank_k, num_beams=num_beams, max_length=max_length, seed=seed, device=device,
-                        clip_config=clip_config, heldout=heldout)
-    result = run_eval(config)
+    from pipeline.evaluate import run_eval, summary_lines
+
+    result = run_eval(eval_config(options))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(result, indent=1, sort_keys=True))
     for line in summary_lines(result):
         click.echo(line)
     click.echo(f"metrics: {out}")
+
+
+def eval_config(options: dict):
+    """The evaluation's typed config from the command's options (checks every value)."""
+    from pipeline.evaluate import EvalConfig
+
+    return EvalConfig(**{k: v for k, v in options.items() if k != "out"})
+
+
+eval_command.validate_params = eval_config

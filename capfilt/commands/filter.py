@@ -4,12 +4,6 @@ from __future__ import annotations
 
 import click
 
-from pipeline.dedup import DedupConfig, run_dedup
-from pipeline.filter_report import write_filter_report
-from pipeline.run_store import RunStore
-from pipeline.score import ScoreConfig, run_score
-from pipeline.select import SelectConfig, run_select
-
 
 def filter_options(f):
     """Options shared by `capfilt filter` and `capfilt curate`."""
@@ -43,7 +37,12 @@ def filter_options(f):
     return f
 
 
-def configs_from_options(o: dict) -> tuple[ScoreConfig, DedupConfig, SelectConfig]:
+def configs_from_options(o: dict):
+    """(ScoreConfig, DedupConfig, SelectConfig) from the filter options; every value is checked."""
+    from pipeline.dedup import DedupConfig
+    from pipeline.score import ScoreConfig
+    from pipeline.select import SelectConfig
+
     score = ScoreConfig(clip=o["clip"], clip_pretrained=o["clip_pretrained"], clip_config=o["clip_config"],
                         itm=o["itm"], batch_size=o["score_batch_size"], actors=o["score_actors"])
     dedup = DedupConfig(eps=o["dedup_eps"], cluster_size=o["dedup_cluster_size"], semantic=not o["no_semantic_dedup"])
@@ -61,7 +60,12 @@ def configs_from_options(o: dict) -> tuple[ScoreConfig, DedupConfig, SelectConfi
     return score, dedup, select
 
 
-def run_filter(store: RunStore, options: dict) -> dict:
+def run_filter(store, options: dict) -> dict:
+    from pipeline.dedup import run_dedup
+    from pipeline.filter_report import write_filter_report
+    from pipeline.score import run_score
+    from pipeline.select import run_select
+
     score_cfg, dedup_cfg, select_cfg = configs_from_options(options)
     scored = run_score(store, score_cfg)
     click.echo(scored.line())
@@ -86,4 +90,9 @@ def filter_command(root, run_id, **options):
     Writes scores/, dedup/, curated/ and rejected/ (every dropped caption with its reason) and the
     report (histograms, reasons, sample grid). Each step skips work already done with the same settings.
     """
+    from pipeline.run_store import RunStore
+
     return run_filter(RunStore(root, run_id), options)
+
+
+filter_command.validate_params = configs_from_options

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import click
 
-from pipeline.ingest import IngestConfig, ingest, read_blocklist
-from schemas import SourceColumns
-
 
 @click.command()
 @click.option("--source", required=True, help="Parquet/CSV/JSONL file or folder of them (local path or fsspec URI).")
@@ -32,24 +29,31 @@ from schemas import SourceColumns
 @click.option("--url-col", default="URL", show_default=True, help="Source column holding the URL.")
 @click.option("--caption-col", default="TEXT", show_default=True, help="Source column holding the caption.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def ingest_command(source, root, run_id, shard_size, allow_private_addresses, image_size, resize_mode,
-                   resize_only_if_bigger, encode_format, encode_quality, timeout, threads, retries,
-                   retry_failed, ignore_opt_out, url_blocklist, hash_blocklist, max_pixels, min_image_size,
-                   max_aspect_ratio, url_col, caption_col, no_progress):
+def ingest_command(source, root, run_id, retry_failed, no_progress, **options):
     """Download a URL source with img2dataset into <root>/runs/<run>/images, one Ray task per shard.
 
     Every source row ends in images/ or in rejected/ingest/ with a reason. Rerunning skips shards
     already done with the same settings.
     """
-    config = IngestConfig(
-        shard_size=shard_size, image_size=image_size, resize_mode=resize_mode,
-        resize_only_if_bigger=resize_only_if_bigger, encode_format=encode_format,
-        encode_quality=encode_quality, timeout=timeout, threads=threads, retries=retries,
-        respect_opt_out=not ignore_opt_out, allow_private_addresses=allow_private_addresses,
-        max_pixels=max_pixels, min_image_size=min_image_size, max_aspect_ratio=max_aspect_ratio,
-        url_blocklist=read_blocklist(url_blocklist), hash_blocklist=read_blocklist(hash_blocklist),
-        columns=SourceColumns(URL=url_col, TEXT=caption_col),
-    )
-    summary = ingest(source, root, run_id, config, retry_failed=retry_failed, progress=not no_progress)
+    from pipeline.ingest import ingest
+
+    summary = ingest(source, root, run_id, ingest_config(options), retry_failed=retry_failed,
+                     progress=not no_progress)
     click.echo(summary.line())
     return summary
+
+
+def ingest_config(options: dict):
+    """The ingest stage's typed config from the command's options (checks every value, reads blocklists)."""
+    from pipeline.ingest import IngestConfig, read_blocklist
+    from schemas import SourceColumns
+
+    o = {k: v for k, v in options.items() if k not in ("source", "root", "run_id", "retry_failed", "no_progress")}
+    return IngestConfig(
+        respect_opt_out=not o.pop("ignore_opt_out"), url_blocklist=read_blocklist(o.pop("url_blocklist")),
+        hash_blocklist=read_blocklist(o.pop("hash_blocklist")),
+        columns=SourceColumns(URL=o.pop("url_col"), TEXT=o.pop("caption_col")), **o,
+    )
+
+
+ingest_command.validate_params = ingest_config

@@ -30,6 +30,26 @@ def train():
     """Train capfilt's models on a curated run."""
 
 
+def stage1_config(params: dict):
+    """The Stage 1 trainer's typed config from the command's options (checks every value)."""
+    from model.train_stage1 import Stage1Config
+
+    p = dict(params)
+    p.pop("workers", None)
+    model_config = p.pop("model_config")
+    try:
+        overrides = json.loads(model_config) if model_config else {}
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not JSON ({exc})", param_hint="--model-config") from exc
+    if not isinstance(overrides, dict):
+        raise click.BadParameter("must be a JSON object", param_hint="--model-config")
+    bert = p.pop("bert")
+    return Stage1Config(
+        root=p.pop("root"), run=p.pop("run_id"), bert=None if bert.lower() == "none" else bert, model=overrides,
+        num_data_workers=p.pop("data_workers"), **p,
+    )
+
+
 @train.command()
 @click.option("--root", required=True, help="Data root (local path or fsspec URI) holding runs/<run>/curated.")
 @click.option("--run", "--from-run", "run_id", required=True,
@@ -55,30 +75,13 @@ def train():
 @click.option("--itm-random-negative-steps", type=int, default=0, show_default=True,
               help="ITM negatives drawn uniformly for this many steps before hard negatives (training from scratch).")
 @run_options
-def stage1(root, run_id, vision, out, tokenizer, bert, model_config, steps, batch_size, grad_accumulation, lr,
-           min_lr, warmup_steps, weight_decay, precision, activation_checkpointing, augment, flip, cache_features,
-           holdout_images, itm_random_negative_steps, seed, device, workers, data_workers, log_every,
-           checkpoint_every, resume, stop_at):
+def stage1(**params):
     """Train Stage 1 (ITC + ITM + ITG) against a frozen image encoder; checkpoints and metrics go to --out."""
-    from model.train_stage1 import Stage1Config, train_distributed
+    from model.train_stage1 import train_distributed
     from model.train_stage1 import train as train_local
 
-    try:
-        overrides = json.loads(model_config) if model_config else {}
-    except json.JSONDecodeError as exc:
-        raise click.BadParameter(f"not JSON ({exc})", param_hint="--model-config") from exc
-    if not isinstance(overrides, dict):
-        raise click.BadParameter("must be a JSON object", param_hint="--model-config")
-    config = Stage1Config(
-        root=root, run=run_id, vision=vision, out=out, tokenizer=tokenizer,
-        bert=None if bert.lower() == "none" else bert, model=overrides, steps=steps, batch_size=batch_size,
-        grad_accumulation=grad_accumulation, lr=lr, min_lr=min_lr, warmup_steps=warmup_steps,
-        weight_decay=weight_decay, precision=precision, activation_checkpointing=activation_checkpointing,
-        augment=augment, flip=flip, cache_features=cache_features, holdout_images=holdout_images,
-        itm_random_negative_steps=itm_random_negative_steps, seed=seed,
-        device=device, num_data_workers=data_workers, log_every=log_every, checkpoint_every=checkpoint_every,
-        resume=resume, stop_at=stop_at,
-    )
+    config = stage1_config(params)
+    workers, out = params["workers"], config.out
     if workers > 1:
         result = train_distributed(config, workers)
         click.echo(f"trained to step {result['step']} on {workers} workers; checkpoints in {out}")
@@ -89,6 +92,15 @@ def stage1(root, run_id, vision, out, tokenizer, bert, model_config, steps, batc
         f"trained to step {result['step']}; last loss {last.get('loss')} (itc {last.get('itc')}, itm {last.get('itm')}, "
         f"itg {last.get('itg')}); checkpoint {result['checkpoint']}; metrics {out}/metrics.jsonl"
     )
+
+
+def stage2_config(params: dict):
+    """The Stage 2 trainer's typed config from the command's options (checks every value)."""
+    from model.stage2 import Stage2Config
+
+    p = dict(params)
+    p.pop("workers", None)
+    return Stage2Config(root=p.pop("root"), run=p.pop("run_id"), num_data_workers=p.pop("data_workers"), **p)
 
 
 @train.command()
@@ -115,23 +127,13 @@ def stage1(root, run_id, vision, out, tokenizer, bert, model_config, steps, batc
 @click.option("--cache-features/--no-cache-features", default=False, show_default=True, help="Compute frozen features once per image (needs --no-augment).")
 @click.option("--holdout-images", type=int, default=0, show_default=True)
 @run_options
-def stage2(root, run_id, stage1, llm, out, vision, prompt, instruction_aware, steps, batch_size, grad_accumulation, lr,
-           min_lr, warmup_steps, weight_decay, max_text_length, precision, activation_checkpointing, augment, flip,
-           cache_features, holdout_images, seed, device, workers, data_workers, log_every, checkpoint_every, resume,
-           stop_at):
+def stage2(**params):
     """Train Stage 2: the Stage 1 Q-Former and a projection in front of a frozen LLM; checkpoints go to --out."""
-    from model.stage2 import Stage2Config, train_distributed
+    from model.stage2 import train_distributed
     from model.stage2 import train as train_local
 
-    config = Stage2Config(
-        root=root, run=run_id, stage1=stage1, llm=llm, out=out, vision=vision, prompt=prompt,
-        instruction_aware=instruction_aware, steps=steps, batch_size=batch_size, grad_accumulation=grad_accumulation,
-        lr=lr, min_lr=min_lr, warmup_steps=warmup_steps, weight_decay=weight_decay, max_text_length=max_text_length,
-        precision=precision, activation_checkpointing=activation_checkpointing, augment=augment, flip=flip,
-        cache_features=cache_features, holdout_images=holdout_images, seed=seed, device=device,
-        num_data_workers=data_workers, log_every=log_every, checkpoint_every=checkpoint_every, resume=resume,
-        stop_at=stop_at,
-    )
+    config = stage2_config(params)
+    workers, out = params["workers"], config.out
     result = train_distributed(config, workers) if workers > 1 else train_local(config)
     metrics = result["metrics"]
     first, last = (metrics[0], metrics[-1]) if metrics else ({}, {})
@@ -140,3 +142,7 @@ def stage2(root, run_id, stage1, llm, out, vision, prompt, instruction_aware, st
         f"{first.get('loss')} (step {first.get('step')}) -> {last.get('loss')} (step {last.get('step')}); "
         f"checkpoint {result['checkpoint']}; metrics {out}/metrics.jsonl"
     )
+
+
+stage1.validate_params = stage1_config
+stage2.validate_params = stage2_config
