@@ -51,6 +51,7 @@ class CurateParams(BaseModel):
     source: str = Field(..., description="LAION-style source file or folder (local path or fsspec URI).")
     root: str = Field("./data", description="Data root (local path or fsspec URI).")
     run: str = Field(..., description="Run id; a scheduled run with a fixed id only processes new shards.")
+    images_from: str | None = Field(None, description="Reuse this run's downloads instead of downloading the source again.")
     ingest: dict[str, OptionValue] = Field(default_factory=dict, description="`capfilt ingest` options, e.g. {'shard-size': 1000}.")
     caption: dict[str, OptionValue] | None = Field(
         None, description="`capfilt caption` options, e.g. {'captioner': 'Salesforce/blip-image-captioning-large', 'num-captions': 10}; null skips captioning."
@@ -70,7 +71,10 @@ class CurateParams(BaseModel):
     def stage_argv(self) -> dict[str, list[str]]:
         """Each stage's full CLI arguments, in the order the flow runs them."""
         common = ["--root", self.root, "--run", self.run]
-        stages = {"ingest": ["--source", self.source, *common, "--no-progress", *options_to_argv(self.ingest)]}
+        if self.images_from:  # a later bootstrap round: round 0's images, not a second download
+            stages = {"ingest": ["--from-run", self.images_from, *common]}
+        else:
+            stages = {"ingest": ["--source", self.source, *common, "--no-progress", *options_to_argv(self.ingest)]}
         if self.caption is not None:
             stages["caption"] = [*common, *options_to_argv(self.caption)]
         if self.filter is not None:
@@ -175,7 +179,8 @@ class BootstrapParams(BaseModel):
             caption = {**preset.caption, "captioner": _join(previous, "stage2"), **self.caption}
             filter_options = {**preset.filter, "itm": _join(previous, "stage1"), **self.filter}
         curate = CurateParams(source=self.source, root=self.root, run=run, ingest={**preset.ingest, **self.ingest},
-                              caption=caption, filter=None, execution=self.execution)
+                              images_from=self.round_run(0) if k else None, caption=caption, filter=None,
+                              execution=self.execution)
         return curate, filter_options, self.train_params(run)
 
     def train_params(self, run: str) -> TrainParams:

@@ -639,6 +639,37 @@ def ingest(source: str, root: str, run_id: str, config: IngestConfig, retry_fail
     return summary
 
 
+def reuse_ingest(root: str, run_id: str, from_run: str) -> IngestSummary:
+    """Ingest by reusing another run's downloads: nothing is downloaded twice.
+
+    A bootstrap round k >= 1 curates round 0's images again; every finished ingest shard of
+    `from_run` (its images, its rejected rows and their counts) becomes this run's own, linked
+    rather than copied on a local disk. Rerunning skips shards already taken with the same
+    source shard; a shard `from_run` redid since is taken again.
+    """
+    store, source = RunStore(root, run_id), RunStore(root, from_run)
+    done = [r for r in source.records(STAGE) if r.status == "done"]
+    if not done:
+        raise ConfigError(f"--from-run {from_run}: run '{from_run}' under {root} has no finished ingest shards; "
+                          f"ingest it first (capfilt ingest --source ... --run {from_run}).")
+    unfinished = [r.shard for r in source.records(STAGE) if r.status != "done"]
+    if unfinished:
+        raise ConfigError(f"--from-run {from_run}: ingest shard(s) {', '.join(unfinished[:3])} of run '{from_run}' "
+                          "did not finish; rerun its ingest first so every source row is accounted for.")
+    started = time.time()
+    summary = IngestSummary(run_id=run_id, shards=len(done), skipped=0)
+    for record in done:
+        cfg_hash = config_hash({"from_run": from_run, "shard_config": record.config_hash})
+        if store.is_done(STAGE, record.shard, cfg_hash):
+            summary.skipped += 1
+            continue
+        store.adopt_shard(source, STAGE, record.shard, ("images",), cfg_hash, extra={"images_from": from_run})
+    summary.seconds = time.time() - started
+    _summarize(store, summary, [r.shard for r in done])
+    write_report(store, summary)
+    return summary
+
+
 def _summarize(store: RunStore, summary: IngestSummary, shards: list[str]) -> None:
     """Totals over the run's final outcomes (a retried row counts once, by its latest attempt)."""
     records = {r.shard: r for r in store.records(STAGE)}
@@ -680,6 +711,7 @@ __all__ = [
     "ingest",
     "plan_shards",
     "read_blocklist",
+    "reuse_ingest",
 ]
 
 

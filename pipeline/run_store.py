@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import time
 import uuid
@@ -244,6 +245,36 @@ class RunStore:
         )
         self._write_record(record)
         return record
+
+    def adopt_shard(self, other: "RunStore", stage: str, shard: str, artifacts: tuple[str, ...],
+                    config_hash: str, extra: dict | None = None) -> ManifestRecord:
+        """Take a done (stage, shard) of another run of the same root as this run's own: its output
+        files and rejected rows are linked (a hard link on a local disk, a server-side copy on
+        object storage), then its manifest record is written here, counts and all."""
+        source = other.record(stage, shard)
+        if source is None or source.status != "done":
+            raise ConfigError(f"run '{other.run_id}' has no finished '{stage}' shard '{shard}' to reuse.")
+        paths = [(other.shard_path(a, shard), self.shard_path(a, shard)) for a in artifacts]
+        paths.append((other.rejected_path(stage, shard), self.rejected_path(stage, shard)))
+        for src, dst in paths:
+            if self.fs.exists(src):
+                self._link_atomic(src, dst)
+        record = dataclasses.replace(source, config_hash=config_hash, extra={**(source.extra or {}), **(extra or {})})
+        self._write_record(record)
+        return record
+
+    def _link_atomic(self, src: str, dst: str) -> None:
+        folder, name = dst.rsplit("/", 1)
+        self.fs.makedirs(folder, exist_ok=True)
+        tmp = f"{folder}/.{name}.tmp-{uuid.uuid4().hex[:8]}"
+        if "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)):
+            try:
+                os.link(src, tmp)  # no second copy of the bytes on a local disk
+            except OSError:
+                self.fs.copy(src, tmp)
+        else:
+            self.fs.copy(src, tmp)
+        self.fs.mv(tmp, dst)
 
     def fail_shard(self, stage: str, shard: str, config_hash: str, error: str) -> ManifestRecord:
         previous = self.record(stage, shard)

@@ -57,6 +57,7 @@ BASE = {"ingest": ["--source", "s", "--root", "r", "--run", "x"], "caption": ["-
     ("train stage2", ["--min-lr", "1"], "--min-lr must be in"),
     ("ingest", ["--resize-mode", "stretch"], "--resize-mode 'stretch' is not one of"),
     ("ingest", ["--url-blocklist", "/nonexistent/list.txt"], "blocklist file /nonexistent/list.txt does not exist"),
+    ("ingest", ["--from-run", "r0"], "give either --source .* or --from-run"),
     ("caption", ["--captioner", "c", "--top-p", "0"], "--top-p must be in"),
     ("caption", ["--captioner", "c", "--num-beams", "2", "--num-captions", "4"], "raise --num-beams"),
     ("eval", ["--out", "o.json"], "nothing to evaluate"),
@@ -283,6 +284,8 @@ def test_bootstrap_rounds_use_the_previous_rounds_models_and_presets_can_be_over
     curate2, filter2, train2 = params.round_params(2)
     assert curate2.caption["captioner"] == "/d/models/b-r1/stage2" and filter2["itm"] == "/d/models/b-r1/stage1"
     assert filter2["top-k"] == 1 and train2.stage1["steps"] == 7 and train2.models == "/d/models/b-r2"
+    assert curate0.stage_argv()["ingest"][:2] == ["--source", "src"]  # round 0 downloads,
+    assert curate2.stage_argv()["ingest"][:2] == ["--from-run", "b-r0"]  # later rounds reuse its images
     assert params.pretrain_argv()[:2] == ["toy", "pretrain"]
     with pytest.raises(Exception, match="STAGE.OPTION"):
         parse_sets(("steps=3",))

@@ -20,6 +20,7 @@ from pipeline.ingest import (
     final_rejected,
     ingest,
     plan_shards,
+    reuse_ingest,
 )
 from pipeline.run_store import RunStore
 from pipeline.synth import WorldConfig, WorldServer, make_world
@@ -148,6 +149,27 @@ def test_retry_failed_requeues_retryable_rows_and_keeps_history(ray_local, tmp_p
     history = store.read_rejected("ingest").to_pylist()
     assert sorted(r["reason"] for r in history) == ["http_404", "http_500"]  # attempt 1 kept on record
     assert [r["reason"] for r in final_rejected(store).to_pylist()] == ["http_404"]
+
+
+def test_a_later_round_reuses_the_downloads_of_round_0(ray_local, tmp_path):
+    directory = tmp_path / "world"
+    world = make_world(directory, WorldConfig(images=6, seed=4, bad_url_kinds=("http_404",), duplicates=0))
+    root = str(tmp_path / "root")
+    with WorldServer(directory):
+        first = ingest(world["source"], root, "r0", IngestConfig(**FAST, shard_size=4), progress=False)
+    # The server is gone: round 1 could not download anything, and needs not.
+    reused = reuse_ingest(root, "r1", "r0")
+    assert (reused.rows_in, reused.kept, reused.rejected, reused.failed, reused.reasons) == (
+        first.rows_in, first.kept, first.rejected, first.failed, first.reasons)
+    assert _images_rows(root, "r1") == _images_rows(root, "r0")
+    r0, r1 = RunStore(root, "r0"), RunStore(root, "r1")
+    for shard in r0.shards("images"):  # the same bytes on disk, not a second copy
+        assert os.stat(r0.shard_path("images", shard)).st_ino == os.stat(r1.shard_path("images", shard)).st_ino
+    assert all(r.status == "done" and r.extra["images_from"] == "r0" for r in r1.records("ingest"))
+    again = reuse_ingest(root, "r1", "r0")
+    assert again.skipped == again.shards == len(r0.records("ingest"))
+    with pytest.raises(ConfigError, match="run 'nothing' under .* has no finished ingest shards"):
+        reuse_ingest(root, "r2", "nothing")
 
 
 def _images_rows(root, run):

@@ -6,7 +6,8 @@ import click
 
 
 @click.command()
-@click.option("--source", required=True, help="Parquet/CSV/JSONL file or folder of them (local path or fsspec URI).")
+@click.option("--source", help="Parquet/CSV/JSONL file or folder of them (local path or fsspec URI).")
+@click.option("--from-run", help="Instead of --source: reuse this run's downloads (same --root; nothing is downloaded again).")
 @click.option("--root", required=True, help="Data root (local path or fsspec URI).")
 @click.option("--run", "run_id", required=True, help="Run id.")
 @click.option("--shard-size", type=int, default=10_000, show_default=True, help="Source rows per shard.")
@@ -29,16 +30,19 @@ import click
 @click.option("--url-col", default="URL", show_default=True, help="Source column holding the URL.")
 @click.option("--caption-col", default="TEXT", show_default=True, help="Source column holding the caption.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def ingest_command(source, root, run_id, retry_failed, no_progress, **options):
+def ingest_command(source, from_run, root, run_id, retry_failed, no_progress, **options):
     """Download a URL source with img2dataset into <root>/runs/<run>/images, one Ray task per shard.
 
     Every source row ends in images/ or in rejected/ingest/ with a reason. Rerunning skips shards
-    already done with the same settings.
+    already done with the same settings. --from-run takes another run's downloads instead.
     """
-    from pipeline.ingest import ingest
+    from pipeline.ingest import ingest, reuse_ingest
 
-    summary = ingest(source, root, run_id, ingest_config(options), retry_failed=retry_failed,
-                     progress=not no_progress)
+    config = ingest_config({"source": source, "from_run": from_run, **options})
+    if from_run:
+        summary = reuse_ingest(root, run_id, from_run)
+    else:
+        summary = ingest(source, root, run_id, config, retry_failed=retry_failed, progress=not no_progress)
     click.echo(summary.line())
     return summary
 
@@ -48,7 +52,10 @@ def ingest_config(options: dict):
     from pipeline.ingest import IngestConfig, read_blocklist
     from schemas import SourceColumns
 
-    o = {k: v for k, v in options.items() if k not in ("source", "root", "run_id", "retry_failed", "no_progress")}
+    if bool(options.get("source")) == bool(options.get("from_run")):
+        raise click.UsageError("give either --source (download a URL source) or --from-run (reuse a run's downloads)")
+    o = {k: v for k, v in options.items()
+         if k not in ("source", "from_run", "root", "run_id", "retry_failed", "no_progress")}
     return IngestConfig(
         respect_opt_out=not o.pop("ignore_opt_out"), url_blocklist=read_blocklist(o.pop("url_blocklist")),
         hash_blocklist=read_blocklist(o.pop("hash_blocklist")),
