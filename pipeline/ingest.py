@@ -39,7 +39,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 import pipeline.ray_env  # noqa: F401  (sets RAY_ENABLE_UV_RUN_RUNTIME_ENV before ray)
-from capfilt.errors import CapfiltError, ConfigError
+from capfilt.errors import CapfiltError, ConfigError, SchemaError
 from pipeline.run_store import RunStore, ShardCounts, config_hash
 from schemas import IMAGES, REJECTED, SourceColumns, to_canonical
 
@@ -186,9 +186,13 @@ def plan_shards(source: str, shard_size: int, columns: SourceColumns) -> list[Sh
         if path.endswith(".parquet"):
             try:
                 with fs.open(path, "rb") as handle:
-                    rows = pq.ParquetFile(handle).metadata.num_rows
+                    parquet = pq.ParquetFile(handle)
+                    rows, names = parquet.metadata.num_rows, parquet.schema_arrow.names
             except (pa.ArrowInvalid, OSError) as exc:
                 raise CapfiltError(f"{fs.unstrip_protocol(path)}: not a readable Parquet file ({exc}).") from exc
+            if columns.URL not in names:  # checked here, before any Ray task starts
+                raise SchemaError(f"{fs.unstrip_protocol(path)}: no URL column '{columns.URL}'; found columns "
+                                  f"{names}. Pass the URL column's name with --url-col.")
         else:
             rows = read_source_file(fs, path, columns, fs.unstrip_protocol(path)).num_rows
         file = SourceFile(path=fs.unstrip_protocol(path), name=name, rows=rows)
@@ -314,6 +318,31 @@ def classify_error(message: str) -> str:
         if marker in text:
             return reason
     return "download_error"
+
+
+# What a user can do about a reason, shown when a run keeps nothing or loses most of its rows.
+REASON_FIXES = {
+    "private_address": "pass --allow-private-addresses to download from a local or private server",
+    "invalid_url": "check that --url-col names the column holding http(s) URLs",
+    "timeout": "raise --timeout, or rerun with --retry-failed when the server is back",
+    "connection_error": "check that the server is up, then rerun with --retry-failed",
+    "dns_error": "check the host names and this machine's network, then rerun with --retry-failed",
+    "opt_out": "the servers opted out of AI use (X-Robots-Tag); capfilt honours it",
+    "blocklisted": "the URLs, hosts or image hashes are on --url-blocklist / --hash-blocklist",
+    "too_many_pixels": "raise --max-pixels if these images are wanted",
+    "image_too_small": "lower --min-image-size",
+    "aspect_ratio_too_large": "raise --max-aspect-ratio",
+}
+
+
+def reason_fix(reason: str) -> str:
+    if reason in REASON_FIXES:
+        return REASON_FIXES[reason]
+    if reason.startswith("http_5"):
+        return "the server failed; rerun with --retry-failed when it is back"
+    if reason.startswith("http_4"):
+        return "the URLs are gone or refused; nothing to retry"
+    return "see rejected/ingest/ for each row's error_message"
 
 
 def is_retryable(reason: str) -> bool:
@@ -531,6 +560,17 @@ class IngestSummary:
     images_per_s: float = 0.0
     failed_shards: list = field(default_factory=list)
 
+    def problem(self, source: str) -> str | None:
+        """What to tell a user whose run kept nothing (an error) or lost most of its rows (a warning)."""
+        if self.rows_in == 0:
+            return f"{source} has no rows: nothing to download (is it the right file or folder?)"
+        if self.kept * 2 >= self.rows_in:
+            return None
+        lost = self.rows_in - self.kept
+        top = sorted(self.reasons.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
+        causes = "; ".join(f"{n} of {self.rows_in} {reason}: {reason_fix(reason)}" for reason, n in top)
+        return f"{'nothing' if self.kept == 0 else f'only {self.kept}'} of {self.rows_in} rows kept ({lost} lost): {causes}"
+
     def line(self) -> str:
         text = (
             f"ingest {self.run_id}: {self.rows_in} rows in = {self.kept} kept + {self.rejected} rejected + "
@@ -626,7 +666,8 @@ def ingest(source: str, root: str, run_id: str, config: IngestConfig, retry_fail
     summary.seconds = time.time() - started
     _summarize(store, summary, [s.shard for s in all_specs])
     summary.images_per_s = (
-        sum(r.kept for r in store.records(STAGE) if r.shard in {s.shard for s in specs_to_run}) / max(summary.seconds, 1e-9)
+        sum(r.kept or 0 for r in store.records(STAGE) if r.shard in {s.shard for s in specs_to_run})
+        / max(summary.seconds, 1e-9)
         if specs_to_run else 0.0
     )
     write_report(store, summary)

@@ -207,3 +207,35 @@ def test_resume_after_killed_run_gives_the_same_rows(ray_local, small_world, tmp
     # A rerun does no work.
     again = ingest(world["source"], root, "killed", config, progress=False)
     assert again.skipped == again.shards and Counter(again.reasons) == Counter(resumed.reasons)
+
+
+def _capfilt(*args):
+    return subprocess.run([sys.executable, "-m", "capfilt.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_a_source_with_nothing_to_download_is_an_error_that_says_why(tmp_path):
+    wrong = tmp_path / "wrong.parquet"
+    pq.write_table(pa.table({"image_url": ["http://example.invalid/a.jpg"], "caption": ["a"]}), wrong)
+    done = _capfilt("ingest", "--source", str(wrong), "--root", str(tmp_path), "--run", "w")
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "no URL column 'URL'; found columns ['image_url', 'caption']" in done.stderr and "--url-col" in done.stderr
+    assert not (tmp_path / "runs" / "w" / "images").exists()  # refused before any shard ran
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"URL": pa.array([], pa.string()), "TEXT": pa.array([], pa.string())}), empty)
+    done = _capfilt("ingest", "--source", str(empty), "--root", str(tmp_path), "--run", "e")
+    assert done.returncode == 2 and done.stderr.strip() == f"capfilt: error: ingest e: {empty} has no rows: " \
+        "nothing to download (is it the right file or folder?)", done.stderr
+
+
+def test_a_run_that_keeps_little_names_its_top_reasons_and_their_fixes():
+    from pipeline.ingest import IngestSummary
+
+    refused = IngestSummary(run_id="r", shards=1, skipped=0, rows_in=315, kept=0, rejected=315,
+                            reasons={"private_address": 315})
+    assert refused.problem("s") == ("nothing of 315 rows kept (315 lost): 315 of 315 private_address: pass "
+                                    "--allow-private-addresses to download from a local or private server")
+    mostly = IngestSummary(run_id="r", shards=1, skipped=0, rows_in=10, kept=3, failed=7,
+                           reasons={"timeout": 5, "http_503": 2})
+    assert mostly.problem("s").startswith("only 3 of 10 rows kept (7 lost): 5 of 10 timeout: raise --timeout")
+    assert "2 of 10 http_503: the server failed; rerun with --retry-failed" in mostly.problem("s")
+    assert IngestSummary(run_id="r", shards=1, skipped=0, rows_in=10, kept=9, failed=1).problem("s") is None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from capfilt.errors import CapfiltError
+
 
 @click.command()
 @click.option("--source", help="Parquet/CSV/JSONL file or folder of them (local path or fsspec URI).")
@@ -44,6 +46,11 @@ def ingest_command(source, from_run, root, run_id, retry_failed, no_progress, **
     else:
         summary = ingest(source, root, run_id, config, retry_failed=retry_failed, progress=not no_progress)
     click.echo(summary.line())
+    problem = summary.problem(source or f"run {from_run}")
+    if problem and summary.kept == 0:
+        raise CapfiltError(f"ingest {run_id}: {problem}")
+    if problem:
+        click.echo(f"capfilt: warning: ingest {run_id}: {problem}", err=True)
     return summary
 
 
