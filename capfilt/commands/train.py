@@ -30,6 +30,14 @@ def train():
     """Train capfilt's models on a curated run."""
 
 
+def require_curated(root: str, run: str) -> None:
+    """The run to train on exists and has curated data: checked before any model or hub is touched,
+    so a typo costs a second, not minutes of download retries and an empty --out folder."""
+    from pipeline.lineage import curated_lineage
+
+    curated_lineage(root, run)
+
+
 def stage1_config(params: dict):
     """The Stage 1 trainer's typed config from the command's options (checks every value)."""
     from model.train_stage1 import Stage1Config
@@ -80,6 +88,7 @@ def stage1(**params):
     from model.train_stage1 import train_distributed
     from model.train_stage1 import train as train_local
 
+    require_curated(params["root"], params["run_id"])
     config = stage1_config(params)
     workers, out = params["workers"], config.out
     if workers > 1:
@@ -132,6 +141,7 @@ def stage2(**params):
     from model.stage2 import train_distributed
     from model.stage2 import train as train_local
 
+    require_curated(params["root"], params["run_id"])
     config = stage2_config(params)
     workers, out = params["workers"], config.out
     result = train_distributed(config, workers) if workers > 1 else train_local(config)
