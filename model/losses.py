@@ -156,18 +156,27 @@ def itm_loss(
 
 # -- ITG ----------------------------------------------------------------------------------------
 
-def itg_loss(model: QFormer, image_tokens, input_ids, attention_mask, label_smoothing: float = 0.1) -> torch.Tensor:
-    """Captioning loss: predict token t+1 from [DEC], the text before it and all queries."""
+def itg_inputs(model: QFormer, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """(decoder input ids, labels): [DEC] replaces [CLS] as BOS; padding is not predicted."""
     decoder_ids = input_ids.clone()
-    decoder_ids[:, 0] = model.config.dec_token_id  # [DEC] replaces [CLS] as BOS
-    labels = decoder_ids.masked_fill(attention_mask == 0, -100)
-    logits = model.itg_logits(image_tokens, decoder_ids, attention_mask)
+    decoder_ids[:, 0] = model.config.dec_token_id
+    return decoder_ids, decoder_ids.masked_fill(attention_mask == 0, -100)
+
+
+def itg_loss_of(logits, labels, label_smoothing: float = 0.1) -> torch.Tensor:
+    """Cross-entropy of predicting token t+1 at position t."""
     return F.cross_entropy(
         logits[:, :-1, :].reshape(-1, logits.shape[-1]).float(),
         labels[:, 1:].reshape(-1),
         ignore_index=-100,
         label_smoothing=label_smoothing,
     )
+
+
+def itg_loss(model: QFormer, image_tokens, input_ids, attention_mask, label_smoothing: float = 0.1) -> torch.Tensor:
+    """Captioning loss on its own: predict token t+1 from [DEC], the text before it and all queries."""
+    decoder_ids, labels = itg_inputs(model, input_ids, attention_mask)
+    return itg_loss_of(model.itg_logits(image_tokens, decoder_ids, attention_mask), labels, label_smoothing)
 
 
 # -- all three ----------------------------------------------------------------------------------
@@ -195,14 +204,16 @@ def stage1_losses(
     """ITC + ITM + ITG on one local batch of frozen image features and tokenized captions."""
     model.clamp_temperature()  # LAVIS clamps temp to [0.001, 0.5] in place before each forward
     image_tokens = model.prepare_image(image_features)
-    image_feats = F.normalize(model.vision_projection(model.query_output(image_tokens)), dim=-1)
+    # The query pass keeps its keys and values: ITG's text reads them instead of running the
+    # queries again (LAVIS's past_key_values; the same values and gradients as a full ITG pass).
+    query_hidden, query_cache = model.query_output(image_tokens, cache=True)
+    image_feats = F.normalize(model.vision_projection(query_hidden), dim=-1)
     text_feat = model.text_features(input_ids, attention_mask)
     itc = itc_loss(image_feats, text_feat, model.temp, itc_label_smoothing)
     itm = itm_loss(
         model, image_tokens, gather_no_grad(image_features), input_ids, attention_mask, image_ids, itc, generator, hard_negatives
     )
-    # LAVIS: ITG reuses the queries' key/value cache from the ITC forward; we recompute the
-    # queries inside one [queries ; text] pass with the multimodal causal mask: the same values
-    # (queries never see text), one code path through Blip2QFormerModel, a little more compute.
-    itg = itg_loss(model, image_tokens, input_ids, attention_mask, itg_label_smoothing)
+    decoder_ids, itg_labels = itg_inputs(model, input_ids, attention_mask)
+    itg_logits = model.itg_logits_cached(query_cache, decoder_ids, attention_mask)
+    itg = itg_loss_of(itg_logits, itg_labels, itg_label_smoothing)
     return Stage1Losses(itc.loss + itm.loss + itg, itc.loss, itm.loss, itg, itm.accuracy)
