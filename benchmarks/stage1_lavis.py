@@ -19,7 +19,11 @@ the same pairs; before timing, the losses and gradients of the two are checked e
 off). Stated config (the issue's): hidden 256, 4 layers, 4 heads, 32 queries, batch 16, text 32
 tokens, 197 image tokens of width 384 (a ViT-S/16 at 224 px), dropout 0.1 while timing, CPU.
 Runs alternate (capfilt, reference, capfilt, ...) so load on the machine hits both alike; the
-figure is the median of each. Prints one JSON line: ms per step and capfilt's speed as a ratio.
+figure is the median of each (CPU: this process's CPU time, robust to neighbours on shared cores).
+On a GPU both run there under bf16 autocast with SDPA (fused kernels where the mask allows), and
+the line adds the step's FLOPs (torch's FlopCounterMode) and capfilt's MFU against the device's
+dense bf16 peak (CAPFILT_PEAK_TFLOPS overrides the built-in table).
+Prints one JSON line: ms per step and capfilt's speed as a ratio (reference time / capfilt time).
 """
 
 from __future__ import annotations
@@ -115,25 +119,27 @@ class LavisReference:
         pair_images = torch.cat([image, image, m.prepare_image(image_features[neg_image])])
         pair_ids = torch.cat([input_ids, input_ids[neg_text], input_ids])
         pair_mask = torch.cat([attention_mask, attention_mask[neg_text], attention_mask])
-        ones = torch.ones(3 * batch, q, dtype=torch.bool)
+        device = input_ids.device
+        ones = torch.ones(3 * batch, q, dtype=torch.bool, device=device)
         itm_mask = torch.cat([ones, pair_mask.bool()], dim=1)[:, None, None, :]
         itm_queries = m.query_tokens.expand(3 * batch, -1, -1)
         itm_out, _ = self.encode(self._embed(input_ids=pair_ids, queries=itm_queries), itm_mask, q, pair_images)
         logits = m.itm_head(itm_out[:, :q]).mean(dim=1)
-        labels = torch.cat([torch.ones(batch, dtype=torch.long), torch.zeros(2 * batch, dtype=torch.long)])
-        itm = F.cross_entropy(logits, labels)
+        labels = torch.cat([torch.ones(batch, dtype=torch.long, device=device),
+                            torch.zeros(2 * batch, dtype=torch.long, device=device)])
+        itm = F.cross_entropy(logits.float(), labels)
         # 5. ITG: text-only pass over the query cache
         decoder_ids = input_ids.clone()
         decoder_ids[:, 0] = m.config.dec_token_id
         targets = decoder_ids.masked_fill(attention_mask == 0, -100)
         length = input_ids.shape[1]
-        causal = torch.tril(torch.ones(length, length, dtype=torch.bool))[None] & attention_mask.bool()[:, None, :]
-        itg_mask = torch.cat([torch.ones(batch, length, q, dtype=torch.bool), causal], dim=2)[:, None]
+        causal = torch.tril(torch.ones(length, length, dtype=torch.bool, device=device))[None] & attention_mask.bool()[:, None, :]
+        itg_mask = torch.cat([torch.ones(batch, length, q, dtype=torch.bool, device=device), causal], dim=2)[:, None]
         itg_out, _ = self.encode(self._embed(input_ids=decoder_ids), itg_mask, 0, past=query_cache)
         itg_logits = m.lm_head(itg_out)
-        itg = F.cross_entropy(itg_logits[:, :-1].reshape(-1, itg_logits.shape[-1]), targets[:, 1:].reshape(-1),
+        itg = F.cross_entropy(itg_logits[:, :-1].reshape(-1, itg_logits.shape[-1]).float(), targets[:, 1:].reshape(-1),
                               ignore_index=-100, label_smoothing=0.1)
-        return Stage1Losses(itc.loss + itm + itg, itc.loss, itm, itg, torch.tensor(0.0))
+        return Stage1Losses(itc.loss + itm + itg, itc.loss, itm, itg, torch.zeros((), device=device))
 
 
 # -- measuring ----------------------------------------------------------------------------------
@@ -163,7 +169,7 @@ def check_equal(model: QFormer, reference: LavisReference, data) -> dict:
         results.append((out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     (a, ga), (b, gb) = results
     model.train()
-    loss_diff = max(abs(float(getattr(a, k) - getattr(b, k))) for k in ("itc", "itm", "itg"))
+    loss_diff = max(abs(float(getattr(a, k).detach() - getattr(b, k).detach())) for k in ("itc", "itm", "itg"))
     grad_diff = max(float((ga[n] - gb[n]).abs().max()) for n in ga)
     return {"max_loss_diff": loss_diff, "max_grad_diff": grad_diff, "same_params": sorted(ga) == sorted(gb)}
 
@@ -171,7 +177,9 @@ def check_equal(model: QFormer, reference: LavisReference, data) -> dict:
 def step_seconds(fn, model, data, clock) -> float:
     model.zero_grad(set_to_none=True)
     start = clock()
-    fn(*data, torch.Generator().manual_seed(0)).total.backward()
+    fn(*data, torch.Generator(device=data[0].device).manual_seed(0)).total.backward()
+    if data[0].is_cuda:
+        torch.cuda.synchronize()
     return clock() - start
 
 
@@ -198,15 +206,47 @@ def measure(repeats: int = 8, batch: int = 16, autocast_dtype=None) -> dict:
     a, b = [], []
     for _ in range(repeats):
         a.append(step_seconds(ours, model, data, clock))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
         b.append(step_seconds(theirs, model, data, clock))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
     capfilt_ms, reference_ms = 1000 * statistics.median(a), 1000 * statistics.median(b)
-    return {"device": device.type, "threads": torch.get_num_threads(), "batch": batch, "repeats": repeats,
+    flops = step_flops(ours, model, data)
+    peak = peak_flops(device)
+    return {"device": device.type if device.type == "cpu" else torch.cuda.get_device_name(device),
+            "threads": torch.get_num_threads(), "batch": batch, "repeats": repeats,
+            "autocast": str(autocast_dtype) if autocast_dtype else None,
             "capfilt_ms": round(capfilt_ms, 1), "lavis_reference_ms": round(reference_ms, 1),
-            "ratio": round(reference_ms / capfilt_ms, 2), "equality_check": check}
+            "ratio": round(reference_ms / capfilt_ms, 2), "step_gflop": round(flops / 1e9, 2),
+            "achieved_tflops": round(flops / (capfilt_ms / 1000) / 1e12, 3),
+            # Model FLOPs utilisation: matmul/attention FLOPs of one step (forward + backward, counted
+            # by torch's FlopCounterMode) per second, over the device's dense bf16 peak.
+            "mfu": None if peak is None else round(flops / (capfilt_ms / 1000) / peak, 4),
+            "equality_check": check}
+
+
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets; CAPFILT_PEAK_TFLOPS overrides.
+PEAK_BF16_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "L4": 121, "A10": 125, "4090": 165}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    import os
+
+    if device.type != "cuda":
+        return None
+    if os.environ.get("CAPFILT_PEAK_TFLOPS"):
+        return float(os.environ["CAPFILT_PEAK_TFLOPS"]) * 1e12
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_BF16_TFLOPS.items():
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+def step_flops(fn, model, data) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.zero_grad(set_to_none=True)
+    with FlopCounterMode(display=False) as counter:
+        fn(*data, torch.Generator(device=data[0].device).manual_seed(0)).total.backward()
+    return float(counter.get_total_flops())
 
 
 def main() -> None:
@@ -216,7 +256,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(json.dumps(measure(args.repeats, args.batch_size)))
+    gpu = torch.cuda.is_available()
+    print(json.dumps(measure(args.repeats, args.batch_size, autocast_dtype=torch.bfloat16 if gpu else None)))
 
 
 if __name__ == "__main__":
