@@ -139,12 +139,19 @@ def itm_loss(
     with torch.no_grad():
         neg_image_for_text = sample_hard_negatives(itc.sim_t2i, positive, generator, hard_negatives)
         neg_text_for_image = sample_hard_negatives(itc.sim_i2t, positive, generator, hard_negatives)
-    negative_images = model.prepare_image(image_features_all[neg_image_for_text])
-    pair_images = torch.cat([image_tokens, image_tokens, negative_images], dim=0)
+    batch = input_ids.shape[0]
+    local = torch.arange(batch, device=input_ids.device)
+    # Pairs (image, its text), (image, negative text), (negative image, text): 3B pairs of at
+    # most 2B images, each image's cross-attention projected once (SharedImages).
+    if world()[1] == 1:  # every negative image is one of this batch's, already ln_vision'ed
+        images, negative_rows = image_tokens, neg_image_for_text
+    else:
+        images = torch.cat([image_tokens, model.prepare_image(image_features_all[neg_image_for_text])], dim=0)
+        negative_rows = local + batch
+    image_index = torch.cat([local, local, negative_rows])
     pair_ids = torch.cat([input_ids, ids_all[neg_text_for_image], input_ids], dim=0)
     pair_mask = torch.cat([attention_mask, mask_all[neg_text_for_image], attention_mask], dim=0)
-    logits = model.itm_logits(pair_images, pair_ids, pair_mask)
-    batch = input_ids.shape[0]
+    logits = model.itm_logits(images, pair_ids, pair_mask, image_index)
     labels = torch.cat([
         torch.ones(batch, dtype=torch.long, device=logits.device),
         torch.zeros(2 * batch, dtype=torch.long, device=logits.device),
