@@ -140,6 +140,7 @@ class TextLayout:
     def __init__(self, tokenizer, kind: str, max_text_length: int):
         self.tokenizer, self.kind, self.max_text_length = tokenizer, kind, max_text_length
         self.eos, self.pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+        self.memo: dict[str, list[int]] | None = None  # see _words_batch
 
     def prompt_ids(self, prompt: str) -> list[int]:
         """What comes right after the soft prompt: the prompt with the tokenizer's specials."""
@@ -183,10 +184,13 @@ class TextLayout:
         return {"input_ids": input_ids, "labels": _pad(labels, -100)[0], "attention_mask": attention_mask}
 
     def _words_batch(self, texts: list[str]) -> list[list[int]]:
-        """`_words("", text)` of many texts (callers put the separator in the text)."""
-        ids = self.tokenizer([t for t in texts if t], add_special_tokens=False).input_ids if any(texts) else []
-        it = iter(ids)
-        return [(next(it) if t else [])[: self.max_text_length - 1] + [self.eos] for t in texts]
+        """`_words("", text)` of many texts (callers put the separator in the text); remembered
+        per text when `self.memo` is a dict (the trainer's, with cached features)."""
+        memo = self.memo if self.memo is not None else {}
+        missing = [t for t in dict.fromkeys(texts) if t and t not in memo]
+        if missing:
+            memo.update(zip(missing, self.tokenizer(missing, add_special_tokens=False).input_ids))
+        return [(memo[t] if t else [])[: self.max_text_length - 1] + [self.eos] for t in texts]
 
     def collate(self, examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         """Right-padded tensors; labels are -100 on padding."""
@@ -587,6 +591,8 @@ class Stage2Batches(Stage1Batches):
     def __init__(self, images, layout: TextLayout, preprocess, config: Stage2Config, rank=0, world_size=1):
         super().__init__(images, None, preprocess, config, rank, world_size)
         self.layout = layout
+        if config.cache_features:  # as Stage 1 keeps token ids: tiny next to the features
+            layout.memo = {}
 
     def __getitem__(self, micro: int) -> dict:
         cfg = self.config

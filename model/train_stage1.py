@@ -186,6 +186,10 @@ class Stage1Batches(torch.utils.data.Dataset):
         self.images, self.tokenizer, self.preprocess, self.config = images, tokenizer, preprocess, config
         self.rank, self.world_size = rank, world_size
         self.with_pixels = not config.cache_features
+        # Token ids per caption, kept alongside cached features (both hold the run's data in
+        # memory; ids are tiny next to features): after the first epoch no batch calls the
+        # tokenizer, whose Python-side conversion cost more than the rest of a batch.
+        self.token_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = {} if config.cache_features else None
         self.per_epoch = len(images) // world_size // config.batch_size
         if self.per_epoch == 0:
             raise ConfigError(
@@ -245,11 +249,25 @@ class Stage1Batches(torch.utils.data.Dataset):
         pixels, captions = zip(*(self.example(epoch, i) for i in indices))
         return indices, list(captions), torch.stack(pixels)
 
+    def tokens(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask), padded to max_text_length (so rows never depend on the batch)."""
+        def tokenize(texts):
+            text = self.tokenizer(texts, padding="max_length", truncation=True,
+                                  max_length=self.config.max_text_length, return_tensors="pt")
+            return text.input_ids, text.attention_mask
+
+        if self.token_cache is None:
+            return tokenize(captions)
+        missing = [c for c in dict.fromkeys(captions) if c not in self.token_cache]
+        if missing:
+            self.token_cache.update(zip(missing, zip(*tokenize(missing))))
+        rows = [self.token_cache[c] for c in captions]
+        return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+
     def __getitem__(self, micro: int) -> dict:
         indices, captions, pixels = self.samples(micro)
-        text = self.tokenizer(captions, padding="max_length", truncation=True,
-                              max_length=self.config.max_text_length, return_tensors="pt")
-        batch = {"input_ids": text.input_ids, "attention_mask": text.attention_mask, "image_ids": torch.tensor(indices)}
+        input_ids, attention_mask = self.tokens(captions)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "image_ids": torch.tensor(indices)}
         if pixels is not None:
             batch["pixels"] = pixels
         return batch
