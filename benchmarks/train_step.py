@@ -10,7 +10,8 @@ x 128 OPT. Images are the synthetic world's 32 px scenes, 2 kept captions each.
 
 Both paths run `train()` itself on the same data in the same process; the baseline swaps in the
 old dataset (a global-RNG seed per sample, every image decoded every epoch, per-sample text
-layout) and, for Stage 1, the old loss composition (ITG recomputing the query pass). Only steps
+layout) and, for Stage 1, the old loss composition (ITG recomputing the query pass, ITM projecting
+3B image copies; today's attention masks, which are a little cheaper than before). Only steps
 after the first epoch count (the first fills the feature cache). Time inside the step is the sum
 of the objective's forward, backward, gradient clipping and the optimizer step, measured by
 wrapping those calls; everything else between two optimizer steps (data, feature look-up,
@@ -105,18 +106,30 @@ class LegacyStage2Batches(stage2_module.Stage2Batches, LegacyStage1Batches):
 
 def legacy_stage1_losses(model, image_features, input_ids, attention_mask, image_ids, itc_label_smoothing=0.1,
                          itg_label_smoothing=0.1, generator=None, hard_negatives=True):
-    """The old composition: a query-only pass for ITC, then ITG's own [queries ; text] pass."""
-    from model.losses import Stage1Losses, gather_no_grad, itc_loss, itg_loss, itm_loss
+    """The old composition: a query-only pass for ITC, ITM over 3B image copies, then ITG's own
+    [queries ; text] pass recomputing the queries."""
+    from model.losses import Stage1Losses, gather_no_grad, itc_loss, itg_loss, sample_hard_negatives
 
     model.clamp_temperature()
     image_tokens = model.prepare_image(image_features)
     image_feats = torch.nn.functional.normalize(model.vision_projection(model.query_output(image_tokens)), dim=-1)
     text_feat = model.text_features(input_ids, attention_mask)
     itc = itc_loss(image_feats, text_feat, model.temp, itc_label_smoothing)
-    itm = itm_loss(model, image_tokens, gather_no_grad(image_features), input_ids, attention_mask, image_ids, itc,
-                   generator, hard_negatives)
+    ids_all, mask_all, image_ids_all = (gather_no_grad(t) for t in (input_ids, attention_mask, image_ids))
+    positive = image_ids[:, None] == image_ids_all[None, :]
+    with torch.no_grad():
+        neg_image = sample_hard_negatives(itc.sim_t2i, positive, generator, hard_negatives)
+        neg_text = sample_hard_negatives(itc.sim_i2t, positive, generator, hard_negatives)
+    negative_images = model.prepare_image(gather_no_grad(image_features)[neg_image])
+    logits = model.itm_logits(torch.cat([image_tokens, image_tokens, negative_images]),
+                              torch.cat([input_ids, ids_all[neg_text], input_ids]),
+                              torch.cat([attention_mask, mask_all[neg_text], attention_mask]))
+    batch = input_ids.shape[0]
+    labels = torch.cat([torch.ones(batch, dtype=torch.long), torch.zeros(2 * batch, dtype=torch.long)]).to(logits.device)
+    itm = torch.nn.functional.cross_entropy(logits.float(), labels)
+    accuracy = (logits.argmax(dim=1) == labels).float().mean().detach()
     itg = itg_loss(model, image_tokens, input_ids, attention_mask, itg_label_smoothing)
-    return Stage1Losses(itc.loss + itm.loss + itg, itc.loss, itm.loss, itg, itm.accuracy)
+    return Stage1Losses(itc.loss + itm + itg, itc.loss, itm, itg, accuracy)
 
 
 @contextmanager
