@@ -45,7 +45,7 @@ def bare_generate(captioner, images, decoding, batch_size):
             )
 
 
-def main():
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=192)
     parser.add_argument("--naive-images", type=int, default=32, help="images for the (slow) naive loop")
@@ -54,7 +54,11 @@ def main():
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1, help="torch threads for (b), (c) and the stage's one actor")
-    args = parser.parse_args()
+    return parser
+
+
+def run(args) -> dict:
+    """Prints the figures and returns them (images/s): stage end to end, stage after start-up, bare, naive."""
     # same compute for all three: the stage runs one actor reserving --threads cores
     torch.set_num_threads(args.threads)
 
@@ -101,6 +105,12 @@ def main():
     print(f"(c) naive 1-by-1 {naive:7.2f} images/s")
     print(f"a/b = {stage / bare:.2f} end to end, {steady / bare:.2f} after startup (target >= 0.85)")
     print(f"b/c = {bare / naive:.2f} (target >= 3)")
+    return {"images": n_images, "stage": stage, "steady": steady, "bare": bare, "naive": naive,
+            "startup_s": summary.startup_s}
+
+
+def main():
+    run(parser().parse_args())
 
 
 if __name__ == "__main__":

@@ -31,13 +31,17 @@ def timed(cmd: list[str], env: dict) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=4000)
     parser.add_argument("--shard-size", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=64)
-    args = parser.parse_args()
+    return parser
+
+
+def run(args) -> dict:
+    """Prints the figures and returns them (images/s of each)."""
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_ENABLE_UV_RUN_RUNTIME_ENV="0", NO_ALBUMENTATIONS_UPDATE="1", WANDB_MODE="disabled")
@@ -75,6 +79,11 @@ def main() -> None:
     print(f"img2dataset CLI : {i2d_images} images in {i2d_seconds:.1f} s = {i2d_rate:.1f} images/s")
     print(f"capfilt ingest  : {capfilt_images} images in {capfilt_seconds:.1f} s = {capfilt_rate:.1f} images/s")
     print(f"ratio capfilt / img2dataset = {capfilt_rate / i2d_rate:.2f} (target >= 0.9)")
+    return {"capfilt": capfilt_rate, "img2dataset": i2d_rate}
+
+
+def main() -> None:
+    run(parser().parse_args())
 
 
 if __name__ == "__main__":

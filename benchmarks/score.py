@@ -113,7 +113,7 @@ def timed(fn, *args) -> float:
     return time.perf_counter() - start
 
 
-def bench_score(args) -> None:
+def bench_score(args) -> dict:
     from model.scorers import load_clip, load_itm, save_random_clip, save_random_itm
 
     torch.set_num_threads(args.threads)
@@ -164,6 +164,8 @@ def bench_score(args) -> None:
           f"it {ray_start:.1f} s, not included)")
     print(f"      startup (driver model check, Ray job, actor start, model load) "
           f"{total - summary.seconds + summary.startup_s:.1f} s; after it {n / steady:.1f} pairs/s, c/a = {bare / steady:.2f}")
+    return {"pairs": n, "bare": n / bare, "batch_fn": n / stage_fn, "stage": n / total, "steady": n / steady,
+            "ray_init_s": ray_start}
 
 
 def exact_greedy_blocked(ids: list[str], x: np.ndarray, eps: float, block: int = 4096) -> dict[str, str]:
@@ -214,10 +216,11 @@ def planted(n: int, dim: int, rate: float, rng) -> np.ndarray:
     return x
 
 
-def bench_dedup(args) -> None:
+def bench_dedup(args) -> list[dict]:
     from pipeline.dedup import DedupConfig, brute_force_duplicates, semantic_duplicates
 
     torch.set_num_threads(args.threads)
+    results = []
     for n in args.dedup_sizes:
         rng = np.random.default_rng(n)
         x = planted(n, args.dedup_dim, 0.01, rng)
@@ -238,9 +241,11 @@ def bench_dedup(args) -> None:
               f"SemDeDup {semdedup_s:6.2f} s, brute force {'(n x n)' if fits else '(blocked)'} {brute_s:7.2f} s, "
               f"speedup {brute_s / semdedup_s:6.1f}x; recall {hit / max(1, len(exact)):.4f} ({hit}/{len(exact)}; same kept "
               f"partner {same_pair}), {extra} flagged that brute force keeps")
+        results.append({"n": n, "semdedup_s": semdedup_s, "brute_s": brute_s, "recall": hit / max(1, len(exact))})
+    return results
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", choices=sorted(MODELS), default="small")
     parser.add_argument("--pairs", type=int, default=1536, help="(image, caption) pairs to score")
@@ -258,7 +263,11 @@ def main() -> None:
     parser.add_argument("--brute-max-bytes", type=float, default=4e9, help="largest n x n float32 matrix brute force may build")
     parser.add_argument("--skip-score", action="store_true")
     parser.add_argument("--skip-dedup", action="store_true")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = parser().parse_args()
     if not args.skip_score:
         bench_score(args)
     if not args.skip_dedup:

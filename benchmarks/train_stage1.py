@@ -58,14 +58,18 @@ def timed_run(base: Path, name: str, common: dict, cache: bool) -> dict:
             "peak_memory_mb": round(peak_memory_mb("cuda" if torch.cuda.is_available() else "cpu"), 1)}
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser()
     parser.add_argument("--vision", default=None, help="encoder spec; default: a random ViT-S/16-sized CLIP")
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--image-size", type=int, default=224)
-    args = parser.parse_args()
+    return parser
+
+
+def run(args) -> dict:
+    """Prints one JSON line and returns it as a dict."""
 
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
@@ -77,7 +81,7 @@ def main() -> None:
                       checkpoint_every=10**9, progress=False)
         recompute = timed_run(base, "recompute", common, cache=False)
         cached = timed_run(base, "cached", common, cache=True)
-    print(json.dumps({
+    result = {
         "config": {"vision": args.vision or "CLIP ViT-S/16 (random), 224px", "qformer": QFORMER,
                    "images": args.images, "batch_size": args.batch_size, "epochs": args.epochs,
                    "device": "cuda" if torch.cuda.is_available() else "cpu"},
@@ -85,7 +89,13 @@ def main() -> None:
         "cached_features": cached,
         "cache_speedup": round(recompute["seconds"] / cached["seconds"], 2),
         "same_losses": recompute["last_loss"] == cached["last_loss"],
-    }))
+    }
+    print(json.dumps(result))
+    return result
+
+
+def main() -> None:
+    run(parser().parse_args())
 
 
 if __name__ == "__main__":

@@ -139,12 +139,19 @@ def itm_loss(
     with torch.no_grad():
         neg_image_for_text = sample_hard_negatives(itc.sim_t2i, positive, generator, hard_negatives)
         neg_text_for_image = sample_hard_negatives(itc.sim_i2t, positive, generator, hard_negatives)
-    negative_images = model.prepare_image(image_features_all[neg_image_for_text])
-    pair_images = torch.cat([image_tokens, image_tokens, negative_images], dim=0)
+    batch = input_ids.shape[0]
+    local = torch.arange(batch, device=input_ids.device)
+    # Pairs (image, its text), (image, negative text), (negative image, text): 3B pairs of at
+    # most 2B images, each image's cross-attention projected once (SharedImages).
+    if world()[1] == 1:  # every negative image is one of this batch's, already ln_vision'ed
+        images, negative_rows = image_tokens, neg_image_for_text
+    else:
+        images = torch.cat([image_tokens, model.prepare_image(image_features_all[neg_image_for_text])], dim=0)
+        negative_rows = local + batch
+    image_index = torch.cat([local, local, negative_rows])
     pair_ids = torch.cat([input_ids, ids_all[neg_text_for_image], input_ids], dim=0)
     pair_mask = torch.cat([attention_mask, mask_all[neg_text_for_image], attention_mask], dim=0)
-    logits = model.itm_logits(pair_images, pair_ids, pair_mask)
-    batch = input_ids.shape[0]
+    logits = model.itm_logits(images, pair_ids, pair_mask, image_index)
     labels = torch.cat([
         torch.ones(batch, dtype=torch.long, device=logits.device),
         torch.zeros(2 * batch, dtype=torch.long, device=logits.device),
@@ -156,18 +163,27 @@ def itm_loss(
 
 # -- ITG ----------------------------------------------------------------------------------------
 
-def itg_loss(model: QFormer, image_tokens, input_ids, attention_mask, label_smoothing: float = 0.1) -> torch.Tensor:
-    """Captioning loss: predict token t+1 from [DEC], the text before it and all queries."""
+def itg_inputs(model: QFormer, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """(decoder input ids, labels): [DEC] replaces [CLS] as BOS; padding is not predicted."""
     decoder_ids = input_ids.clone()
-    decoder_ids[:, 0] = model.config.dec_token_id  # [DEC] replaces [CLS] as BOS
-    labels = decoder_ids.masked_fill(attention_mask == 0, -100)
-    logits = model.itg_logits(image_tokens, decoder_ids, attention_mask)
+    decoder_ids[:, 0] = model.config.dec_token_id
+    return decoder_ids, decoder_ids.masked_fill(attention_mask == 0, -100)
+
+
+def itg_loss_of(logits, labels, label_smoothing: float = 0.1) -> torch.Tensor:
+    """Cross-entropy of predicting token t+1 at position t."""
     return F.cross_entropy(
         logits[:, :-1, :].reshape(-1, logits.shape[-1]).float(),
         labels[:, 1:].reshape(-1),
         ignore_index=-100,
         label_smoothing=label_smoothing,
     )
+
+
+def itg_loss(model: QFormer, image_tokens, input_ids, attention_mask, label_smoothing: float = 0.1) -> torch.Tensor:
+    """Captioning loss on its own: predict token t+1 from [DEC], the text before it and all queries."""
+    decoder_ids, labels = itg_inputs(model, input_ids, attention_mask)
+    return itg_loss_of(model.itg_logits(image_tokens, decoder_ids, attention_mask), labels, label_smoothing)
 
 
 # -- all three ----------------------------------------------------------------------------------
@@ -195,14 +211,16 @@ def stage1_losses(
     """ITC + ITM + ITG on one local batch of frozen image features and tokenized captions."""
     model.clamp_temperature()  # LAVIS clamps temp to [0.001, 0.5] in place before each forward
     image_tokens = model.prepare_image(image_features)
-    image_feats = F.normalize(model.vision_projection(model.query_output(image_tokens)), dim=-1)
+    # The query pass keeps its keys and values: ITG's text reads them instead of running the
+    # queries again (LAVIS's past_key_values; the same values and gradients as a full ITG pass).
+    query_hidden, query_cache = model.query_output(image_tokens, cache=True)
+    image_feats = F.normalize(model.vision_projection(query_hidden), dim=-1)
     text_feat = model.text_features(input_ids, attention_mask)
     itc = itc_loss(image_feats, text_feat, model.temp, itc_label_smoothing)
     itm = itm_loss(
         model, image_tokens, gather_no_grad(image_features), input_ids, attention_mask, image_ids, itc, generator, hard_negatives
     )
-    # LAVIS: ITG reuses the queries' key/value cache from the ITC forward; we recompute the
-    # queries inside one [queries ; text] pass with the multimodal causal mask: the same values
-    # (queries never see text), one code path through Blip2QFormerModel, a little more compute.
-    itg = itg_loss(model, image_tokens, input_ids, attention_mask, itg_label_smoothing)
+    decoder_ids, itg_labels = itg_inputs(model, input_ids, attention_mask)
+    itg_logits = model.itg_logits_cached(query_cache, decoder_ids, attention_mask)
+    itg = itg_loss_of(itg_logits, itg_labels, itg_label_smoothing)
     return Stage1Losses(itc.loss + itm.loss + itg, itc.loss, itm.loss, itg, itm.accuracy)

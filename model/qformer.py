@@ -100,8 +100,9 @@ class QFormerConfig:
             use_qformer_text_input=True,
         )
         # Our masks are boolean 4D tensors (True = may attend); SDPA takes them as they are in
-        # any dtype, where the eager path would add them as biases.
-        config._attn_implementation = "sdpa"
+        # any dtype, where the eager path would add them as biases. SDPA, through a wrapper that
+        # can keep and reuse the queries' keys and values (see QueryCache).
+        config._attn_implementation = CACHED_SDPA
         return config
 
     def to_json(self) -> str:
@@ -119,6 +120,78 @@ class QFormerConfig:
         if unknown:
             raise ConfigError(f"{where}: unknown Q-Former config key(s) {unknown}; written by a newer capfilt?")
         return cls(**data)
+
+
+# -- the queries' key/value cache (LAVIS reuses the query pass for ITG) ------------------------
+
+CACHED_SDPA = "capfilt_sdpa_query_cache"
+
+
+class QueryCache:
+    """The self-attention keys and values of a query-only pass, per layer, for a later text pass.
+
+    ITG's text attends to every query and the queries never attend to text, so the queries' keys
+    and values in ITG are exactly those of the query pass ITC already ran: LAVIS keeps them
+    (`use_cache=True`) and feeds them to ITG's text-only pass as `past_key_values`. The same
+    here: `Blip2QFormerModel` has no cache argument, so an attention function registered with
+    transformers keeps them (a recording cache) or prepends them (its `reader()`). They stay in
+    the autograd graph, so ITG's gradient reaches the query pass as it does in LAVIS. A reader is
+    its own object, not a flag, so activation checkpointing's recomputation reads as well.
+    """
+
+    def __init__(self, self_attention_modules, keys_values=None, reading: bool = False):
+        self.modules = set(self_attention_modules)
+        self.keys_values: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {} if keys_values is None else keys_values
+        self.reading = reading
+
+    def reader(self) -> "QueryCache":
+        return QueryCache(self.modules, self.keys_values, reading=True)
+
+    def __call__(self, module, key, value):
+        if module not in self.modules:  # cross-attention: keys come from the image
+            return key, value
+        if not self.reading:
+            self.keys_values[module] = (key, value)
+            return key, value
+        cached_key, cached_value = self.keys_values[module]
+        return torch.cat([cached_key, key], dim=2), torch.cat([cached_value, value], dim=2)
+
+
+class SharedImages:
+    """Cross-attention over fewer images than pairs: row i of the batch reads image `index[i]`.
+
+    ITM's 3B pairs show only B + B images (its own, and one negative per text), and an image's
+    cross-attention keys and values are the same whichever text it is paired with, so they are
+    projected once per image and picked per pair: the same values and gradients as projecting
+    3B image copies, for a third to two thirds less of the pass's largest projections.
+    """
+
+    def __init__(self, cross_attention_modules, index: torch.Tensor):
+        self.modules = set(cross_attention_modules)
+        self.index = index
+
+    def __call__(self, module, key, value):
+        if module not in self.modules:
+            return key, value
+        return key.index_select(0, self.index), value.index_select(0, self.index)
+
+
+def _cached_sdpa(module, query, key, value, attention_mask, kv_hook=None, **kwargs):
+    """SDPA, after `kv_hook(module, key, value)` (a QueryCache or SharedImages) if one is given."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if kv_hook is not None:
+        key, value = kv_hook(module, key, value)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(CACHED_SDPA, _cached_sdpa)
+
+
+_register_attention()
 
 
 # -- attention masks (True = this row may attend to this column) ------------------------------
@@ -201,13 +274,22 @@ class QFormer(nn.Module):
                 nn.init.zeros_(module.bias)
 
     # -- the shared encoder --------------------------------------------------------------------
-    def _encode(self, embeds, allowed, query_length, image_tokens=None) -> torch.Tensor:
-        """Run Blip2QFormerModel on [queries ; text] embeddings with a (B, L, L) boolean mask."""
+    def _encode(self, embeds, allowed, query_length, image_tokens=None, kv_hook=None) -> torch.Tensor:
+        """Run Blip2QFormerModel on [queries ; text] embeddings with a (B, L, L) boolean mask, a
+        (B, 1, L) one that every row shares, or None (everything visible).
+
+        Shared rows and None are what the unimodal, bidirectional and query-only passes need, and
+        they cost less than a full (B, L, L) mask: SDPA reads a smaller mask, and with None it
+        takes its fastest kernel. With a QueryCache as `kv_hook`, the mask's columns cover the
+        cached queries first, then the text.
+        """
+        extra = {} if kv_hook is None else {"kv_hook": kv_hook}
         out = self.qformer(
             query_embeds=embeds,
             query_length=query_length,
-            attention_mask=allowed[:, None, :, :],
+            attention_mask=None if allowed is None else allowed[:, None, :, :],
             encoder_hidden_states=image_tokens,
+            **extra,
         )
         return out.last_hidden_state
 
@@ -215,18 +297,20 @@ class QFormer(nn.Module):
         """The trainable LayerNorm on the frozen encoder's tokens (LAVIS `ln_vision`)."""
         return self.ln_vision(image_features.to(self.ln_vision.weight.dtype))
 
-    def query_output(self, image_tokens: torch.Tensor) -> torch.Tensor:
-        """Queries after cross-attending to the (ln_vision'ed) image tokens. (B, Q, H)."""
+    def query_output(self, image_tokens: torch.Tensor, cache: bool = False):
+        """Queries after cross-attending to the (ln_vision'ed) image tokens. (B, Q, H); with
+        `cache`, also the QueryCache of their keys and values for `itg_logits_cached`."""
         batch = image_tokens.shape[0]
         queries = self.query_tokens.expand(batch, -1, -1)
         q = queries.shape[1]
-        allowed = torch.ones(batch, q, q, dtype=torch.bool, device=queries.device)
-        return self._encode(self.embeddings(query_embeds=queries), allowed, q, image_tokens)
+        query_cache = QueryCache(layer.attention.attention for layer in self.qformer.encoder.layer) if cache else None
+        hidden = self._encode(self.embeddings(query_embeds=queries), None, q, image_tokens, kv_hook=query_cache)
+        return (hidden, query_cache) if cache else hidden
 
     def text_output(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Unimodal text encoding (ITC's text side). (B, T, H)."""
         embeds = self.embeddings(input_ids=input_ids)
-        return self._encode(embeds, unimodal_text_mask(attention_mask), 0)
+        return self._encode(embeds, unimodal_text_mask(attention_mask)[:, :1], 0)  # rows are all alike
 
     def image_features(self, image_tokens: torch.Tensor) -> torch.Tensor:
         """L2-normalised projected queries, one vector per query. (B, Q, D)."""
@@ -237,23 +321,38 @@ class QFormer(nn.Module):
         cls = self.text_output(input_ids, attention_mask)[:, 0, :]
         return F.normalize(self.text_projection(cls), dim=-1)
 
-    def itm_logits(self, image_tokens, input_ids, attention_mask) -> torch.Tensor:
-        """Match / no-match logits of each (image, text) pair: ITM head averaged over queries. (B, 2)."""
+    def itm_logits(self, image_tokens, input_ids, attention_mask, image_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Match / no-match logits of each (image, text) pair: ITM head averaged over queries. (B, 2).
+
+        With `image_index`, pair i's image is `image_tokens[image_index[i]]` (see SharedImages)."""
         batch = input_ids.shape[0]
         queries = self.query_tokens.expand(batch, -1, -1)
         q = queries.shape[1]
         embeds = self.embeddings(input_ids=input_ids, query_embeds=queries)
-        hidden = self._encode(embeds, bidirectional_mask(q, attention_mask), q, image_tokens)
+        shared = None
+        if image_index is not None:
+            shared = SharedImages((layer.crossattention.attention for layer in self.qformer.encoder.layer
+                                   if layer.has_cross_attention), image_index)
+        hidden = self._encode(embeds, bidirectional_mask(q, attention_mask)[:, :1], q, image_tokens, shared)  # rows alike
         return self.itm_head(hidden[:, :q, :]).mean(dim=1)
 
     def itg_logits(self, image_tokens, decoder_input_ids, attention_mask) -> torch.Tensor:
-        """Next-token logits of the text, conditioned on the queries (ITG). (B, T, V)."""
+        """Next-token logits of the text, conditioned on the queries (ITG), in one [queries ; text]
+        pass of its own. (B, T, V). Training reuses the query pass instead (`itg_logits_cached`)."""
         batch = decoder_input_ids.shape[0]
         queries = self.query_tokens.expand(batch, -1, -1)
         q = queries.shape[1]
         embeds = self.embeddings(input_ids=decoder_input_ids, query_embeds=queries)
         hidden = self._encode(embeds, multimodal_causal_mask(q, attention_mask), q, image_tokens)
         return self.lm_head(hidden[:, q:, :])
+
+    def itg_logits_cached(self, query_cache: QueryCache, decoder_input_ids, attention_mask) -> torch.Tensor:
+        """`itg_logits` as a text-only pass over the query pass's cached keys and values (LAVIS):
+        the same values, without running the queries (and their cross-attention) again."""
+        q = self.config.num_query_tokens
+        allowed = multimodal_causal_mask(q, attention_mask)[:, q:, :]  # text rows: (B, T, Q + T)
+        hidden = self._encode(self.embeddings(input_ids=decoder_input_ids), allowed, 0, kv_hook=query_cache.reader())
+        return self.lm_head(hidden)
 
     @torch.no_grad()
     def clamp_temperature(self) -> None:

@@ -140,6 +140,7 @@ class TextLayout:
     def __init__(self, tokenizer, kind: str, max_text_length: int):
         self.tokenizer, self.kind, self.max_text_length = tokenizer, kind, max_text_length
         self.eos, self.pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+        self.memo: dict[str, list[int]] | None = None  # see _words_batch
 
     def prompt_ids(self, prompt: str) -> list[int]:
         """What comes right after the soft prompt: the prompt with the tokenizer's specials."""
@@ -161,6 +162,36 @@ class TextLayout:
         encoder_text = (prompt + (" " if prompt and prefix and not prompt.endswith(" ") else "") + prefix)
         return {"input_ids": self.prompt_ids(encoder_text), "labels": self._words("", " ".join(words[split:]))}
 
+    def batch(self, prompt: str, captions: list[str], splits: list[int] | None = None) -> dict[str, torch.Tensor]:
+        """`collate` of `example(prompt, caption, split)` for every caption, with one tokenizer call
+        per kind of text instead of one per caption and the padding done in one array operation."""
+        if self.kind == "causal":
+            prompt_ids = self.prompt_ids(prompt)
+            sep = " " if prompt and not prompt.endswith(" ") else ""
+            targets = self._words_batch([(sep if c else "") + c for c in captions])
+            inputs = [prompt_ids + t for t in targets]
+            labels = [[-100] * len(prompt_ids) + t for t in targets]
+        else:
+            heads, tails = [], []
+            for caption, split in zip(captions, splits):
+                words = caption.split()
+                prefix = " ".join(words[:split])
+                heads.append(prompt + (" " if prompt and prefix and not prompt.endswith(" ") else "") + prefix)
+                tails.append(" ".join(words[split:]))
+            inputs = self.tokenizer(heads, truncation=True, max_length=self.max_text_length).input_ids
+            labels = self._words_batch(tails)
+        input_ids, attention_mask = _pad(inputs, self.pad)
+        return {"input_ids": input_ids, "labels": _pad(labels, -100)[0], "attention_mask": attention_mask}
+
+    def _words_batch(self, texts: list[str]) -> list[list[int]]:
+        """`_words("", text)` of many texts (callers put the separator in the text); remembered
+        per text when `self.memo` is a dict (the trainer's, with cached features)."""
+        memo = self.memo if self.memo is not None else {}
+        missing = [t for t in dict.fromkeys(texts) if t and t not in memo]
+        if missing:
+            memo.update(zip(missing, self.tokenizer(missing, add_special_tokens=False).input_ids))
+        return [(memo[t] if t else [])[: self.max_text_length - 1] + [self.eos] for t in texts]
+
     def collate(self, examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         """Right-padded tensors; labels are -100 on padding."""
         out = {}
@@ -170,6 +201,15 @@ class TextLayout:
             if key == "input_ids":
                 out["attention_mask"] = torch.tensor([[1] * len(e[key]) + [0] * (width - len(e[key])) for e in examples])
         return out
+
+
+def _pad(rows: list[list[int]], fill: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad ragged rows into one (B, longest) tensor; also the mask of real entries."""
+    lengths = np.array([len(r) for r in rows])
+    mask = np.arange(lengths.max()) < lengths[:, None]
+    out = np.full(mask.shape, fill, dtype=np.int64)
+    out[mask] = np.fromiter((t for r in rows for t in r), dtype=np.int64, count=int(lengths.sum()))
+    return torch.from_numpy(out), torch.from_numpy(mask.astype(np.int64))
 
 
 # -- the model -----------------------------------------------------------------------------------
@@ -551,18 +591,18 @@ class Stage2Batches(Stage1Batches):
     def __init__(self, images, layout: TextLayout, preprocess, config: Stage2Config, rank=0, world_size=1):
         super().__init__(images, None, preprocess, config, rank, world_size)
         self.layout = layout
+        if config.cache_features:  # as Stage 1 keeps token ids: tiny next to the features
+            layout.memo = {}
 
     def __getitem__(self, micro: int) -> dict:
         cfg = self.config
-        pos = self.position(micro)
-        order = np.random.default_rng([cfg.seed, pos["epoch"]]).permutation(len(self.images))
-        mine = order[self.rank::self.world_size]
-        start = pos["batch_in_epoch"] * cfg.batch_size
-        indices = mine[start:start + cfg.batch_size].tolist()
-        pixels, captions = zip(*(self.example(pos["epoch"], i) for i in indices))
-        examples = [self.layout.example(cfg.prompt, c, split_point(cfg.seed, pos["epoch"], i, c))
-                    for i, c in zip(indices, captions)]
-        return {"pixels": torch.stack(pixels), "image_ids": torch.tensor(indices), **self.layout.collate(examples)}
+        epoch = self.position(micro)["epoch"]
+        indices, captions, pixels = self.samples(micro)
+        splits = [split_point(cfg.seed, epoch, i, c) for i, c in zip(indices, captions)] if self.layout.kind != "causal" else None
+        batch = {"image_ids": torch.tensor(indices), **self.layout.batch(cfg.prompt, captions, splits)}
+        if pixels is not None:
+            batch["pixels"] = pixels
+        return batch
 
 
 class Stage2Objective(nn.Module):
@@ -670,7 +710,8 @@ def train(config: Stage2Config) -> dict:
     if rank == 0:
         (out / "lineage.json").write_text(json.dumps(lineage, indent=1, default=str))
     data = Stage2Batches(images, model.layout, encoder.preprocess, config, rank, world_size)
-    cache = FeatureCache(encoder) if config.cache_features else None
+    # Images are decoded for the cache only the first time it meets them (batches carry no pixels).
+    cache = FeatureCache(encoder, lambda keys: data.plain_pixels([int(k) for k in keys])) if config.cache_features else None
 
     objective = Stage2Objective(model)
     if world_size > 1:

@@ -176,11 +176,20 @@ class Stage1Batches(torch.utils.data.Dataset):
     ragged end of an epoch is dropped so every worker holds equal batches (ITC's targets rely on
     it). Per sample, a generator seeded by (seed, epoch, image) picks the caption (one of the
     image's kept captions, BLIP-2), the crop and the flip.
+
+    With cached features (`config.cache_features`) a batch carries no pixels: the frozen
+    encoder's output of an image never changes, so the trainer decodes an image (`plain_pixels`)
+    only the first time the cache meets it, not every epoch.
     """
 
     def __init__(self, images, tokenizer, preprocess, config: Stage1Config, rank: int = 0, world_size: int = 1):
         self.images, self.tokenizer, self.preprocess, self.config = images, tokenizer, preprocess, config
         self.rank, self.world_size = rank, world_size
+        self.with_pixels = not config.cache_features
+        # Token ids per caption, kept alongside cached features (both hold the run's data in
+        # memory; ids are tiny next to features): after the first epoch no batch calls the
+        # tokenizer, whose Python-side conversion cost more than the rest of a batch.
+        self.token_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = {} if config.cache_features else None
         self.per_epoch = len(images) // world_size // config.batch_size
         if self.per_epoch == 0:
             raise ConfigError(
@@ -194,41 +203,103 @@ class Stage1Batches(torch.utils.data.Dataset):
     def position(self, micro: int) -> dict:
         return {"epoch": micro // self.per_epoch, "batch_in_epoch": micro % self.per_epoch}
 
-    def example(self, epoch: int, index: int):
-        from torchvision.transforms import RandomResizedCrop
-
-        cfg = self.config
-        image = self.images[index]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash_seed(cfg.seed, epoch, index))
-            caption = image.captions[int(torch.randint(len(image.captions), ()))]
-            crop, flip = None, False
-            if cfg.augment:
-                from PIL import Image
-
-                with Image.open(io.BytesIO(image.image)) as img:
-                    crop = RandomResizedCrop.get_params(img, scale=(cfg.crop_min, 1.0), ratio=(3 / 4, 4 / 3))
-                flip = cfg.flip and bool(torch.rand(()) < 0.5)
-        if flip:
-            caption = swap_left_right(caption)
-        return image_pixels(image.image, self.preprocess, crop, flip), caption
-
-    def __getitem__(self, micro: int) -> dict:
+    def indices(self, micro: int) -> tuple[int, list[int]]:
+        """(epoch, this worker's image indices) of micro-batch `micro`."""
         cfg = self.config
         pos = self.position(micro)
         order = np.random.default_rng([cfg.seed, pos["epoch"]]).permutation(len(self.images))
-        mine = order[self.rank::self.world_size]
         start = pos["batch_in_epoch"] * cfg.batch_size
-        indices = mine[start:start + cfg.batch_size].tolist()
-        pixels, captions = zip(*(self.example(pos["epoch"], i) for i in indices))
-        text = self.tokenizer(list(captions), padding="max_length", truncation=True,
-                              max_length=cfg.max_text_length, return_tensors="pt")
-        return {
-            "pixels": torch.stack(pixels),
-            "input_ids": text.input_ids,
-            "attention_mask": text.attention_mask,
-            "image_ids": torch.tensor(indices),
-        }
+        return pos["epoch"], order[self.rank::self.world_size][start:start + cfg.batch_size].tolist()
+
+    def draw(self, epoch: int, index: int, img=None) -> tuple[str, tuple | None, bool]:
+        """(caption, crop, flip) of one sample, from its own generator seeded by (seed, epoch, image).
+
+        An explicit generator, not the global one: seeding torch's global RNG per sample also
+        seeds every accelerator backend, which cost more than the sample itself. The draws (and
+        so the data) are the same as seeding the global generator would give. `img` (a PIL
+        image) is needed only with augmentation, for the crop's bounds.
+        """
+        cfg = self.config
+        image = self.images[index]
+        generator = torch.Generator().manual_seed(hash_seed(cfg.seed, epoch, index))
+        caption = image.captions[int(torch.randint(len(image.captions), (), generator=generator))]
+        crop, flip = None, False
+        if cfg.augment:
+            crop = random_resized_crop(img.size, (cfg.crop_min, 1.0), (3 / 4, 4 / 3), generator)
+            flip = cfg.flip and bool(torch.rand((), generator=generator) < 0.5)
+        return (swap_left_right(caption) if flip else caption), crop, flip
+
+    def example(self, epoch: int, index: int):
+        """(pixels, caption) of one sample, augmented as the config says."""
+        from PIL import Image
+
+        with Image.open(io.BytesIO(self.images[index].image)) as img:
+            caption, crop, flip = self.draw(epoch, index, img)
+            return pil_pixels(img, self.preprocess, crop, flip), caption
+
+    def plain_pixels(self, indices: list[int]) -> torch.Tensor:
+        """Unaugmented pixels of these images (what the feature cache encodes once)."""
+        return torch.stack([image_pixels(self.images[i].image, self.preprocess) for i in indices])
+
+    def samples(self, micro: int) -> tuple[list[int], list[str], torch.Tensor | None]:
+        """(image indices, captions, pixels or None) of micro-batch `micro`."""
+        epoch, indices = self.indices(micro)
+        if not self.with_pixels:
+            return indices, [self.draw(epoch, i)[0] for i in indices], None
+        pixels, captions = zip(*(self.example(epoch, i) for i in indices))
+        return indices, list(captions), torch.stack(pixels)
+
+    def tokens(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask), padded to max_text_length (so rows never depend on the batch)."""
+        def tokenize(texts):
+            text = self.tokenizer(texts, padding="max_length", truncation=True,
+                                  max_length=self.config.max_text_length, return_tensors="pt")
+            return text.input_ids, text.attention_mask
+
+        if self.token_cache is None:
+            return tokenize(captions)
+        missing = [c for c in dict.fromkeys(captions) if c not in self.token_cache]
+        if missing:
+            self.token_cache.update(zip(missing, zip(*tokenize(missing))))
+        rows = [self.token_cache[c] for c in captions]
+        return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+
+    def __getitem__(self, micro: int) -> dict:
+        indices, captions, pixels = self.samples(micro)
+        input_ids, attention_mask = self.tokens(captions)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "image_ids": torch.tensor(indices)}
+        if pixels is not None:
+            batch["pixels"] = pixels
+        return batch
+
+
+def random_resized_crop(size: tuple[int, int], scale, ratio, generator: torch.Generator) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of a random resized crop of an image of `size` (width, height).
+
+    torchvision's RandomResizedCrop.get_params draws from the global generator; this takes an
+    explicit one and draws in the same order, so a seed gives the same crop either way.
+    """
+    width, height = size
+    area = width * height
+    log_ratio = torch.log(torch.tensor(ratio))
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
+        aspect = torch.exp(torch.empty(1).uniform_(float(log_ratio[0]), float(log_ratio[1]), generator=generator)).item()
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, size=(1,), generator=generator).item())
+            left = int(torch.randint(0, width - w + 1, size=(1,), generator=generator).item())
+            return top, left, h, w
+    # No fit in ten tries: the central crop of the nearest allowed aspect ratio.
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
 
 
 def hash_seed(*parts: int) -> int:
@@ -353,7 +424,8 @@ def train(config: Stage1Config) -> dict:
     if rank == 0:
         (out / "lineage.json").write_text(json.dumps(lineage, indent=1, default=str))
     data = Stage1Batches(images, tokenizer, encoder.preprocess, config, rank, world_size)
-    cache = FeatureCache(encoder) if config.cache_features else None
+    # Images are decoded for the cache only the first time it meets them (batches carry no pixels).
+    cache = FeatureCache(encoder, lambda keys: data.plain_pixels([int(k) for k in keys])) if config.cache_features else None
 
     model = build_model(config, tokenizer, encoder.width).to(device)
     objective = Stage1Objective(model, config)
@@ -434,9 +506,7 @@ def train(config: Stage1Config) -> dict:
 def _image_features(batch, encoder, cache, device) -> torch.Tensor:
     if cache is None:
         return encoder(batch["pixels"].to(device))
-    keys = [str(i) for i in batch["image_ids"].tolist()]
-    by_key = dict(zip(keys, batch["pixels"]))
-    return cache(keys, lambda missing: torch.stack([by_key[k] for k in missing])).to(device)
+    return cache([str(i) for i in batch["image_ids"].tolist()]).to(device)
 
 
 def _worker_device(config: Stage1Config) -> torch.device:

@@ -178,16 +178,18 @@ class FeatureCache:
     encoder's dtype (bf16/fp16 on GPU) on the CPU.
     """
 
-    def __init__(self, encoder: FrozenImageEncoder):
+    def __init__(self, encoder: FrozenImageEncoder, pixels_for=None):
         self.encoder = encoder
+        self.pixels_for = pixels_for
         self.features: dict[str, torch.Tensor] = {}
 
-    def __call__(self, keys: list[str], pixels_for) -> torch.Tensor:
-        """Features of `keys`; `pixels_for(missing_keys)` gives pixel batches for the uncached ones."""
+    def __call__(self, keys: list[str], pixels_for=None) -> torch.Tensor:
+        """Features of `keys`; `pixels_for(missing_keys)` (or the one given at construction) gives
+        pixel batches for the uncached ones, so images are decoded only when the cache lacks them."""
         missing = [k for k in keys if k not in self.features]
         if missing:
             device = next(self.encoder.parameters()).device
-            computed = self.encoder(pixels_for(missing).to(device)).cpu()
+            computed = self.encoder((pixels_for or self.pixels_for)(missing).to(device)).cpu()
             for key, feats in zip(missing, computed):
                 self.features[key] = feats
         return torch.stack([self.features[k] for k in keys])

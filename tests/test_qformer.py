@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.losses import gather_with_local_grad, itc_loss, sample_hard_negatives, stage1_losses
+from model.losses import (
+    Stage1Losses,
+    gather_with_local_grad,
+    itc_loss,
+    itg_loss,
+    sample_hard_negatives,
+    stage1_losses,
+)
 from model.qformer import (
     QFormer,
     bidirectional_mask,
@@ -154,6 +161,48 @@ def test_each_loss_decreases_on_synthetic_features(tokenizer):
     # made its hard negatives meaningful, the matching itself (~100 steps here); the
     # end-to-end trainer test checks that part on real images.
     assert itm < 0.97, (first, last)
+
+
+def separate_passes(model, features, ids, mask, image_ids, generator):
+    """Stage 1 as it was computed before passes shared work: a query-only pass for ITC's image
+    side, ITM over 3B image copies, ITG's own [queries ; text] pass recomputing the queries."""
+    model.clamp_temperature()
+    image_tokens = model.prepare_image(features)
+    image_feats = torch.nn.functional.normalize(model.vision_projection(model.query_output(image_tokens)), dim=-1)
+    itc = itc_loss(image_feats, model.text_features(ids, mask), model.temp)
+    positive = image_ids[:, None] == image_ids[None, :]
+    neg_image = sample_hard_negatives(itc.sim_t2i, positive, generator, hard=False)
+    neg_text = sample_hard_negatives(itc.sim_i2t, positive, generator, hard=False)
+    pair_images = torch.cat([image_tokens, image_tokens, model.prepare_image(features[neg_image])])
+    logits = model.itm_logits(pair_images, torch.cat([ids, ids[neg_text], ids]), torch.cat([mask, mask[neg_text], mask]))
+    labels = torch.cat([torch.ones(len(ids), dtype=torch.long), torch.zeros(2 * len(ids), dtype=torch.long)])
+    itm = torch.nn.functional.cross_entropy(logits, labels)
+    itg = itg_loss(model, image_tokens, ids, mask)
+    return Stage1Losses(itc.loss + itm + itg, itc.loss, itm, itg, torch.tensor(0.0))
+
+
+def test_shared_query_pass_and_itm_images_give_the_same_losses_and_gradients(tokenizer):
+    """ITG reading the query pass's keys and values, and ITM projecting each image's
+    cross-attention once, change the work done, not the losses or the gradients."""
+    model = tiny(tokenizer, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, cross_attention_frequency=1)
+    torch.manual_seed(2)
+    features = torch.randn(4, 5, VISION_WIDTH)
+    ids, mask = batch(tokenizer, CAPTIONS)
+    image_ids = torch.arange(4)
+
+    def run(fn):
+        model.zero_grad()
+        out = fn(model, features, ids, mask, image_ids, torch.Generator().manual_seed(0))
+        out.total.backward()
+        return out, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    old, old_grads = run(separate_passes)
+    new, new_grads = run(lambda *args: stage1_losses(*args[:5], generator=args[5], hard_negatives=False))
+    for name in ("itc", "itm", "itg", "total"):
+        assert torch.allclose(getattr(old, name), getattr(new, name), atol=1e-6), name
+    assert old_grads.keys() == new_grads.keys() and "query_tokens" in new_grads
+    for name, grad in old_grads.items():
+        assert torch.allclose(grad, new_grads[name], atol=1e-6, rtol=1e-4), name
 
 
 # -- persistence --------------------------------------------------------------------------------

@@ -93,6 +93,19 @@ def test_decoder_only_labels_cover_caption_and_eos_not_prompt_or_padding(world):
     assert (batch["labels"] != -100).sum() == len(a["labels"]) + len(b["labels"]) - 2 * len(prompt)
 
 
+@pytest.mark.parametrize("llm,kind", [("opt", "causal"), ("t5", "seq2seq")])
+def test_a_batch_laid_out_at_once_equals_the_collated_examples(world, llm, kind):
+    from transformers import AutoTokenizer
+
+    layout = TextLayout(AutoTokenizer.from_pretrained(world[llm]), kind, max_text_length=8)
+    captions = ["a red circle", "", "a small blue square on the left of a big white background"]
+    for prompt in ("a photo of", ""):
+        splits = [1, 0, 4]
+        expected = layout.collate([layout.example(prompt, c, s) for c, s in zip(captions, splits)])
+        got = layout.batch(prompt, captions, splits)
+        assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+
+
 def test_encoder_decoder_splits_the_caption_at_a_seeded_word_the_suffix_is_the_target(world):
     from transformers import AutoTokenizer
 

@@ -17,6 +17,7 @@ from model.train_stage1 import (
     load_curated_images,
     lr_factor,
     param_groups,
+    random_resized_crop,
     swap_left_right,
     train,
 )
@@ -103,6 +104,23 @@ def test_one_kept_caption_per_image_and_flips_swap_left_and_right(world):
     assert caption in kept
     assert swap_left_right("a red circle on the left, right?") == "a red circle on the right, left?"
     assert swap_left_right("bright lefty") == "bright lefty"
+
+
+def test_cached_features_batches_carry_no_pixels_and_crops_follow_torchvision(world):
+    from torchvision.transforms import RandomResizedCrop
+
+    cfg = config(world, "unused", cache_features=True, augment=False)
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    encoder = load_vision_encoder(cfg.vision)
+    data = Stage1Batches(load_curated_images(cfg.root, cfg.run), tokenizer, encoder.preprocess, cfg)
+    batch = data[4]
+    assert "pixels" not in batch and batch["input_ids"].shape[0] == cfg.batch_size  # nothing decoded
+    assert data.plain_pixels([0, 1]).shape == (2, 3, encoder.preprocess.image_size, encoder.preprocess.image_size)
+    # The explicit generator draws what torchvision draws from a globally seeded one.
+    for seed, size in ((0, (32, 32)), (1, (64, 20)), (2, (20, 64))):
+        torch.manual_seed(seed)
+        expected = RandomResizedCrop.get_params(torch.zeros(3, size[1], size[0]), scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3))
+        assert random_resized_crop(size, (0.5, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(seed)) == tuple(expected)
 
 
 def test_recipe_defaults_follow_the_paper(world):

@@ -1,0 +1,324 @@
+"""Where a toy Stage 1 / Stage 2 training step spends its time, and its samples/s against the
+per-sample data path the trainers had before (kept here, reachable, as the baseline).
+
+    uv run python -m benchmarks.train_step [--images 600] [--steps 40] [--stage 1|2|both]
+
+Config: the demo's (capfilt/presets.py toy_preset): Q-Former hidden 64, 2 layers, 8 queries,
+cross-attention in every layer, batch 32, augmentation off, frozen features cached, demo log and
+checkpoint intervals; a toy open_clip ViT (32 px, width 64, 3 blocks) and, for Stage 2, a 2-layer
+x 128 OPT. Images are the synthetic world's 32 px scenes, 2 kept captions each.
+
+Both paths run `train()` itself on the same data in the same process; the baseline swaps in the
+old dataset (a global-RNG seed per sample, every image decoded every epoch, per-sample text
+layout) and, for Stage 1, the old loss composition (ITG recomputing the query pass, ITM projecting
+3B image copies; today's attention masks, which are a little cheaper than before). Only steps
+after the first epoch count (the first fills the feature cache). Time inside the step is the sum
+of the objective's forward, backward, gradient clipping and the optimizer step, measured by
+wrapping those calls; everything else between two optimizer steps (data, feature look-up,
+logging, checkpoints) is "outside". On a GPU the wrappers synchronise so the split is honest.
+Prints one JSON line per stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from model import stage2 as stage2_module  # noqa: E402
+from model import train_stage1 as stage1_module  # noqa: E402
+from model.stage2 import Stage2Config, Stage2Objective, split_point  # noqa: E402
+from model.train_stage1 import (  # noqa: E402
+    Stage1Config,
+    Stage1Objective,
+    hash_seed,
+    image_pixels,
+    swap_left_right,
+)
+
+TOY_QFORMER = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
+               "num_query_tokens": 8, "embed_dim": 32, "max_position_embeddings": 64, "cross_attention_frequency": 1}
+TOY_CLIP_NAME = "capfilt-bench-toy-clip"
+
+
+# -- the baseline: the data path as it was ----------------------------------------------------
+
+class LegacyStage1Batches(stage1_module.Stage1Batches):
+    """The old `__getitem__`: per sample, fork and seed torch's global RNG (which also seeds every
+    accelerator backend) and decode the image, cached features or not."""
+
+    def legacy_example(self, epoch, index):
+        from torchvision.transforms import RandomResizedCrop
+
+        cfg = self.config
+        image = self.images[index]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash_seed(cfg.seed, epoch, index))
+            caption = image.captions[int(torch.randint(len(image.captions), ()))]
+            crop, flip = None, False
+            if cfg.augment:
+                from PIL import Image
+
+                with Image.open(io.BytesIO(image.image)) as img:
+                    crop = RandomResizedCrop.get_params(img, scale=(cfg.crop_min, 1.0), ratio=(3 / 4, 4 / 3))
+                flip = cfg.flip and bool(torch.rand(()) < 0.5)
+        if flip:
+            caption = swap_left_right(caption)
+        return image_pixels(image.image, self.preprocess, crop, flip), caption
+
+    def legacy_samples(self, micro):
+        cfg = self.config
+        pos = self.position(micro)
+        order = np.random.default_rng([cfg.seed, pos["epoch"]]).permutation(len(self.images))
+        mine = order[self.rank::self.world_size]
+        start = pos["batch_in_epoch"] * cfg.batch_size
+        indices = mine[start:start + cfg.batch_size].tolist()
+        pixels, captions = zip(*(self.legacy_example(pos["epoch"], i) for i in indices))
+        return pos, indices, pixels, captions
+
+    def __getitem__(self, micro):
+        _, indices, pixels, captions = self.legacy_samples(micro)
+        text = self.tokenizer(list(captions), padding="max_length", truncation=True,
+                              max_length=self.config.max_text_length, return_tensors="pt")
+        return {"pixels": torch.stack(pixels), "input_ids": text.input_ids,
+                "attention_mask": text.attention_mask, "image_ids": torch.tensor(indices)}
+
+
+class LegacyStage2Batches(stage2_module.Stage2Batches, LegacyStage1Batches):
+    def __getitem__(self, micro):
+        cfg = self.config
+        pos, indices, pixels, captions = self.legacy_samples(micro)
+        examples = [self.layout.example(cfg.prompt, c, split_point(cfg.seed, pos["epoch"], i, c))
+                    for i, c in zip(indices, captions)]
+        return {"pixels": torch.stack(pixels), "image_ids": torch.tensor(indices), **self.layout.collate(examples)}
+
+
+def legacy_stage1_losses(model, image_features, input_ids, attention_mask, image_ids, itc_label_smoothing=0.1,
+                         itg_label_smoothing=0.1, generator=None, hard_negatives=True):
+    """The old composition: a query-only pass for ITC, ITM over 3B image copies, then ITG's own
+    [queries ; text] pass recomputing the queries."""
+    from model.losses import Stage1Losses, gather_no_grad, itc_loss, itg_loss, sample_hard_negatives
+
+    model.clamp_temperature()
+    image_tokens = model.prepare_image(image_features)
+    image_feats = torch.nn.functional.normalize(model.vision_projection(model.query_output(image_tokens)), dim=-1)
+    text_feat = model.text_features(input_ids, attention_mask)
+    itc = itc_loss(image_feats, text_feat, model.temp, itc_label_smoothing)
+    ids_all, mask_all, image_ids_all = (gather_no_grad(t) for t in (input_ids, attention_mask, image_ids))
+    positive = image_ids[:, None] == image_ids_all[None, :]
+    with torch.no_grad():
+        neg_image = sample_hard_negatives(itc.sim_t2i, positive, generator, hard_negatives)
+        neg_text = sample_hard_negatives(itc.sim_i2t, positive, generator, hard_negatives)
+    negative_images = model.prepare_image(gather_no_grad(image_features)[neg_image])
+    logits = model.itm_logits(torch.cat([image_tokens, image_tokens, negative_images]),
+                              torch.cat([input_ids, ids_all[neg_text], input_ids]),
+                              torch.cat([attention_mask, mask_all[neg_text], attention_mask]))
+    batch = input_ids.shape[0]
+    labels = torch.cat([torch.ones(batch, dtype=torch.long), torch.zeros(2 * batch, dtype=torch.long)]).to(logits.device)
+    itm = torch.nn.functional.cross_entropy(logits.float(), labels)
+    accuracy = (logits.argmax(dim=1) == labels).float().mean().detach()
+    itg = itg_loss(model, image_tokens, input_ids, attention_mask, itg_label_smoothing)
+    return Stage1Losses(itc.loss + itm + itg, itc.loss, itm, itg, accuracy)
+
+
+@contextmanager
+def legacy_path(stage: int):
+    with mock.patch.object(stage1_module, "Stage1Batches", LegacyStage1Batches), \
+            mock.patch.object(stage2_module, "Stage2Batches", LegacyStage2Batches), \
+            mock.patch.object(stage1_module, "stage1_losses", legacy_stage1_losses):
+        # Legacy batches carry pixels: the cache takes them from the batch, as it used to.
+        original = stage1_module._image_features
+
+        def from_batch(batch, encoder, cache, device):
+            if cache is None or "pixels" not in batch:
+                return original(batch, encoder, cache, device)
+            keys = [str(i) for i in batch["image_ids"].tolist()]
+            by_key = dict(zip(keys, batch["pixels"]))
+            return cache(keys, lambda missing: torch.stack([by_key[k] for k in missing])).to(device)
+
+        with mock.patch.object(stage1_module, "_image_features", from_batch), \
+                mock.patch.object(stage2_module, "_image_features", from_batch):
+            yield
+
+
+# -- timing the step's parts -------------------------------------------------------------------
+
+# On CPU the clock is this process's CPU time: these machines' cores are shared, and wall time
+# measures the neighbours as much as the code. On a GPU, wall time (kernels run off the CPU).
+_now = time.perf_counter if torch.cuda.is_available() else time.process_time
+
+class StepClock:
+    """Wall time of each optimizer step's interval and the part of it in forward, backward,
+    clipping and the optimizer, gathered by wrapping those calls."""
+
+    def __init__(self, objective_class):
+        self.objective_class = objective_class
+        self.inside = 0.0
+        self.marks: list[tuple[float, float]] = []  # (time at optimizer step end, inside so far)
+
+    def _sync(self):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def _timed(self, fn):
+        def wrapper(*args, **kwargs):
+            self._sync()
+            start = _now()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._sync()
+                self.inside += _now() - start
+        return wrapper
+
+    @contextmanager
+    def running(self):
+        def step_post_hook(optimizer, args, kwargs):
+            self.marks.append((_now(), self.inside))
+
+        with mock.patch.object(self.objective_class, "forward", self._timed(self.objective_class.forward)), \
+                mock.patch.object(torch.autograd, "backward", self._timed(torch.autograd.backward)), \
+                mock.patch.object(torch.nn.utils, "clip_grad_norm_", self._timed(torch.nn.utils.clip_grad_norm_)):
+            step_start = {}
+
+            def pre(optimizer, args, kwargs):
+                self._sync()
+                step_start["t"] = _now()
+
+            def post(optimizer, args, kwargs):
+                self._sync()
+                self.inside += _now() - step_start["t"]
+                step_post_hook(optimizer, args, kwargs)
+
+            from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+            handles = [register_optimizer_step_pre_hook(pre), register_optimizer_step_post_hook(post)]
+            try:
+                yield self
+            finally:
+                for handle in handles:
+                    handle.remove()
+
+    def summary(self, skip: int, batch_size: int) -> dict:
+        """Steps after the first `skip`: samples/s and the fraction of wall time outside the step."""
+        (t0, in0), (t1, in1) = self.marks[skip], self.marks[-1]
+        steps, wall = len(self.marks) - 1 - skip, t1 - t0
+        return {"steps": steps, "samples_per_s": round(steps * batch_size / wall, 1),
+                "step_ms": round(1000 * wall / steps, 1), "outside_fraction": round(1 - (in1 - in0) / wall, 3)}
+
+
+# -- the toy world ------------------------------------------------------------------------------
+
+def toy_open_clip(folder: Path) -> str:
+    """The toy preset's ViT (32 px, 8 px patches, width 64, 3 blocks), random weights."""
+    import open_clip
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"embed_dim": 64,
+              "vision_cfg": {"image_size": 32, "layers": 3, "width": 64, "head_width": 32, "patch_size": 8},
+              "text_cfg": {"context_length": 32, "vocab_size": 1000, "width": 64, "heads": 2, "layers": 2}}
+    (folder / f"{TOY_CLIP_NAME}.json").write_text(json.dumps(config))
+    open_clip.add_model_config(folder / f"{TOY_CLIP_NAME}.json")
+    torch.manual_seed(0)
+    checkpoint = folder / "clip.pt"
+    torch.save(open_clip.create_model(TOY_CLIP_NAME, pretrained=None).state_dict(), checkpoint)
+    return f"open_clip:{TOY_CLIP_NAME}@{checkpoint}"
+
+
+def make_world(base: Path, images: int) -> dict:
+    from stage1_world import make_curated_run, make_tokenizer
+
+    make_curated_run(base / "data", "bench", images=images, seed=0, captions_per_image=2)
+    return {"root": str(base / "data"), "vision": toy_open_clip(base / "clip"),
+            "tokenizer": str(make_tokenizer(base / "tok"))}
+
+
+def stage1_config(world: dict, out: Path, steps: int) -> Stage1Config:
+    return Stage1Config(root=world["root"], run="bench", vision=world["vision"], tokenizer=world["tokenizer"],
+                        bert=None, model=TOY_QFORMER, out=str(out), steps=steps, batch_size=32, lr=2e-3,
+                        warmup_steps=20, itm_random_negative_steps=steps, augment=False, cache_features=True,
+                        log_every=10, checkpoint_every=100, progress=False, resume=False)
+
+
+def run_stage1(world: dict, out: Path, steps: int, legacy: bool) -> dict:
+    config = stage1_config(world, out, steps)
+    clock = StepClock(Stage1Objective)
+    with (legacy_path(1) if legacy else _nothing()), clock.running():
+        result = stage1_module.train(config)
+    return {**clock.summary(_skip(world, config), config.batch_size), "last_loss": result["metrics"][-1]["loss"]}
+
+
+def _skip(world: dict, config) -> int:
+    """The first epoch's steps (they fill the feature cache) plus one."""
+    images = len(stage1_module.load_curated_images(world["root"], "bench"))
+    return images // config.batch_size + 1
+
+
+def stage2_world(world: dict, base: Path) -> dict:
+    import stage2_world as s2
+
+    s2.TINY_QFORMER = TOY_QFORMER  # the demo's Q-Former
+    opt = s2.make_opt(base / "opt", width=128, layers=2, pretrain_steps=0)
+    stage1 = s2.make_stage1_checkpoint(base / "stage1", world["vision"], Path(world["tokenizer"]))
+    return {**world, "llm": opt, "stage1": str(stage1)}
+
+
+def run_stage2(world: dict, out: Path, steps: int, legacy: bool) -> dict:
+    config = Stage2Config(root=world["root"], run="bench", stage1=world["stage1"], llm=world["llm"], out=str(out),
+                          steps=steps, batch_size=32, lr=2e-3, warmup_steps=20, augment=False, cache_features=True,
+                          log_every=10, checkpoint_every=100, progress=False, resume=False, device="auto")
+    clock = StepClock(Stage2Objective)
+    with (legacy_path(2) if legacy else _nothing()), clock.running():
+        result = stage2_module.train(config)
+    return {**clock.summary(_skip(world, config), config.batch_size), "last_loss": result["metrics"][-1]["loss"]}
+
+
+@contextmanager
+def _nothing():
+    yield
+
+
+def measure(stage: int, images: int = 600, steps: int = 40) -> dict:
+    """Both paths of one stage on a fresh world; `steps` counted after the first epoch."""
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp)
+        world = make_world(base, images)
+        total = images // 32 + 1 + steps
+        if stage == 1:
+            run = run_stage1
+        else:
+            world = stage2_world(world, base)
+            run = run_stage2
+        legacy = run(world, base / "legacy", total, legacy=True)
+        new = run(world, base / "new", total, legacy=False)
+    return {"stage": stage, "device": "cuda" if torch.cuda.is_available() else "cpu",
+            "threads": torch.get_num_threads(), "baseline": legacy, "capfilt": new,
+            "speedup": round(new["samples_per_s"] / legacy["samples_per_s"], 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=40, help="steps measured after the first epoch")
+    parser.add_argument("--stage", choices=["1", "2", "both"], default="both")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (1: toy models lose to thread synchronisation on shared cores)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    for stage in ((1, 2) if args.stage == "both" else (int(args.stage),)):
+        print(json.dumps(measure(stage, args.images, args.steps)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
