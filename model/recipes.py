@@ -142,3 +142,30 @@ def process_captions(images: list, text_processing: str) -> list:
     from dataclasses import replace
 
     return [replace(im, captions=[pre_caption(c) for c in im.captions]) for im in images]
+
+
+# -- LAVIS's generation and retrieval defaults, as presets of `capfilt generate` and `capfilt eval` --
+
+# blip2_opt.py / blip2_t5.py `generate` with the COCO caption yamls (beam 5, max 30, min 8), and
+# `predict_answers` with the zero-shot VQA yamls ("Question: {} Short answer:", beam 5, max 10,
+# length penalty -1 for T5; blip2_opt's default 0 for OPT).
+GENERATE_PRESETS = {
+    "lavis-caption": {"num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 8,
+                      "length_penalty": {"causal": 1.0, "seq2seq": 1.0}},
+    "lavis-vqa": {"num_beams": 5, "max_new_tokens": 10, "min_new_tokens": 1,
+                  "vqa_template": "Question: {} Short answer:", "length_penalty": {"causal": 0.0, "seq2seq": -1.0}},
+}
+# blip2_qformer.py compute_sim_matrix with the retrieval yamls: the ITC top k=128 re-ranked by
+# ITM logit + ITC similarity; captioning as the caption preset.
+EVAL_PRESETS = {
+    "lavis": {"rerank_k": 128, "rerank_score": "itm+itc", "num_beams": 5, "max_length": 30, "min_length": 8},
+}
+
+
+def preset_values(presets: dict, name: str | None, given: dict, defaults: dict) -> dict:
+    """Option values: those the user gave (not None) win over the preset's, which win over `defaults`."""
+    if name is not None and name not in presets:
+        raise ConfigError(f"--preset must be one of {', '.join(presets)}, got {name!r}.")
+    chosen = presets.get(name, {}) if name else {}
+    return {key: given[key] if given.get(key) is not None else chosen.get(key, defaults.get(key))
+            for key in set(defaults) | set(chosen) | set(given)}

@@ -310,7 +310,7 @@ class Blip2Stage2(nn.Module):
     @torch.no_grad()
     def generate_ids(self, image_features, prompts: list[str], *, num_beams=5, max_new_tokens=30, min_new_tokens=1,
                      num_return_sequences=1, repetition_penalty=1.0, top_p=None, seeds=None,
-                     instructions: list[str] | None = None) -> list[list[int]]:
+                     instructions: list[str] | None = None, length_penalty: float = 1.0) -> list[list[int]]:
         """New token ids (eos and padding removed), `num_return_sequences` rows per image in a row.
 
         Sampling (top_p set) draws with `SeededNucleusSampler`: row r uses seeds[r] only.
@@ -342,6 +342,8 @@ class Blip2Stage2(nn.Module):
             num_return_sequences=num_return_sequences, repetition_penalty=repetition_penalty,
             eos_token_id=self.layout.eos, pad_token_id=pad, do_sample=False,
         )
+        if length_penalty != 1.0 and num_beams > 1:
+            kwargs["length_penalty"] = length_penalty  # beam scores / length**penalty (LAVIS's VQA: -1 for T5)
         if self.config.llm_kind == "causal":
             # Passed as Blip2ForConditionalGeneration passes them (placeholders where the queries
             # sit), so a repetition penalty sees the prompt in both; the output repeats them.
@@ -874,23 +876,24 @@ class Stage2Generator:
 
     def caption(self, images, prompt: str | None = None, num_beams: int = 5, max_new_tokens: int = 30,
                 min_new_tokens: int = 1, top_p: float | None = None, seed: int = 0,
-                repetition_penalty: float = 1.0, first_index: int = 0) -> list[str]:
+                repetition_penalty: float = 1.0, first_index: int = 0, length_penalty: float = 1.0) -> list[str]:
         """One caption per image: beam search by default; `top_p` switches to nucleus sampling
         where image i (counted from `first_index`) draws from its own generator seeded by (seed, i)."""
         prompt = self.model.config.prompt if prompt is None else prompt
         seeds = [hash_seed(seed, first_index + i) for i in range(len(images))] if top_p is not None else None
         ids = self.generate_ids(images, [prompt] * len(images), num_beams=num_beams, max_new_tokens=max_new_tokens,
                                 min_new_tokens=min_new_tokens, top_p=top_p, seeds=seeds,
-                                repetition_penalty=repetition_penalty)
+                                repetition_penalty=repetition_penalty, length_penalty=length_penalty)
         return self.model.decode(ids)
 
     def answer(self, images, questions: list[str], num_beams: int = 5, max_new_tokens: int = 10,
-               template: str = VQA_PROMPT) -> list[str]:
+               template: str = VQA_PROMPT, min_new_tokens: int = 1, length_penalty: float = 1.0) -> list[str]:
         """Short answers, one per (image, question), with LAVIS's "Question: {} Answer:" prompt."""
         if len(questions) != len(images):
             raise ConfigError(f"{len(images)} images but {len(questions)} questions; give one question per image.")
         prompts = [template.format(q) for q in questions]
-        ids = self.generate_ids(images, prompts, num_beams=num_beams, max_new_tokens=max_new_tokens, min_new_tokens=1)
+        ids = self.generate_ids(images, prompts, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                                min_new_tokens=min_new_tokens, length_penalty=length_penalty)
         return self.model.decode(ids)
 
 

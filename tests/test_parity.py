@@ -222,7 +222,7 @@ def test_recipes_set_every_row_and_a_row_given_explicitly_wins():
 
 def test_lavis_schedule_warms_up_in_epoch_zero_then_steps_a_cosine_per_epoch():
     cfg = Stage1Config(root="r", run="x", vision="v", out="o", recipe="lavis", steps=40, warmup_steps=5)
-    lr = lambda step: cfg.lr * lr_factor(step, cfg, epoch=step // 10, epochs=4)  # noqa: E731
+    lr = lambda step: cfg.lr * lr_factor(step, cfg, epoch=step // 10, epochs=4)  
     assert lr(0) == pytest.approx(1e-6)
     assert lr(2) == pytest.approx(1e-6 + (1e-4 - 1e-6) * 2 / 5)
     assert lr(5) == pytest.approx(1e-4) and lr(9) == pytest.approx(1e-4)  # held at the peak for the rest of epoch 0
@@ -255,3 +255,168 @@ def test_a_lavis_recipe_run_records_its_rows_and_follows_the_lavis_schedule(tmp_
     expected = [cfg.lr * lr_factor(s, cfg, epoch=s // 2, epochs=3) for s in range(1, 7)]
     assert logged == pytest.approx(expected)
     assert logged[0] == pytest.approx(1e-3) and logged[1] < logged[0]
+
+
+# -- official BLIP-2 checkpoints keep their end of caption ----------------------------------------
+
+def official_blip2(folder, llm: str):
+    """A tiny randomly initialised Blip2ForConditionalGeneration saved with save_pretrained, laid
+    out as transformers' conversions of Salesforce's checkpoints are: OPT's text eos is "\\n"
+    (the tokenizer's stays `</s>`), T5's is `</s>`. The OPT's final LayerNorm bias and the "\\n"
+    embedding point the same way, so "\\n" wins often and generation really stops there."""
+    from stage2_world import make_t5
+    from transformers import (
+        AddedToken,
+        AutoTokenizer,
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2Processor,
+        BlipImageProcessor,
+        T5Config,
+    )
+
+    from model.captioners import save_random_captioner
+
+    if llm == "opt":
+        source = save_random_captioner(str(folder / "src"), "blip-2", image_size=32)
+        hf = Blip2ForConditionalGeneration.from_pretrained(source)
+        processor = Blip2Processor.from_pretrained(source)
+        tokenizer = processor.tokenizer
+        newline = tokenizer("\n", add_special_tokens=False).input_ids
+        assert len(newline) == 1 and newline[0] != tokenizer.eos_token_id
+        hf.config.text_config.eos_token_id = newline[0]
+        hf.language_model.generation_config.eos_token_id = newline[0]
+        hf.generation_config.eos_token_id = newline[0]
+        torch.manual_seed(1)
+        direction = F.normalize(torch.randn(hf.config.text_config.hidden_size), dim=0)
+        with torch.no_grad():
+            hf.language_model.model.decoder.final_layer_norm.bias.copy_(1.5 * direction)
+            hf.language_model.get_input_embeddings().weight[newline[0]] = 2.0 * direction
+    else:
+        t5 = make_t5(folder / "t5", pretrain_steps=0)
+        tokenizer = AutoTokenizer.from_pretrained(t5)
+        tokenizer.add_tokens([AddedToken("<image>", normalized=False, special=True)], special_tokens=True)
+        tokenizer.image_token = "<image>"
+        text = T5Config.from_pretrained(t5)
+        width = 32
+        config = Blip2Config(
+            vision_config=dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+                               num_attention_heads=2, image_size=32, patch_size=8),
+            qformer_config=dict(vocab_size=64, hidden_size=width, num_hidden_layers=2, num_attention_heads=2,
+                                intermediate_size=2 * width, encoder_hidden_size=width, cross_attention_frequency=1,
+                                max_position_embeddings=64),
+            text_config=text.to_dict(), num_query_tokens=4,
+            image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        )
+        torch.manual_seed(0)
+        hf = Blip2ForConditionalGeneration(config)
+        processor = Blip2Processor(BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer, num_query_tokens=4)
+    out = folder / "blip2"
+    hf.save_pretrained(str(out))
+    processor.save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def official(tmp_path_factory):
+    made = {}
+
+    def get(llm):
+        if llm not in made:
+            made[llm] = official_blip2(tmp_path_factory.mktemp(llm), llm)
+        return made[llm]
+    return get
+
+
+def pictures(n=3) -> list[bytes]:
+    import io
+
+    from PIL import Image
+
+    rng = torch.Generator().manual_seed(0)
+    pics = []
+    for _ in range(n):
+        pixels = (torch.rand(32, 32, 3, generator=rng) * 255).to(torch.uint8).numpy()
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG")
+        pics.append(buffer.getvalue())
+    return pics
+
+
+@pytest.mark.parametrize("llm", ["opt", "t5"])
+def test_an_official_blip2_checkpoint_stops_where_transformers_stops(official, llm):
+    import io
+
+    from PIL import Image
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+    from model.stage2 import Stage2Generator
+
+    folder = official(llm)
+    ours = Stage2Generator.from_checkpoint(str(folder), device="cpu")
+    hf = Blip2ForConditionalGeneration.from_pretrained(str(folder)).eval()
+    processor = Blip2Processor.from_pretrained(str(folder))
+    assert ours.model.config.caption_end == ("newline" if llm == "opt" else "eos")
+    eos = hf.language_model.generation_config.eos_token_id
+    assert ours.model.layout.eos == eos
+    pics = pictures()
+    pil = [Image.open(io.BytesIO(b)).convert("RGB") for b in pics]
+    pad = ours.model.layout.pad
+    stopped = 0
+    for prompt in ("", "a photo of"):
+        for beams in (1, 3):
+            mine = ours.generate_ids(pics, [prompt] * 3, num_beams=beams, max_new_tokens=10, min_new_tokens=2)
+            inputs = processor(images=pil, text=[prompt] * 3, return_tensors="pt")
+            with torch.no_grad():
+                theirs = hf.generate(**inputs, num_beams=beams, max_new_tokens=10, min_new_tokens=2)
+            theirs = theirs[:, inputs["input_ids"].shape[1]:] if llm == "opt" else theirs[:, 1:]
+            rows = []
+            for row in theirs.tolist():
+                stopped += eos in row
+                rows.append([t for t in (row[: row.index(eos)] if eos in row else row) if t != pad])
+            assert mine == rows, (prompt, beams)
+    if llm == "opt":
+        assert stopped > 0  # generation really ended at "\n" somewhere, so the test tells the conventions apart
+
+
+# -- LAVIS's generation and retrieval defaults as presets -------------------------------------------
+
+@pytest.mark.parametrize("llm", ["opt", "t5"])
+def test_generate_presets_are_lavis_decoding_and_explicit_options_win(official, llm, tmp_path, capsys):
+    from capfilt.cli import main as cli_main
+    from model.stage2 import Stage2Generator
+
+    folder = official(llm)
+    path = tmp_path / "img.png"
+    path.write_bytes(pictures(1)[0])
+    ours = Stage2Generator.from_checkpoint(str(folder), device="cpu")
+
+    def run(*args) -> str:
+        cli_main(["generate", "--checkpoint", str(folder), "--images", str(path), "--device", "cpu", *args])
+        return capsys.readouterr().out.strip().split("\t", 1)[1]
+
+    vqa = ours.answer(pictures(1), ["what is it?"], num_beams=5, max_new_tokens=10, template="Question: {} Short answer:",
+                      length_penalty=-1.0 if llm == "t5" else 0.0)
+    assert run("--preset", "lavis-vqa", "--question", "what is it?") == vqa[0]
+    caption = ours.caption(pictures(1), num_beams=5, max_new_tokens=30, min_new_tokens=8)
+    assert run("--preset", "lavis-caption") == caption[0]
+    assert len(ours.generate_ids(pictures(1), [""], num_beams=5, max_new_tokens=30, min_new_tokens=8)[0]) >= 8
+    short = ours.caption(pictures(1), num_beams=2, max_new_tokens=3, min_new_tokens=1)
+    assert run("--preset", "lavis-caption", "--num-beams", "2", "--max-new-tokens", "3", "--min-new-tokens", "1") == short[0]
+
+
+def test_eval_preset_lavis_and_the_rerank_score():
+    from model.recipes import EVAL_PRESETS, preset_values
+    from pipeline.evaluate import rerank
+
+    defaults = dict(rerank_k=16, rerank_score="itm+itc", num_beams=3, max_length=30, min_length=1)
+    none = dict.fromkeys(defaults)
+    assert preset_values(EVAL_PRESETS, "lavis", none, defaults) == dict(
+        rerank_k=128, rerank_score="itm+itc", num_beams=5, max_length=30, min_length=8)
+    assert preset_values(EVAL_PRESETS, "lavis", {**none, "rerank_k": 4}, defaults)["rerank_k"] == 4
+    assert preset_values(EVAL_PRESETS, None, none, defaults) == defaults
+    sims = torch.tensor([[0.9, 0.5, 0.1]])
+    itm = lambda q, cand: torch.tensor([0.0, 0.3, 0.0])[cand]
+    assert rerank(sims, 3, itm, "itm+itc") == [[0, 1, 2]]  # 0.9 vs 0.8 vs 0.1
+    assert rerank(sims, 3, itm, "itm") == [[1, 0, 2]]
+    assert rerank(sims, 1, itm, "itm") == [[0, 1, 2]]  # only the ITC top k is re-ranked
