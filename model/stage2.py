@@ -633,6 +633,11 @@ class Stage2Objective(nn.Module):
     def forward(self, image_features, input_ids, attention_mask, labels):
         return self.model.loss(image_features, input_ids, attention_mask, labels)
 
+    def train(self, mode: bool = True) -> "Stage2Objective":
+        super().train(mode)
+        self.model.train(mode)  # the frozen LLM's mode follows Blip2Stage2.llm_train_mode
+        return self
+
 
 def build_model(config: Stage2Config, device: torch.device) -> tuple[Blip2Stage2, FrozenImageEncoder, str]:
     """(model with Stage 1 Q-Former and fresh projection, frozen encoder, vision spec)."""

@@ -420,3 +420,63 @@ def test_eval_preset_lavis_and_the_rerank_score():
     assert rerank(sims, 3, itm, "itm+itc") == [[0, 1, 2]]  # 0.9 vs 0.8 vs 0.1
     assert rerank(sims, 3, itm, "itm") == [[1, 0, 2]]
     assert rerank(sims, 1, itm, "itm") == [[0, 1, 2]]  # only the ITC top k is re-ranked
+
+
+# -- Stage 2 under the lavis recipe -----------------------------------------------------------------
+
+def test_a_lavis_stage2_run_ends_captions_with_newline_keeps_llm_dropout_and_records_its_rows(tmp_path):
+    from stage2_world import make_blip2_vision, make_opt, make_stage1_checkpoint
+
+    from model.stage2 import Stage2Config, Stage2Generator, Stage2Objective, build_model, train
+
+    make_curated_run(tmp_path / "data", "r1", images=16, seed=0)
+    vision = make_blip2_vision(tmp_path / "vision")
+    cfg = Stage2Config(root=str(tmp_path / "data"), run="r1", stage1=str(make_stage1_checkpoint(tmp_path / "s1", vision)),
+                       llm=make_opt(tmp_path / "opt", pretrain_steps=0), out=str(tmp_path / "out"), steps=2,
+                       batch_size=8, warmup_steps=1, lr=1e-3, augment=False, log_every=1, checkpoint_every=2,
+                       progress=False, device="cpu", recipe="lavis")
+    model, _, _ = build_model(cfg, torch.device("cpu"))
+    newline = model.tokenizer("\n", add_special_tokens=False).input_ids
+    assert model.layout.eos == newline[0] != model.tokenizer.eos_token_id
+    example = model.layout.example("", "A red circle.")
+    assert example["labels"][-1] == newline[0] and model.tokenizer.eos_token_id not in example["labels"]
+    objective = Stage2Objective(model)
+    assert objective.train() and model.language_model.training  # LAVIS: the frozen LLM's dropout stays on
+    assert objective.eval() and not model.language_model.training
+    paper = Stage2Config(**{**cfg.__dict__, "recipe": "paper", "llm_train_mode": None, "caption_end": None,
+                            "min_lr": None, "warmup_lr": None, "lr_schedule": None, "betas": None, "grad_clip": None,
+                            "text_processing": None})
+    paper_model = build_model(paper, torch.device("cpu"))[0]
+    assert Stage2Objective(paper_model).train() and not paper_model.language_model.training
+
+    result = train(cfg)
+    info = json.loads((tmp_path / "out" / "step-00000002" / "stage2.json").read_text())["config"]
+    assert (info["recipe"], info["min_lr"], info["llm_train_mode"], info["caption_end"], info["grad_clip"],
+            info["betas"]) == ("lavis", 1e-5, True, "newline", 0.0, [0.9, 0.999])
+    generator = Stage2Generator.from_checkpoint(result["checkpoint"], device="cpu")
+    assert generator.model.config.caption_end == "newline" and generator.model.layout.eos == newline[0]
+
+
+def test_cli_recipe_and_row_options_reach_the_trainers(monkeypatch):
+    import model.stage2 as stage2
+    import model.train_stage1 as stage1
+    from capfilt.cli import main as cli_main
+
+    seen = {}
+
+    def capture(name):
+        def fake_train(config):
+            seen[name] = config
+            return {"step": 0, "checkpoint": None, "metrics": []}
+        return fake_train
+
+    monkeypatch.setattr(stage1, "train", capture("stage1"))
+    monkeypatch.setattr(stage2, "train", capture("stage2"))
+    common = ["--root", "r", "--run", "x", "--out", "o", "--recipe", "lavis", "--beta2", "0.98"]
+    cli_main(["train", "stage1", *common, "--vision", "v", "--itc-gather-grad", "local"])
+    cli_main(["train", "stage2", *common, "--stage1", ".", "--llm", "l", "--llm-eval-mode", "--grad-clip", "2"])
+    s1, s2 = seen["stage1"], seen["stage2"]
+    assert (s1.recipe, s1.betas, s1.itc_gather_grad, s1.grad_clip, s1.warmup_steps, s1.text_processing) == (
+        "lavis", (0.9, 0.98), "local", 0.0, 5000, "pre_caption")
+    assert (s2.recipe, s2.betas, s2.llm_train_mode, s2.grad_clip, s2.caption_end, s2.min_lr, s2.warmup_steps) == (
+        "lavis", (0.9, 0.98), False, 2.0, "newline", 1e-5, 2000)
