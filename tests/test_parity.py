@@ -480,3 +480,61 @@ def test_cli_recipe_and_row_options_reach_the_trainers(monkeypatch):
         "lavis", (0.9, 0.98), "local", 0.0, 5000, "pre_caption")
     assert (s2.recipe, s2.betas, s2.llm_train_mode, s2.grad_clip, s2.caption_end, s2.min_lr, s2.warmup_steps) == (
         "lavis", (0.9, 0.98), False, 2.0, "newline", 1e-5, 2000)
+
+
+# -- two workers: LAVIS's gather under torch.distributed ------------------------------------------
+
+def _itc_worker(rank: int, port: int, out: str, local_grad: bool) -> None:
+    import torch.distributed as dist
+
+    from model.losses import itc_loss
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        images, texts, temp = _itc_leaves()
+        mine = slice(3 * rank, 3 * rank + 3)
+        image_local = images[mine].detach().clone().requires_grad_(True)
+        text_local = texts[mine].detach().clone().requires_grad_(True)
+        loss = itc_loss(F.normalize(image_local, dim=-1), F.normalize(text_local, dim=-1), temp, 0.1,
+                        local_grad=local_grad).loss
+        loss.backward()
+        torch.save({"loss": loss.detach(), "image": image_local.grad, "text": text_local.grad, "temp": temp.grad},
+                   f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _itc_leaves():
+    g = torch.Generator().manual_seed(3)
+    return (torch.randn(6, 4, 8, generator=g).requires_grad_(True), torch.randn(6, 8, generator=g).requires_grad_(True),
+            torch.tensor(0.1, requires_grad=True))
+
+
+@pytest.mark.slow  # two spawned processes importing torch: about a minute on 2 busy cores
+def test_two_workers_lavis_itc_gradient_is_the_lavis_reference(tmp_path):
+    """Rank r's loss sees every rank's features but has a gradient only through its own (LAVIS
+    under torch.distributed); the reference computes each rank's loss in one process."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_itc_worker, args=(port, str(tmp_path), False), nprocs=2, join=True)
+    for rank in (0, 1):
+        images, texts, temp = _itc_leaves()
+        image_feats, text_feat = F.normalize(images, dim=-1), F.normalize(texts, dim=-1)
+        mine = slice(3 * rank, 3 * rank + 3)
+        local_images, local_texts = image_feats[mine], text_feat[mine]
+        sim_i2t = torch.einsum("bqd,nd->bnq", local_images, text_feat.detach()).max(-1).values / temp
+        sim_t2i = torch.einsum("bd,nqd->bnq", local_texts, image_feats.detach()).max(-1).values / temp
+        targets = torch.arange(3) + 3 * rank
+        loss = (F.cross_entropy(sim_i2t, targets, label_smoothing=0.1)
+                + F.cross_entropy(sim_t2i, targets, label_smoothing=0.1)) / 2
+        loss.backward()
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert abs(float(got["loss"]) - float(loss)) < LOSS_TOL
+        for name, ref in (("image", images.grad[mine]), ("text", texts.grad[mine]), ("temp", temp.grad)):
+            assert float((got[name] - ref).norm() / ref.norm()) < GRAD_TOL, (rank, name)
+        assert images.grad[3 * (1 - rank):3 * (1 - rank) + 3].abs().sum() == 0  # nothing flows to the other rank
