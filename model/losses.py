@@ -67,11 +67,17 @@ class ITCOutput:
     sim_t2i: torch.Tensor  # (B local, B all): local texts vs all images
 
 
-def itc_loss(image_feats, text_feat, temp, label_smoothing: float = 0.1) -> ITCOutput:
-    """image_feats (B, Q, D) and text_feat (B, D), L2-normalised, local to this worker."""
+def itc_loss(image_feats, text_feat, temp, label_smoothing: float = 0.1, local_grad: bool = True) -> ITCOutput:
+    """image_feats (B, Q, D) and text_feat (B, D), L2-normalised, local to this worker.
+
+    local_grad=False is LAVIS (`--itc-gather-grad none`): the gathered batch carries no gradient
+    at all, so i2t trains only the image side and t2i only the text side, on any number of
+    workers (LAVIS always runs under torch.distributed, where its gather drops every gradient).
+    """
     rank, _ = world()
-    image_all = gather_with_local_grad(image_feats)  # (N, Q, D)
-    text_all = gather_with_local_grad(text_feat)  # (N, D)
+    gather = gather_with_local_grad if local_grad else gather_no_grad
+    image_all = gather(image_feats)  # (N, Q, D)
+    text_all = gather(text_feat)  # (N, D)
     # A pair's similarity is its best-matching query's.
     sim_i2t = torch.einsum("bqd,nd->bnq", image_feats, text_all).amax(dim=-1) / temp
     sim_t2i = torch.einsum("bd,nqd->bnq", text_feat, image_all).amax(dim=-1) / temp
@@ -207,6 +213,7 @@ def stage1_losses(
     itg_label_smoothing: float = 0.1,
     generator=None,
     hard_negatives: bool = True,
+    itc_local_grad: bool = True,
 ) -> Stage1Losses:
     """ITC + ITM + ITG on one local batch of frozen image features and tokenized captions."""
     model.clamp_temperature()  # LAVIS clamps temp to [0.001, 0.5] in place before each forward
@@ -216,7 +223,7 @@ def stage1_losses(
     query_hidden, query_cache = model.query_output(image_tokens, cache=True)
     image_feats = F.normalize(model.vision_projection(query_hidden), dim=-1)
     text_feat = model.text_features(input_ids, attention_mask)
-    itc = itc_loss(image_feats, text_feat, model.temp, itc_label_smoothing)
+    itc = itc_loss(image_feats, text_feat, model.temp, itc_label_smoothing, itc_local_grad)
     itm = itm_loss(
         model, image_tokens, gather_no_grad(image_features), input_ids, attention_mask, image_ids, itc, generator, hard_negatives
     )

@@ -11,6 +11,7 @@ GPU (fp32 on CPU).
 How text is laid out (one rule for training and generation, `TextLayout`):
   decoder-only   LLM input  = [soft prompt ; tokenizer(prompt) ; caption tokens ; eos]
                  labels     = -100 on soft prompt, prompt and padding; caption tokens and eos.
+                 (`caption_end` "newline": "\n" takes eos's place, LAVIS's and Salesforce's OPT.)
                  tokenizer(prompt) keeps the tokenizer's own specials (OPT's BOS `</s>`), which
                  is what `Blip2Processor` produces, so exported models generate the same tokens.
   encoder-dec.   the caption's words are split at a seeded random word index k in
@@ -54,6 +55,9 @@ from pipeline.lineage import curated_lineage
 from .captioners import Captioner, Decoding, SeededNucleusSampler
 from .losses import world
 from .qformer import QFormer, QFormerConfig, bidirectional_mask, load_tokenizer
+from .recipes import STAGE2 as STAGE2_RECIPES
+from .recipes import process_captions
+from .recipes import resolve as resolve_recipe
 from .train_stage1 import (
     LATEST_NAME,
     METRICS_NAME,
@@ -64,7 +68,7 @@ from .train_stage1 import (
     hash_seed,
     latest_checkpoint,
     load_curated_images,
-    lr_factor,
+    lr_lambda,
     param_groups,
     pil_pixels,
     run_on_ray_train,
@@ -115,7 +119,8 @@ def prepare_llm_tokenizer(tokenizer, where: str):
 def freeze(model: nn.Module) -> nn.Module:
     # Deviation from LAVIS (which only sets requires_grad=False and so keeps OPT's dropout on):
     # the frozen LLM runs in eval mode like the frozen image encoder, so the soft prompt is
-    # trained against the same function it is used with at generation time.
+    # trained against the same function it is used with at generation time. `--llm-train-mode`
+    # (recipe lavis) puts it in train mode while training (Blip2Stage2.llm_train_mode).
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
@@ -134,12 +139,28 @@ def split_point(seed: int, epoch: int, index: int, caption: str) -> int:
     return int(np.random.default_rng([seed, epoch, index, 2]).integers(0, max(1, words)))
 
 
+def caption_end_id(tokenizer, kind: str, caption_end: str) -> int:
+    """The token that ends a caption in training and stops generation.
+
+    "newline" is LAVIS's OPT convention (caption + "\n", generation stops at "\n"), which
+    Salesforce's OPT checkpoints and transformers' conversion of them (text eos = "\n") carry;
+    an encoder-decoder LLM (T5) always ends with its eos, as LAVIS's blip2_t5 does.
+    """
+    if caption_end == "eos" or kind != "causal":
+        return tokenizer.eos_token_id
+    ids = tokenizer("\n", add_special_tokens=False).input_ids
+    if len(ids) != 1:
+        raise ConfigError(f"--caption-end newline: this LLM's tokenizer writes '\\n' as {len(ids)} tokens, not one; "
+                          f"use --caption-end eos.")
+    return ids[0]
+
+
 class TextLayout:
     """Token ids of prompts and captions for one LLM tokenizer (see the module docstring)."""
 
-    def __init__(self, tokenizer, kind: str, max_text_length: int):
+    def __init__(self, tokenizer, kind: str, max_text_length: int, caption_end: str = "eos"):
         self.tokenizer, self.kind, self.max_text_length = tokenizer, kind, max_text_length
-        self.eos, self.pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+        self.eos, self.pad = caption_end_id(tokenizer, kind, caption_end), tokenizer.pad_token_id
         self.memo: dict[str, list[int]] | None = None  # see _words_batch
 
     def prompt_ids(self, prompt: str) -> list[int]:
@@ -227,6 +248,7 @@ class Stage2ModelConfig:
     max_text_length: int = 32  # LLM tokens of a caption / prompt
     max_instruction_length: int = 32  # BERT tokens of an instruction (instruction-aware only)
     prompt: str = ""  # the prompt it was trained with: the default at generation
+    caption_end: str = "eos"  # eos | newline: what ends a caption (decoder-only LLMs; see caption_end_id)
     model_type: str = MODEL_TYPE
 
     def to_json(self) -> str:
@@ -246,7 +268,7 @@ class Blip2Stage2(nn.Module):
         self.language_model = llm
         self.tokenizer = llm_tokenizer
         self.qformer_tokenizer = qformer_tokenizer
-        self.layout = TextLayout(llm_tokenizer, config.llm_kind, config.max_text_length)
+        self.layout = TextLayout(llm_tokenizer, config.llm_kind, config.max_text_length, config.caption_end)
         self.set_trainable()
 
     def set_trainable(self) -> None:
@@ -270,9 +292,11 @@ class Blip2Stage2(nn.Module):
                 used = True
             p.requires_grad_(used)
 
+    llm_train_mode = False  # the frozen LLM follows train() (dropout on, LAVIS) or stays in eval (see `freeze`)
+
     def train(self, mode: bool = True) -> "Blip2Stage2":
         super().train(mode)
-        self.language_model.eval()  # frozen: never in training mode (see `freeze`)
+        self.language_model.train(mode and self.llm_train_mode)
         return self
 
     @property
@@ -326,7 +350,7 @@ class Blip2Stage2(nn.Module):
     @torch.no_grad()
     def generate_ids(self, image_features, prompts: list[str], *, num_beams=5, max_new_tokens=30, min_new_tokens=1,
                      num_return_sequences=1, repetition_penalty=1.0, top_p=None, seeds=None,
-                     instructions: list[str] | None = None) -> list[list[int]]:
+                     instructions: list[str] | None = None, length_penalty: float = 1.0) -> list[list[int]]:
         """New token ids (eos and padding removed), `num_return_sequences` rows per image in a row.
 
         Sampling (top_p set) draws with `SeededNucleusSampler`: row r uses seeds[r] only.
@@ -358,6 +382,8 @@ class Blip2Stage2(nn.Module):
             num_return_sequences=num_return_sequences, repetition_penalty=repetition_penalty,
             eos_token_id=self.layout.eos, pad_token_id=pad, do_sample=False,
         )
+        if length_penalty != 1.0 and num_beams > 1:
+            kwargs["length_penalty"] = length_penalty  # beam scores / length**penalty (LAVIS's VQA: -1 for T5)
         if self.config.llm_kind == "causal":
             # Passed as Blip2ForConditionalGeneration passes them (placeholders where the queries
             # sit), so a repetition penalty sees the prompt in both; the output repeats them.
@@ -461,10 +487,10 @@ class Blip2Stage2(nn.Module):
         if result.unexpected_keys:
             raise ConfigError(f"{id_or_path}: Q-Former weights without a place: {result.unexpected_keys[:3]}.")
         kind = "causal" if hf.config.use_decoder_only_language_model else "seq2seq"
+        tokenizer = prepare_llm_tokenizer(processor.tokenizer, str(id_or_path))
         config = Stage2ModelConfig(qformer=asdict(qconfig), llm=str(id_or_path), llm_kind=kind,
                                    llm_hidden_size=tc.hidden_size if kind == "causal" else tc.d_model,
-                                   vision=str(id_or_path))
-        tokenizer = prepare_llm_tokenizer(processor.tokenizer, str(id_or_path))
+                                   vision=str(id_or_path), caption_end=_checkpoint_caption_end(hf, tokenizer, kind, id_or_path))
         model = cls(qformer, freeze(hf.language_model), tokenizer, config)
         model.language_projection.load_state_dict(hf.language_projection.state_dict())
         # Blip2VisionModel's hidden_states[-1] is before post_layernorm (now ln_vision), as capfilt's
@@ -481,6 +507,29 @@ class Blip2Stage2(nn.Module):
         self.qformer.float()
         self.language_projection.float()
         return self
+
+
+def _checkpoint_caption_end(hf, tokenizer, kind: str, where) -> str:
+    """Where a transformers BLIP-2 checkpoint's own `generate` stops: its language model's eos.
+
+    Salesforce's OPT checkpoints end captions with "\n" (LAVIS trains caption + "\n"), and
+    transformers' conversion sets the OPT text config's eos to "\n"; the tokenizer's eos stays
+    `</s>`. Reading the generation config keeps that convention instead of the tokenizer's.
+    """
+    eos = hf.language_model.generation_config.eos_token_id
+    if eos is None:
+        eos = hf.config.text_config.eos_token_id
+    ids = set(eos) if isinstance(eos, (list, tuple)) else {eos}
+    if kind != "causal" or ids == {tokenizer.eos_token_id} or None in ids:
+        return "eos"
+    try:
+        newline = caption_end_id(tokenizer, kind, "newline")
+    except ConfigError:
+        newline = None
+    if newline in ids:
+        return "newline"
+    raise ConfigError(f"{where}: its language model stops at token(s) {sorted(ids)}, neither the tokenizer's eos "
+                      f"({tokenizer.eos_token_id}) nor '\\n'; capfilt cannot end its captions the same way.")
 
 
 def _strip(ids: list[int], eos: int, pad: int) -> list[int]:
@@ -532,7 +581,8 @@ def stage1_info(stage1: str | Path) -> tuple[Path, Path, dict]:
 
 @dataclass
 class Stage2Config:
-    """Everything a Stage 2 run needs; defaults are BLIP-2's Stage 2 recipe (paper / LAVIS yaml)."""
+    """Everything a Stage 2 run needs. The rows where the paper and LAVIS differ (model/recipes.py)
+    are None by default and take `recipe`'s value; set one to override that row only."""
 
     root: str
     run: str
@@ -546,11 +596,17 @@ class Stage2Config:
     batch_size: int = 32
     grad_accumulation: int = 1
     lr: float = 1e-4
-    min_lr: float = 5e-5
-    warmup_steps: int = 2000
     weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.98)
-    grad_clip: float = 1.0
+    recipe: str = "paper"  # paper | lavis: the defaults of the rows below
+    min_lr: float | None = None
+    warmup_steps: int | None = None
+    warmup_lr: float | None = None
+    lr_schedule: str | None = None  # cosine-step | cosine-epoch
+    betas: tuple[float, float] | None = None
+    grad_clip: float | None = None  # 0 = no clipping
+    text_processing: str | None = None  # tokenizer | pre_caption
+    llm_train_mode: bool | None = None  # the frozen LLM's dropout on (LAVIS) or off
+    caption_end: str | None = None  # eos | newline (decoder-only LLMs; T5 always ends with eos)
     precision: str = "bf16"
     activation_checkpointing: bool = False
     augment: bool = True
@@ -569,7 +625,7 @@ class Stage2Config:
     progress: bool = True
 
     def __post_init__(self):
-        self.betas = tuple(self.betas)
+        resolve_recipe(self, STAGE2_RECIPES)
         if self.precision not in ("bf16", "fp16", "fp32"):
             raise ConfigError(f"--precision must be bf16, fp16 or fp32, got {self.precision!r}.")
         if self.cache_features and self.augment:
@@ -617,6 +673,11 @@ class Stage2Objective(nn.Module):
     def forward(self, image_features, input_ids, attention_mask, labels):
         return self.model.loss(image_features, input_ids, attention_mask, labels)
 
+    def train(self, mode: bool = True) -> "Stage2Objective":
+        super().train(mode)
+        self.model.train(mode)  # the frozen LLM's mode follows Blip2Stage2.llm_train_mode
+        return self
+
 
 def build_model(config: Stage2Config, device: torch.device) -> tuple[Blip2Stage2, FrozenImageEncoder, str]:
     """(model with Stage 1 Q-Former and fresh projection, frozen encoder, vision spec)."""
@@ -635,9 +696,11 @@ def build_model(config: Stage2Config, device: torch.device) -> tuple[Blip2Stage2
     hidden = llm.config.hidden_size if kind == "causal" else llm.config.d_model
     spec = Stage2ModelConfig(qformer=asdict(qformer.config), llm=llm_ref, llm_kind=kind, llm_hidden_size=hidden,
                              vision=vision, instruction_aware=config.instruction_aware,
-                             max_text_length=config.max_text_length, prompt=config.prompt)
+                             max_text_length=config.max_text_length, prompt=config.prompt,
+                             caption_end=config.caption_end)
     torch.manual_seed(config.seed)
     model = Blip2Stage2(qformer, llm, tokenizer, spec, qtok).to(device)
+    model.llm_train_mode = config.llm_train_mode
     model.qformer.set_gradient_checkpointing(config.activation_checkpointing)
     return model, encoder, vision
 
@@ -706,6 +769,7 @@ def train(config: Stage2Config) -> dict:
 
     model, encoder, _ = build_model(config, device)
     images, _ = split_holdout(load_curated_images(config.root, config.run), config.holdout_images, config.seed)
+    images = process_captions(images, config.text_processing)
     lineage = curated_lineage(config.root, config.run)
     if rank == 0:
         (out / "lineage.json").write_text(json.dumps(lineage, indent=1, default=str))
@@ -717,7 +781,7 @@ def train(config: Stage2Config) -> dict:
     if world_size > 1:
         objective = nn.parallel.DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(param_groups(objective, config.weight_decay), lr=config.lr, betas=config.betas)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, data))
     use_fp16 = config.precision == "fp16" and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_fp16)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[config.precision]
@@ -757,7 +821,8 @@ def train(config: Stage2Config) -> dict:
             total += float(loss.detach()) / config.grad_accumulation
             window_samples += batch["input_ids"].shape[0] * world_size
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
+        if config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
@@ -857,23 +922,24 @@ class Stage2Generator:
 
     def caption(self, images, prompt: str | None = None, num_beams: int = 5, max_new_tokens: int = 30,
                 min_new_tokens: int = 1, top_p: float | None = None, seed: int = 0,
-                repetition_penalty: float = 1.0, first_index: int = 0) -> list[str]:
+                repetition_penalty: float = 1.0, first_index: int = 0, length_penalty: float = 1.0) -> list[str]:
         """One caption per image: beam search by default; `top_p` switches to nucleus sampling
         where image i (counted from `first_index`) draws from its own generator seeded by (seed, i)."""
         prompt = self.model.config.prompt if prompt is None else prompt
         seeds = [hash_seed(seed, first_index + i) for i in range(len(images))] if top_p is not None else None
         ids = self.generate_ids(images, [prompt] * len(images), num_beams=num_beams, max_new_tokens=max_new_tokens,
                                 min_new_tokens=min_new_tokens, top_p=top_p, seeds=seeds,
-                                repetition_penalty=repetition_penalty)
+                                repetition_penalty=repetition_penalty, length_penalty=length_penalty)
         return self.model.decode(ids)
 
     def answer(self, images, questions: list[str], num_beams: int = 5, max_new_tokens: int = 10,
-               template: str = VQA_PROMPT) -> list[str]:
+               template: str = VQA_PROMPT, min_new_tokens: int = 1, length_penalty: float = 1.0) -> list[str]:
         """Short answers, one per (image, question), with LAVIS's "Question: {} Answer:" prompt."""
         if len(questions) != len(images):
             raise ConfigError(f"{len(images)} images but {len(questions)} questions; give one question per image.")
         prompts = [template.format(q) for q in questions]
-        ids = self.generate_ids(images, prompts, num_beams=num_beams, max_new_tokens=max_new_tokens, min_new_tokens=1)
+        ids = self.generate_ids(images, prompts, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                                min_new_tokens=min_new_tokens, length_penalty=length_penalty)
         return self.model.decode(ids)
 
 
@@ -971,7 +1037,7 @@ def export_blip2(checkpoint: str | Path, out: str | Path, vision: str | None = N
         encoder_hidden_size=q.vision_width,
     )
     text_config = llm.config.to_dict()
-    text_config.update(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    text_config.update(eos_token_id=model.layout.eos, pad_token_id=tokenizer.pad_token_id)
     vision_config = vision_model.config.to_dict()
     blip2_config = Blip2Config(
         vision_config=vision_config, qformer_config=qformer_config.to_dict(), text_config=text_config,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 import re
 import time
@@ -32,6 +31,9 @@ from capfilt.errors import ConfigError
 
 from .losses import stage1_losses, world
 from .qformer import QFormer, config_for_tokenizer, init_from_bert, load_tokenizer
+from .recipes import STAGE1 as STAGE1_RECIPES
+from .recipes import lr_factor, process_captions
+from .recipes import resolve as resolve_recipe
 from .vision import FeatureCache, Preprocess, load_vision_encoder
 from pipeline.lineage import curated_lineage
 
@@ -43,7 +45,8 @@ LATEST_NAME = "latest"
 
 @dataclass
 class Stage1Config:
-    """Everything a Stage 1 run needs; defaults are BLIP-2's recipe (paper / LAVIS pretrain yaml)."""
+    """Everything a Stage 1 run needs. The rows where the paper and LAVIS differ (model/recipes.py)
+    are None by default and take `recipe`'s value; set one to override that row only."""
 
     root: str
     run: str
@@ -56,11 +59,16 @@ class Stage1Config:
     batch_size: int = 32  # per worker, per micro-step
     grad_accumulation: int = 1
     lr: float = 1e-4
-    min_lr: float = 1e-5
-    warmup_steps: int = 2000
     weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.98)
-    grad_clip: float = 1.0
+    recipe: str = "paper"  # paper | lavis: the defaults of the rows below
+    min_lr: float | None = None
+    warmup_steps: int | None = None
+    warmup_lr: float | None = None  # warmup starts here (0: at lr / warmup_steps)
+    lr_schedule: str | None = None  # cosine-step | cosine-epoch
+    betas: tuple[float, float] | None = None
+    grad_clip: float | None = None  # max gradient norm; 0 = no clipping
+    itc_gather_grad: str | None = None  # local | none: gradient through ITC's gathered batch
+    text_processing: str | None = None  # tokenizer | pre_caption (LAVIS)
     precision: str = "bf16"  # bf16 | fp16 (with GradScaler) | fp32; autocast on GPU only
     activation_checkpointing: bool = False
     augment: bool = True  # random resized crop (scale crop_min..1) + flip
@@ -86,7 +94,7 @@ class Stage1Config:
     progress: bool = True
 
     def __post_init__(self):
-        self.betas = tuple(self.betas)
+        resolve_recipe(self, STAGE1_RECIPES)
         if self.precision not in ("bf16", "fp16", "fp32"):
             raise ConfigError(f"--precision must be bf16, fp16 or fp32, got {self.precision!r}.")
         if self.cache_features and self.augment:
@@ -320,6 +328,7 @@ class Stage1Objective(nn.Module):
         return stage1_losses(
             self.qformer, image_features, input_ids, attention_mask, image_ids,
             self.config.itc_label_smoothing, self.config.itg_label_smoothing, generator, hard_negatives,
+            itc_local_grad=self.config.itc_gather_grad == "local",
         )
 
 
@@ -342,13 +351,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def lr_factor(step: int, config: Stage1Config) -> float:
-    """Linear warmup to the peak, then cosine decay to min_lr at the last step (as a fraction of lr)."""
-    if step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    floor = config.min_lr / config.lr
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+def lr_lambda(config, data):
+    """The scheduler's step -> LR factor; the LAVIS schedule needs each step's epoch of `data`."""
+    def epoch_of(step: int) -> int:
+        return data.position(step * config.grad_accumulation)["epoch"]
+
+    epochs = epoch_of(config.steps - 1) + 1
+    return lambda step: lr_factor(step, config, epoch_of(step), epochs)
 
 
 # -- checkpoints --------------------------------------------------------------------------------
@@ -420,6 +429,7 @@ def train(config: Stage1Config) -> dict:
     tokenizer = load_tokenizer(config.tokenizer)
     encoder = load_vision_encoder(config.vision, device)
     images, _ = split_holdout(load_curated_images(config.root, config.run), config.holdout_images, config.seed)
+    images = process_captions(images, config.text_processing)
     lineage = curated_lineage(config.root, config.run)
     if rank == 0:
         (out / "lineage.json").write_text(json.dumps(lineage, indent=1, default=str))
@@ -432,7 +442,7 @@ def train(config: Stage1Config) -> dict:
     if world_size > 1:
         objective = nn.parallel.DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr, betas=config.betas)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, data))
     use_fp16 = config.precision == "fp16" and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_fp16)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[config.precision]
@@ -477,7 +487,8 @@ def train(config: Stage1Config) -> dict:
                 totals[key] += float(value.detach()) / config.grad_accumulation
             window_samples += batch["input_ids"].shape[0] * world_size
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        if config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()

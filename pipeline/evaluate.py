@@ -62,9 +62,10 @@ def relevance(texts: Sequence[str], text_image: Sequence[int], n_images: int) ->
     return i2t, t2i
 
 
-def rerank(sims, k: int, itm_logit) -> list[list[int]]:
+def rerank(sims, k: int, itm_logit, score: str = "itm+itc") -> list[list[int]]:
     """Full rankings of each row of `sims` (queries x candidates): the ITC top-k re-ordered by
-    `itm_logit(query, candidate_indices) + sim` (LAVIS's score), then the rest in ITC order."""
+    `itm_logit(query, candidate_indices) + sim` (score "itm+itc", LAVIS's compute_sim_matrix) or
+    by the ITM logit alone ("itm"), then the rest in ITC order."""
     import torch
 
     sims = torch.as_tensor(sims, dtype=torch.float32)
@@ -74,14 +75,14 @@ def rerank(sims, k: int, itm_logit) -> list[list[int]]:
     for q in range(sims.shape[0]):
         top = order[q, :k]
         if k:
-            score = itm_logit(q, top).float().cpu() + sims[q, top]
-            top = top[score.argsort(descending=True, stable=True)]
+            value = itm_logit(q, top).float().cpu() + (sims[q, top] if score == "itm+itc" else 0)
+            top = top[value.argsort(descending=True, stable=True)]
         ranked.append(top.tolist() + order[q, k:].tolist())
     return ranked
 
 
 def stage1_retrieval(scorer, images: list[bytes], texts: list[str], text_image: list[int], k: int = 16,
-                     batch_size: int = 64) -> dict:
+                     batch_size: int = 64, score: str = "itm+itc") -> dict:
     """R@1/5/10 both ways with a `Stage1Scorer`, by ITC alone and by ITC then ITM re-ranking of the top k.
 
     Image tokens and text ids are computed once and shared by both directions (the scorer's
@@ -109,10 +110,10 @@ def stage1_retrieval(scorer, images: list[bytes], texts: list[str], text_image: 
         itc_i2t = sims.T.argsort(dim=1, descending=True, stable=True).tolist()
         itc_t2i = sims.argsort(dim=1, descending=True, stable=True).tolist()
         return {
-            "images": len(images), "texts": len(texts), "rerank_k": k,
+            "images": len(images), "texts": len(texts), "rerank_k": k, "rerank_score": score,
             "itc": {"image_to_text": recall_at_k(itc_i2t, i2t_rel), "text_to_image": recall_at_k(itc_t2i, t2i_rel)},
-            "itm": {"image_to_text": recall_at_k(rerank(sims.T, k, i2t_logit), i2t_rel),
-                    "text_to_image": recall_at_k(rerank(sims, k, t2i_logit), t2i_rel)},
+            "itm": {"image_to_text": recall_at_k(rerank(sims.T, k, i2t_logit, score), i2t_rel),
+                    "text_to_image": recall_at_k(rerank(sims, k, t2i_logit, score), t2i_rel)},
         }
 
 
@@ -268,8 +269,10 @@ class EvalConfig:
     truth: str | None = None
     max_images: int = 200
     rerank_k: int = 16
+    rerank_score: str = "itm+itc"  # itm+itc (LAVIS) | itm
     num_beams: int = 3
     max_length: int = 30
+    min_length: int = 1
     seed: int = 0
     device: str = "auto"
     clip_config: str | None = None  # open_clip configs to register first (a toy CLIP named in stage1.json)
@@ -281,6 +284,10 @@ class EvalConfig:
                               "--truth (filter quality on a synthetic world).")
         if self.max_images < 1 or self.rerank_k < 0 or self.num_beams < 1:
             raise ConfigError("--max-images and --num-beams must be >= 1 and --rerank-k >= 0.")
+        if self.rerank_score not in ("itm+itc", "itm"):
+            raise ConfigError(f"--rerank-score must be itm+itc or itm, got {self.rerank_score!r}.")
+        if not 1 <= self.min_length <= self.max_length:
+            raise ConfigError(f"--min-length must be in [1, --max-length={self.max_length}], got {self.min_length}.")
 
 
 def load_truth(path: str) -> dict[str, dict]:
@@ -442,11 +449,13 @@ def run_eval(config: EvalConfig) -> dict:
         scorer = Stage1Scorer.from_checkpoint(config.stage1, device=config.device)
         texts = [r for im in images for r in im.references]
         text_image = [i for i, im in enumerate(images) for _ in im.references]
-        result["retrieval"] = stage1_retrieval(scorer, [im.image for im in images], texts, text_image, config.rerank_k)
+        result["retrieval"] = stage1_retrieval(scorer, [im.image for im in images], texts, text_image, config.rerank_k,
+                                               score=config.rerank_score)
     if config.captioner:
         from model.captioners import load_captioner
 
-        decoding = Decoding(num_captions=1, num_beams=config.num_beams, max_length=config.max_length, min_length=1,
+        decoding = Decoding(num_captions=1, num_beams=config.num_beams, max_length=config.max_length,
+                            min_length=config.min_length,
                             seed=config.seed)
         captions = generate_captions(load_captioner(config.captioner, config.device), [im.image for im in images],
                                      decoding, config.seed)

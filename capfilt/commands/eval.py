@@ -18,9 +18,15 @@ import click
               help="A synthetic world folder no model trained on: the clean evaluation set (true captions).")
 @click.option("--clip-config", type=click.Path(exists=True), help="open_clip model config(s) to register first (a toy CLIP the Stage 1 checkpoint names).")
 @click.option("--max-images", type=int, default=200, show_default=True, help="Evaluation images at most (seeded sample).")
-@click.option("--rerank-k", type=int, default=16, show_default=True, help="Retrieval: ITC top-k re-ranked by ITM.")
-@click.option("--num-beams", type=int, default=3, show_default=True, help="Captioning: beam width (one caption per image).")
-@click.option("--max-length", type=int, default=30, show_default=True, help="Captioning: most generated tokens.")
+@click.option("--preset", type=click.Choice(["lavis"]), default=None,
+              help="LAVIS's defaults: retrieval re-ranks the ITC top 128 by ITM logit + ITC similarity; captions with "
+                   "beam 5, max 30, min 8. Options given explicitly win.")
+@click.option("--rerank-k", type=int, default=None, help="Retrieval: ITC top-k re-ranked by ITM (default 16).")
+@click.option("--rerank-score", type=click.Choice(["itm+itc", "itm"]), default=None,
+              help="Retrieval re-ranking score: ITM logit + ITC similarity (LAVIS, default) or the ITM logit alone.")
+@click.option("--num-beams", type=int, default=None, help="Captioning: beam width, one caption per image (default 3).")
+@click.option("--max-length", type=int, default=None, help="Captioning: most generated tokens (default 30).")
+@click.option("--min-length", type=int, default=None, help="Captioning: fewest generated tokens (default 1).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, ...")
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="Where to write the metrics JSON.")
@@ -37,10 +43,15 @@ def eval_command(out, **options):
 
 
 def eval_config(options: dict):
-    """The evaluation's typed config from the command's options (checks every value)."""
+    """The evaluation's typed config from the command's options (checks every value; --preset fills the rest)."""
+    from model.recipes import EVAL_PRESETS, preset_values
     from pipeline.evaluate import EvalConfig
 
-    return EvalConfig(**{k: v for k, v in options.items() if k != "out"})
+    o = {k: v for k, v in options.items() if k != "out"}
+    names = ("rerank_k", "rerank_score", "num_beams", "max_length", "min_length")
+    given = {k: o.pop(k) for k in names}
+    defaults = dict(rerank_k=16, rerank_score="itm+itc", num_beams=3, max_length=30, min_length=1)
+    return EvalConfig(**preset_values(EVAL_PRESETS, o.pop("preset"), given, defaults), **o)
 
 
 eval_command.validate_params = eval_config

@@ -25,6 +25,36 @@ def run_options(f):
     return f
 
 
+def recipe_options(f):
+    """--recipe and the rows it sets (model/recipes.py); a row given explicitly overrides the recipe."""
+    row = "default: from --recipe"
+    options = [
+        click.option("--recipe", type=click.Choice(["paper", "lavis"]), default="paper", show_default=True,
+                     help="paper: the BLIP-2 paper's recipe; lavis: what salesforce/LAVIS's code does (README: Recipes)."),
+        click.option("--min-lr", type=float, default=None, help=f"Cosine floor ({row}: 1e-5; Stage 2 paper 5e-5)."),
+        click.option("--warmup-steps", type=int, default=None, help=f"Linear warmup steps ({row}: paper 2000, lavis 5000 Stage 1 / 2000 Stage 2)."),
+        click.option("--warmup-lr", type=float, default=None, help=f"LR at warmup's first step; 0 ramps from lr/warmup ({row}: paper 0, lavis 1e-6)."),
+        click.option("--lr-schedule", type=click.Choice(["cosine-step", "cosine-epoch"]), default=None,
+                     help=f"Cosine per optimizer step, or LAVIS's per epoch after an epoch-0 warmup ({row})."),
+        click.option("--beta2", type=float, default=None, help=f"AdamW beta2 ({row}: paper 0.98, lavis 0.999)."),
+        click.option("--grad-clip", type=float, default=None, help=f"Max gradient norm, 0 = none ({row}: paper 1.0, lavis 0)."),
+        click.option("--text-processing", type=click.Choice(["tokenizer", "pre_caption"]), default=None,
+                     help=f"Captions as curated, or LAVIS's pre_caption: lowercase, punctuation stripped, 50 words ({row})."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+RECIPE_OPTIONS = ("recipe", "min_lr", "warmup_steps", "warmup_lr", "lr_schedule", "beta2", "grad_clip",
+                  "text_processing")
+
+
+def recipe_settings(recipe, min_lr, warmup_steps, warmup_lr, lr_schedule, beta2, grad_clip, text_processing) -> dict:
+    return dict(recipe=recipe, min_lr=min_lr, warmup_steps=warmup_steps, warmup_lr=warmup_lr, lr_schedule=lr_schedule,
+                betas=None if beta2 is None else (0.9, beta2), grad_clip=grad_clip, text_processing=text_processing)
+
+
 @click.group()
 def train():
     """Train capfilt's models on a curated run."""
@@ -52,6 +82,7 @@ def stage1_config(params: dict):
     if not isinstance(overrides, dict):
         raise click.BadParameter("must be a JSON object", param_hint="--model-config")
     bert = p.pop("bert")
+    p.update(recipe_settings(*(p.pop(k) for k in RECIPE_OPTIONS)))
     return Stage1Config(
         root=p.pop("root"), run=p.pop("run_id"), bert=None if bert.lower() == "none" else bert, model=overrides,
         num_data_workers=p.pop("data_workers"), **p,
@@ -71,8 +102,6 @@ def stage1_config(params: dict):
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Per worker and micro-step.")
 @click.option("--grad-accumulation", type=int, default=1, show_default=True)
 @click.option("--lr", type=float, default=1e-4, show_default=True)
-@click.option("--min-lr", type=float, default=1e-5, show_default=True)
-@click.option("--warmup-steps", type=int, default=2000, show_default=True)
 @click.option("--weight-decay", type=float, default=0.05, show_default=True)
 @click.option("--precision", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True, help="Autocast dtype on GPU (CPU runs fp32).")
 @click.option("--activation-checkpointing/--no-activation-checkpointing", default=False, show_default=True)
@@ -82,6 +111,9 @@ def stage1_config(params: dict):
 @click.option("--holdout-images", type=int, default=0, show_default=True, help="Images kept out of training for evaluation.")
 @click.option("--itm-random-negative-steps", type=int, default=0, show_default=True,
               help="ITM negatives drawn uniformly for this many steps before hard negatives (training from scratch).")
+@click.option("--itc-gather-grad", type=click.Choice(["local", "none"]), default=None,
+              help="ITC: the local slice of the gathered batch keeps its gradient (paper), or no gradient through the gather (lavis).")
+@recipe_options
 @run_options
 def stage1(**params):
     """Train Stage 1 (ITC + ITM + ITG) against a frozen image encoder; checkpoints and metrics go to --out."""
@@ -109,6 +141,7 @@ def stage2_config(params: dict):
 
     p = dict(params)
     p.pop("workers", None)
+    p.update(recipe_settings(*(p.pop(k) for k in RECIPE_OPTIONS)))
     return Stage2Config(root=p.pop("root"), run=p.pop("run_id"), num_data_workers=p.pop("data_workers"), **p)
 
 
@@ -125,8 +158,6 @@ def stage2_config(params: dict):
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Per worker and micro-step.")
 @click.option("--grad-accumulation", type=int, default=1, show_default=True)
 @click.option("--lr", type=float, default=1e-4, show_default=True)
-@click.option("--min-lr", type=float, default=5e-5, show_default=True)
-@click.option("--warmup-steps", type=int, default=2000, show_default=True)
 @click.option("--weight-decay", type=float, default=0.05, show_default=True)
 @click.option("--max-text-length", type=int, default=32, show_default=True, help="LLM tokens per caption (eos included).")
 @click.option("--precision", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True, help="Autocast dtype on GPU (CPU runs fp32).")
@@ -135,6 +166,12 @@ def stage2_config(params: dict):
 @click.option("--flip/--no-flip", default=True, show_default=True, help="Horizontal flip (swaps left/right in captions).")
 @click.option("--cache-features/--no-cache-features", default=False, show_default=True, help="Compute frozen features once per image (needs --no-augment).")
 @click.option("--holdout-images", type=int, default=0, show_default=True)
+@click.option("--llm-train-mode/--llm-eval-mode", default=None,
+              help="Frozen LLM in train mode, dropout on (lavis), or eval mode (paper); default: from --recipe.")
+@click.option("--caption-end", type=click.Choice(["eos", "newline"]), default=None,
+              help="A decoder-only LLM's caption ends with its eos token (paper) or '\\n' (lavis, as Salesforce's OPT "
+                   "checkpoints); T5 always ends with eos. Default: from --recipe.")
+@recipe_options
 @run_options
 def stage2(**params):
     """Train Stage 2: the Stage 1 Q-Former and a projection in front of a frozen LLM; checkpoints go to --out."""
