@@ -470,8 +470,11 @@ def test_cli_recipe_and_row_options_reach_the_trainers(monkeypatch):
             return {"step": 0, "checkpoint": None, "metrics": []}
         return fake_train
 
+    import capfilt.commands.train as commands
+
     monkeypatch.setattr(stage1, "train", capture("stage1"))
     monkeypatch.setattr(stage2, "train", capture("stage2"))
+    monkeypatch.setattr(commands, "require_curated", lambda root, run: None)  # no data: the config is the point
     common = ["--root", "r", "--run", "x", "--out", "o", "--recipe", "lavis", "--beta2", "0.98"]
     cli_main(["train", "stage1", *common, "--vision", "v", "--itc-gather-grad", "local"])
     cli_main(["train", "stage2", *common, "--stage1", ".", "--llm", "l", "--llm-eval-mode", "--grad-clip", "2"])
