@@ -29,10 +29,6 @@ SCORE_COLUMNS = (("clip_score", "CLIP score"), ("itm_score", "ITM match probabil
 THUMBNAIL = 192  # px, longest side of a sample's thumbnail
 
 
-def _png(fig) -> bytes:  # kept for callers that import it from here
-    return png(fig)
-
-
 def rejected_files(store: RunStore, stage: str) -> list[str]:
     folder = f"{store.run_path}/rejected/{stage}"
     if not store.fs.exists(folder):
