@@ -165,7 +165,7 @@ def verdict(evaluations: dict[str, dict]) -> dict:
     if o is not None:
         gap = o - b
         closed = f", so {cand} closes {100 * delta / gap:.0f}% of the gap from {base} to {oracle}" if gap > 0 and paid else ""
-        text += f" {oracle} reaches {number(o)}{closed}."
+        text += f" The {oracle} arm reaches {number(o)}{closed}."
     synthetic = flat[cand].get("filter.synthetic.kept")
     if synthetic:
         text += (f" Of the synthetic captions {cand} kept, {number(flat[cand].get('filter.synthetic.kept_correct'))} of "
