@@ -115,27 +115,29 @@ class Stage1Config:
 @dataclass
 class CuratedImage:
     sample_id: str
-    image: bytes
+    source: object  # the encoded bytes, or a reference (pipeline.curated.ImageRef) read on demand
     captions: list[str]
+
+    @property
+    def image(self) -> bytes:
+        # Bytes are read when a batch needs them, so a run's images are never all in memory.
+        return self.source if isinstance(self.source, bytes) else self.source.read()
 
 
 def load_curated_images(root: str, run: str) -> list[CuratedImage]:
-    """A run's curated pairs grouped by image (sorted by sample_id, captions in curated order)."""
+    """A run's curated images with their kept captions (sorted by sample_id, captions best first)."""
+    from pipeline.curated import image_index
     from pipeline.run_store import RunStore
-    from schemas import CURATED
 
     store = RunStore(root, run)
-    table = store.read("curated", CURATED).select(["sample_id", "image", "caption"])
-    if table.num_rows == 0:
+    images = [CuratedImage(row["sample_id"], ref, row["captions"])
+              for row, ref in image_index(store, ["sample_id", "captions"])]
+    if not images:
         raise ConfigError(
-            f"run '{run}' under {root} has no curated rows ({store.uri(store.artifact_dir('curated'))}); "
+            f"run '{run}' under {root} has no curated rows (no images in {store.uri(store.artifact_dir('curated_images'))}); "
             f"run `capfilt filter` for it first."
         )
-    images: dict[str, CuratedImage] = {}
-    for sample_id, image, caption in zip(*(table.column(c).to_pylist() for c in ("sample_id", "image", "caption"))):
-        entry = images.setdefault(sample_id, CuratedImage(sample_id, image, []))
-        entry.captions.append(caption)
-    return [images[k] for k in sorted(images)]
+    return sorted(images, key=lambda im: im.sample_id)
 
 
 def split_holdout(images: list[CuratedImage], holdout: int, seed: int):

@@ -330,15 +330,22 @@ def _stage1_holdout(stage1: str) -> tuple[list[EvalImage], dict] | None:
 
 def _run_images(root: str, run: str) -> list[EvalImage]:
     """Distinct images of a run (images/ when it was ingested, else curated/) with curated captions."""
+    import pyarrow.compute as pc
+
+    from pipeline.curated import read_columns
     from pipeline.run_store import RunStore
-    from schemas import CURATED, IMAGES
+    from schemas import CURATED_IMAGES, IMAGES
 
     store = RunStore(root, run)
-    curated = store.read("curated", CURATED).select(["sample_id", "url", "image", "caption", "sha256"])
+    curated = read_columns(store, "curated", ["sample_id", "caption"])
     captions: dict[str, list[str]] = {}
     for sid, caption in zip(curated.column("sample_id").to_pylist(), curated.column("caption").to_pylist()):
         captions.setdefault(sid, []).append(caption)
-    table = store.read("images", IMAGES).select(["sample_id", "url", "image", "sha256"]) if store.shards("images") else curated
+    if store.shards("images"):
+        table = store.read("images", IMAGES).select(["sample_id", "url", "image", "sha256"])
+    else:  # curated_images/ holds each image once, its bytes in the `image` struct
+        table = store.read("curated_images", CURATED_IMAGES).select(["sample_id", "url", "image", "sha256"])
+        table = table.set_column(2, "image", pc.struct_field(table.column("image"), "bytes"))
     images, seen = [], set()
     for row in table.to_pylist():
         key = row["sha256"] or row["sample_id"]

@@ -1,19 +1,22 @@
-"""Export a run's curated pairs as WebDataset tars that open_clip and LAVIS training read.
+"""Export a run's curated images as WebDataset tars that open_clip and LAVIS training read.
 
-    curated/<shard>.parquet (in shard order) ──► <out>/<prefix>-000000.tar, -000001.tar, ...
+    curated_images/<shard>.parquet (in shard order) ──► <out>/<prefix>-000000.tar, -000001.tar, ...
 
-Each curated caption row is one sample of three members sharing a key: `<key>.jpg` (the
-image), `<key>.txt` (the caption; open_clip's webdataset loader renames `jpg;png;jpeg;webp` to
-image and `txt` to text) and `<key>.json` (`{"caption": ...}` plus where the pair came from;
-LAVIS's LaionDataset reads `to_tuple("jpg", "json")` and `json["caption"]`). Keys are the
-sample's position in the export, zero-padded as img2dataset numbers its samples, not caption
-ids: webdataset cuts a member name at its first dot and treats '/' as a folder, both of which
-ids may contain; the json keeps the ids.
+Each curated image is one sample of three members sharing a key: `<key>.jpg` (the image),
+`<key>.txt` (its best kept caption; open_clip's webdataset loader renames `jpg;png;jpeg;webp` to
+image and `txt` to text, one text per sample) and `<key>.json` (`{"caption": <best>,
+"captions": [every kept caption, best first], ...}` plus where the image came from and its
+licence; LAVIS's LaionDataset reads `to_tuple("jpg", "json")` and `json["caption"]`, BLIP-style
+loaders pick from `captions`). The image is stored once however many captions it kept. Keys are
+the sample's position in the export, zero-padded as img2dataset numbers its samples, not ids:
+webdataset cuts a member name at its first dot and treats '/' as a folder, both of which ids may
+contain; the json keeps the ids.
 
 JPEG bytes are copied unchanged (no second lossy encode); any other format is decoded and
 re-encoded as JPEG, because `.jpg` is the one image extension every trainer's loader asks for.
 Tars are written with the standard library's tarfile under a hidden temporary name and renamed,
 so a tar that exists is complete; member mtimes are fixed so the same run exports the same bytes.
+Images are read one record batch at a time, never a whole shard.
 """
 
 from __future__ import annotations
@@ -29,9 +32,10 @@ import fsspec
 
 from capfilt.errors import ConfigError, SchemaError
 from pipeline.run_store import RunStore
-from schemas import CURATED
 
-JSON_FIELDS = ("sample_id", "caption_id", "caption_source", "clip_score", "itm_score", "url", "run_id")
+JSON_FIELDS = ("sample_id", "caption_ids", "caption_sources", "url", "width", "height", "original_width",
+               "original_height", "license", "punsafe", "pwatermark", "similarity", "sha256", "run_id")
+BATCH_ROWS = 256  # images per record batch read: bounded memory whatever the shard size
 _JPEG_MAGIC = b"\xff\xd8\xff"
 
 
@@ -88,23 +92,28 @@ def as_jpeg(data: bytes, quality: int, where: str) -> tuple[bytes, bool]:
 
 
 def curated_rows(store: RunStore) -> Iterator[tuple[str, dict]]:
-    """(shard, row) for every curated row, shard by shard in shard order, one shard in memory."""
-    for shard in store.shards("curated"):
-        for row in store.read_shard("curated", shard, CURATED).to_pylist():
+    """(shard, row) for every curated image, shard by shard in shard order, one batch in memory."""
+    from pipeline.curated import iter_batches
+
+    columns = ["image", "captions", *JSON_FIELDS]
+    for shard, batch in iter_batches(store, "curated_images", columns, BATCH_ROWS):
+        for row in batch.to_pylist():
             yield shard, row
 
 
 def sample_members(key: str, row: dict, quality: int, where: str) -> tuple[dict[str, bytes], bool]:
-    image, reencoded = as_jpeg(row["image"], quality, where)
-    meta = {"caption": row["caption"], **{k: row[k] for k in JSON_FIELDS}}
-    return {f"{key}.jpg": image, f"{key}.txt": row["caption"].encode(),
+    image, reencoded = as_jpeg(row["image"]["bytes"], quality, where)
+    captions = row["captions"]
+    meta = {"caption": captions[0], "captions": captions, **{k: row[k] for k in JSON_FIELDS}}
+    return {f"{key}.jpg": image, f"{key}.txt": captions[0].encode(),
             f"{key}.json": json.dumps(meta, ensure_ascii=False).encode()}, reencoded
 
 
 def export_webdataset(store: RunStore, config: WebDatasetExport) -> ExportSummary:
     """Write the run's curated pairs as tars of `config.shard_size` samples; returns what was written."""
-    if not store.shards("curated"):
-        raise ConfigError(f"run '{store.run_id}' under {store.root} has no curated/ shards; run `capfilt filter` first.")
+    if not store.shards("curated_images"):
+        raise ConfigError(f"run '{store.run_id}' under {store.root} has no curated/ shards (no curated_images/); "
+                          f"run `capfilt filter` first.")
     fs, folder = fsspec.core.url_to_fs(config.out)
     folder = folder.rstrip("/")
     fs.makedirs(folder, exist_ok=True)
@@ -125,7 +134,7 @@ def export_webdataset(store: RunStore, config: WebDatasetExport) -> ExportSummar
                 if writer is not None:
                     summary.tars.append(writer.commit())
                 writer = _TarWriter(fs, f"{folder}/{config.prefix}-{len(summary.tars):06d}.tar")
-            where = f"curated/{shard}.parquet caption {row['caption_id']}"
+            where = f"curated_images/{shard}.parquet image {row['sample_id']}"
             members, reencoded = sample_members(f"{summary.samples:09d}", row, config.jpeg_quality, where)
             for name, data in members.items():
                 writer.add(name, data)

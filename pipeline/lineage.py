@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from capfilt.errors import ConfigError
+from pipeline.curated import iter_batches
 from pipeline.run_store import RunStore
-from schemas import CURATED
 
 
 def _distinct(values: list) -> list:
@@ -23,6 +24,21 @@ def _distinct(values: list) -> list:
         if value not in seen:
             seen.append(value)
     return seen
+
+
+def _absolute(root: str) -> str:
+    """A root other processes and machines can resolve: a URI as given, a local path made absolute."""
+    import os
+
+    return root if "://" in root else os.path.abspath(root)
+
+
+def _rows(store: RunStore, artifact: str) -> int:
+    total = 0
+    for shard in store.shards(artifact):
+        with store.fs.open(store.shard_path(artifact, shard), "rb") as handle:
+            total += pq.ParquetFile(handle).metadata.num_rows
+    return total
 
 
 def curated_lineage(root: str, run: str) -> dict:
@@ -35,16 +51,23 @@ def curated_lineage(root: str, run: str) -> dict:
             f"run '{run}' under {root} has no curated/ data ({hint}); run `capfilt filter` or "
             f"`capfilt curate` for it first, or check --root and --run/--from-run."
         )
-    table = store.read("curated", CURATED).select(["sample_id", "caption_source", "provenance"])
-    provenance = [json.loads(p) for p in _distinct(table.column("provenance").drop_null().to_pylist())]
-    sources = table.column("caption_source").value_counts().to_pylist()
+    # Streamed, three small columns: lineage must not hold a LAION-scale table in memory.
+    pairs, provenance_json, sources = 0, [], {}
+    for _, batch in iter_batches(store, "curated", ["caption_source", "provenance"]):
+        pairs += batch.num_rows
+        for p in pc.unique(batch.column("provenance").drop_null()).to_pylist():
+            if p not in provenance_json:
+                provenance_json.append(p)
+        for row in batch.column("caption_source").value_counts().to_pylist():
+            sources[row["values"]] = sources.get(row["values"], 0) + row["counts"]
+    provenance = [json.loads(p) for p in provenance_json]
     captions = [r.extra for r in store.records("caption") if r.status == "done"]
     return {
-        "root": root,
+        "root": _absolute(root),
         "run": run,
-        "curated_pairs": table.num_rows,
-        "curated_images": len(pc.unique(table.column("sample_id"))),
-        "caption_sources": {row["values"]: row["counts"] for row in sources},
+        "curated_pairs": pairs,
+        "curated_images": _rows(store, "curated_images"),  # one row per image: the files' footers say it
+        "caption_sources": sources,
         "captioners": _distinct([{"captioner": c.get("captioner"), "decoding": c.get("decoding")} for c in captions]),
         "filter": provenance,
         "select_config_hashes": sorted({r.config_hash for r in selected}),

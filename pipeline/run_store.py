@@ -219,7 +219,7 @@ class RunStore:
         counts.check(stage, shard)
         for artifact, (schema, table) in outputs.items():
             conformed = schema.conform(table, where=f"stage '{stage}' shard '{shard}' output '{artifact}'")
-            self.write_table(self.shard_path(artifact, shard), conformed)
+            self.write_table(self.shard_path(artifact, shard), conformed, schema.row_group_rows)
         if rejected is None:
             rejected = REJECTED.empty()
         rejected = REJECTED.conform(rejected, where=f"stage '{stage}' shard '{shard}' rejected rows")
@@ -292,13 +292,13 @@ class RunStore:
         return record
 
     # -- tables ----------------------------------------------------------------------------
-    def write_table(self, path: str, table: pa.Table) -> None:
+    def write_table(self, path: str, table: pa.Table, row_group_rows: int | None = None) -> None:
         """Write a Parquet file under a hidden temporary name, then rename it into place."""
         folder, name = path.rsplit("/", 1)
         self.fs.makedirs(folder, exist_ok=True)
         tmp = f"{folder}/.{name}.tmp-{uuid.uuid4().hex[:8]}"
         with self.fs.open(tmp, "wb") as handle:
-            pq.write_table(table, handle, compression="zstd")
+            pq.write_table(table, handle, compression="zstd", row_group_size=row_group_rows)
         self.fs.mv(tmp, path)
 
     def _write_atomic(self, path: str, data: bytes) -> None:

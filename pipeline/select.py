@@ -9,8 +9,8 @@ Per caption, checks run in this order and the first that fails is the reason it 
   clip-threshold     CLIP score >= clip_threshold (DataComp)                   -> clip_below_threshold
   clip-top-fraction  CLIP score within the run's top fraction (DataComp)       -> clip_not_top_fraction
   blip2              per image, the top_k remaining captions by CLIP score     -> not_top_k
-Kept pairs go to curated/ with their rank (by CLIP score among the image's kept captions) and
-provenance; dropped ones to rejected/select/. Accounting is per caption row of scores/, and the
+Kept pairs go to curated/ with their rank (by CLIP score among the image's kept captions), the
+image's source metadata and provenance, and their images, once each, to curated_images/; dropped ones to rejected/select/. Accounting is per caption row of scores/, and the
 manifest also records images in and images with at least one kept caption.
 """
 
@@ -25,7 +25,8 @@ import pyarrow as pa
 import capfilt
 from capfilt.errors import ConfigError
 from pipeline.run_store import RunStore, ShardCounts, config_hash
-from schemas import CURATED, DEDUP, IMAGES, SCORES
+from schemas import DEDUP, IMAGES, SCORES, curated_outputs
+from schemas.curated import IMAGE_METADATA
 
 STAGE = "select"
 POLICIES = ("blip", "blip2", "clip-threshold", "clip-top-fraction")
@@ -155,6 +156,20 @@ def provenance(store: RunStore, cfg: SelectConfig, score_hashes: list[str]) -> s
     }, sort_keys=True)
 
 
+def _located(value):
+    """Provenance that still points at the right files when read elsewhere: local paths made absolute
+    (a model folder given as ./data/models/...), URIs and model names left as they are."""
+    import os
+
+    if isinstance(value, dict):
+        return {k: _located(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_located(v) for v in value]
+    if isinstance(value, str) and "://" not in value and (value.startswith(("./", "../", "~")) or ("/" in value and os.path.exists(value))):
+        return os.path.abspath(os.path.expanduser(value))
+    return value
+
+
 @dataclass
 class SelectSummary:
     shards_done: int = 0
@@ -188,6 +203,8 @@ def run_select(store: RunStore, cfg: SelectConfig, extra_provenance: dict | None
         duplicate_of = dict(zip(table.column("sample_id").to_pylist(), table.column("duplicate_of").to_pylist()))
     prov = json.loads(provenance(store, cfg, score_hashes))
     prov.update(extra_provenance or {})
+    prov["root"] = store.root
+    prov = _located(prov)
     prov_json = json.dumps(prov, sort_keys=True)
     summary = SelectSummary()
     for shard in scored:
@@ -199,9 +216,11 @@ def run_select(store: RunStore, cfg: SelectConfig, extra_provenance: dict | None
         images = store.read_shard("images", shard, IMAGES)
         kept, dropped = select_pairs(scores, images.drop_columns(["image"]), duplicate_of, cfg, cut)
         image_of = {r["sample_id"]: r for r in images.to_pylist()}
+        # Each kept caption keeps its image's source metadata (licence, safety, size); the bytes
+        # go once per image to curated_images/ (see schemas/curated.py).
         curated = [{
             **{k: row[k] for k in ("sample_id", "caption_id", "caption", "caption_source", "clip_score", "itm_score", "rank")},
-            **{k: image_of[row["sample_id"]][k] for k in ("image", "image_format", "sha256", "url", "width", "height")},
+            **{k: image_of[row["sample_id"]].get(k) for k in ("image", "image_format", *IMAGE_METADATA)},
             "run_id": store.run_id, "provenance": prov_json,
         } for row in kept]
         rejected = [{
@@ -212,7 +231,7 @@ def run_select(store: RunStore, cfg: SelectConfig, extra_provenance: dict | None
         images_in = len(set(scores.column("sample_id").to_pylist()))
         images_kept = len({r["sample_id"] for r in kept})
         counts = ShardCounts(rows_in=scores.num_rows, kept=len(kept), rejected=len(dropped))
-        store.commit_shard(STAGE, shard, cfg_hash, outputs={"curated": (CURATED, pa.Table.from_pylist(curated) if curated else CURATED.empty())},
+        store.commit_shard(STAGE, shard, cfg_hash, outputs=curated_outputs(curated),
                            counts=counts, rejected=pa.Table.from_pylist(rejected) if rejected else None,
                            extra={"images_in": images_in, "images_kept": images_kept})
         summary.shards_done += 1

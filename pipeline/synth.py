@@ -499,7 +499,8 @@ def write_oracle_run(ground_truth: str | Path, root: str, from_run: str, run: st
     image it does not know is dropped with reason `no_ground_truth`. Returns the counts.
     """
     from pipeline.run_store import RunStore, ShardCounts
-    from schemas import CURATED, IMAGES, REJECTED
+    from schemas import IMAGES, REJECTED, curated_outputs
+    from schemas.curated import IMAGE_METADATA
 
     truth = pq.read_table(ground_truth, columns=["url", "true_caption", "kind"])
     caption_of = {u: c for u, c, k in zip(*(truth.column(n).to_pylist() for n in ("url", "true_caption", "kind")))
@@ -513,7 +514,7 @@ def write_oracle_run(ground_truth: str | Path, root: str, from_run: str, run: st
     for shard in shards:
         images = source.read_shard("images", shard, IMAGES)
         kept, dropped = [], []
-        for row in images.select(["sample_id", "url", "image", "image_format", "sha256", "width", "height"]).to_pylist():
+        for row in images.select(["sample_id", "image", "image_format", *IMAGE_METADATA]).to_pylist():
             caption = caption_of.get(row["url"])
             if caption is None:
                 dropped.append(dict(stage="select", shard=shard, sample_id=row["sample_id"], url=row["url"],
@@ -523,7 +524,7 @@ def write_oracle_run(ground_truth: str | Path, root: str, from_run: str, run: st
             kept.append({**row, "caption_id": f"{row['sample_id']}#oracle", "caption": caption,
                          "caption_source": "oracle", "rank": 0, "run_id": run, "provenance": provenance})
         target.commit_shard(
-            "select", shard, "oracle", outputs={"curated": (CURATED, pa.Table.from_pylist(kept))},
+            "select", shard, "oracle", outputs=curated_outputs(kept),
             counts=ShardCounts(rows_in=images.num_rows, kept=len(kept), rejected=len(dropped), rows_out=len(kept)),
             rejected=REJECTED.from_pylist(dropped) if dropped else None,
         )

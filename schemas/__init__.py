@@ -6,7 +6,7 @@ documented columns and `validate(table_or_path)`.
 
 from ._spec import ArtifactSchema, read_parquet_schema
 from .captions import CAPTION_SOURCES, CAPTIONS, DEGENERATE_REASONS
-from .curated import CURATED
+from .curated import CURATED, CURATED_IMAGES, curated_outputs
 from .dedup import DEDUP
 from .images import IMAGES
 from .manifest import MANIFEST, STATUSES
@@ -14,7 +14,7 @@ from .rejected import OUTCOMES, REJECTED
 from .scores import SCORES
 from .source import SOURCE, SourceColumns, to_canonical
 
-ALL = {s.name: s for s in (SOURCE, IMAGES, CAPTIONS, SCORES, DEDUP, CURATED, REJECTED, MANIFEST)}
+ALL = {s.name: s for s in (SOURCE, IMAGES, CAPTIONS, SCORES, DEDUP, CURATED, CURATED_IMAGES, REJECTED, MANIFEST)}
 
 __all__ = [
     "ALL",
@@ -22,6 +22,7 @@ __all__ = [
     "CAPTIONS",
     "CAPTION_SOURCES",
     "CURATED",
+    "CURATED_IMAGES",
     "DEDUP",
     "DEGENERATE_REASONS",
     "IMAGES",
@@ -32,6 +33,7 @@ __all__ = [
     "SOURCE",
     "STATUSES",
     "SourceColumns",
+    "curated_outputs",
     "read_parquet_schema",
     "to_canonical",
 ]

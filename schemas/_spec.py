@@ -51,6 +51,7 @@ class ArtifactSchema:
     version: int
     schema: pa.Schema
     fix_hint: str
+    row_group_rows: int | None = None  # rows per Parquet row group when written; None: the writer's default
 
     @property
     def arrow(self) -> pa.Schema:

@@ -12,7 +12,7 @@ import pyarrow as pa
 
 from pipeline.run_store import RunStore, ShardCounts
 from pipeline.synth import ATTRIBUTE_VALUES, render, true_caption
-from schemas import CURATED
+from schemas import curated_outputs
 
 TINY_OPEN_CLIP = "capfilt-test-ViT-tiny"
 IMAGE_SIZE = 32
@@ -113,6 +113,6 @@ def make_curated_run(root: Path, run: str, images: int = 24, seed: int = 0, capt
     for s in range(shards):
         part = rows[s * per_shard:(s + 1) * per_shard]
         table = pa.Table.from_pylist(part)
-        store.commit_shard("select", f"{s:05d}", "h", outputs={"curated": (CURATED, table)},
+        store.commit_shard("select", f"{s:05d}", "h", outputs=curated_outputs(table),
                            counts=ShardCounts(rows_in=len(part), kept=len(part)))
     return world

@@ -27,7 +27,7 @@ from pipeline.evaluate import (
 )
 from pipeline.run_store import RunStore, ShardCounts
 from pipeline.synth import render, true_caption
-from schemas import CURATED, IMAGES, SCORES
+from schemas import IMAGES, SCORES, curated_outputs
 from stage1_world import jpeg
 
 SCENE = {"shape": "circle", "color": "red", "size": "small", "position": "left", "background": "black"}
@@ -145,7 +145,7 @@ def make_scored_run(root, run: str) -> str:
                        counts=ShardCounts(rows_in=4, kept=4))
     store.commit_shard("score", "00000", "h", outputs={"scores": (SCORES, pa.Table.from_pylist(scores))},
                        counts=ShardCounts(rows_in=6, kept=6))
-    store.commit_shard("select", "00000", "h", outputs={"curated": (CURATED, pa.Table.from_pylist(curated))},
+    store.commit_shard("select", "00000", "h", outputs=curated_outputs(curated),
                        counts=ShardCounts(rows_in=6, kept=4, rejected=2), rejected=None)
     sidecar = root / "ground_truth.parquet"
     pq.write_table(pa.Table.from_pylist(truth), sidecar)

@@ -205,9 +205,74 @@ def test_filter_command_end_to_end(ray_local, tiny_scorers, tmp_path):
     count = duckdb.sql(f"select count(*) from read_parquet('{curated_dir}/*.parquet') where rank < 2").fetchall()[0][0]
     assert count == curated.num_rows
     report = tmp_path / "runs" / "f" / "report"
-    for name in ("scores_hist.png", "sample_grid.png", "filter.html", "filter_reasons.json"):
+    for name in ("scores_hist.png", "filter.html", "filter_reasons.json", "style.css"):
         assert (report / name).stat().st_size > 0
+    assert (report / "samples").is_dir() and any((report / "samples").iterdir())
+    # Curated rows keep the source's metadata; each image's bytes are stored once.
+    assert {"license", "punsafe", "pwatermark", "similarity", "original_width"} <= set(curated.column_names)
+    assert "image" not in curated.column_names
+    images = duckdb.sql(f"select count(*), count(distinct sample_id), sum(len(captions)) "
+                        f"from read_parquet('{root}/runs/f/curated_images/*.parquet')").fetchall()[0]
+    assert images == (10, 10, curated.num_rows)
     assert result["select"]["captions"] == scored
     # A rerun does no work.
     again = cli.main(args=argv, prog_name="capfilt", standalone_mode=False)
     assert again["score"]["shards_skipped"] == 2 and again["select"]["shards_skipped"] == 2
+
+
+# -- reports --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def report_world(tmp_path_factory):
+    from tests.report_world import make_bootstrap
+
+    return make_bootstrap(tmp_path_factory.mktemp("reports"))
+
+
+def test_filter_report_samples_every_outcome_and_shows_missing_scores_as_dashes(report_world):
+    import json
+    import re
+
+    page = report_world["filter_r0"].read_text()
+    # One group per outcome: kept and every drop reason present, not_top_k included.
+    assert re.findall(r"<h3>([^<]+) <small>", page) == ["Kept", "Dropped: not_top_k", "Dropped: empty_caption"]
+    cards = re.findall(r'<div class="card".*?</div>\s*</div>', page, re.S)
+    assert len(cards) == 9 and all(re.search(r'class="tag (web|synthetic)"', c) for c in cards)
+    # Round 0 ran no ITM scorer: its ITM is "—", never 0, and there is no empty ITM panel but a note.
+    assert all("ITM —" in c for c in cards) and "ITM 0.000" not in page
+    assert "No ITM match probability in this run" in page
+    assert 'href="style.css"' in page and "file://" not in page and "base64" not in page
+    numbers = json.loads((report_world["filter_r0"].parent / "filter_reasons.json").read_text())
+    assert numbers["captions"] == 36 and numbers["kept"] == 9 and isinstance(numbers["captions"], int)
+    assert set(numbers["dropped_by_reason"]) == {"not_top_k", "empty_caption"}
+    # The draw is random but seeded: the same run gives the same samples.
+    from pipeline.filter_report import write_filter_report
+
+    write_filter_report(report_world["r0"], samples=3)
+    assert report_world["filter_r0"].read_text() == page
+
+
+def test_bootstrap_report_leads_with_a_verdict_and_deltas(report_world):
+    page = report_world["index"].read_text()
+    assert page.index('id="verdict"') < page.index('id="comparison"') < page.index("Headline metrics")
+    assert "CapFilt did not pay: text-&gt;image R@1 (ITM rerank) 0.250 for capfilt-r1 vs 0.300 for raw-r0 (−0.050)" in page
+    assert "7 of 792 were correct" in page and "0.009 (7 / 792)" in page
+    assert '<a href="../../r1/report/filter.html">' in page and "file://" not in page
+    assert "2,000" in page and "2000.000" not in page  # counts as integers
+
+
+def test_verdict_compares_whatever_arms_are_present():
+    from pipeline.bootstrap_report import comparison, verdict
+
+    def ev(r1):
+        return {"retrieval": {"itm": {"text_to_image": {"r1": r1}}}}
+
+    arms = {"raw": ev(0.2), "captioner": ev(0.25), "filter": ev(0.22), "capfilt": ev(0.3), "oracle": ev(0.4)}
+    chosen = verdict(arms)
+    assert chosen["css"] == "paid" and (chosen["baseline"], chosen["candidate"], chosen["oracle"]) == ("raw", "capfilt", "oracle")
+    assert "+0.100" in chosen["text"] and "closes 50% of the gap" in chosen["text"]
+    table = comparison(arms, chosen)
+    assert [r["arm"] for r in table["rows"]] == list(arms) and table["columns"][1:3] == ["Δ vs raw", "Δ vs oracle"]
+    assert [c["text"] for c in table["rows"][1]["cells"][:3]] == ["0.250", "+0.050", "−0.150"]
+    assert verdict({"raw": {}, "capfilt": {}})["css"] == "none"  # nothing to compare: said, not guessed

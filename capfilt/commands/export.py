@@ -18,7 +18,7 @@ def export():
 @click.option("--prefix", default="curated", show_default=True, help="Tar names: <prefix>-000000.tar, ...")
 @click.option("--overwrite", is_flag=True, help="Replace <prefix>-*.tar files already in --out.")
 def webdataset(root, run_id, out, shard_size, prefix, overwrite):
-    """Write <key>.jpg, <key>.txt and <key>.json ({"caption": ...}) per curated caption."""
+    """Write <key>.jpg, <key>.txt (best caption) and <key>.json ({"caption": ..., "captions": [...]}) per curated image."""
     from pipeline.export import WebDatasetExport, export_webdataset
     from pipeline.run_store import RunStore
 
