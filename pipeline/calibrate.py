@@ -197,14 +197,14 @@ def score_pairs(scorer, pictures: list, pairs: list[tuple[int, str]], batch_size
     return np.concatenate(out) if out else np.zeros(0)
 
 
-def calibrate_itm(scorer, images, target_precision: float = DEFAULT_TARGET_PRECISION,
+def calibrate_itm(itm_scorer, images, target_precision: float = DEFAULT_TARGET_PRECISION,
                   match_prior: float = DEFAULT_MATCH_PRIOR, seed: int = 0, **about) -> Calibration:
     """Calibrate an ITM scorer (`match_probability(images, texts)`) on held-out annotated images."""
     from pipeline.caption import decode_image
 
     pictures = [decode_image(im.image) for im in images]
-    pairs = calibration_pairs(images, scorer, seed, pictures)
-    scores = {kind: score_pairs(scorer, pictures, rows) for kind, rows in pairs.items()}
+    pairs = calibration_pairs(images, itm_scorer, seed, pictures)
+    scores = {kind: score_pairs(itm_scorer, pictures, rows) for kind, rows in pairs.items()}
     # Random and hard negatives weigh equally in the false-positive rate, whatever their counts.
     n = min(len(scores["random"]), len(scores["hard"])) or max(len(scores["random"]), len(scores["hard"]))
     negative = np.concatenate([np.resize(scores["random"], n) if len(scores["random"]) else np.zeros(0),
