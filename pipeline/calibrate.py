@@ -162,8 +162,10 @@ def calibration_pairs(images, scorer, seed: int = 0, decoded: list | None = None
     if hasattr(scorer, "image_embeddings") and hasattr(scorer, "text_embeddings"):
         import torch
 
-        image_feats = scorer.image_embeddings([im.image for im in images])  # (N, Q, D)
-        text_feats = scorer.text_embeddings(texts)  # (T, D)
+        chunks = range(0, max(len(images), len(texts)), 64)  # a real ViT-g would not take them all at once
+        image_feats = torch.cat([scorer.image_embeddings([im.image for im in images[s:s + 64]]) for s in chunks
+                                 if s < len(images)])  # (N, Q, D)
+        text_feats = torch.cat([scorer.text_embeddings(texts[s:s + 64]) for s in chunks if s < len(texts)])  # (T, D)
         sims = torch.einsum("td,nqd->ntq", text_feats, image_feats).amax(dim=-1).float().cpu().numpy()
     else:
         sims = None
