@@ -163,3 +163,31 @@ def test_provenance_carries_the_threshold_and_a_sampled_curve():
     assert summary["threshold"] == cal.threshold and len(summary["curve"]) == 21
     assert json.loads(cal.to_json())["curve"][0]["threshold"] == 1.0
     assert Calibration.from_json(cal.to_json()) == cal
+
+
+def test_select_stage_accounts_for_every_row_and_reports_the_calibration(tmp_path):
+    from caption_helpers import commit_image_shards
+
+    from pipeline.run_store import RunStore, ShardCounts
+    from pipeline.select import run_select
+    from schemas import CURATED
+
+    store = RunStore(str(tmp_path), "r")
+    commit_image_shards(store, {"s0": 3})
+    keys = ["sample_id", "caption_id", "caption_source", "caption", "clip_score", "itm_score"]
+    rows = [(f"s0/{i}", f"s0/{i}#{src}", src, f"caption {i} {src}", 0.3, itm)
+            for i, (src, itm) in enumerate([("web", 0.9), ("synthetic", 0.5), ("web", 0.81)])]
+    rows.append(("s0/0", "s0/0#syn1", "synthetic", "another", 0.2, 0.79))
+    table = SCORES.conform(pa.Table.from_pylist([dict(zip(keys, r)) for r in rows]))
+    store.commit_shard("score", "s0", "h", outputs={"scores": (SCORES, table)}, counts=ShardCounts(rows_in=4, kept=4))
+
+    summary = run_select(store, SelectConfig(policies=("itm-calibrated",), calibration=calibration_at_080()))
+    assert (summary.captions, summary.kept, summary.dropped) == (4, 2, 2)
+    curated = store.read("curated", CURATED)
+    assert sorted(curated.column("caption_id").to_pylist()) == ["s0/0#web", "s0/2#web"]
+    provenance = json.loads(curated.column("provenance")[0].as_py())
+    assert provenance["calibration"]["threshold"] == 0.8 and provenance["calibration"]["target_precision"] == 0.9
+    rejected = store.read_rejected("select").to_pylist()
+    assert {r["reason"] for r in rejected} == {"itm_below_calibrated_threshold"}
+    report = json.loads(store.fs.open(f"{store.report_dir()}/calibration.json").read())
+    assert report["threshold"] == 0.8 and len(report["curve"]) == len(calibration_at_080().curve)
