@@ -91,8 +91,7 @@ def filter_config(stage1: str, settings: FinetuneSettings, images: list, annotat
     values = {**parent, **_schedule(settings, images, parent.get("lr", 1e-4)),
               "root": annotated, "run": "annotated", "vision": vision, "tokenizer": str(model_dir), "bert": None,
               "init_from": str(model_dir), "itg_weight": 0.0, "itm_random_negative_steps": 0,
-              "max_text_length": qformer.get("max_text_length", parent.get("max_text_length", 32)),
-              "cache_features": False}
+              "max_text_length": qformer.get("max_text_length", parent.get("max_text_length", 32))}
     return Stage1Config(**_known(Stage1Config, values)), step, info
 
 
@@ -112,7 +111,7 @@ def captioner_config(stage2: str, settings: FinetuneSettings, images: list, anno
               "root": annotated, "run": "annotated", "stage1": info.get("stage1") or parent.get("stage1"),
               "llm": model.llm, "vision": model.vision, "prompt": model.prompt,
               "instruction_aware": model.instruction_aware, "max_text_length": model.max_text_length,
-              "init_from": str(model_dir), "cache_features": False}
+              "init_from": str(model_dir)}
     values["min_lr"] = min(values["min_lr"], values["lr"])
     return Stage2Config(**_known(Stage2Config, values)), step, info
 
