@@ -25,6 +25,7 @@ COMMANDS = {
     "ingest": ("capfilt.commands.ingest", "ingest_command", "Download a URL source into image shards (img2dataset on Ray)."),
     "export": ("capfilt.commands.export", "export", "Export a run's curated pairs as WebDataset tars (open_clip, LAVIS)."),
     "train": ("capfilt.commands.train", "train", "Train the Q-Former on a curated run (stage1, stage2)."),
+    "finetune": ("capfilt.commands.finetune", "finetune", "Finetune the filter and the captioner on a clean annotated set."),
     "toy": ("capfilt.commands.toy", "toy", "Pretrain the toy preset's tokenizer, CLIP and LM on a run (no hub)."),
     "generate": ("capfilt.commands.generate", "generate", "Caption images or answer a question with a Stage 2 checkpoint."),
     "eval": ("capfilt.commands.eval", "eval_command", "Retrieval, caption, attribute and filter metrics of a run."),

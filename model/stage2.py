@@ -591,6 +591,7 @@ class Stage2Config:
     out: str
     vision: str | None = None  # default: the Stage 1 checkpoint's stage1.json "vision"
     prompt: str = ""  # LAVIS pretrains with no prompt; caption fine-tuning uses "a photo of"
+    init_from: str | None = None  # a Stage 2 checkpoint whose Q-Former + projection to start from (finetuning)
     instruction_aware: bool = False
     steps: int = 10_000
     batch_size: int = 32
@@ -701,8 +702,21 @@ def build_model(config: Stage2Config, device: torch.device) -> tuple[Blip2Stage2
     torch.manual_seed(config.seed)
     model = Blip2Stage2(qformer, llm, tokenizer, spec, qtok).to(device)
     model.llm_train_mode = config.llm_train_mode
+    if config.init_from:
+        _load_trainable(model, config.init_from)
     model.qformer.set_gradient_checkpointing(config.activation_checkpointing)
     return model, encoder, vision
+
+
+def _load_trainable(model: Blip2Stage2, checkpoint: str) -> None:
+    from safetensors.torch import load_file
+
+    _, model_dir = resolve_checkpoint(checkpoint)
+    result = model.load_state_dict(load_file(str(model_dir / WEIGHTS_NAME), device=str(model.device)), strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith("language_model.") and k != "qformer.lm_head.decoder.weight"]
+    if missing or result.unexpected_keys:
+        raise ConfigError(f"--init-from {checkpoint}: its weights do not fit this Stage 2 model (missing {missing[:3]}, "
+                          f"unexpected {result.unexpected_keys[:3]}); give a checkpoint trained from the same Stage 1.")
 
 
 # -- checkpoints (Stage 1's layout: step-*/model, trainer.pt, stage2.json, LATEST pointer) --------
@@ -760,17 +774,19 @@ def restore(folder: Path, model: Blip2Stage2, optimizer, scheduler, scaler) -> i
 
 # -- the loop ------------------------------------------------------------------------------------
 
-def train(config: Stage2Config) -> dict:
-    """Train (or resume) Stage 2; returns {'step', 'checkpoint', 'metrics'} of this process."""
+def train(config: Stage2Config, images: list | None = None, lineage: dict | None = None) -> dict:
+    """Train (or resume) Stage 2; returns {'step', 'checkpoint', 'metrics'} of this process.
+
+    `images` (CuratedImage-like, with its `lineage`) replaces the curated run as the data."""
     rank, world_size = world()
     device = _device(config)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
 
     model, encoder, _ = build_model(config, device)
-    images, _ = split_holdout(load_curated_images(config.root, config.run), config.holdout_images, config.seed)
+    images, _ = split_holdout(images or load_curated_images(config.root, config.run), config.holdout_images, config.seed)
     images = process_captions(images, config.text_processing)
-    lineage = curated_lineage(config.root, config.run)
+    lineage = lineage or curated_lineage(config.root, config.run)
     if rank == 0:
         (out / "lineage.json").write_text(json.dumps(lineage, indent=1, default=str))
     data = Stage2Batches(images, model.layout, encoder.preprocess, config, rank, world_size)

@@ -55,6 +55,8 @@ class Stage1Config:
     out: str
     tokenizer: str = "bert-base-uncased"
     bert: str | None = "bert-base-uncased"  # initialise the Q-Former from it; None = random init
+    init_from: str | None = None  # a Stage 1 checkpoint to start from instead (finetuning); wins over bert
+    itg_weight: float = 1.0  # BLIP finetunes its filter with ITC + ITM only (model/finetune.py sets 0)
     model: dict = field(default_factory=dict)  # QFormerConfig overrides (tiny models in tests)
     steps: int = 10_000
     batch_size: int = 32  # per worker, per micro-step
@@ -328,19 +330,37 @@ class Stage1Objective(nn.Module):
         self.config = config
 
     def forward(self, image_features, input_ids, attention_mask, image_ids, generator=None, hard_negatives=True):
-        return stage1_losses(
+        losses = stage1_losses(
             self.qformer, image_features, input_ids, attention_mask, image_ids,
             self.config.itc_label_smoothing, self.config.itg_label_smoothing, generator, hard_negatives,
             itc_local_grad=self.config.itc_gather_grad == "local",
         )
+        if self.config.itg_weight != 1.0:
+            losses.total = losses.itc + losses.itm + self.config.itg_weight * losses.itg
+        return losses
 
 
 def build_model(config: Stage1Config, tokenizer, vision_width: int) -> QFormer:
+    if config.init_from:
+        return _model_from_checkpoint(config, vision_width)
     settings = {"max_text_length": config.max_text_length, **config.model, "vision_width": vision_width}
     torch.manual_seed(config.seed)
     model = QFormer(config_for_tokenizer(tokenizer, **settings))
     if config.bert:
         init_from_bert(model, config.bert)
+    model.set_gradient_checkpointing(config.activation_checkpointing)
+    return model
+
+
+def _model_from_checkpoint(config: Stage1Config, vision_width: int) -> QFormer:
+    from .stage1_inference import resolve_checkpoint  # imports this module
+
+    _, model_dir = resolve_checkpoint(config.init_from)
+    torch.manual_seed(config.seed)
+    model = QFormer.from_pretrained(model_dir)
+    if model.config.vision_width != vision_width:
+        raise ConfigError(f"--init-from {config.init_from}: its Q-Former reads {model.config.vision_width}-wide image "
+                          f"tokens but --vision gives {vision_width}; use the encoder it was trained with.")
     model.set_gradient_checkpointing(config.activation_checkpointing)
     return model
 
@@ -422,8 +442,10 @@ def _trim_metrics(path: Path, after_step: int) -> None:
 
 # -- the loop -----------------------------------------------------------------------------------
 
-def train(config: Stage1Config) -> dict:
-    """Train (or resume) Stage 1; returns {'step', 'checkpoint', 'metrics'} of this process."""
+def train(config: Stage1Config, images: list[CuratedImage] | None = None, lineage: dict | None = None) -> dict:
+    """Train (or resume) Stage 1; returns {'step', 'checkpoint', 'metrics'} of this process.
+
+    `images` (with its `lineage`) replaces the curated run as the data, e.g. an annotated set."""
     rank, world_size = world()
     device = _worker_device(config)
     out = Path(config.out)
@@ -431,9 +453,9 @@ def train(config: Stage1Config) -> dict:
 
     tokenizer = load_tokenizer(config.tokenizer)
     encoder = load_vision_encoder(config.vision, device)
-    images, _ = split_holdout(load_curated_images(config.root, config.run), config.holdout_images, config.seed)
+    images, _ = split_holdout(images or load_curated_images(config.root, config.run), config.holdout_images, config.seed)
     images = process_captions(images, config.text_processing)
-    lineage = curated_lineage(config.root, config.run)
+    lineage = lineage or curated_lineage(config.root, config.run)
     if rank == 0:
         (out / "lineage.json").write_text(json.dumps(lineage, indent=1, default=str))
     data = Stage1Batches(images, tokenizer, encoder.preprocess, config, rank, world_size)

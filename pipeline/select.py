@@ -5,7 +5,9 @@ Per caption, checks run in this order and the first that fails is the reason it 
   image_too_small / aspect_ratio / unsafe / watermarked     metadata filters on the image
   empty_caption / degenerate_<why> / caption_too_short / caption_too_long   caption filters
   then the policies, in the order given:
-  blip               ITM match probability >= itm_threshold (BLIP's filter)    -> itm_below_threshold
+  blip               ITM match probability >= itm_threshold (a fixed number)   -> itm_below_threshold
+  itm-calibrated     ITM match probability >= the threshold calibrated on a held-out clean set to
+                     a target precision (BLIP's filter, pipeline/calibrate.py) -> itm_below_calibrated_threshold
   clip-threshold     CLIP score >= clip_threshold (DataComp)                   -> clip_below_threshold
   clip-top-fraction  CLIP score within the run's top fraction (DataComp)       -> clip_not_top_fraction
   blip2              per image, the top_k remaining captions by CLIP score     -> not_top_k
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -29,7 +32,7 @@ from schemas import DEDUP, IMAGES, SCORES, curated_outputs
 from schemas.curated import IMAGE_METADATA
 
 STAGE = "select"
-POLICIES = ("blip", "blip2", "clip-threshold", "clip-top-fraction")
+POLICIES = ("blip", "itm-calibrated", "blip2", "clip-threshold", "clip-top-fraction")
 RANK_BY = ("clip", "itm")  # blip2's per-image ranking: CLIP similarity (the paper) or ITM probability
 
 
@@ -48,6 +51,7 @@ class SelectConfig:
     min_caption_words: int = 1
     max_caption_words: int = 1000
     drop_degenerate: bool = True
+    calibration: object | None = None  # pipeline.calibrate.Calibration, for itm-calibrated
 
     def __post_init__(self):
         unknown = [p for p in self.policies if p not in POLICIES]
@@ -61,6 +65,54 @@ class SelectConfig:
             raise ConfigError(f"--itm-threshold must be in [0, 1] (got {self.itm_threshold}).")
         if not 0.0 < self.clip_top_fraction <= 1.0:
             raise ConfigError(f"--clip-top-fraction must be in (0, 1] (got {self.clip_top_fraction}).")
+        if "itm-calibrated" in self.policies:
+            if self.calibration is None:
+                raise ConfigError("--policy itm-calibrated needs a calibration: --calibration PATH, or an --itm folder "
+                                  "written by `capfilt finetune filter` (it holds calibration.json).")
+            self.calibration.check()
+
+
+# -- per-caption policies: small objects that keep (None) or drop with (reason, message) -----------
+
+@dataclass(frozen=True)
+class CaptionPolicy:
+    """One per-caption decision, DataTrove style: `decide(row)` is None (keep) or (reason, message)."""
+
+    name: str
+    reason: str
+    test: Callable[[dict], bool]  # True = keep
+    message: Callable[[dict], str]
+
+    def decide(self, row: dict) -> tuple[str, str] | None:
+        return None if self.test(row) else (self.reason, self.message(row))
+
+
+def _at_least(value, bound) -> bool:
+    return value is not None and value >= bound
+
+
+def caption_policies(cfg: SelectConfig, top_fraction_cut: float | None = None) -> list[CaptionPolicy]:
+    """The per-caption policies of `cfg`, in order (blip2's per-image top-k is applied after them)."""
+    out = []
+    for policy in cfg.policies:
+        if policy == "blip":
+            out.append(CaptionPolicy(policy, "itm_below_threshold", lambda r: _at_least(r["itm_score"], cfg.itm_threshold),
+                                     lambda r: f"ITM {r['itm_score']} < --itm-threshold {cfg.itm_threshold}"))
+        elif policy == "itm-calibrated":
+            cal = cfg.calibration
+            out.append(CaptionPolicy(
+                policy, "itm_below_calibrated_threshold", lambda r, t=cal.threshold: _at_least(r["itm_score"], t),
+                lambda r, c=cal: (f"ITM {r['itm_score']} < {c.threshold:.4f}, the threshold calibrated for precision "
+                                  f"{c.target_precision} (predicted {c.predicted_precision:.3f}, prior {c.match_prior})")))
+        elif policy == "clip-threshold":
+            out.append(CaptionPolicy(policy, "clip_below_threshold", lambda r: _at_least(r["clip_score"], cfg.clip_threshold),
+                                     lambda r: f"CLIP {r['clip_score']:.4f} < --clip-threshold {cfg.clip_threshold}"))
+        elif policy == "clip-top-fraction":
+            cut = top_fraction_cut if top_fraction_cut is not None else float("inf")
+            out.append(CaptionPolicy(policy, "clip_not_top_fraction", lambda r: _at_least(r["clip_score"], cut),
+                                     lambda r: (f"CLIP {r['clip_score']:.4f} below the run's top-{cfg.clip_top_fraction:.0%} "
+                                                f"cut {cut:.4f}")))
+    return out
 
 
 def clip_cut(scores: list[float], fraction: float) -> float:
@@ -104,6 +156,7 @@ def select_pairs(scores: pa.Table, images: pa.Table, duplicate_of: dict[str, str
     Pure: no I/O. `top_fraction_cut` is the run-wide CLIP cut for clip-top-fraction.
     """
     image_of = {r["sample_id"]: r for r in images.to_pylist()}
+    policies = caption_policies(cfg, top_fraction_cut)
     kept_by_image: dict[str, list[dict]] = {}
     dropped: list[dict] = []
 
@@ -116,16 +169,10 @@ def select_pairs(scores: pa.Table, images: pa.Table, duplicate_of: dict[str, str
             drop(row, "duplicate", f"image is a duplicate of {duplicate_of[sid]}", duplicate_of[sid])
             continue
         verdict = _metadata_reason(image_of.get(sid, {}), cfg) or _caption_reason(row, cfg)
-        if verdict is None:
-            for policy in cfg.policies:
-                if policy == "blip" and (row["itm_score"] is None or row["itm_score"] < cfg.itm_threshold):
-                    verdict = ("itm_below_threshold", f"ITM {row['itm_score']} < --itm-threshold {cfg.itm_threshold}")
-                elif policy == "clip-threshold" and (row["clip_score"] is None or row["clip_score"] < cfg.clip_threshold):
-                    verdict = ("clip_below_threshold", f"CLIP {row['clip_score']:.4f} < --clip-threshold {cfg.clip_threshold}")
-                elif policy == "clip-top-fraction" and (row["clip_score"] is None or row["clip_score"] < (top_fraction_cut or float("inf"))):
-                    verdict = ("clip_not_top_fraction", f"CLIP {row['clip_score']:.4f} below the run's top-{cfg.clip_top_fraction:.0%} cut {top_fraction_cut:.4f}")
-                if verdict:
-                    break
+        for policy in policies:
+            if verdict:
+                break
+            verdict = policy.decide(row)
         if verdict:
             drop(row, *verdict)
         else:
@@ -149,7 +196,9 @@ def provenance(store: RunStore, cfg: SelectConfig, score_hashes: list[str]) -> s
     return json.dumps({
         "run_id": store.run_id,
         "capfilt_version": capfilt.__version__,
-        "select": {k: v for k, v in asdict(cfg).items() if v not in (float("inf"),)},
+        "select": {k: v for k, v in asdict(cfg).items() if v not in (float("inf"),) and k != "calibration"},
+        # the threshold, how it was calibrated and a sampled curve (the full one is report/calibration.json)
+        "calibration": cfg.calibration.summary() if cfg.calibration is not None else None,
         "score_config_hashes": sorted(set(score_hashes)),
         "caption_config_hash": caption_record.config_hash if caption_record else None,
         "score_config_hash": score_record.config_hash if score_record else None,
@@ -206,6 +255,9 @@ def run_select(store: RunStore, cfg: SelectConfig, extra_provenance: dict | None
     prov["root"] = store.root
     prov = _located(prov)
     prov_json = json.dumps(prov, sort_keys=True)
+    if cfg.calibration is not None:  # the full curve, for the report and for anyone re-checking the threshold
+        with store.fs.open(f"{store.report_dir()}/calibration.json", "w") as handle:
+            handle.write(cfg.calibration.to_json())
     summary = SelectSummary()
     for shard in scored:
         if store.is_done(STAGE, shard, cfg_hash):

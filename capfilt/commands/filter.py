@@ -12,7 +12,13 @@ def filter_options(f):
         click.option("--clip-pretrained", help="open_clip pretrained tag (e.g. openai) or a local checkpoint file."),
         click.option("--clip-config", type=click.Path(exists=True), help="JSON model config(s) to register with open_clip first."),
         click.option("--itm", help="ITM model: hub id or save_pretrained folder (BLIP / BLIP-2 ITM, capfilt Stage 1)."),
-        click.option("--policy", default="blip2", show_default=True, help="blip, blip2, clip-threshold, clip-top-fraction; comma-separated to combine (e.g. blip,blip2)."),
+        click.option("--policy", default="blip2", show_default=True, help="blip, itm-calibrated, blip2, clip-threshold, clip-top-fraction; comma-separated to combine (e.g. blip,blip2)."),
+        click.option("--calibration", default=None,
+                     help="itm-calibrated: calibration.json or a `capfilt finetune filter` folder (default: the --itm folder's)."),
+        click.option("--target-precision", type=float, default=None,
+                     help="itm-calibrated: re-pick the threshold on the stored curve for this precision (default: the calibrated one)."),
+        click.option("--match-prior", type=float, default=None,
+                     help="itm-calibrated: share of captions assumed to match, for the predicted precision (default: the calibrated one)."),
         click.option("--top-k", type=int, default=2, show_default=True, help="blip2: captions kept per image."),
         click.option("--rank-by", type=click.Choice(["clip", "itm"]), default="clip", show_default=True,
                      help="blip2: rank an image's captions by CLIP similarity (BLIP-2) or by ITM probability."),
@@ -47,11 +53,20 @@ def configs_from_options(o: dict):
                         itm=o["itm"], batch_size=o["score_batch_size"], actors=o["score_actors"])
     dedup = DedupConfig(eps=o["dedup_eps"], cluster_size=o["dedup_cluster_size"], semantic=not o["no_semantic_dedup"])
     policies = tuple(p.strip() for p in o["policy"].split(",") if p.strip())
+    calibration = None
+    if "itm-calibrated" in policies:
+        if not score.itm:
+            raise click.UsageError("--policy itm-calibrated needs --itm (the finetuned filter)")
+        from pipeline.calibrate import load_calibration
+
+        source = o.get("calibration") or score.itm
+        calibration = load_calibration(source, "--calibration" if o.get("calibration") else "--itm")
+        calibration = calibration.at(o.get("target_precision"), o.get("match_prior"))
     select = SelectConfig(
         policies=policies, top_k=o["top_k"], rank_by=o["rank_by"], itm_threshold=o["itm_threshold"], clip_threshold=o["clip_threshold"],
         clip_top_fraction=o["clip_top_fraction"], min_image_size=o["min_image_size"], max_aspect_ratio=o["max_aspect_ratio"],
         max_punsafe=o["max_punsafe"], max_pwatermark=o["max_pwatermark"], min_caption_words=o["min_caption_words"],
-        max_caption_words=o["max_caption_words"], drop_degenerate=not o["keep_degenerate"],
+        max_caption_words=o["max_caption_words"], drop_degenerate=not o["keep_degenerate"], calibration=calibration,
     )
     if "blip" in policies and not score.itm:
         raise click.UsageError("--policy blip needs --itm (an ITM model)")

@@ -1,0 +1,160 @@
+"""Finetuning the filter and the captioner on a clean annotated set (BLIP, Sec. 3.3).
+
+Both start from the model pretrained on web data and learn, separately (BLIP Table 4: sharing
+parameters lets the filter pass the captioner's mistakes), from the human-written pairs:
+  filter     Stage 1 checkpoint ─► ITC + ITM (ITG off) ─► a Stage 1 folder: `capfilt filter --itm DIR`
+  captioner  Stage 2 checkpoint ─► LM loss              ─► a Stage 2 folder: `capfilt caption --captioner DIR`
+Short and at a lower learning rate, like LAVIS's `*_coco_ft` configs (5 epochs, lr 1e-5 after a
+1e-4 pretraining): by default 5 epochs over the pairs at a tenth of the parent's learning rate.
+Nothing here is a new loop: the Stage 1 and Stage 2 trainers run with `init_from` and the
+annotated images as their data; the parent's recipe (precision, augmentation, text length)
+carries over. Each checkpoint records its parent, the annotated set and the split (lineage).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from capfilt.errors import ConfigError
+
+EPOCHS = 5  # LAVIS caption_coco_ft / retrieval_coco_ft: max_epoch 5
+LR_DIVISOR = 10  # LAVIS: pretrain init_lr 1e-4, coco_ft init_lr 1e-5
+
+
+@dataclass
+class FinetuneSettings:
+    """What both finetunings take; None means 'derived from the parent and the set'."""
+
+    out: str
+    steps: int | None = None  # default: EPOCHS epochs over the finetuning pairs
+    lr: float | None = None  # default: the parent's lr / LR_DIVISOR
+    batch_size: int = 32
+    warmup_fraction: float = 0.1
+    seed: int = 0
+    device: str = "auto"
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.steps is not None and self.steps < 1:
+            raise ConfigError(f"--steps must be >= 1, got {self.steps}.")
+        if self.lr is not None and self.lr <= 0:
+            raise ConfigError(f"--lr must be > 0, got {self.lr}.")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}.")
+
+
+def training_images(images) -> list:
+    """Annotated images (image_id, image, captions) as the trainers' CuratedImage: one image, all its
+    captions; each epoch pairs it with one of them, so an image is never its own ITC negative."""
+    from .train_stage1 import CuratedImage
+
+    return [CuratedImage(im.image_id, im.image, list(im.captions)) for im in images]
+
+
+def _schedule(settings: FinetuneSettings, images: list, parent_lr: float) -> dict:
+    if len(images) < settings.batch_size:
+        raise ConfigError(f"the finetuning part has {len(images)} images, fewer than --batch-size {settings.batch_size}; "
+                          f"lower --batch-size or --holdout-fraction, or give a larger annotated set.")
+    pairs = sum(len(im.captions) for im in images)
+    steps = settings.steps or max(1, math.ceil(EPOCHS * pairs / settings.batch_size))
+    lr = settings.lr or parent_lr / LR_DIVISOR
+    return {"steps": steps, "lr": lr, "min_lr": lr / 100, "warmup_steps": max(1, int(settings.warmup_fraction * steps)),
+            "batch_size": settings.batch_size, "seed": settings.seed, "checkpoint_every": steps,
+            "log_every": max(1, min(10, steps // 10)), "holdout_images": 0, "resume": True, "stop_at": None,
+            "out": settings.out, "device": settings.device, "progress": settings.progress}
+
+
+def _known(cls, values: dict) -> dict:
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in values.items() if k in names}
+
+
+def filter_config(stage1: str, settings: FinetuneSettings, images: list, annotated: str, vision: str | None = None):
+    """The Stage1Config that finetunes `stage1` as BLIP's filter; (config, parent step folder, parent info)."""
+    from .stage1_inference import resolve_checkpoint
+    from .train_stage1 import Stage1Config
+
+    step, model_dir = resolve_checkpoint(stage1)
+    if not (model_dir / "qformer_config.json").exists():
+        raise ConfigError(f"--stage1 {stage1}: no Stage 1 Q-Former there; pass a `capfilt train stage1 --out` "
+                          f"folder, one of its step-* folders or its model/ folder.")
+    info_path = next((p for p in (step / "stage1.json", model_dir.parent / "stage1.json") if p.exists()), None)
+    info = json.loads(info_path.read_text()) if info_path else {}
+    vision = vision or info.get("vision")
+    if not vision:
+        raise ConfigError(f"--stage1 {stage1}: no stage1.json naming the image encoder; pass --vision.")
+    parent = dict(info.get("config") or {})
+    qformer = json.loads((model_dir / "qformer_config.json").read_text())
+    values = {**parent, **_schedule(settings, images, parent.get("lr", 1e-4)),
+              "root": annotated, "run": "annotated", "vision": vision, "tokenizer": str(model_dir), "bert": None,
+              "init_from": str(model_dir), "itg_weight": 0.0, "itm_random_negative_steps": 0,
+              "max_text_length": qformer.get("max_text_length", parent.get("max_text_length", 32))}
+    return Stage1Config(**_known(Stage1Config, values)), step, info
+
+
+def captioner_config(stage2: str, settings: FinetuneSettings, images: list, annotated: str):
+    """The Stage2Config that finetunes `stage2` as BLIP's captioner; (config, parent step folder, parent info)."""
+    from .stage2 import Stage2Config, read_model_config, resolve_checkpoint
+
+    step, model_dir = resolve_checkpoint(stage2)
+    model = read_model_config(model_dir)
+    info_path = next((p for p in (step / "stage2.json", model_dir.parent / "stage2.json") if p.exists()), None)
+    if info_path is None:
+        raise ConfigError(f"--stage2 {stage2}: no stage2.json beside the model naming its Stage 1 checkpoint; pass a "
+                          f"`capfilt train stage2 --out` folder or one of its step-* folders.")
+    info = json.loads(info_path.read_text())
+    parent = dict(info.get("config") or {})
+    values = {**parent, **_schedule(settings, images, parent.get("lr", 1e-4)),
+              "root": annotated, "run": "annotated", "stage1": info.get("stage1") or parent.get("stage1"),
+              "llm": model.llm, "vision": model.vision, "prompt": model.prompt,
+              "instruction_aware": model.instruction_aware, "max_text_length": model.max_text_length,
+              "init_from": str(model_dir)}
+    values["min_lr"] = min(values["min_lr"], values["lr"])
+    return Stage2Config(**_known(Stage2Config, values)), step, info
+
+
+def _lineage(kind: str, parent_step: Path, parent_info: dict, annotated: dict, split: dict, config) -> dict:
+    return {
+        "kind": kind,
+        "parent": {"checkpoint": str(Path(parent_step).resolve()), "step": parent_info.get("step"),
+                   "lineage": parent_info.get("lineage")},
+        "annotated": annotated,
+        "split": split,
+        "recipe": {"steps": config.steps, "lr": config.lr, "min_lr": config.min_lr, "warmup_steps": config.warmup_steps,
+                   "batch_size": config.batch_size, "seed": config.seed,
+                   "losses": "itc+itm" if kind == "finetune-filter" else "lm"},
+    }
+
+
+def finetune_filter(stage1: str, finetune_images: list, settings: FinetuneSettings, annotated: dict, split: dict,
+                    vision: str | None = None) -> dict:
+    """Finetune a Stage 1 checkpoint with ITC + ITM on annotated images; returns the trainer's result
+    plus 'lineage'. `annotated` / `split` describe the set and the split (recorded as lineage)."""
+    from .train_stage1 import train
+
+    images = training_images(finetune_images)
+    config, step, info = filter_config(stage1, settings, images, annotated.get("source", ""), vision)
+    lineage = _lineage("finetune-filter", step, info, annotated, split, config)
+    result = train(config, images=images, lineage=lineage)
+    _write(settings.out, lineage, config)
+    return {**result, "lineage": lineage}
+
+
+def finetune_captioner(stage2: str, finetune_images: list, settings: FinetuneSettings, annotated: dict, split: dict) -> dict:
+    """Finetune a Stage 2 checkpoint with the LM loss on annotated images; returns the trainer's
+    result plus 'lineage'."""
+    from .stage2 import train
+
+    images = training_images(finetune_images)
+    config, step, info = captioner_config(stage2, settings, images, annotated.get("source", ""))
+    lineage = _lineage("finetune-captioner", step, info, annotated, split, config)
+    result = train(config, images=images, lineage=lineage)
+    _write(settings.out, lineage, config)
+    return {**result, "lineage": lineage}
+
+
+def _write(out: str, lineage: dict, config) -> None:
+    (Path(out) / "finetune.json").write_text(json.dumps({**lineage, "config": asdict(config)}, indent=1, default=str))

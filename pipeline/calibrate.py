@@ -1,0 +1,262 @@
+"""Calibrating BLIP's filter: the ITM threshold that gives the precision a user asks for.
+
+    held-out annotated images ─► matched pairs (each image, each of its captions)
+                              ─► mismatched pairs: another image's caption (random) and the
+                                 other caption most similar to the image by ITC (hard)
+    ─► ITM match probability of every pair ─► curve (threshold, precision, recall, fpr)
+    ─► the lowest threshold whose precision reaches the target ─► calibration.json
+
+Precision depends on how many of the judged captions match at all, which the held-out set cannot
+know: the curve is computed with a stated prior of matched pairs (`match_prior`, default 0.5),
+precision = prior * recall / (prior * recall + (1 - prior) * fpr), with the mismatched pairs'
+false-positive rate taken over random and hard negatives in equal numbers. Hard negatives come
+from the model's own ITC similarity, never from the caption grammar, so the same code calibrates
+on any source. A negative identical (ignoring case) to one of the image's own captions is not a
+negative and is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from capfilt.errors import ConfigError
+
+FILE_NAME = "calibration.json"
+DEFAULT_TARGET_PRECISION = 0.9
+DEFAULT_MATCH_PRIOR = 0.5
+
+
+@dataclass(frozen=True)
+class Calibration:
+    threshold: float | None  # None: the target precision is out of reach (see `check`)
+    target_precision: float
+    predicted_precision: float | None
+    predicted_recall: float | None
+    match_prior: float
+    positives: int
+    negatives: dict  # {"random": n, "hard": n}
+    curve: tuple = ()  # rows {threshold, precision, recall, fpr}, thresholds descending
+    scorer: str | None = None
+    annotated: dict | None = None
+    split: dict | None = None
+    extra: dict = field(default_factory=dict)
+
+    # -- choosing a threshold ---------------------------------------------------------------------
+    def at(self, target_precision: float | None = None, match_prior: float | None = None) -> "Calibration":
+        """The same measurements for another target precision or prior (no re-scoring)."""
+        target = self.target_precision if target_precision is None else target_precision
+        prior = self.match_prior if match_prior is None else match_prior
+        curve = _with_precision(self.curve, prior)
+        threshold, precision, recall = _pick(curve, target)
+        return replace(self, threshold=threshold, target_precision=target, match_prior=prior,
+                       predicted_precision=precision, predicted_recall=recall, curve=curve)
+
+    def check(self) -> "Calibration":
+        """Itself when a threshold was found, else ConfigError saying what is reachable and what to do."""
+        if self.threshold is not None:
+            return self
+        best = max(self.curve, key=lambda r: (r["precision"], r["recall"]), default=None)
+        reach = (f"the best it reaches is {best['precision']:.3f} (threshold {best['threshold']:.4f}, recall "
+                 f"{best['recall']:.3f})" if best else "no pair passes any threshold")
+        raise ConfigError(
+            f"calibration: precision {self.target_precision} is out of reach for this filter: on {self.positives} matched "
+            f"and {sum(self.negatives.values())} mismatched held-out pairs, with a match prior of {self.match_prior}, "
+            f"{reach}. Lower --target-precision, state a higher --match-prior if most of your captions match, or "
+            f"finetune the filter longer or on more annotated images."
+        )
+
+    def summary(self, points: int = 21) -> dict:
+        """Everything but the full curve (sampled to `points` rows): what provenance carries."""
+        data = asdict(self)
+        curve = list(self.curve)
+        if len(curve) > points:
+            curve = [curve[round(i * (len(curve) - 1) / (points - 1))] for i in range(points)]
+        data["curve"] = curve
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, default=list)
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "calibration") -> "Calibration":
+        try:
+            data = json.loads(text)
+            data["curve"] = tuple(data.get("curve") or ())
+            return cls(**data)
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise ConfigError(f"{where}: not a capfilt calibration file ({exc}); write one with "
+                              f"`capfilt finetune filter`.") from exc
+
+
+def _with_precision(curve, prior: float) -> tuple:
+    if not 0.0 < prior < 1.0:
+        raise ConfigError(f"--match-prior must be in (0, 1), got {prior}.")
+    rows = []
+    for r in curve:
+        passed = prior * r["recall"] + (1 - prior) * r["fpr"]
+        rows.append({**r, "precision": prior * r["recall"] / passed if passed > 0 else 0.0})
+    return tuple(rows)
+
+
+def _pick(curve, target: float) -> tuple[float | None, float | None, float | None]:
+    """The lowest threshold (of those any positive passes) whose precision reaches `target`."""
+    if not 0.0 < target <= 1.0:
+        raise ConfigError(f"--target-precision must be in (0, 1], got {target}.")
+    reaching = [r for r in curve if r["recall"] > 0 and r["precision"] >= target]
+    if not reaching:
+        return None, None, None
+    best = min(reaching, key=lambda r: r["threshold"])
+    return best["threshold"], best["precision"], best["recall"]
+
+
+def curve_of(positive: np.ndarray, negative: np.ndarray) -> tuple:
+    """(threshold, recall, fpr) at every distinct score, thresholds descending; keep = score >= threshold."""
+    positive, negative = np.sort(np.asarray(positive, np.float64)), np.sort(np.asarray(negative, np.float64))
+    if len(positive) == 0 or len(negative) == 0:
+        raise ConfigError("calibration needs matched and mismatched pairs; the held-out part is too small "
+                          "(raise --holdout-fraction or give more annotated images).")
+    thresholds = np.unique(np.concatenate([positive, negative]))[::-1]
+    recall = (len(positive) - np.searchsorted(positive, thresholds, side="left")) / len(positive)
+    fpr = (len(negative) - np.searchsorted(negative, thresholds, side="left")) / len(negative)
+    return tuple({"threshold": float(t), "recall": float(r), "fpr": float(f)} for t, r, f in zip(thresholds, recall, fpr))
+
+
+def calibrate(positive, negative, target_precision: float = DEFAULT_TARGET_PRECISION,
+              match_prior: float = DEFAULT_MATCH_PRIOR, negatives: dict | None = None, **about) -> Calibration:
+    """A Calibration from matched (`positive`) and mismatched (`negative`) ITM scores; its threshold
+    is None when the target is out of reach (call `.check()` to raise the explaining error)."""
+    base = Calibration(None, target_precision, None, None, match_prior, len(positive),
+                       negatives or {"all": len(negative)}, curve_of(positive, negative), **about)
+    return base.at()
+
+
+# -- pairs from held-out annotated images ---------------------------------------------------------
+
+def _norm(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def calibration_pairs(images, scorer, seed: int = 0, decoded: list | None = None) -> dict[str, list[tuple[int, str]]]:
+    """{'positive', 'random', 'hard'}: lists of (image index, caption), as many of each kind as
+    there are captions. Hard negatives: the other images' captions the scorer's ITC ranks closest
+    to the image (or, for a scorer without ITC, the one its ITM likes best of 8 random ones)."""
+    if len(images) < 2:
+        raise ConfigError(f"calibration needs at least 2 held-out images, got {len(images)}; raise --holdout-fraction.")
+    rng = np.random.default_rng([seed, 11])
+    captions = [(i, c) for i, im in enumerate(images) for c in im.captions]
+    own = [{_norm(c) for c in im.captions} for im in images]
+    pool = [(i, c) for i, c in captions]
+    positive = list(captions)
+    random_neg = []
+    for i, c in captions:
+        for _ in range(32):
+            j, text = pool[int(rng.integers(len(pool)))]
+            if j != i and _norm(text) not in own[i]:
+                random_neg.append((i, text))
+                break
+    texts = [c for _, c in pool]
+    if hasattr(scorer, "image_embeddings") and hasattr(scorer, "text_embeddings"):
+        import torch
+
+        chunks = range(0, max(len(images), len(texts)), 64)  # a real ViT-g would not take them all at once
+        image_feats = torch.cat([scorer.image_embeddings([im.image for im in images[s:s + 64]]) for s in chunks
+                                 if s < len(images)])  # (N, Q, D)
+        text_feats = torch.cat([scorer.text_embeddings(texts[s:s + 64]) for s in chunks if s < len(texts)])  # (T, D)
+        sims = torch.einsum("td,nqd->ntq", text_feats, image_feats).amax(dim=-1).float().cpu().numpy()
+    else:
+        sims = None
+    hard = []
+    for i, im in enumerate(images):
+        candidates = [t for t, (j, text) in enumerate(pool) if j != i and _norm(text) not in own[i]]
+        if not candidates:
+            continue
+        if sims is not None:
+            ranked = sorted(candidates, key=lambda t: -sims[i, t])
+        else:
+            sample = [candidates[k] for k in rng.choice(len(candidates), min(8, len(candidates)), replace=False)]
+            pictures = decoded if decoded is not None else [im.image for im in images]
+            probs = scorer.match_probability([pictures[i]] * len(sample), [texts[t] for t in sample])
+            ranked = [sample[k] for k in np.argsort(-np.asarray(probs), kind="stable")]
+        seen: set[str] = set()
+        for t in ranked:
+            if len(seen) == len(im.captions):
+                break
+            if _norm(texts[t]) not in seen:
+                seen.add(_norm(texts[t]))
+                hard.append((i, texts[t]))
+    return {"positive": positive, "random": random_neg, "hard": hard}
+
+
+def score_pairs(scorer, pictures: list, pairs: list[tuple[int, str]], batch_size: int = 64) -> np.ndarray:
+    out = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        out.append(np.asarray(scorer.match_probability([pictures[i] for i, _ in chunk], [t for _, t in chunk]), np.float64))
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def calibrate_itm(itm_scorer, images, target_precision: float = DEFAULT_TARGET_PRECISION,
+                  match_prior: float = DEFAULT_MATCH_PRIOR, seed: int = 0, **about) -> Calibration:
+    """Calibrate an ITM scorer (`match_probability(images, texts)`) on held-out annotated images."""
+    from pipeline.caption import decode_image
+
+    pictures = [decode_image(im.image) for im in images]
+    pairs = calibration_pairs(images, itm_scorer, seed, pictures)
+    scores = {kind: score_pairs(itm_scorer, pictures, rows) for kind, rows in pairs.items()}
+    # Random and hard negatives weigh equally in the false-positive rate, whatever their counts.
+    n = min(len(scores["random"]), len(scores["hard"])) or max(len(scores["random"]), len(scores["hard"]))
+    negative = np.concatenate([np.resize(scores["random"], n) if len(scores["random"]) else np.zeros(0),
+                               np.resize(scores["hard"], n) if len(scores["hard"]) else np.zeros(0)])
+    extra = {kind: {"mean": float(v.mean()) if len(v) else None, "n": int(len(v))} for kind, v in scores.items()}
+    extra["roc_auc_random"] = roc_auc(scores["positive"], scores["random"])
+    extra["roc_auc_hard"] = roc_auc(scores["positive"], scores["hard"])
+    return calibrate(scores["positive"], negative, target_precision, match_prior,
+                     negatives={"random": len(scores["random"]), "hard": len(scores["hard"])},
+                     extra=extra, **about)
+
+
+def roc_auc(positive, negative) -> float | None:
+    """P(a matched pair scores above a mismatched one), ties counting half."""
+    positive, negative = np.asarray(positive, np.float64), np.asarray(negative, np.float64)
+    if len(positive) == 0 or len(negative) == 0:
+        return None
+    negative = np.sort(negative)
+    below = np.searchsorted(negative, positive, side="left")
+    ties = np.searchsorted(negative, positive, side="right") - below
+    return float((below + 0.5 * ties).sum() / (len(positive) * len(negative)))
+
+
+# -- files ------------------------------------------------------------------------------------------
+
+def write_calibration(calibration: Calibration, path: str | Path) -> Path:
+    path = Path(path)
+    if path.is_dir() or not path.suffix:
+        path = path / FILE_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(calibration.to_json())
+    return path
+
+
+def find_calibration(path: str | Path) -> Path | None:
+    """calibration.json at `path`, in the folder `path`, or in a step folder's trainer folder."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    candidates = [path / FILE_NAME]
+    if path.name.startswith("step-"):
+        candidates.append(path.parent / FILE_NAME)
+    if path.name == "model" and path.parent.name.startswith("step-"):
+        candidates.append(path.parent.parent / FILE_NAME)
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def load_calibration(path: str | Path, option: str = "--calibration") -> Calibration:
+    found = find_calibration(path)
+    if found is None:
+        raise ConfigError(f"{option} {path}: no {FILE_NAME} there; run `capfilt finetune filter --annotated ... --out "
+                          f"DIR` (it calibrates on the held-out part) and pass DIR, or its calibration.json.")
+    return Calibration.from_json(found.read_text(), str(found))

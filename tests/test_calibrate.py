@@ -1,0 +1,193 @@
+"""BLIP's filter as a per-caption decision: the ITM threshold calibrated to a precision, and the
+itm-calibrated selection policy that applies it to web and synthetic captions alike."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from capfilt.errors import ConfigError
+from pipeline.calibrate import Calibration, calibrate, curve_of, load_calibration, roc_auc, write_calibration
+from pipeline.select import SelectConfig, caption_policies, select_pairs
+from schemas import SCORES
+
+POSITIVE = [0.9, 0.8, 0.7, 0.6, 0.3]
+NEGATIVE = [0.75, 0.5, 0.4, 0.2, 0.1]
+
+
+def test_curve_counts_pairs_at_or_above_each_threshold():
+    curve = {r["threshold"]: (r["recall"], r["fpr"]) for r in curve_of(POSITIVE, NEGATIVE)}
+    assert curve[0.9] == (0.2, 0.0)
+    assert curve[0.75] == (0.4, 0.2)
+    assert curve[0.6] == (0.8, 0.2)
+    assert curve[0.1] == (1.0, 1.0)
+
+
+def test_the_lowest_threshold_reaching_the_precision_is_picked():
+    # prior 0.5: precision at 0.6 is 0.8 / (0.8 + 0.2) = 0.8; at 0.5 it falls to 0.8 / 1.2
+    cal = calibrate(POSITIVE, NEGATIVE, target_precision=0.8, match_prior=0.5)
+    assert cal.threshold == 0.6
+    assert cal.predicted_precision == pytest.approx(0.8) and cal.predicted_recall == pytest.approx(0.8)
+    assert calibrate(POSITIVE, NEGATIVE, target_precision=0.9).threshold == 0.8
+
+
+def test_the_stated_prior_of_matched_pairs_moves_the_threshold():
+    # prior 0.8: at 0.3, 0.8 * 1 / (0.8 + 0.2 * 0.6) = 0.87 >= 0.85; at 0.2 it is 0.83
+    cal = calibrate(POSITIVE, NEGATIVE, target_precision=0.85, match_prior=0.8)
+    assert cal.threshold == 0.3
+    assert cal.at(match_prior=0.5).threshold == 0.8  # same measurements, other prior: no re-scoring
+
+
+def test_a_precision_out_of_reach_is_refused_with_what_is_reachable():
+    cal = calibrate(POSITIVE, NEGATIVE + [0.95], target_precision=0.9, match_prior=0.5)
+    assert cal.threshold is None
+    with pytest.raises(ConfigError) as err:
+        cal.check()
+    message = str(err.value)
+    assert "precision 0.9 is out of reach" in message and "best it reaches is 0.706" in message
+    assert "--target-precision" in message and "--match-prior" in message
+
+
+def test_bad_targets_and_priors_say_what_to_fix():
+    with pytest.raises(ConfigError, match="--target-precision must be in"):
+        calibrate(POSITIVE, NEGATIVE, target_precision=1.5)
+    with pytest.raises(ConfigError, match="--match-prior must be in"):
+        calibrate(POSITIVE, NEGATIVE, match_prior=1.0)
+    with pytest.raises(ConfigError, match="matched and mismatched pairs"):
+        calibrate(POSITIVE, [])
+
+
+def test_roc_auc_counts_ties_as_half():
+    assert roc_auc([0.9, 0.8], [0.1, 0.2]) == 1.0
+    assert roc_auc([0.5], [0.5]) == 0.5
+    assert roc_auc(POSITIVE, NEGATIVE) == pytest.approx(np.mean([p > n for p in POSITIVE for n in NEGATIVE]))
+
+
+def test_calibration_files_are_found_in_a_finetune_folder_its_steps_and_by_path(tmp_path):
+    cal = calibrate(POSITIVE, NEGATIVE, target_precision=0.8, scorer="x")
+    write_calibration(cal, tmp_path / "ft")
+    (tmp_path / "ft" / "step-00000010" / "model").mkdir(parents=True)
+    for where in ("ft", "ft/calibration.json", "ft/step-00000010", "ft/step-00000010/model"):
+        assert load_calibration(tmp_path / where) == cal, where
+    with pytest.raises(ConfigError, match="no calibration.json there"):
+        load_calibration(tmp_path)
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ConfigError, match="not a capfilt calibration file"):
+        load_calibration(tmp_path / "bad.json")
+
+
+# -- the itm-calibrated policy ---------------------------------------------------------------------
+
+def scores_table():
+    keys = ["sample_id", "caption_id", "caption_source", "caption", "clip_score", "itm_score", "degenerate"]
+    rows = [
+        ("a", "a#web", "web", "a red circle", 0.30, 0.95, None),
+        ("a", "a#syn0", "synthetic", "a red circle on the left", 0.40, 0.81, None),
+        ("a", "a#syn1", "synthetic", "a blue square", 0.45, 0.20, None),
+        ("b", "b#web", "web", "IMG_0042.jpg", 0.05, 0.79, None),
+        ("b", "b#syn0", "synthetic", "un cercle vert", 0.35, 0.85, None),
+        ("b", "b#syn1", "synthetic", "", 0.50, 0.99, "empty"),
+        ("c", "c#web", "web", "a green cross", 0.45, None, None),
+    ]
+    return SCORES.conform(pa.Table.from_pylist([dict(zip(keys, r)) for r in rows]))
+
+
+IMAGES = pa.Table.from_pylist([{"sample_id": s, "width": 64, "height": 64} for s in "abc"])
+
+
+def calibration_at_080():
+    cal = calibrate([0.95, 0.9, 0.85, 0.8, 0.6], [0.79, 0.5, 0.3, 0.2, 0.1], target_precision=0.9)
+    assert cal.threshold == 0.8
+    return cal
+
+
+def test_itm_calibrated_keeps_every_caption_that_reaches_the_threshold_web_and_synthetic_alike():
+    cfg = SelectConfig(policies=("itm-calibrated",), calibration=calibration_at_080())
+    kept, dropped = select_pairs(scores_table(), IMAGES, {}, cfg)
+    assert sorted(r["caption_id"] for r in kept) == ["a#syn0", "a#web", "b#syn0"]  # no per-image top-k
+    reasons = {r["caption_id"]: (r["reason"], r["error_message"]) for r in dropped}
+    assert reasons["a#syn1"][0] == reasons["b#web"][0] == reasons["c#web"][0] == "itm_below_calibrated_threshold"
+    assert "0.8000, the threshold calibrated for precision 0.9" in reasons["b#web"][1]
+    assert reasons["b#syn1"][0] == "empty_caption"
+    assert len(kept) + len(dropped) == scores_table().num_rows  # every row decided once
+
+
+def test_itm_calibrated_combines_with_blip2_top_k():
+    cfg = SelectConfig(policies=("itm-calibrated", "blip2"), top_k=1, calibration=calibration_at_080())
+    kept, dropped = select_pairs(scores_table(), IMAGES, {}, cfg)
+    assert sorted(r["caption_id"] for r in kept) == ["a#syn0", "b#syn0"]  # a#syn0 has the higher CLIP score
+    assert {r["caption_id"]: r["reason"] for r in dropped}["a#web"] == "not_top_k"
+    assert len(kept) + len(dropped) == 7
+
+
+def test_policies_are_small_objects_that_return_keep_or_a_reason():
+    cfg = SelectConfig(policies=("itm-calibrated", "clip-threshold"), clip_threshold=0.3, calibration=calibration_at_080())
+    itm, clip = caption_policies(cfg)
+    assert itm.decide({"itm_score": 0.8}) is None
+    assert itm.decide({"itm_score": 0.7})[0] == "itm_below_calibrated_threshold"
+    assert clip.decide({"clip_score": 0.2})[0] == "clip_below_threshold"
+
+
+def test_itm_calibrated_needs_a_reachable_calibration():
+    with pytest.raises(ConfigError, match="needs a calibration"):
+        SelectConfig(policies=("itm-calibrated",))
+    unreachable = calibrate(POSITIVE, NEGATIVE + [0.95], target_precision=0.9)
+    with pytest.raises(ConfigError, match="out of reach"):
+        SelectConfig(policies=("itm-calibrated",), calibration=unreachable)
+
+
+def test_the_filter_command_reads_the_calibration_and_can_repick_the_precision(tmp_path):
+    from capfilt.commands.filter import configs_from_options
+
+    write_calibration(calibration_at_080(), tmp_path)
+    options = dict(clip="ViT-B-32", clip_pretrained=None, clip_config=None, itm="some-itm", score_batch_size=8,
+                   score_actors=None, dedup_eps=0.02, dedup_cluster_size=10, no_semantic_dedup=True,
+                   policy="itm-calibrated", top_k=2, rank_by="clip", itm_threshold=0.5, clip_threshold=0.3,
+                   clip_top_fraction=0.3, min_image_size=0, max_aspect_ratio=float("inf"), max_punsafe=None,
+                   max_pwatermark=None, min_caption_words=1, max_caption_words=1000, keep_degenerate=False,
+                   calibration=str(tmp_path), target_precision=None, match_prior=None)
+    _, _, select = configs_from_options(options)
+    assert select.calibration.threshold == 0.8
+    _, _, looser = configs_from_options({**options, "target_precision": 0.7})
+    assert looser.calibration.threshold == 0.5 and looser.calibration.target_precision == 0.7
+    with pytest.raises(ConfigError, match="--itm some-itm: no calibration.json"):
+        configs_from_options({**options, "calibration": None})
+
+
+def test_provenance_carries_the_threshold_and_a_sampled_curve():
+    cal = calibrate(np.linspace(0.5, 1, 200), np.linspace(0, 0.6, 200), target_precision=0.9)
+    summary = cal.summary()
+    assert summary["threshold"] == cal.threshold and len(summary["curve"]) == 21
+    assert json.loads(cal.to_json())["curve"][0]["threshold"] == 1.0
+    assert Calibration.from_json(cal.to_json()) == cal
+
+
+def test_select_stage_accounts_for_every_row_and_reports_the_calibration(tmp_path):
+    from caption_helpers import commit_image_shards
+
+    from pipeline.run_store import RunStore, ShardCounts
+    from pipeline.select import run_select
+    from schemas import CURATED
+
+    store = RunStore(str(tmp_path), "r")
+    commit_image_shards(store, {"s0": 3})
+    keys = ["sample_id", "caption_id", "caption_source", "caption", "clip_score", "itm_score"]
+    rows = [(f"s0/{i}", f"s0/{i}#{src}", src, f"caption {i} {src}", 0.3, itm)
+            for i, (src, itm) in enumerate([("web", 0.9), ("synthetic", 0.5), ("web", 0.81)])]
+    rows.append(("s0/0", "s0/0#syn1", "synthetic", "another", 0.2, 0.79))
+    table = SCORES.conform(pa.Table.from_pylist([dict(zip(keys, r)) for r in rows]))
+    store.commit_shard("score", "s0", "h", outputs={"scores": (SCORES, table)}, counts=ShardCounts(rows_in=4, kept=4))
+
+    summary = run_select(store, SelectConfig(policies=("itm-calibrated",), calibration=calibration_at_080()))
+    assert (summary.captions, summary.kept, summary.dropped) == (4, 2, 2)
+    curated = store.read("curated", CURATED)
+    assert sorted(curated.column("caption_id").to_pylist()) == ["s0/0#web", "s0/2#web"]
+    provenance = json.loads(curated.column("provenance")[0].as_py())
+    assert provenance["calibration"]["threshold"] == 0.8 and provenance["calibration"]["target_precision"] == 0.9
+    rejected = store.read_rejected("select").to_pylist()
+    assert {r["reason"] for r in rejected} == {"itm_below_calibrated_threshold"}
+    report = json.loads(store.fs.open(f"{store.report_dir()}/calibration.json").read())
+    assert report["threshold"] == 0.8 and len(report["curve"]) == len(calibration_at_080().curve)
