@@ -539,6 +539,26 @@ class WorldServer:
         self.stop()
 
 
+def world_pairs(directory: str | Path) -> list[tuple[bytes, str]]:
+    """(image bytes, web caption) of a world's distinct images with a non-empty caption, in image order:
+    what an ingest of its source would give, read straight from its files (no server, no Ray)."""
+    directory = Path(directory)
+    truth = sorted((r for r in pq.read_table(directory / "ground_truth.parquet").to_pylist() if r["kind"] == "image"),
+                   key=lambda r: r["image_index"])
+    return [((directory / "files" / f"{r['image_index']:06d}.jpg").read_bytes(), r["web_caption"])
+            for r in truth if (r["web_caption"] or "").strip()]
+
+
+def pretraining_world(directory: str | Path, images: int, seed: int, noise: float = 0.4) -> Path:
+    """A world only the toy preset's frozen pieces pretrain on (the stand-in for the other, larger
+    web data real CLIPs and LLMs saw): made once, reused when already there."""
+    directory = Path(directory)
+    if not (directory / "world.json").exists():
+        make_world(directory, WorldConfig(images=images, seed=seed, noise=noise, bad_urls_per_kind=0, duplicates=0,
+                                          annotated=0))
+    return directory
+
+
 def noise_ratio(ground_truth: pa.Table) -> float:
     """Fraction of real (non-duplicate, non-bad-URL) images whose web caption was corrupted."""
     rows = [r for r in ground_truth.to_pylist() if r["kind"] == "image"]
@@ -558,8 +578,10 @@ __all__ = [
     "load_world",
     "make_world",
     "noise_ratio",
+    "pretraining_world",
     "render",
     "true_caption",
+    "world_pairs",
     "write_annotated",
 ]
 
