@@ -6,9 +6,9 @@
 For each seed: the demo's world and a clean held-out world, two curated runs written straight
 from the world (no ingest, no Ray: the same images the demo would ingest) - `raw` (every image
 with a non-empty web caption, as round 0's top-1 keeps) and `oracle` (true captions) - the toy
-encoder (pretrained on the raw pairs, or with --pretrain-images N once on a separate pretraining
-world, as the toy preset does), then `capfilt train stage1` with the toy preset's options and
-`capfilt eval --heldout` on each. Prints held-out text->image R@1/R@5 (ITM rerank), the standard
+encoder (pretrained on the raw pairs as the toy preset does, or with --pretrain-images N once on a
+separate pretraining world, as `capfilt toy pretrain --world-images N`), then `capfilt train stage1` with the toy preset's options and
+`capfilt eval --heldout` on each. Set OMP_NUM_THREADS=1 on shared cores. Prints held-out text->image R@1/R@5 (ITM rerank), the standard
 error of R@1 and the wall time of each piece; writes <root>/testbed.json.
 """
 
