@@ -145,6 +145,7 @@ class BootstrapParams(BaseModel):
     filter: dict[str, OptionValue] = Field(default_factory=dict)
     stage1: dict[str, OptionValue] = Field(default_factory=dict)
     stage2: dict[str, OptionValue] | None = Field(default_factory=dict, description="null: Stage 1 only.")
+    eval: dict[str, OptionValue] = Field(default_factory=dict, description="Options of every `capfilt eval`.")
     truth: str | None = Field(None, description="Ground-truth Parquet of a synthetic world: adds an oracle model and evaluation.")
     heldout: str | None = Field(None, description="A synthetic world folder no model trains on: the clean evaluation set.")
     evaluate: bool = Field(True, description="Run `capfilt eval` on every trained model and put the table in the report.")
@@ -215,7 +216,7 @@ class BootstrapParams(BaseModel):
             argv += ["--heldout", self.heldout]
         if self.truth and run != self.oracle_run:  # the oracle run has no scores to judge
             argv += ["--truth", self.truth]
-        return argv
+        return argv + options_to_argv(self.eval)
 
 
 def describe_errors(exc: Exception) -> str:

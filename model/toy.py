@@ -509,19 +509,36 @@ def pretrain_toy(root: str, run: str, out: str | Path, preset: ToyPreset = ToyPr
     if len(pairs) < 2:
         raise ConfigError(f"run '{run}' under {root} has {len(pairs)} usable (image, caption) pairs ({counts}); "
                           f"the toy preset needs at least 2 to pretrain on.")
+    return pretrain_toy_pairs(pairs, out, preset, about={"root": str(root), "run": run, "counts": counts})
+
+
+def pretrain_toy_pairs(pairs: Sequence[tuple[bytes, str]], out: str | Path, preset: ToyPreset = ToyPreset(),
+                       about: dict | None = None, lm: bool = True,
+                       eval_pairs: Sequence[tuple[bytes, str]] | None = None) -> dict:
+    """The toy pieces from (image bytes, caption) pairs into `out`; `about` says where the pairs came
+    from and is what a rerun must match (with the preset) to reuse a complete folder."""
+    out = Path(out)
+    about = dict(about or {})
+    done = out / TOY_DONE
+    if done.exists():
+        info = json.loads(done.read_text())
+        if all(info.get(k) == v for k, v in about.items()) and info.get("preset") == asdict(preset) \
+                and (info.get("lm") is not None or not lm):
+            return {**info, "reused": True}
     started = time.perf_counter()
     texts = [caption for _, caption in pairs]
     train_text_tokenizer(texts, out / "tokenizer", preset)
-    clip = pretrain_clip(pairs, out / "clip", preset)
-    lm = pretrain_lm(texts, out / "lm", preset)
-    info = {"root": str(root), "run": run, "preset": asdict(preset), "counts": counts, "clip": clip.metrics,
-            "lm": lm.metrics, "seconds": time.perf_counter() - started}
+    clip = pretrain_clip(pairs, out / "clip", preset, eval_pairs=eval_pairs)
+    lm_metrics = pretrain_lm(texts, out / "lm", preset).metrics if lm else None
+    info = {**about, "preset": asdict(preset), "clip": clip.metrics, "lm": lm_metrics,
+            "seconds": time.perf_counter() - started}
+    out.mkdir(parents=True, exist_ok=True)
     done.write_text(json.dumps(info, indent=1, sort_keys=True))
     return {**info, "reused": False}
 
 
 __all__ = [
-    "pretrain_toy", "run_pairs",
+    "pretrain_toy", "pretrain_toy_pairs", "run_pairs",
     "ToyClip", "ToyLM", "ToyPreset", "clip_model_config", "clip_retrieval_top1", "lm_heldout", "pretrain_clip",
     "pretrain_lm", "train_lm_tokenizer", "train_text_tokenizer",
 ]

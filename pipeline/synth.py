@@ -99,6 +99,27 @@ _TEMPLATES = (
 )
 
 
+# Clean human-style captions of the annotated set (COCO-like: several per image, each naming every
+# attribute correctly, in different words and orders), deliberately not the web templates above.
+_ANNOTATION_TEMPLATES = (
+    "a {size} {color} {shape} {pos} of a {background} background",
+    "a {background} background with a {size} {color} {shape} {pos}",
+    "there is a {size} {color} {shape} {pos}, on {background}",
+    "{pos} sits a {size} {shape} in {color} against a {background} backdrop",
+    "a {color} {shape}, {size}, placed {pos} on a plain {background} background",
+    "on a {background} background, a {size} {shape} colored {color} appears {pos}",
+    "a simple image: {size} {color} {shape} {pos}, {background} background",
+    "the picture shows a {color} {shape} {pos}; it is {size} and the background is {background}",
+)
+
+
+def annotation_captions(attrs: dict[str, str], rng: np.random.Generator, n: int = 5) -> list[str]:
+    """`n` distinct correct captions of a scene, as several annotators would write them."""
+    picks = rng.permutation(len(_ANNOTATION_TEMPLATES))[:n]
+    phrases = _POSITION_PHRASES[attrs["position"]]
+    return [_ANNOTATION_TEMPLATES[i].format(pos=phrases[rng.integers(len(phrases))], **attrs) for i in picks]
+
+
 def true_caption(attrs: dict[str, str]) -> str:
     """The canonical caption of a scene (the oracle caption)."""
     return (
@@ -192,6 +213,10 @@ class WorldConfig:
     port: int = 0
     slow_seconds: float = 30.0
     huge_side: int = 12000
+    # The clean annotated set next to the world (COCO's role in BLIP): this fraction of `images`,
+    # other images, `captions_per_image` clean captions each. 0 writes none.
+    annotated: float = 0.1
+    captions_per_image: int = 5
 
     def __post_init__(self):
         if self.images < 1:
@@ -210,6 +235,11 @@ class WorldConfig:
             raise ConfigError("--bad-urls-per-kind and --duplicates must be >= 0.")
         if self.duplicates > self.images:
             raise ConfigError(f"--duplicates ({self.duplicates}) cannot exceed --images ({self.images}).")
+        if not 0.0 <= self.annotated <= 10.0:
+            raise ConfigError(f"--annotated must be in [0, 10] (a fraction of --images), got {self.annotated}.")
+        if not 1 <= self.captions_per_image <= len(_ANNOTATION_TEMPLATES):
+            raise ConfigError(f"--captions-per-image must be in [1, {len(_ANNOTATION_TEMPLATES)}], "
+                              f"got {self.captions_per_image}.")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"--port must be in [0, 65535], got {self.port}.")
 
@@ -231,8 +261,42 @@ def _corrupt(kind: str, attrs: dict[str, str], other: dict[str, str], rng: np.ra
     return ""
 
 
+ANNOTATED_DIR = "annotated"
+
+
+def write_annotated(out: str | Path, config: WorldConfig) -> dict | None:
+    """Write the world's clean annotated set to `out`/annotated/ (None when config.annotated is 0).
+
+    annotated.parquet: image_id (string, unique), image (JPEG bytes), captions (list<string>, each
+    a correct caption); ground_truth.parquet: image_id, true_caption and the attribute columns.
+    Its images are drawn from a random stream of their own, so they are neither the source's
+    images nor a held-out world's, and adding the set leaves the world's own bytes unchanged.
+    """
+    n = int(round(config.annotated * config.images))
+    if n < 1 and config.annotated > 0:
+        n = 1
+    if n < 1:
+        return None
+    rng = np.random.default_rng([config.seed, 0xA11])
+    folder = Path(out) / ANNOTATED_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    rows, truth = [], []
+    for i in range(n):
+        attrs = _random_attrs(rng)
+        image_id = f"annotated-{i:06d}"
+        rows.append({"image_id": image_id, "image": _jpeg_bytes(render(attrs, config.image_size, rng)),
+                     "captions": annotation_captions(attrs, rng, config.captions_per_image)})
+        truth.append({"image_id": image_id, "true_caption": true_caption(attrs), **attrs})
+    schema = pa.schema([("image_id", pa.string()), ("image", pa.binary()), ("captions", pa.list_(pa.string()))])
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), folder / "annotated.parquet")
+    pq.write_table(pa.Table.from_pylist(truth), folder / "ground_truth.parquet")
+    return {"images": n, "captions": n * config.captions_per_image,
+            "path": f"{ANNOTATED_DIR}/annotated.parquet", "ground_truth": f"{ANNOTATED_DIR}/ground_truth.parquet"}
+
+
 def make_world(out: str | Path, config: WorldConfig) -> dict:
-    """Write a world to `out`: source/, files/, routes.json, ground_truth.parquet, world.json.
+    """Write a world to `out`: source/, files/, routes.json, ground_truth.parquet, world.json, and
+    the clean annotated set annotated/ (see `write_annotated`).
 
     Returns the world description (also in world.json).
     """
@@ -353,6 +417,11 @@ def make_world(out: str | Path, config: WorldConfig) -> dict:
         "source": "source",
         "ground_truth": "ground_truth.parquet",
     }
+    annotated = write_annotated(out, config)
+    if annotated is not None:
+        world["annotated"] = annotated["path"]
+        world["annotated_ground_truth"] = annotated["ground_truth"]
+        world["annotated_images"] = annotated["images"]
     # Paths are stored relative to the world folder (same seed -> same bytes, wherever it is).
     (out / "world.json").write_text(json.dumps(world, indent=1, sort_keys=True))
     return load_world(out)
@@ -363,8 +432,9 @@ def load_world(directory: str | Path) -> dict:
     if not path.exists():
         raise ConfigError(f"{directory}: no world.json here; create a world with `capfilt synth --out {directory}`.")
     world = json.loads(path.read_text())
-    for key in ("source", "ground_truth"):
-        world[key] = str(Path(directory) / world[key])
+    for key in ("source", "ground_truth", "annotated", "annotated_ground_truth"):
+        if key in world:
+            world[key] = str(Path(directory) / world[key])
     return world
 
 
@@ -469,6 +539,26 @@ class WorldServer:
         self.stop()
 
 
+def world_pairs(directory: str | Path) -> list[tuple[bytes, str]]:
+    """(image bytes, web caption) of a world's distinct images with a non-empty caption, in image order:
+    what an ingest of its source would give, read straight from its files (no server, no Ray)."""
+    directory = Path(directory)
+    truth = sorted((r for r in pq.read_table(directory / "ground_truth.parquet").to_pylist() if r["kind"] == "image"),
+                   key=lambda r: r["image_index"])
+    return [((directory / "files" / f"{r['image_index']:06d}.jpg").read_bytes(), r["web_caption"])
+            for r in truth if (r["web_caption"] or "").strip()]
+
+
+def pretraining_world(directory: str | Path, images: int, seed: int, noise: float = 0.4) -> Path:
+    """A world only the toy preset's frozen pieces pretrain on (the stand-in for the other, larger
+    web data real CLIPs and LLMs saw): made once, reused when already there."""
+    directory = Path(directory)
+    if not (directory / "world.json").exists():
+        make_world(directory, WorldConfig(images=images, seed=seed, noise=noise, bad_urls_per_kind=0, duplicates=0,
+                                          annotated=0))
+    return directory
+
+
 def noise_ratio(ground_truth: pa.Table) -> float:
     """Fraction of real (non-duplicate, non-bad-URL) images whose web caption was corrupted."""
     rows = [r for r in ground_truth.to_pylist() if r["kind"] == "image"]
@@ -476,6 +566,7 @@ def noise_ratio(ground_truth: pa.Table) -> float:
 
 
 __all__ = [
+    "ANNOTATED_DIR",
     "ATTRIBUTES",
     "ATTRIBUTE_VALUES",
     "BAD_URL_KINDS",
@@ -483,11 +574,15 @@ __all__ = [
     "NOISE_KINDS",
     "WorldConfig",
     "WorldServer",
+    "annotation_captions",
     "load_world",
     "make_world",
     "noise_ratio",
+    "pretraining_world",
     "render",
     "true_caption",
+    "world_pairs",
+    "write_annotated",
 ]
 
 

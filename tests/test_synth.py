@@ -101,3 +101,54 @@ def test_server_redirect_loop(small_world):
     conn.request("GET", url.split(str(port), 1)[1])
     response = conn.getresponse()
     assert response.status == 302 and url.endswith(response.getheader("Location"))
+
+
+def test_annotated_set_follows_the_contract(tmp_path):
+    """A COCO-style clean set next to the world: other images, several correct captions each."""
+    import io
+    import json
+
+    from PIL import Image
+
+    from pipeline.synth import ATTRIBUTE_VALUES, load_world
+
+    config = WorldConfig(images=60, seed=3, huge_side=2000)
+    make_world(tmp_path / "a", config)
+    world = load_world(tmp_path / "a")
+    # world.json names it relative to the world (like source/ground_truth); load_world resolves it
+    assert json.loads((tmp_path / "a" / "world.json").read_text())["annotated"] == "annotated/annotated.parquet"
+    table = pq.read_table(world["annotated"])
+    assert str(table.schema.field("image_id").type) == "string"
+    assert str(table.schema.field("image").type) == "binary"
+    assert str(table.schema.field("captions").type) == "list<element: string>"
+    rows = table.to_pylist()
+    assert len(rows) == 6  # 10% of the world
+    assert len({r["image_id"] for r in rows}) == len(rows)
+    truth = {r["image_id"]: r for r in pq.read_table(tmp_path / "a" / "annotated" / "ground_truth.parquet").to_pylist()}
+    assert set(truth) == {r["image_id"] for r in rows}
+
+    world_images = {p.read_bytes() for p in (tmp_path / "a" / "files").glob("0*.jpg")}
+    templates = set()
+    for row in rows:
+        assert Image.open(io.BytesIO(row["image"])).size == (64, 64)
+        assert row["image"] not in world_images
+        captions = row["captions"]
+        assert len(captions) == 5 and len(set(captions)) == 5 and all(c.strip() for c in captions)
+        attrs = truth[row["image_id"]]
+        for caption in captions:
+            words = caption.replace(",", " ").replace(";", " ").split()
+            for name, values in ATTRIBUTE_VALUES.items():
+                if name == "position":
+                    continue  # said in phrases ("near the top", "in the middle")
+                assert [v for v in values if v in words] == [attrs[name]], (caption, name)
+            templates.add(" ".join(w for w in words if not any(w in v for v in ATTRIBUTE_VALUES.values())))
+    assert len(templates) >= 5  # many phrasings, not one template
+
+    # same seed -> same bytes; another seed -> other images
+    make_world(tmp_path / "b", config)
+    assert digest_tree(tmp_path / "a" / "annotated") == digest_tree(tmp_path / "b" / "annotated")
+    make_world(tmp_path / "c", WorldConfig(images=60, seed=4, huge_side=2000))
+    assert digest_tree(tmp_path / "a" / "annotated") != digest_tree(tmp_path / "c" / "annotated")
+    # none asked for, none written
+    make_world(tmp_path / "d", WorldConfig(images=20, seed=3, huge_side=2000, annotated=0))
+    assert "annotated" not in load_world(tmp_path / "d") and not (tmp_path / "d" / "annotated").exists()

@@ -160,3 +160,28 @@ def test_toy_pretrain_cli_names_a_run_without_images_or_pairs(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["toy", "pretrain", "--root", str(tmp_path), "--run", "one", "--out", str(tmp_path / "toy")])
     assert exc.value.code == 2 and "1 usable (image, caption) pairs" in capsys.readouterr().err
+
+
+def test_toy_pretrain_on_a_separate_world_never_reads_the_run(tmp_path, monkeypatch):
+    """--world-images: the frozen pieces learn from a pretraining world made once under the root."""
+    import json
+
+    import model.toy as toy
+    from capfilt.cli import main
+    from model.toy import TOY_DONE
+
+    small = ToyPreset(clip_steps=3, lm_steps=3, clip_batch_size=8, lm_batch_size=8)
+    monkeypatch.setattr(toy.ToyPreset, "quick", classmethod(lambda cls, **kw: small))
+    argv = ["toy", "pretrain", "--root", str(tmp_path), "--run", "no-such-run", "--out", str(tmp_path / "toy"),
+            "--quick", "--world-images", "24"]
+    main(argv)
+    info = json.loads((tmp_path / "toy" / TOY_DONE).read_text())
+    world = tmp_path / "worlds" / "toy-pretrain-24-noise0.4-seed104729"
+    assert info["world"] == str(world) and (world / "world.json").exists()
+    assert info["counts"]["pairs"] >= 24 * 0.85  # empty captions left out
+    assert not (tmp_path / "runs").exists()  # the run was never read
+    for part in ("tokenizer", "clip", "lm"):
+        assert (tmp_path / "toy" / part).is_dir()
+    before = (tmp_path / "toy" / "clip" / "open_clip_model.safetensors").read_bytes()
+    main(argv)  # rerun: reused, not retrained
+    assert (tmp_path / "toy" / "clip" / "open_clip_model.safetensors").read_bytes() == before

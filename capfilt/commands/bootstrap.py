@@ -6,7 +6,7 @@ import json
 
 import click
 
-STAGE_DICTS = ("ingest", "round0_caption", "round0_filter", "caption", "filter", "stage1", "stage2")
+STAGE_DICTS = ("ingest", "round0_caption", "round0_filter", "caption", "filter", "stage1", "stage2", "eval")
 
 
 def parse_sets(values: tuple[str, ...]) -> dict[str, dict]:

@@ -19,8 +19,12 @@ from pipeline.synth import BAD_URL_KINDS, NOISE_KINDS, WorldConfig, WorldServer,
 @click.option("--port", type=int, default=0, help="Port the URLs name (default: a free one, recorded in the world).")
 @click.option("--bad-urls-per-kind", type=int, default=1, show_default=True, help=f"Bad URLs of each kind: {', '.join(BAD_URL_KINDS)}.")
 @click.option("--duplicates", type=int, default=4, show_default=True, help="Exact duplicate images under other URLs.")
+@click.option("--annotated", type=float, default=0.1, show_default=True,
+              help="Clean annotated set (other images, several captions each) as a fraction of --images; 0: none.")
+@click.option("--captions-per-image", type=int, default=5, show_default=True, help="Captions per annotated image.")
 @click.pass_context
-def synth(ctx, out, images, noise, noise_kinds, seed, image_size, port, bad_urls_per_kind, duplicates):
+def synth(ctx, out, images, noise, noise_kinds, seed, image_size, port, bad_urls_per_kind, duplicates, annotated,
+          captions_per_image):
     """Write a LAION-style source Parquet, the images behind its URLs and a ground-truth sidecar."""
     if ctx.invoked_subcommand is not None:
         return
@@ -35,13 +39,17 @@ def synth(ctx, out, images, noise, noise_kinds, seed, image_size, port, bad_urls
         bad_urls_per_kind=bad_urls_per_kind,
         duplicates=duplicates,
         port=port,
+        annotated=annotated,
+        captions_per_image=captions_per_image,
     )
     world = make_world(out, config)
     click.echo(
         f"wrote {world['rows']} source rows ({world['images']} images, {world['duplicates']} duplicates, "
         f"{world['bad_urls']} bad URLs; noise ratio {world['noise_ratio']:.3f}) to {out}\n"
         f"source: {world['source']}\nground truth: {world['ground_truth']}\n"
-        f"serve it with: capfilt synth serve {out}"
+        + (f"annotated: {world['annotated']} ({world['annotated_images']} images, {captions_per_image} clean "
+           f"captions each)\n" if "annotated" in world else "")
+        + f"serve it with: capfilt synth serve {out}"
     )
 
 
