@@ -70,7 +70,8 @@ class IngestConfig:
     encode_quality: int = 95
     timeout: float = 10.0
     threads: int = 64
-    retries: int = 0
+    retries: int = 2  # passes over the rows that failed transiently (5xx, timeout, connection), in this run
+    retry_backoff: float = 1.0  # seconds before the first retry pass, doubled for each next one
     respect_opt_out: bool = True
     disallowed_header_directives: tuple[str, ...] = ("noai", "noimageai", "noindex", "noimageindex")
     user_agent_token: str = "capfilt"
@@ -94,8 +95,8 @@ class IngestConfig:
             )
         if self.encode_format not in ("jpg", "png", "webp"):
             raise ConfigError(f"--encode-format {self.encode_format!r} is not one of jpg, png, webp.")
-        if self.timeout <= 0 or self.threads < 1 or self.retries < 0:
-            raise ConfigError("--timeout must be > 0, --threads >= 1 and --retries >= 0.")
+        if self.timeout <= 0 or self.threads < 1 or self.retries < 0 or self.retry_backoff < 0:
+            raise ConfigError("--timeout must be > 0, --threads >= 1, --retries >= 0 and --retry-backoff >= 0.")
         if self.max_pixels < 1:
             raise ConfigError(f"--max-pixels must be >= 1, got {self.max_pixels}.")
 
@@ -434,9 +435,6 @@ def download_shard(spec: ShardSpec, config: IngestConfig) -> tuple[pa.Table, pa.
 
     Every source row of the shard is in exactly one of the two tables.
     """
-    from img2dataset.downloader import Downloader
-    from img2dataset.writer import ParquetSampleWriter
-
     started = time.time()
     rows = shard_rows(spec, config.columns)
     policy = AddressPolicy(config.allow_private_addresses)
@@ -452,47 +450,22 @@ def download_shard(spec: ShardSpec, config: IngestConfig) -> tuple[pa.Table, pa.
 
     images: list[dict] = []
     if to_fetch:
-        extras = ["sample_id", "similarity", "punsafe", "pwatermark", "LICENSE"]
-        fetch = pa.table({
-            "url": [r["URL"].strip() for r in to_fetch],
-            "caption": [r["TEXT"] for r in to_fetch],
-            **{name: pa.array([r[name] for r in to_fetch], rows.schema.field(name).type) for name in extras},
-        })
-        with tempfile.TemporaryDirectory(prefix="capfilt-ingest-") as tmp:
-            shard_file = os.path.join(tmp, "input.feather")
-            with pa.OSFile(shard_file, "wb") as sink, pa.ipc.new_file(sink, fetch.schema) as writer:
-                writer.write_table(fetch)
-            out_dir = os.path.join(tmp, "out")
-            os.makedirs(out_dir)
-            downloader = Downloader(
-                sample_writer_class=ParquetSampleWriter,
-                resizer=_guarded_resizer(config),
-                thread_count=min(config.threads, len(to_fetch)),
-                save_caption=True,
-                extract_exif=True,
-                output_folder=out_dir,
-                column_list=["url", "caption", *extras],
-                timeout=config.timeout,
-                number_sample_per_shard=max(len(to_fetch), 10),
-                oom_shard_count=5,
-                compute_hash="sha256",
-                verify_hash_type=None,
-                encode_format=config.encode_format,
-                retries=config.retries,
-                user_agent_token=config.user_agent_token,
-                disallowed_header_directives=list(config.disallowed_header_directives) if config.respect_opt_out else None,
-            )
-            previous_opener = urllib.request._opener  # img2dataset calls urllib.request.urlopen
-            if not config.allow_private_addresses:
-                urllib.request.install_opener(urllib.request.build_opener(_NoPrivateRedirects(policy)))
-            try:
-                downloader.download_shard((0, shard_file))
-            finally:
-                urllib.request._opener = previous_opener
-            result = pq.read_table(os.path.join(out_dir, "00000.parquet"))
+        # Rows that failed transiently are downloaded again in the same run, after a backoff
+        # (1 s, 2 s, ... by default): a flaky server's 503 or reset does not cost the row.
+        results: dict[str, dict] = {}
+        pending = to_fetch
+        for attempt in range(config.retries + 1):
+            if attempt:
+                time.sleep(config.retry_backoff * 2 ** (attempt - 1))
+            for out in _img2dataset(pending, config, policy, rows.schema):
+                results[out["sample_id"]] = out
+            pending = [row for row in pending if _transient(results.get(row["sample_id"]))]
+            if not pending:
+                break
+        result = list(results.values())
         seen = set()
         hash_blocklist = frozenset(config.hash_blocklist)
-        for out in result.to_pylist():
+        for out in result:
             seen.add(out["sample_id"])
             row = {"sample_id": out["sample_id"], "URL": out["url"], "TEXT": out["caption"]}
             if out["status"] != "success":
@@ -527,6 +500,58 @@ def download_shard(spec: ShardSpec, config: IngestConfig) -> tuple[pa.Table, pa.
     }
     stats["images_per_s"] = stats["kept"] / max(stats["seconds"], 1e-9)
     return IMAGES.from_pylist(images), REJECTED.from_pylist(rejected), stats
+
+
+def _transient(out: dict | None) -> bool:
+    """A result worth another try: a retryable failure (not a refusal, a 404 or a decision)."""
+    if out is None or out["status"] == "success":
+        return False
+    return is_retryable(classify_error(out["error_message"] or out["status"] or ""))
+
+
+def _img2dataset(to_fetch: list[dict], config: IngestConfig, policy, schema: pa.Schema) -> list[dict]:
+    """img2dataset's Downloader on these rows (one shard, in a temporary folder): its result rows."""
+    from img2dataset.downloader import Downloader
+    from img2dataset.writer import ParquetSampleWriter
+
+    extras = ["sample_id", "similarity", "punsafe", "pwatermark", "LICENSE"]
+    fetch = pa.table({
+        "url": [r["URL"].strip() for r in to_fetch],
+        "caption": [r["TEXT"] for r in to_fetch],
+        **{name: pa.array([r[name] for r in to_fetch], schema.field(name).type) for name in extras},
+    })
+    with tempfile.TemporaryDirectory(prefix="capfilt-ingest-") as tmp:
+        shard_file = os.path.join(tmp, "input.feather")
+        with pa.OSFile(shard_file, "wb") as sink, pa.ipc.new_file(sink, fetch.schema) as writer:
+            writer.write_table(fetch)
+        out_dir = os.path.join(tmp, "out")
+        os.makedirs(out_dir)
+        downloader = Downloader(
+            sample_writer_class=ParquetSampleWriter,
+            resizer=_guarded_resizer(config),
+            thread_count=min(config.threads, len(to_fetch)),
+            save_caption=True,
+            extract_exif=True,
+            output_folder=out_dir,
+            column_list=["url", "caption", *extras],
+            timeout=config.timeout,
+            number_sample_per_shard=max(len(to_fetch), 10),
+            oom_shard_count=5,
+            compute_hash="sha256",
+            verify_hash_type=None,
+            encode_format=config.encode_format,
+            retries=0,  # retried here, after a backoff, and only when the failure is transient
+            user_agent_token=config.user_agent_token,
+            disallowed_header_directives=list(config.disallowed_header_directives) if config.respect_opt_out else None,
+        )
+        previous_opener = urllib.request._opener  # img2dataset calls urllib.request.urlopen
+        if not config.allow_private_addresses:
+            urllib.request.install_opener(urllib.request.build_opener(_NoPrivateRedirects(policy)))
+        try:
+            downloader.download_shard((0, shard_file))
+        finally:
+            urllib.request._opener = previous_opener
+        return pq.read_table(os.path.join(out_dir, "00000.parquet")).to_pylist()
 
 
 def run_shard(root: str, run_id: str, spec: ShardSpec, config: IngestConfig, cfg_hash: str) -> dict:
@@ -650,7 +675,8 @@ def ingest(source: str, root: str, run_id: str, config: IngestConfig, retry_fail
             runtime_env={"env_vars": {"OPENCV_IO_MAX_IMAGE_PIXELS": str(config.max_pixels)}},
         )
         pending = {task.remote(root, run_id, spec, config, cfg_hash): spec for spec in specs_to_run}
-        bar = tqdm(total=len(pending), desc=f"ingest {run_id}", unit="shard", disable=not progress)
+        # disable=None: no bar when stderr is not a terminal (a log file gets the summary line)
+        bar = tqdm(total=len(pending), desc=f"ingest {run_id}", unit="shard", disable=None if progress else True)
         kept_now = 0
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)

@@ -461,6 +461,11 @@ class _Handler(BaseHTTPRequestHandler):
         if kind == "status":
             self.send_error(route["code"])
             return
+        if kind == "flaky":  # a server that fails its first `failures` requests, then serves the file
+            route["requests"] = route.get("requests", 0) + 1
+            if route["requests"] <= route["failures"]:
+                self.send_error(route["code"])
+                return
         if kind == "redirect":
             self.send_response(302)
             self.send_header("Location", route["location"])

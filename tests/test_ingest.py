@@ -26,7 +26,8 @@ from pipeline.run_store import RunStore
 from pipeline.synth import WorldConfig, WorldServer, make_world
 from schemas import IMAGES, REJECTED
 
-FAST = dict(timeout=2.0, image_size=64, allow_private_addresses=True)
+# retries=0: these tests look at first-attempt outcomes (test_transient_failures_... covers retries)
+FAST = dict(timeout=2.0, image_size=64, allow_private_addresses=True, retries=0)
 
 
 def whole_source_spec(world, **kwargs):
@@ -127,6 +128,31 @@ def test_bad_config_and_source_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="holds no"):
         plan_shards(str(tmp_path / "empty"), 10, IngestConfig().columns)
+
+
+def test_transient_failures_are_retried_in_the_run_after_a_backoff(tmp_path):
+    # A URL whose server answers 503 twice and then serves it, one that always answers 500, and
+    # a 404: with the default two retry passes the flaky row is kept, the 500 is asked three
+    # times and fails, the 404 (not transient) is asked once.
+    directory = tmp_path / "world"
+    make_world(directory, WorldConfig(images=4, seed=5, bad_url_kinds=("http_500", "http_404"), duplicates=0))
+    world = __import__("pipeline.synth", fromlist=["load_world"]).load_world(directory)
+    config = IngestConfig(timeout=2.0, image_size=64, allow_private_addresses=True, retry_backoff=0.2)
+    assert config.retries == 2  # the default
+    with WorldServer(directory) as server:
+        routes = server.httpd.RequestHandlerClass.routes
+        flaky = next(p for p, r in routes.items() if r["kind"] == "file" and r["file"] == "000001.jpg")
+        routes[flaky] = {"kind": "flaky", "failures": 2, "code": 503, "file": "000001.jpg",
+                         "content_type": "image/jpeg"}
+        counted = {}
+        for code in (500, 404):  # the same answers, counted
+            path = next(p for p, r in routes.items() if r.get("code") == code)
+            routes[path] = counted[code] = {"kind": "flaky", "failures": 10**6, "code": code, "file": "000000.jpg"}
+        images, rejected, stats = download_shard(whole_source_spec(world), config)
+    assert any(url.endswith(flaky) for url in images.column("url").to_pylist())
+    assert routes[flaky]["requests"] == 3 and counted[500]["requests"] == 3 and counted[404]["requests"] == 1
+    assert sorted(r["reason"] for r in rejected.to_pylist()) == ["http_404", "http_500"]
+    assert stats["kept"] == 4 and stats["kept"] + stats["rejected"] + stats["failed"] == stats["rows_in"]
 
 
 def test_retry_failed_requeues_retryable_rows_and_keeps_history(ray_local, tmp_path):

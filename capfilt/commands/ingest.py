@@ -21,7 +21,10 @@ from capfilt.errors import CapfiltError
 @click.option("--encode-quality", type=int, default=95, show_default=True)
 @click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds per download.")
 @click.option("--threads", type=int, default=64, show_default=True, help="Download threads per shard.")
-@click.option("--retries", type=int, default=0, show_default=True, help="Immediate retries per URL (img2dataset).")
+@click.option("--retries", type=int, default=2, show_default=True,
+              help="Passes, in this run, over rows that failed transiently (5xx, timeout, connection reset); 0: none.")
+@click.option("--retry-backoff", type=float, default=1.0, show_default=True,
+              help="Seconds before the first retry pass, doubled for each next one.")
 @click.option("--retry-failed", is_flag=True, help="Re-queue rows that failed with retryable errors (timeouts, 5xx) as a new attempt.")
 @click.option("--ignore-opt-out", is_flag=True, help="Do NOT honor X-Robots-Tag noai/noimageai/noindex/noimageindex.")
 @click.option("--url-blocklist", type=click.Path(), help="File of URLs or host names to refuse (reason blocklisted).")
