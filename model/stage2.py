@@ -817,9 +817,9 @@ def train(config: Stage2Config, images: list | None = None, lineage: dict | None
     )
     batches = iter(loader)
     last_stop = min(config.steps, config.stop_at or config.steps)
-    from tqdm.auto import tqdm
+    from .progress import Progress
 
-    progress = tqdm(total=last_stop, initial=step, desc="stage2", disable=not config.progress or rank != 0)
+    progress = Progress("stage2", last_stop, step, enabled=config.progress and rank == 0)
     window_start, window_samples, history = time.perf_counter(), 0, []
     checkpoint = previous
     objective.train()
@@ -850,7 +850,7 @@ def train(config: Stage2Config, images: list | None = None, lineage: dict | None
                       "samples_per_s": round(window_samples / max(elapsed, 1e-9), 2),
                       **data.position(step * config.grad_accumulation)}
             history.append(record)
-            progress.set_postfix(loss=f"{total:.3f}")
+            progress.report(step, loss=f"{total:.3f}")
             if rank == 0:
                 with metrics_path.open("a") as handle:
                     handle.write(json.dumps(record) + "\n")

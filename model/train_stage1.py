@@ -527,7 +527,7 @@ def train(config: Stage1Config, images: list[CuratedImage] | None = None, lineag
                       "samples_per_s": round(window_samples / max(elapsed, 1e-9), 2),
                       **data.position(step * config.grad_accumulation)}
             history.append(record)
-            progress.set_postfix(loss=f"{totals['loss']:.3f}", itm_acc=f"{totals['itm_accuracy']:.2f}")
+            progress.report(step, loss=f"{totals['loss']:.3f}", itm_acc=f"{totals['itm_accuracy']:.2f}")
             if rank == 0:
                 with metrics_path.open("a") as handle:
                     handle.write(json.dumps(record) + "\n")
@@ -555,9 +555,9 @@ def _worker_device(config: Stage1Config) -> torch.device:
 
 
 def _progress(config, rank, step, last):
-    from tqdm.auto import tqdm
+    from .progress import Progress
 
-    return tqdm(total=last, initial=step, desc="stage1", disable=not config.progress or rank != 0)
+    return Progress("stage1", last, step, enabled=config.progress and rank == 0)
 
 
 class _nullcontext:
