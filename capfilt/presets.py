@@ -31,6 +31,11 @@ class Preset:
     round0_filter: Options = field(default_factory=dict)
     caption: Options = field(default_factory=dict)  # rounds >= 1: captioner = previous round's Stage 2
     filter: Options = field(default_factory=dict)  # rounds >= 1: ITM = previous round's Stage 1
+    # rounds >= 1 with an annotated set (BLIP's recipe): every caption kept when the finetuned
+    # filter's ITM probability reaches its calibrated threshold (--itm is the finetuned filter)
+    calibrated_filter: Options = field(default_factory=dict)
+    finetune_filter: Options = field(default_factory=dict)  # `capfilt finetune filter` options
+    finetune_captioner: Options = field(default_factory=dict)  # `capfilt finetune captioner` options
     stage1: Options = field(default_factory=dict)
     stage2: Options = field(default_factory=dict)
     pretrain: list[str] | None = None  # `capfilt toy pretrain` arguments, for presets that need it
@@ -46,6 +51,7 @@ def blip2_preset() -> Preset:
         round0_filter={**clip, "itm": "Salesforce/blip2-itm-vit-g", "policy": "blip2", "top-k": 2},
         caption={"num-captions": 10, "prompt": "a photo of"},
         filter={**clip, "policy": "blip2", "top-k": 2},
+        calibrated_filter={**clip, "policy": "itm-calibrated"},
         stage1={"vision": "open_clip:EVA01-g-14@laion400m_s11b_b41k", "steps": 250_000, "batch-size": 64},
         stage2={"llm": "facebook/opt-2.7b", "steps": 80_000, "batch-size": 64},
     )
@@ -76,6 +82,7 @@ def toy_preset(toy_dir: str, quick: bool = False) -> Preset:
         # duplicates by design, and dropping them would make the rounds' training sets differ.
         filter={"clip": clip_spec, "policy": "blip2", "rank-by": "itm", "top-k": 1 if quick else 2,
                 "no-semantic-dedup": True},
+        calibrated_filter={"clip": clip_spec, "policy": "itm-calibrated", "no-semantic-dedup": True},
         stage1={"vision": f"open_clip:{clip_spec}", "tokenizer": f"{toy_dir}/{TOY_TOKENIZER}", "bert": "none",
                 "model-config": json.dumps(qformer), "steps": stage1_steps, "batch-size": 32, "lr": 2e-3,
                 "warmup-steps": 20, "itm-random-negative-steps": stage1_steps, "no-augment": True,

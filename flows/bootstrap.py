@@ -2,8 +2,11 @@
 
 Round 0 curates the raw source (the preset's round-0 captioner and filter; the toy preset first
 trains its frozen pieces on the raw web pairs) and trains Stage 1 + Stage 2 on it. Round k
-curates the source again with round k-1's Stage 2 as captioner and its Stage 1 as ITM filter,
-then trains round k's models. With a ground-truth table (synthetic worlds), an oracle model is
+curates round 0's images again with round k-1's Stage 2 as captioner and its Stage 1 as ITM
+filter, then trains round k's models. With an annotated set (BLIP's recipe), round k-1's models
+are first finetuned on it (filter: ITC + ITM, then its ITM threshold calibrated on the set's
+held-out part; captioner: LM loss), and the filter keeps every caption, web or synthetic, whose
+ITM probability reaches that threshold. With a ground-truth table (synthetic worlds), an oracle model is
 trained on the true captions. Every model is evaluated (`capfilt eval`) and one report page
 shows the last round's funnel, plots, training curves and the evaluation table.
 
@@ -29,6 +32,7 @@ def _all_steps(params: BootstrapParams) -> dict[str, list[str]]:
     steps: dict[str, list[str]] = {}
     for k in range(params.rounds + 1):
         curate_params, _, train_params = params.round_params(k)
+        steps |= params.finetune_argv(k)
         for stage, argv in curate_params.stage_argv().items():
             steps[f"{stage}-r{k}"] = [stage, *argv]
         steps[f"filter-r{k}"] = params.filter_argv(k)
@@ -88,6 +92,8 @@ def bootstrap(params: BootstrapParams) -> dict:
     check(params)
     for k in range(params.rounds + 1):
         curate_params, _, train_params = params.round_params(k)
+        for label, argv in params.finetune_argv(k).items():  # BLIP: finetune on the annotated set first
+            run_step.with_options(task_run_name=label)(label, argv, params.execution)
         curate(curate_params)
         if k == 0 and params.pretrain_argv():
             run_step.with_options(task_run_name="toy-pretrain")("toy", params.pretrain_argv(), params.execution)

@@ -88,6 +88,10 @@ def _run_id(value: str) -> str:
     return value
 
 
+# Where a round's finetuned models go, inside the models folder of the round they start from.
+FINETUNED_FILTER, FINETUNED_CAPTIONER = "filter", "captioner"
+
+
 def _join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *parts])
 
@@ -147,6 +151,12 @@ class BootstrapParams(BaseModel):
     stage2: dict[str, OptionValue] | None = Field(default_factory=dict, description="null: Stage 1 only.")
     eval: dict[str, OptionValue] = Field(default_factory=dict, description="Options of every `capfilt eval`.")
     truth: str | None = Field(None, description="Ground-truth Parquet of a synthetic world: adds an oracle model and evaluation.")
+    annotated: str | None = Field(None, description=(
+        "Clean annotated set (BLIP's COCO): before round k >= 1, round k-1's Stage 1 and Stage 2 are finetuned "
+        "on it (capfilt finetune filter|captioner), and the finetuned filter keeps every caption whose ITM "
+        "probability reaches the threshold calibrated on its held-out part."))
+    finetune_filter: dict[str, OptionValue] = Field(default_factory=dict)
+    finetune_captioner: dict[str, OptionValue] = Field(default_factory=dict)
     heldout: str | None = Field(None, description="A synthetic world folder no model trains on: the clean evaluation set.")
     evaluate: bool = Field(True, description="Run `capfilt eval` on every trained model and put the table in the report.")
     execution: Execution = Field(default_factory=Execution)
@@ -175,6 +185,10 @@ class BootstrapParams(BaseModel):
         if k == 0:
             caption = {**preset.round0_caption, **self.round0_caption}
             filter_options = {**preset.round0_filter, **self.round0_filter}
+        elif self.annotated:  # BLIP: the finetuned captioner and the calibrated, finetuned filter
+            previous = self.models(self.round_run(k - 1))
+            caption = {**preset.caption, "captioner": _join(previous, FINETUNED_CAPTIONER), **self.caption}
+            filter_options = {**preset.calibrated_filter, "itm": _join(previous, FINETUNED_FILTER), **self.filter}
         else:
             previous = self.models(self.round_run(k - 1))
             caption = {**preset.caption, "captioner": _join(previous, "stage2"), **self.caption}
@@ -189,6 +203,24 @@ class BootstrapParams(BaseModel):
         stage2 = None if self.stage2 is None else {**preset.stage2, **self.stage2}
         return TrainParams(root=self.root, run=run, out=self.models(run), stage1={**preset.stage1, **self.stage1},
                            stage2=stage2, execution=self.execution)
+
+    def finetune_argv(self, k: int) -> dict[str, list[str]]:
+        """Round k's finetune steps (label -> argv): round k-1's models finetuned on the annotated
+        set, into models/<run>-r<k-1>/filter (+ calibration.json) and .../captioner."""
+        if not self.annotated or k == 0:
+            return {}
+        preset = self.preset_options()
+        previous = self.models(self.round_run(k - 1))
+        steps = {f"finetune-filter-r{k}": [
+            "finetune", "filter", "--annotated", self.annotated, "--stage1", _join(previous, "stage1"),
+            "--out", _join(previous, FINETUNED_FILTER),
+            *options_to_argv({**preset.finetune_filter, **self.finetune_filter})]}
+        if self.stage2 is not None:
+            steps[f"finetune-captioner-r{k}"] = [
+                "finetune", "captioner", "--annotated", self.annotated, "--stage2", _join(previous, "stage2"),
+                "--out", _join(previous, FINETUNED_CAPTIONER),
+                *options_to_argv({**preset.finetune_captioner, **self.finetune_captioner})]
+        return steps
 
     def filter_argv(self, k: int) -> list[str]:
         _, options, _ = self.round_params(k)

@@ -291,6 +291,36 @@ def test_bootstrap_rounds_use_the_previous_rounds_models_and_presets_can_be_over
         parse_sets(("steps=3",))
 
 
+def test_with_an_annotated_set_rounds_finetune_first_and_filter_every_caption_by_calibrated_itm(tmp_path):
+    from capfilt.commands.bootstrap import parse_sets
+    from flows.bootstrap import _all_steps, check
+    from flows.params import BootstrapParams
+
+    params = BootstrapParams(source="src", root="/d", run="b", rounds=2, preset="toy", annotated="/a/ann.parquet",
+                             **parse_sets(("finetune_filter.steps=5", "finetune_captioner.lr=1e-5")))
+    assert params.finetune_argv(0) == {}
+    steps = params.finetune_argv(2)  # round 1's models, finetuned into its models folder
+    assert steps["finetune-filter-r2"][:8] == ["finetune", "filter", "--annotated", "/a/ann.parquet", "--stage1",
+                                               "/d/models/b-r1/stage1", "--out", "/d/models/b-r1/filter"]
+    assert steps["finetune-filter-r2"][8:] == ["--steps", "5"]
+    assert steps["finetune-captioner-r2"][4:8] == ["--stage2", "/d/models/b-r1/stage2", "--out", "/d/models/b-r1/captioner"]
+    curate2, filter2, _ = params.round_params(2)
+    assert curate2.caption["captioner"] == "/d/models/b-r1/captioner"
+    assert filter2["policy"] == "itm-calibrated" and filter2["itm"] == "/d/models/b-r1/filter"
+    assert "top-k" not in filter2 and "rank-by" not in filter2  # a per-caption decision, not a ranking
+    order = list(_all_steps(params))
+    assert order.index("finetune-filter-r1") < order.index("ingest-r1") < order.index("filter-r1")
+    without = BootstrapParams(source="src", root="/d", run="b", rounds=1, preset="toy")
+    assert without.finetune_argv(1) == {} and without.round_params(1)[1]["policy"] == "blip2"
+    # the early check parses the finetune steps as the CLI would: a bad option fails before any work
+    source = tmp_path / "src.parquet"
+    source.write_bytes(b"")
+    bad = BootstrapParams(source=str(source), root=str(tmp_path), run="b", rounds=1, preset="toy",
+                          annotated="/a/ann.parquet", **parse_sets(("finetune_filter.batch-size=many",)))
+    with pytest.raises(ConfigError, match="stage finetune filter: .*--batch-size"):
+        check(bad)
+
+
 def test_capfilt_uses_the_prefect_server_that_prefect_api_url_names(prefect_harness):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 

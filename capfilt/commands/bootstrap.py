@@ -6,7 +6,7 @@ import json
 
 import click
 
-STAGE_DICTS = ("ingest", "round0_caption", "round0_filter", "caption", "filter", "stage1", "stage2", "eval")
+STAGE_DICTS = ("ingest", "round0_caption", "round0_filter", "caption", "filter", "stage1", "stage2", "eval", "finetune_filter", "finetune_captioner")
 
 
 def parse_sets(values: tuple[str, ...]) -> dict[str, dict]:
@@ -28,7 +28,7 @@ def parse_sets(values: tuple[str, ...]) -> dict[str, dict]:
 
 
 def bootstrap_params(source, root, run, rounds, preset, quick, truth, sets, ray_address, working_dir, heldout=None,
-                     evaluate=True):
+                     evaluate=True, annotated=None):
     from pydantic import ValidationError
 
     from capfilt.errors import ConfigError
@@ -37,7 +37,7 @@ def bootstrap_params(source, root, run, rounds, preset, quick, truth, sets, ray_
     execution = {"mode": "cluster", "ray_address": ray_address, "working_dir": working_dir} if ray_address else {}
     try:
         return BootstrapParams(source=source, root=root, run=run, rounds=rounds, preset=preset, quick=quick,
-                               truth=truth, heldout=heldout, evaluate=evaluate,
+                               truth=truth, heldout=heldout, evaluate=evaluate, annotated=annotated,
                                execution=execution, **parse_sets(sets))
     except ValidationError as exc:
         raise ConfigError(f"bootstrap parameters: {describe_errors(exc)}") from exc
@@ -55,19 +55,24 @@ def bootstrap_params(source, root, run, rounds, preset, quick, truth, sets, ray_
               help="Ground-truth Parquet (synthetic worlds): also trains an oracle and evaluates every model.")
 @click.option("--heldout", type=click.Path(exists=True, file_okay=False), default=None,
               help="A synthetic world folder no model trains on: the clean evaluation set.")
+@click.option("--annotated", default=None,
+              help="Clean annotated set (Parquet/JSONL: image_id, image|image_path|url, captions): rounds >= 1 "
+                   "finetune the previous round's filter and captioner on it and keep every caption whose ITM "
+                   "probability reaches the threshold calibrated on its held-out part (BLIP's CapFilt).")
 @click.option("--eval/--no-eval", "evaluate", default=True, show_default=True, help="Evaluate every model (capfilt eval).")
 @click.option("--set", "sets", multiple=True, metavar="STAGE.OPTION=VALUE",
               help="Override one stage option of the preset, e.g. --set stage1.steps=500 --set filter.top-k=1.")
 @click.option("--ray-address", default=None, help="Run every stage as a Ray job on this cluster (http://head:8265).")
 @click.option("--working-dir", default=None, help="With --ray-address: runtime_env working_dir uploaded with each job.")
-def bootstrap(source, root, run, rounds, preset, quick, truth, heldout, evaluate, sets, ray_address, working_dir):
+def bootstrap(source, root, run, rounds, preset, quick, truth, heldout, annotated, evaluate, sets, ray_address,
+              working_dir):
     """Round 0 on the raw source, then CapFilt rounds with each round's own models (a Prefect flow)."""
     from flows.bootstrap import bootstrap as bootstrap_flow
     from flows.bootstrap import check
     from flows.server import ensure_prefect_api
 
     params = bootstrap_params(source, root, run, rounds, preset, quick, truth, sets, ray_address, working_dir,
-                              heldout, evaluate)
+                              heldout, evaluate, annotated)
     check(params)  # every stage's options, before Prefect, Ray or any download starts
     ensure_prefect_api(click.echo)
     summary = bootstrap_flow(params)
