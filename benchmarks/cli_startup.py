@@ -19,7 +19,8 @@ from pathlib import Path
 
 CAPFILT = str(Path(sys.executable).parent / "capfilt")
 TARGET_S = 1.5
-SUBCOMMANDS = ("bootstrap", "caption", "curate", "demo", "eval", "export", "filter", "generate", "ingest", "synth",
+SUBCOMMANDS = ("bootstrap", "caption", "curate", "demo", "eval", "export", "filter", "finetune filter",
+               "finetune captioner", "generate", "ingest", "synth",
                "toy pretrain", "train stage1", "train stage2")
 
 
