@@ -26,8 +26,9 @@ from pipeline.run_store import RunStore
 from pipeline.synth import WorldConfig, WorldServer, make_world
 from schemas import IMAGES, REJECTED
 
-# retries=0: these tests look at first-attempt outcomes (test_transient_failures_... covers retries)
-FAST = dict(timeout=2.0, image_size=64, allow_private_addresses=True, retries=0)
+# The default two retry passes (a short backoff): a good image that times out once on a loaded
+# machine is asked again, as in a real run.
+FAST = dict(timeout=2.0, image_size=64, allow_private_addresses=True, retry_backoff=0.2)
 
 
 def whole_source_spec(world, **kwargs):
@@ -209,7 +210,7 @@ def test_resume_after_killed_run_gives_the_same_rows(ray_local, small_world, tmp
     root = str(tmp_path / "root")
     args = [sys.executable, "-m", "capfilt.cli", "ingest", "--source", world["source"], "--root", root,
             "--run", "killed", "--shard-size", "6", "--allow-private-addresses", "--timeout", "2",
-            "--image-size", "64", "--no-progress"]
+            "--image-size", "64", "--retry-backoff", "0.2", "--no-progress"]  # the settings of FAST
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     store = RunStore(root, "killed")
