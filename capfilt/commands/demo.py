@@ -21,8 +21,11 @@ EXPECTED_MINUTES = {"quick": 4, "full": 20}
 @click.option("--images", type=int, default=None, help="Images in the world (default 600, --quick 200).")
 @click.option("--noise", type=float, default=0.4, show_default=True, help="Fraction of corrupted web captions.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--blip/--no-blip", "blip", default=False, show_default=True,
+              help="Round 1 follows BLIP: finetune filter and captioner on the world's annotated set, keep every "
+                   "caption whose ITM probability reaches the calibrated threshold (bootstrap --annotated).")
 @click.option("--set", "sets", multiple=True, metavar="STAGE.OPTION=VALUE", help="Override a toy-preset option.")
-def demo(root, quick, images, noise, seed, sets):
+def demo(root, quick, images, noise, seed, blip, sets):
     """Bootstrap a model end to end on a synthetic world and print what CapFilt bought."""
     from capfilt.commands.bootstrap import bootstrap_params, format_summary
     from flows.bootstrap import bootstrap as bootstrap_flow
@@ -47,14 +50,16 @@ def demo(root, quick, images, noise, seed, sets):
     click.echo(f"world: {world['images']} images, noise {world['noise_ratio']:.2f}, in {world_dir}; "
                f"annotated set: {world.get('annotated_images', 0)} images in {world.get('annotated', '-')}; "
                f"held-out evaluation world: {heldout_images} clean images in {heldout_dir}")
-    run = "demo-quick" if quick else "demo"
+    run = ("demo-quick" if quick else "demo") + ("-blip" if blip else "")
     minutes = EXPECTED_MINUTES["quick" if quick else "full"]
     click.echo(f"when it is done (about {minutes} min on 2 CPU cores): the table here and the report at "
                f"{Path(root) / 'runs' / run / 'report' / 'index.html'}")
     # every held-out image is evaluated (eval's own default samples 200); a --set eval.max-images wins
     sets = (f"eval.max-images={heldout_images}", *sets)
+    if blip and not world.get("annotated"):
+        raise click.UsageError(f"--blip: the world in {world_dir} has no annotated set; use a new --root.")
     params = bootstrap_params(world["source"], root, run, 1, "toy", quick, world["ground_truth"], sets, None, None,
-                              str(heldout_dir))
+                              str(heldout_dir), annotated=world.get("annotated") if blip else None)
     check(params)  # every stage's options, before Prefect, Ray or any download starts
     ensure_prefect_api(click.echo)
     with WorldServer(world_dir) as server:
