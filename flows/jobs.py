@@ -9,6 +9,7 @@ that is still running (or already succeeded) instead of submitting a second one.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import shlex
@@ -65,8 +66,9 @@ def validate_stage_args(stage: str, argv: list[str], will_exist: tuple[str, ...]
                               f"(and no earlier step writes it).")
     validate = getattr(command, "validate_params", None)  # builds the stage's typed config(s)
     if validate is not None:
+        extra = {"will_exist": will_exist} if "will_exist" in inspect.signature(validate).parameters else {}
         try:
-            validate(ctx.params)
+            validate(ctx.params, **extra)
         except click.ClickException as exc:
             raise ConfigError(f"stage {stage}: {exc.format_message()}") from None
         except ConfigError as exc:

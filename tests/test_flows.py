@@ -319,6 +319,9 @@ def test_with_an_annotated_set_rounds_finetune_first_and_filter_every_caption_by
                           annotated="/a/ann.parquet", **parse_sets(("finetune_filter.batch-size=many",)))
     with pytest.raises(ConfigError, match="stage finetune filter: .*--batch-size"):
         check(bad)
+    # the calibrated filter's calibration.json is written by the finetune step: read when it runs
+    check(BootstrapParams(source=str(source), root=str(tmp_path), run="b", rounds=1, preset="toy",
+                          annotated="/a/ann.parquet"))
 
 
 def test_capfilt_uses_the_prefect_server_that_prefect_api_url_names(prefect_harness):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 
@@ -43,8 +45,12 @@ def filter_options(f):
     return f
 
 
-def configs_from_options(o: dict):
-    """(ScoreConfig, DedupConfig, SelectConfig) from the filter options; every value is checked."""
+def configs_from_options(o: dict, will_exist: tuple[str, ...] = ()):
+    """(ScoreConfig, DedupConfig, SelectConfig) from the filter options; every value is checked.
+
+    `will_exist`: folders an earlier step of the same flow writes (a flow's early check); a
+    calibration that will be written there is read when the filter runs, not now (SelectConfig None).
+    """
     from pipeline.dedup import DedupConfig
     from pipeline.score import ScoreConfig
     from pipeline.select import SelectConfig
@@ -60,6 +66,8 @@ def configs_from_options(o: dict):
         from pipeline.calibrate import load_calibration
 
         source = o.get("calibration") or score.itm
+        if not os.path.exists(source) and any(_under(source, folder) for folder in will_exist):
+            return score, dedup, None
         calibration = load_calibration(source, "--calibration" if o.get("calibration") else "--itm")
         calibration = calibration.at(o.get("target_precision"), o.get("match_prior"))
     select = SelectConfig(
@@ -73,6 +81,11 @@ def configs_from_options(o: dict):
     if select.rank_by == "itm" and not score.itm:
         raise click.UsageError("--rank-by itm needs --itm (an ITM model)")
     return score, dedup, select
+
+
+def _under(path: str, folder: str) -> bool:
+    path, folder = os.path.abspath(path), os.path.abspath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def run_filter(store, options: dict) -> dict:
