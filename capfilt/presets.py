@@ -83,6 +83,9 @@ def toy_preset(toy_dir: str, quick: bool = False) -> Preset:
         filter={"clip": clip_spec, "policy": "blip2", "rank-by": "itm", "top-k": 1 if quick else 2,
                 "no-semantic-dedup": True},
         calibrated_filter={"clip": clip_spec, "policy": "itm-calibrated", "no-semantic-dedup": True},
+        # a synthetic world's annotated set is 10% of it: 16 finetuning images in the --quick world
+        finetune_filter={"batch-size": 16},
+        finetune_captioner={"batch-size": 16},
         stage1={"vision": f"open_clip:{clip_spec}", "tokenizer": f"{toy_dir}/{TOY_TOKENIZER}", "bert": "none",
                 "model-config": json.dumps(qformer), "steps": stage1_steps, "batch-size": 32, "lr": 2e-3,
                 "warmup-steps": 20, "itm-random-negative-steps": stage1_steps, "no-augment": True,
