@@ -31,7 +31,7 @@ def curated_from_world(world_dir: Path, root: str, run: str, which: str) -> int:
     import hashlib
 
     from pipeline.run_store import RunStore, ShardCounts
-    from schemas import CURATED
+    from schemas import curated_outputs
 
     truth = pq.read_table(world_dir / "ground_truth.parquet").to_pylist()
     rows = []
@@ -47,7 +47,7 @@ def curated_from_world(world_dir: Path, root: str, run: str, which: str) -> int:
                      "caption": caption, "caption_source": "web" if which == "raw" else "oracle", "rank": 0,
                      "sha256": hashlib.sha256(data).hexdigest(), "url": r["url"], "width": 64, "height": 64,
                      "run_id": run, "provenance": json.dumps({"testbed": which})})
-    RunStore(root, run).commit_shard("select", "part-00000", which, outputs={"curated": (CURATED, CURATED.from_pylist(rows))},
+    RunStore(root, run).commit_shard("select", "part-00000", which, outputs=curated_outputs(rows),
                                      counts=ShardCounts(rows_in=len(rows), kept=len(rows), rejected=0, rows_out=len(rows)))
     return len(rows)
 
