@@ -3,7 +3,7 @@
 A preset fills every stage's options (the CLI's option names) for `capfilt bootstrap`; options a
 user passes override it. `blip2` names the real models of the papers (hub ids and open_clip tags).
 `toy` is the BLIP-2 recipe in miniature for a laptop without internet: its frozen pieces (text
-tokenizer, a small CLIP, a small causal LM) are first trained from scratch on the source's raw
+tokenizer, a small masked-LM BERT, a small CLIP, a small causal LM) are first trained from scratch on the source's raw
 web pairs by `capfilt toy pretrain`, into `<root>/models/<run>-toy/`, and every later stage
 points there.
 """
@@ -19,6 +19,7 @@ Options = dict[str, str | int | float | bool | None]
 
 # Layout written by `capfilt toy pretrain --out DIR` (model/toy.py): the preset refers to it.
 TOY_TOKENIZER = "tokenizer"
+TOY_BERT = "bert"  # masked-LM BERT of the Q-Former's sizes: Stage 1 starts from it (BLIP-2: bert-base)
 TOY_CLIP = "clip"  # an open_clip local-dir: open_clip_config.json + weights
 TOY_LM = "lm"
 
@@ -65,6 +66,7 @@ def toy_preset(toy_dir: str, quick: bool = False) -> Preset:
     # (600 images: ROC-AUC for corrupted web captions 0.78 with the switch, 0.83 without).
     # Cross-attention in both layers (BLIP-2 has it every other layer of 12): with 2 layers and
     # the default every-other, ITM learned nothing in 600 steps on a 240-image world.
+    # Sizes of the toy BERT too (model/toy.py ToyPreset.bert_*): Stage 1 initialises from it.
     qformer = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
                "num_query_tokens": 8, "embed_dim": 32, "max_position_embeddings": 64, "cross_attention_frequency": 1}
     stage1_steps, stage2_steps = (100, 80) if quick else (600, 400)
@@ -86,7 +88,7 @@ def toy_preset(toy_dir: str, quick: bool = False) -> Preset:
         # a synthetic world's annotated set is 10% of it: 16 finetuning images in the --quick world
         finetune_filter={"batch-size": 16},
         finetune_captioner={"batch-size": 16},
-        stage1={"vision": f"open_clip:{clip_spec}", "tokenizer": f"{toy_dir}/{TOY_TOKENIZER}", "bert": "none",
+        stage1={"vision": f"open_clip:{clip_spec}", "tokenizer": f"{toy_dir}/{TOY_TOKENIZER}", "bert": f"{toy_dir}/{TOY_BERT}",
                 "model-config": json.dumps(qformer), "steps": stage1_steps, "batch-size": 32, "lr": 2e-3,
                 "warmup-steps": 20, "itm-random-negative-steps": stage1_steps, "no-augment": True,
                 "cache-features": True, "log-every": 10, "checkpoint-every": 100},

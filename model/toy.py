@@ -41,6 +41,20 @@ class ToyPreset:
     seed: int = 0
     # BERT WordPiece tokenizer (Q-Former text side)
     bert_vocab_size: int = 1000
+    # A small BERT pretrained with masked-LM on the captions, the toy's bert-base-uncased: BLIP-2
+    # initialises the Q-Former's self-attention and feed-forward layers from BERT. Its sizes are
+    # the toy Q-Former's (capfilt/presets.py TOY_QFORMER; init_from_bert refuses a mismatch).
+    # Measured on a 600-image world (seed 0, oracle captions, 1000 Stage 1 steps): held-out
+    # text->image ITC R@1 0.175 with this init vs 0.055 from random init (0.105 vs 0.050 at 500).
+    bert_width: int = 64
+    bert_layers: int = 2
+    bert_heads: int = 4
+    bert_intermediate: int = 128
+    bert_max_length: int = 32
+    bert_steps: int = 600
+    bert_batch_size: int = 64
+    bert_lr: float = 1e-3
+    bert_warmup: int = 50
     # CLIP: a ViT small enough to train on 2 cores; 32 px with 8 px patches = 16 patches + [CLS]
     clip_name: str = "capfilt-toy-clip"
     image_size: int = 32
@@ -82,7 +96,7 @@ class ToyPreset:
 
     def __post_init__(self):
         problems = [f"{name} must be >= 1 (got {getattr(self, name)})" for name in (
-            "bert_vocab_size", "clip_steps", "clip_batch_size", "lm_vocab_size", "lm_steps", "lm_batch_size",
+            "bert_vocab_size", "bert_steps", "bert_batch_size", "clip_steps", "clip_batch_size", "lm_vocab_size", "lm_steps", "lm_batch_size",
             "clip_context_length", "lm_max_length") if getattr(self, name) < 1]
         if self.clip_layers < 2:
             problems.append(f"clip_layers must be >= 2 (got {self.clip_layers}): Stage 1 uses the second-to-last block")
@@ -94,7 +108,7 @@ class ToyPreset:
     @classmethod
     def quick(cls, **overrides) -> "ToyPreset":
         """Same architectures (so checkpoints are interchangeable), fewer steps."""
-        return replace(cls(clip_steps=200, lm_steps=120), **overrides)
+        return replace(cls(clip_steps=200, lm_steps=120, bert_steps=200), **overrides)
 
 
 def _lr(step: int, steps: int, warmup: int) -> float:
@@ -168,6 +182,59 @@ def train_text_tokenizer(texts: Iterable[str], folder: str | Path, preset: ToyPr
     tokenizer.save_pretrained(str(folder))
     _write_info(folder, "bert_tokenizer", preset, {"texts": len(corpus), "vocab_size": len(tokenizer)})
     return str(folder)
+
+
+def pretrain_bert(texts: Sequence[str], folder: str | Path, tokenizer_folder: str | Path,
+                  preset: ToyPreset = ToyPreset()) -> dict:
+    """A small BertForMaskedLM trained with masked-LM on `texts` (transformers' 15% masking
+    collator), saved with its tokenizer: what `capfilt train stage1 --bert FOLDER` initialises
+    the Q-Former from, as BLIP-2 does from bert-base-uncased. Returns its metrics."""
+    corpus = [t.strip() for t in texts if t and t.strip()]
+    if not corpus:
+        raise ConfigError("pretrain_bert: no non-empty texts to train on.")
+    with _threads(preset.threads):
+        return _pretrain_bert(corpus, Path(folder), Path(tokenizer_folder), preset)
+
+
+def _pretrain_bert(corpus: list[str], folder: Path, tokenizer_folder: Path, preset: ToyPreset) -> dict:
+    from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast, DataCollatorForLanguageModeling
+
+    started = time.perf_counter()
+    tokenizer = BertTokenizerFast.from_pretrained(str(tokenizer_folder))
+    torch.manual_seed(preset.seed)
+    config = BertConfig(
+        vocab_size=len(tokenizer), hidden_size=preset.bert_width, num_hidden_layers=preset.bert_layers,
+        num_attention_heads=preset.bert_heads, intermediate_size=preset.bert_intermediate,
+        max_position_embeddings=2 * preset.bert_max_length, pad_token_id=tokenizer.pad_token_id,
+    )
+    model = BertForMaskedLM(config)
+    ids = tokenizer(corpus, truncation=True, max_length=preset.bert_max_length)["input_ids"]
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15, return_tensors="pt")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=preset.bert_lr, weight_decay=0.01, betas=(0.9, 0.98))
+    generator = torch.Generator().manual_seed(preset.seed)
+    losses = []
+    model.train()
+    for step, idx in enumerate(_batches(len(corpus), preset.bert_batch_size, preset.bert_steps, generator)):
+        for group in optimizer.param_groups:
+            group["lr"] = preset.bert_lr * _lr(step, preset.bert_steps, preset.bert_warmup)
+        # the collator draws its masks from torch's global generator, seeded above
+        batch = collator([{"input_ids": ids[i]} for i in idx.tolist()])
+        loss = model(**batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+    model.eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    tail = losses[-max(1, len(losses) // 10):]
+    metrics = {"texts": len(corpus), "steps": preset.bert_steps, "loss_first": losses[0],
+               "loss_last": sum(tail) / len(tail), "parameters": sum(p.numel() for p in model.parameters()),
+               "seconds": time.perf_counter() - started}
+    _write_info(folder, "bert_mlm", preset, metrics)
+    return metrics
 
 
 # -- CLIP ---------------------------------------------------------------------------------------
@@ -495,7 +562,8 @@ def run_pairs(root: str, run: str) -> tuple[list[tuple[bytes, str]], dict]:
 
 def pretrain_toy(root: str, run: str, out: str | Path, preset: ToyPreset = ToyPreset()) -> dict:
     """Train the toy preset's frozen pieces on a run's raw web pairs into `out`:
-    `tokenizer/` (Q-Former WordPiece), `clip/` (open_clip local-dir) and `lm/` (causal LM).
+    `tokenizer/` (Q-Former WordPiece), `bert/` (masked-LM BERT the Q-Former starts from), `clip/`
+    (open_clip local-dir) and `lm/` (causal LM).
 
     A folder already complete for the same run and preset is reused (a rerun of a flow resumes).
     """
@@ -528,9 +596,10 @@ def pretrain_toy_pairs(pairs: Sequence[tuple[bytes, str]], out: str | Path, pres
     started = time.perf_counter()
     texts = [caption for _, caption in pairs]
     train_text_tokenizer(texts, out / "tokenizer", preset)
+    bert = pretrain_bert(texts, out / "bert", out / "tokenizer", preset)
     clip = pretrain_clip(pairs, out / "clip", preset, eval_pairs=eval_pairs)
     lm_metrics = pretrain_lm(texts, out / "lm", preset).metrics if lm else None
-    info = {**about, "preset": asdict(preset), "clip": clip.metrics, "lm": lm_metrics,
+    info = {**about, "preset": asdict(preset), "bert": bert, "clip": clip.metrics, "lm": lm_metrics,
             "seconds": time.perf_counter() - started}
     out.mkdir(parents=True, exist_ok=True)
     done.write_text(json.dumps(info, indent=1, sort_keys=True))
@@ -538,7 +607,7 @@ def pretrain_toy_pairs(pairs: Sequence[tuple[bytes, str]], out: str | Path, pres
 
 
 __all__ = [
-    "pretrain_toy", "pretrain_toy_pairs", "run_pairs",
+    "pretrain_bert", "pretrain_toy", "pretrain_toy_pairs", "run_pairs",
     "ToyClip", "ToyLM", "ToyPreset", "clip_model_config", "clip_retrieval_top1", "lm_heldout", "pretrain_clip",
     "pretrain_lm", "train_lm_tokenizer", "train_text_tokenizer",
 ]

@@ -42,6 +42,28 @@ def test_tokenizer_loads_as_the_qformer_tokenizer_with_dec(tmp_path, pairs):
     assert tokenizer.unk_token_id not in tokenizer(" ".join(words)).input_ids
 
 
+def test_bert_learns_masked_words_and_initialises_the_toy_presets_qformer(tmp_path, pairs):
+    """The toy's bert-base: masked-LM loss falls, and the toy preset's Stage 1 loads it as BLIP-2
+    loads bert-base-uncased (every self-attention and feed-forward weight copied, sizes equal)."""
+    import json
+
+    from capfilt.presets import toy_preset
+    from model.qformer import QFormer, config_for_tokenizer, init_from_bert, load_tokenizer
+    from model.toy import pretrain_bert
+
+    texts = [text for _, text in pairs["train"]]
+    tok = train_text_tokenizer(texts, tmp_path / "tok")
+    metrics = pretrain_bert(texts, tmp_path / "bert", tok, ToyPreset(bert_steps=80))
+    assert metrics["loss_last"] < 0.6 * metrics["loss_first"], metrics
+    stage1 = toy_preset(str(tmp_path)).stage1
+    assert stage1["bert"] == f"{tmp_path}/bert"
+    model = QFormer(config_for_tokenizer(load_tokenizer(tok), **json.loads(stage1["model-config"]), vision_width=64))
+    before = model.qformer.encoder.layer[0].attention.attention.query.weight.clone()
+    missing = init_from_bert(model, tmp_path / "bert")
+    assert not torch.equal(before, model.qformer.encoder.layer[0].attention.attention.query.weight)
+    assert all("crossattention" in k or not k.startswith("qformer.encoder") for k in missing), missing
+
+
 def test_clip_retrieval_beats_chance_on_held_out_pairs(toy_clip):
     metrics = toy_clip.metrics
     assert metrics["loss_last"] < 0.6 * metrics["loss_first"]
@@ -134,18 +156,18 @@ def test_pretrain_toy_reads_an_ingested_run_counts_what_it_leaves_out_and_resume
              {"image": pairs["train"][41][0], "caption": "  ", "sha256": "e"},  # empty caption
              {"image": b"not an image", "caption": "a red circle", "sha256": "x"}]  # undecodable
     write_images_run(tmp_path, "raw", rows)
-    preset = ToyPreset(clip_steps=5, lm_steps=5, clip_batch_size=16, lm_batch_size=8)
+    preset = ToyPreset(clip_steps=5, lm_steps=5, bert_steps=5, clip_batch_size=16, lm_batch_size=8)
     info = pretrain_toy(str(tmp_path), "raw", tmp_path / "toy", preset)
     assert info["counts"] == {"images": 43, "duplicates": 1, "empty_caption": 1, "undecodable": 1, "pairs": 40}
     assert not info["reused"] and (tmp_path / "toy" / TOY_DONE).exists()
-    for part in ("tokenizer", "clip", "lm"):
+    for part in ("tokenizer", "bert", "clip", "lm"):
         assert (tmp_path / "toy" / part).is_dir()
     from model.vision import load_vision_encoder
 
     assert load_vision_encoder(f"open_clip:local-dir:{tmp_path / 'toy' / 'clip'}") is not None
     assert pretrain_toy(str(tmp_path), "raw", tmp_path / "toy", preset)["reused"]
     # another preset is not the same folder's content: trained again
-    assert not pretrain_toy(str(tmp_path), "raw", tmp_path / "toy", ToyPreset(clip_steps=6, lm_steps=5,
+    assert not pretrain_toy(str(tmp_path), "raw", tmp_path / "toy", ToyPreset(clip_steps=6, lm_steps=5, bert_steps=5,
                                                                              clip_batch_size=16, lm_batch_size=8))["reused"]
 
 
@@ -170,7 +192,7 @@ def test_toy_pretrain_on_a_separate_world_never_reads_the_run(tmp_path, monkeypa
     from capfilt.cli import main
     from model.toy import TOY_DONE
 
-    small = ToyPreset(clip_steps=3, lm_steps=3, clip_batch_size=8, lm_batch_size=8)
+    small = ToyPreset(clip_steps=3, lm_steps=3, bert_steps=3, clip_batch_size=8, lm_batch_size=8)
     monkeypatch.setattr(toy.ToyPreset, "quick", classmethod(lambda cls, **kw: small))
     argv = ["toy", "pretrain", "--root", str(tmp_path), "--run", "no-such-run", "--out", str(tmp_path / "toy"),
             "--quick", "--world-images", "24"]
@@ -180,7 +202,7 @@ def test_toy_pretrain_on_a_separate_world_never_reads_the_run(tmp_path, monkeypa
     assert info["world"] == str(world) and (world / "world.json").exists()
     assert info["counts"]["pairs"] >= 24 * 0.85  # empty captions left out
     assert not (tmp_path / "runs").exists()  # the run was never read
-    for part in ("tokenizer", "clip", "lm"):
+    for part in ("tokenizer", "bert", "clip", "lm"):
         assert (tmp_path / "toy" / part).is_dir()
     before = (tmp_path / "toy" / "clip" / "open_clip_model.safetensors").read_bytes()
     main(argv)  # rerun: reused, not retrained

@@ -15,7 +15,7 @@ def toy():
 @click.option("--run", required=True, help="An ingested run: its images and web captions are the training pairs "
               "(unless --world-images).")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
-              help="Folder for tokenizer/, clip/ (open_clip local-dir:) and lm/.")
+              help="Folder for tokenizer/, bert/, clip/ (open_clip local-dir:) and lm/.")
 @click.option("--quick", is_flag=True, help="Fewer training steps (same architectures).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--world-images", type=int, default=0, show_default=True,
@@ -54,7 +54,9 @@ def pretrain(root, run, out, quick, seed, world_images, world_noise, world_seed)
     else:
         click.echo(f"trained on {c['pairs']} pairs of run '{run}' ({c['duplicates']} duplicate images, "
                    f"{c['empty_caption']} empty captions, {c['undecodable']} undecodable images left out)")
+    click.echo(f"bert: masked-LM loss {info['bert']['loss_first']:.3f} -> {info['bert']['loss_last']:.3f} "
+               f"({info['bert']['seconds']:.0f} s)")
     click.echo(f"clip: loss {info['clip']['loss_first']:.3f} -> {info['clip']['loss_last']:.3f} "
                f"({info['clip']['seconds']:.0f} s); lm: loss {info['lm']['loss_first']:.3f} -> "
                f"{info['lm']['loss_last']:.3f} ({info['lm']['seconds']:.0f} s)")
-    click.echo(f"tokenizer: {out}/tokenizer  clip: local-dir:{out}/clip  lm: {out}/lm")
+    click.echo(f"tokenizer: {out}/tokenizer  bert: {out}/bert  clip: local-dir:{out}/clip  lm: {out}/lm")
