@@ -6,6 +6,8 @@ import json
 
 import click
 
+from capfilt.commands.options import root_option
+
 from pipeline.synth import BAD_URL_KINDS, NOISE_KINDS, WorldConfig, WorldServer, load_world, make_world
 
 
@@ -75,7 +77,7 @@ def info(directory):
 
 @synth.command()
 @click.option("--truth", required=True, type=click.Path(exists=True, dir_okay=False), help="The world's ground_truth.parquet.")
-@click.option("--root", required=True, help="Data root holding both runs.")
+@root_option("Data root holding both runs.")
 @click.option("--from-run", required=True, help="Run whose ingested images to use.")
 @click.option("--run", "run_id", required=True, help="Run to write: curated/ with the true captions.")
 def oracle(truth, root, from_run, run_id):
