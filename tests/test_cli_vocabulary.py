@@ -6,6 +6,7 @@ Walks every click command of `capfilt` (subcommands of groups too) without runni
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import click
 import pytest
@@ -122,6 +123,12 @@ def test_old_names_still_parse_hidden_from_help(capsys):
     generate = cli.get_command(None, "generate")
     ctx = generate.make_context("generate", ["--checkpoint", "ckpt", "--device", "cpu"], resilient_parsing=True)
     assert ctx.params["stage2"] == "ckpt"
+
+    from capfilt.commands.eval import metrics_path
+
+    assert metrics_path("models/r") == Path("models/r/eval.json")
+    assert metrics_path("old/metrics.json") == Path("old/metrics.json")  # eval's --out before it was a folder
+    assert "--out is a folder now" in capsys.readouterr().err
 
     main(["train", "stage1", "--help"])
     shown = capsys.readouterr().out
