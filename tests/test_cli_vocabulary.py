@@ -95,6 +95,17 @@ def test_a_run_is_always_named_run():
             assert "run" in run_names, f"{path}: --from-run without --run"
 
 
+def test_a_name_is_a_number_everywhere_or_nowhere():
+    # e.g. --images: a count of images (synth, demo), never a list of files
+    numeric = (click.types.IntParamType, click.types.FloatParamType)
+    kinds: dict[str, dict[bool, list[str]]] = {}
+    for path, command, _ in COMMANDS:
+        for option in options(command):
+            if not option.is_flag:
+                kinds.setdefault(option.opts[0], {}).setdefault(isinstance(option.type, numeric), []).append(path)
+    assert {name: k for name, k in kinds.items() if len(k) > 1} == {}
+
+
 def test_out_is_always_a_folder():
     for path, command, _ in COMMANDS:
         for option in options(command):
@@ -109,7 +120,7 @@ def test_checkpoints_are_named_by_stage():
             assert "--checkpoint" not in option.opts, f"{path}: name it --stage1 or --stage2"
 
 
-def test_old_names_still_parse_hidden_from_help(capsys):
+def test_old_names_still_parse_hidden_from_help(capsys, tmp_path):
     from capfilt.cli import main
 
     train = cli.get_command(None, "train")
@@ -121,8 +132,16 @@ def test_old_names_still_parse_hidden_from_help(capsys):
     assert ctx.params["run_id"] == "r2"
 
     generate = cli.get_command(None, "generate")
-    ctx = generate.make_context("generate", ["--checkpoint", "ckpt", "--device", "cpu"], resilient_parsing=True)
-    assert ctx.params["stage2"] == "ckpt"
+    a, b = tmp_path / "a.jpg", tmp_path / "b.jpg"
+    a.touch(), b.touch()
+    ctx = generate.make_context("generate", ["--checkpoint", "ckpt", "--images", str(a), str(b)])
+    assert ctx.params["stage2"] == "ckpt" and ctx.params["old_images"] == (str(a),) and ctx.params["images"] == (str(b),)
+    ctx = generate.make_context("generate", ["--stage2", "ckpt", str(a), str(b)])
+    assert ctx.params["images"] == (str(a), str(b))
+
+    synth = cli.get_command(None, "synth")
+    ctx = synth.make_context("synth", ["--out", "w", "--annotated", "0.2"])
+    assert ctx.params["old_annotated"] == 0.2 and ctx.params["annotated"] == 0.1  # synth() takes the old one
 
     from capfilt.commands.eval import metrics_path
 

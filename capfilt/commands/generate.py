@@ -12,9 +12,9 @@ from capfilt.commands.options import Command
 @click.command(cls=Command, renamed={"--checkpoint": "--stage2"})
 @click.option("--stage2", required=True,
               help="Stage 2 checkpoint (train stage2's --out, step-* or model folder) or a transformers BLIP-2 id/folder.")
-@click.option("--images", required=True, multiple=True, type=click.Path(exists=True, dir_okay=False),
-              help="Image files; repeat the option or list several after it.")
-@click.argument("more_images", nargs=-1, type=click.Path(exists=True, dir_okay=False))
+@click.argument("images", nargs=-1, metavar="IMAGE...", type=click.Path(exists=True, dir_okay=False))
+# --images FILE: the old spelling (elsewhere --images is a count of images); still parses, hidden
+@click.option("--images", "old_images", multiple=True, hidden=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--question", default=None, help="Ask this question about every image (prompt 'Question: {} Answer:').")
 @click.option("--prompt", default=None, help="Caption prompt, e.g. 'a photo of'; default: the one it was trained with.")
 @click.option("--preset", type=click.Choice(["lavis-caption", "lavis-vqa"]), default=None,
@@ -30,9 +30,9 @@ from capfilt.commands.options import Command
 @click.option("--vision", default=None, help="Override the checkpoint's image encoder.")
 @click.option("--llm", default=None, help="Where the frozen LLM is now, if it moved since training (id or folder).")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present, else CPU), cpu, cuda, ...")
-def generate(stage2, images, more_images, question, prompt, preset, num_beams, max_new_tokens, min_new_tokens,
+def generate(stage2, images, old_images, question, prompt, preset, num_beams, max_new_tokens, min_new_tokens,
              length_penalty, top_p, seed, batch_size, vision, llm, device):
-    """Print one line per image: the path, a tab, and the caption (or answer)."""
+    """Print one line per IMAGE file: the path, a tab, and the caption (or answer)."""
     from capfilt.errors import ConfigError
     from model.recipes import GENERATE_PRESETS, preset_values
     from model.stage2 import VQA_PROMPT, Stage2Generator
@@ -43,7 +43,11 @@ def generate(stage2, images, more_images, question, prompt, preset, num_beams, m
         raise ConfigError(f"--top-p must be in (0, 1], got {top_p}.")
     if preset == "lavis-vqa" and question is None:
         raise ConfigError("--preset lavis-vqa needs --question.")
-    paths = list(images) + list(more_images)
+    if old_images:
+        click.echo("capfilt: warning: generate --images is an old spelling; list the image files after the options", err=True)
+    paths = list(old_images) + list(images)
+    if not paths:
+        raise click.UsageError("no image files: capfilt generate --stage2 CKPT A.jpg [B.jpg ...]")
     generator = Stage2Generator.from_checkpoint(stage2, vision=vision, llm=llm, device=device)
     given = dict(num_beams=num_beams, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                  length_penalty=length_penalty)

@@ -21,17 +21,22 @@ from pipeline.synth import BAD_URL_KINDS, NOISE_KINDS, WorldConfig, WorldServer,
 @click.option("--port", type=int, default=0, help="Port the URLs name (default: a free one, recorded in the world).")
 @click.option("--bad-urls-per-kind", type=int, default=1, show_default=True, help=f"Bad URLs of each kind: {', '.join(BAD_URL_KINDS)}.")
 @click.option("--duplicates", type=int, default=4, show_default=True, help="Exact duplicate images under other URLs.")
-@click.option("--annotated", type=float, default=0.1, show_default=True,
+@click.option("--annotated-fraction", "annotated", type=float, default=0.1, show_default=True,
               help="Clean annotated set (other images, several captions each) as a fraction of --images; 0: none.")
+# --annotated FRACTION: the old spelling (elsewhere --annotated is the annotated set's path); still parses, hidden
+@click.option("--annotated", "old_annotated", type=float, default=None, hidden=True)
 @click.option("--captions-per-image", type=int, default=5, show_default=True, help="Captions per annotated image.")
 @click.pass_context
 def synth(ctx, out, images, noise, noise_kinds, seed, image_size, port, bad_urls_per_kind, duplicates, annotated,
-          captions_per_image):
+          old_annotated, captions_per_image):
     """Write a LAION-style source Parquet, the images behind its URLs and a ground-truth sidecar."""
     if ctx.invoked_subcommand is not None:
         return
     if not out:
         raise click.UsageError("missing --out DIR (where to write the world)")
+    if old_annotated is not None:
+        click.echo("capfilt: warning: synth --annotated is an old name; use --annotated-fraction", err=True)
+        annotated = old_annotated
     config = WorldConfig(
         images=images,
         seed=seed,
