@@ -139,6 +139,11 @@ def test_old_names_still_parse_hidden_from_help(capsys, tmp_path):
     ctx = generate.make_context("generate", ["--stage2", "ckpt", str(a), str(b)])
     assert ctx.params["images"] == (str(a), str(b))
 
+    for name in ("caption", "eval"):  # --max-length/--min-length: generate's --max-new-tokens/--min-new-tokens
+        ctx = cli.get_command(None, name).make_context(name, ["--run", "r", "--max-length", "9", "--min-length=2"],
+                                                    resilient_parsing=True)
+        assert (ctx.params["max_length"], ctx.params["min_length"]) == (9, 2)
+
     synth = cli.get_command(None, "synth")
     ctx = synth.make_context("synth", ["--out", "w", "--annotated", "0.2"])
     assert ctx.params["old_annotated"] == 0.2 and ctx.params["annotated"] == 0.1  # synth() takes the old one

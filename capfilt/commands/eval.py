@@ -7,12 +7,12 @@ from pathlib import Path
 
 import click
 
-from capfilt.commands.options import root_option
+from capfilt.commands.options import NEW_TOKENS, Command, root_option
 
 METRICS_FILE = "eval.json"
 
 
-@click.command("eval")
+@click.command("eval", cls=Command, renamed=NEW_TOKENS)
 @root_option()
 @click.option("--run", required=True, help="Run to evaluate: its filter quality, and its images when no Stage 1 holdout exists.")
 @click.option("--stage1", help="Stage 1 checkpoint (trainer --out folder, step-* or model folder): retrieval R@1/5/10.")
@@ -29,8 +29,8 @@ METRICS_FILE = "eval.json"
 @click.option("--rerank-score", type=click.Choice(["itm+itc", "itm"]), default=None,
               help="Retrieval re-ranking score: ITM logit + ITC similarity (LAVIS, default) or the ITM logit alone.")
 @click.option("--num-beams", type=int, default=None, help="Captioning: beam width, one caption per image (default 3).")
-@click.option("--max-length", type=int, default=None, help="Captioning: most generated tokens (default 30).")
-@click.option("--min-length", type=int, default=None, help="Captioning: fewest generated tokens (default 1).")
+@click.option("--max-new-tokens", "max_length", type=int, default=None, help="Captioning: most generated tokens (default 30).")
+@click.option("--min-new-tokens", "min_length", type=int, default=None, help="Captioning: fewest generated tokens (default 1).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the sample of evaluation images.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, ...")
 @click.option("--out", "out", required=True, type=click.Path(),

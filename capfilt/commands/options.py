@@ -6,6 +6,7 @@
   made from (ingest's reuse, synth oracle).
 - `--out DIR`: the folder a command writes its outputs to (checkpoints, metrics, tars, a world).
 - `--stage1` / `--stage2 CKPT`: a Stage 1 / Stage 2 checkpoint a command reads.
+- `--max-new-tokens` / `--min-new-tokens`: the most / fewest tokens generated per caption.
 
 Old spellings keep parsing (scripts written against them still run): a command built with
 `cls=Command, renamed={old: new}` rewrites them before parsing, keeps them out of --help and says
@@ -17,6 +18,8 @@ from __future__ import annotations
 import click
 
 ROOT_DEFAULT = "./data"
+# caption and eval said --max-length / --min-length for what generate (and transformers) call new tokens
+NEW_TOKENS = {"--max-length": "--max-new-tokens", "--min-length": "--min-new-tokens"}
 
 
 def root_option(help: str = "Data root (local path or fsspec URI) holding runs/<run>/."):
