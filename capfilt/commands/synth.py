@@ -7,7 +7,6 @@ import json
 import click
 
 from capfilt.commands.options import root_option
-
 from pipeline.synth import BAD_URL_KINDS, NOISE_KINDS, WorldConfig, WorldServer, load_world, make_world
 
 
