@@ -136,11 +136,11 @@ def main() -> None:
                 curated_from_world(world_dir, str(root), run, arm)
             out = root / "models" / (f"{run}-{tag}-st{args.stage1_steps}-" + "-".join(s.replace("=", "") for s in args.stage1_sets))
             if not (out / "eval.json").exists():
-                times[f"{arm}_stage1"] = capfilt("train", "stage1", "--root", str(root), "--from-run", run, "--out",
+                times[f"{arm}_stage1"] = capfilt("train", "stage1", "--root", str(root), "--run", run, "--out",
                                                  str(out / "stage1"), *options_to_argv(stage1))
                 times[f"{arm}_eval"] = capfilt("eval", "--root", str(root), "--run", run, "--stage1", str(out / "stage1"),
                                                "--heldout", str(heldout_dir), "--max-images", str(args.heldout),
-                                               "--out", str(out / "eval.json"))
+                                               "--out", str(out))  # writes out/eval.json
             ev = json.loads((out / "eval.json").read_text())
             t2i = ev["retrieval"]["itm"]["text_to_image"]
             r1 = t2i["r1"]

@@ -48,7 +48,8 @@ class LazyGroup(click.Group):
             formatter.write_dl(rows)
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100,
+                                                 "show_default": True})
 @click.version_option(package_name="capfilt")
 def cli():
     """capfilt: curate image-text data with CapFilt and train Q-Former models on it."""

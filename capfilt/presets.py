@@ -76,7 +76,7 @@ def toy_preset(toy_dir: str, quick: bool = False) -> Preset:
         round0_caption={"captioner": "none"},
         # Raw web pairs: exact duplicates and empty captions go, nothing is judged by a model.
         round0_filter={"clip": clip_spec, "policy": "blip2", "top-k": 1, "no-semantic-dedup": True},
-        caption={"num-captions": 2 if quick else 4, "top-p": 0.9, "max-length": 16, "min-length": 4},
+        caption={"num-captions": 2 if quick else 4, "top-p": 0.9, "max-new-tokens": 16, "min-new-tokens": 4},
         # CapFilt with the previous round's models: an image's web + synthetic captions ranked by
         # that round's Stage 1 ITM, the best kept. Ranking, not an absolute threshold: a young
         # model's ITM probabilities sit near its prior, and a threshold would keep nothing.

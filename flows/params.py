@@ -120,7 +120,7 @@ class TrainParams(BaseModel):
     def stage_argv(self) -> dict[str, list[str]]:
         """{step label: ['train', subcommand, ...]} in the order the flow runs them."""
         stage1_out = _join(self.models, "stage1")
-        steps = {"stage1": ["train", "stage1", "--root", self.root, "--from-run", self.run, "--out", stage1_out,
+        steps = {"stage1": ["train", "stage1", "--root", self.root, "--run", self.run, "--out", stage1_out,
                             *options_to_argv(self.stage1)]}
         if self.stage2 is not None:
             steps["stage2"] = ["train", "stage2", "--root", self.root, "--run", self.run, "--stage1", stage1_out,
@@ -241,7 +241,7 @@ class BootstrapParams(BaseModel):
         held-out world when given (else on the run itself), and filter quality of the run with ground truth."""
         models = self.models(run)
         argv = ["eval", "--root", self.root, "--run", run, "--stage1", _join(models, "stage1"),
-                "--out", _join(models, "eval.json")]
+                "--out", models]  # writes models/eval.json
         if self.stage2 is not None:
             argv += ["--captioner", _join(models, "stage2")]
         if self.heldout:

@@ -29,9 +29,9 @@ class Decoding:
         if not 0.0 < self.top_p <= 1.0:
             problems.append(f"--top-p must be in (0, 1] (got {self.top_p})")
         if self.max_length < 1:
-            problems.append(f"--max-length must be >= 1 (got {self.max_length})")
+            problems.append(f"--max-new-tokens must be >= 1 (got {self.max_length})")
         if not 0 <= self.min_length <= self.max_length:
-            problems.append(f"--min-length must be in [0, --max-length={self.max_length}] (got {self.min_length})")
+            problems.append(f"--min-new-tokens must be in [0, --max-new-tokens={self.max_length}] (got {self.min_length})")
         if self.repetition_penalty <= 0:
             problems.append(f"--repetition-penalty must be > 0 (got {self.repetition_penalty})")
         if self.num_beams < 1:

@@ -287,7 +287,7 @@ class EvalConfig:
         if self.rerank_score not in ("itm+itc", "itm"):
             raise ConfigError(f"--rerank-score must be itm+itc or itm, got {self.rerank_score!r}.")
         if not 1 <= self.min_length <= self.max_length:
-            raise ConfigError(f"--min-length must be in [1, --max-length={self.max_length}], got {self.min_length}.")
+            raise ConfigError(f"--min-new-tokens must be in [1, --max-new-tokens={self.max_length}], got {self.min_length}.")
 
 
 def load_truth(path: str) -> dict[str, dict]:

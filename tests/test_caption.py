@@ -185,8 +185,8 @@ def test_a_killed_run_resumes_to_the_same_rows_as_an_uninterrupted_one(tmp_path,
     commit_image_shards(killed, shards, corrupt={"s3": (2,)})
     command = [
         sys.executable, "-m", "capfilt.cli", "caption", "--root", killed.root, "--run", "r",
-        "--captioner", tiny_folders["blip"], "--num-captions", "3", "--max-length", "16",
-        "--min-length", "8", "--seed", "5", "--batch-size", "2",
+        "--captioner", tiny_folders["blip"], "--num-captions", "3", "--max-new-tokens", "16",
+        "--min-new-tokens", "8", "--seed", "5", "--batch-size", "2",
     ]
     # RAY_ADDRESS=local: the killed run starts its own Ray, never joins one found on the machine
     env = {**os.environ, "RAY_ADDRESS": "local"}

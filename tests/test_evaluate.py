@@ -171,11 +171,11 @@ def test_eval_cli_writes_json_and_prints_a_table(tmp_path, capsys):
     from capfilt.cli import main
 
     sidecar = make_scored_run(tmp_path, "f")
-    out = tmp_path / "metrics.json"
+    out = tmp_path / "metrics"
     main(["eval", "--root", str(tmp_path), "--run", "f", "--truth", sidecar, "--out", str(out)])
     printed = capsys.readouterr().out
     assert "precision 0.500" in printed and "ROC-AUC clip_score" in printed
-    assert json.loads(out.read_text())["filter"]["all"]["recall"] == pytest.approx(2 / 3)
+    assert json.loads((out / "eval.json").read_text())["filter"]["all"]["recall"] == pytest.approx(2 / 3)
     with pytest.raises(SystemExit) as exc:
         main(["eval", "--root", str(tmp_path), "--run", "f", "--truth", str(tmp_path / "nope.parquet"), "--out", str(out)])
     assert exc.value.code == 2 and "no such file" in capsys.readouterr().err

@@ -356,11 +356,10 @@ def test_cli_trains_stage2_and_generates_one_line_per_image(world, tmp_path, cap
     for i, data in enumerate(images(world, 2)):
         paths.append(tmp_path / f"img{i}.jpg")
         paths[-1].write_bytes(data)
-    cli_main(["generate", "--checkpoint", str(out), "--images", str(paths[0]), str(paths[1]), "--device", "cpu",
-              "--llm", world["opt"]])
+    cli_main(["generate", "--stage2", str(out), str(paths[0]), str(paths[1]), "--device", "cpu", "--llm", world["opt"]])
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split("\t")[0] for line in lines] == [str(p) for p in paths]
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(SystemExit) as exit_info:  # the old spellings (--checkpoint, --images) still parse
         cli_main(["generate", "--checkpoint", str(tmp_path), "--images", str(paths[0])])
     assert exit_info.value.code == 2 and "capfilt: error:" in capsys.readouterr().err
 

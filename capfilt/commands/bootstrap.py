@@ -6,6 +6,8 @@ import json
 
 import click
 
+from capfilt.commands.options import root_option
+
 STAGE_DICTS = ("ingest", "round0_caption", "round0_filter", "caption", "filter", "stage1", "stage2", "eval", "finetune_filter", "finetune_captioner")
 
 
@@ -45,7 +47,7 @@ def bootstrap_params(source, root, run, rounds, preset, quick, truth, sets, ray_
 
 @click.command()
 @click.option("--source", required=True, help="LAION-style source: Parquet/CSV/JSONL file or folder (local or fsspec URI).")
-@click.option("--root", default="./data", show_default=True, help="Data root for runs and models.")
+@root_option("Data root for runs and models.")
 @click.option("--run", default="bootstrap", show_default=True, help="Prefix of the rounds' run ids (<run>-r0, <run>-r1, ...).")
 @click.option("--rounds", type=int, default=1, show_default=True, help="CapFilt rounds after round 0.")
 @click.option("--preset", type=click.Choice(["toy", "blip2", "none"]), default="toy", show_default=True,

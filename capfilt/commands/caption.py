@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import click
 
+from capfilt.commands.options import NEW_TOKENS, Command, root_option
+
 from model.decoding import Decoding
 
 _DEFAULTS = Decoding()
 
 
-@click.command()
-@click.option("--root", required=True, help="Data root (local path or fsspec URI) holding runs/<run>/.")
+@click.command(cls=Command, renamed=NEW_TOKENS)
+@root_option()
 @click.option("--run", "run_id", required=True, help="Run id whose images/ shards to caption.")
 @click.option("--captioner", required=True, help="Hub id (e.g. Salesforce/blip-image-captioning-large), save_pretrained folder, or 'none' (web captions only).")
 @click.option("--num-captions", type=int, default=_DEFAULTS.num_captions, show_default=True, help="Synthetic captions per image.")
 @click.option("--top-p", type=float, default=_DEFAULTS.top_p, show_default=True, help="Nucleus sampling mass.")
-@click.option("--max-length", type=int, default=_DEFAULTS.max_length, show_default=True, help="Most tokens generated per caption.")
-@click.option("--min-length", type=int, default=_DEFAULTS.min_length, show_default=True, help="Fewest tokens generated per caption.")
-@click.option("--repetition-penalty", type=float, default=_DEFAULTS.repetition_penalty, show_default=True)
+@click.option("--max-new-tokens", "max_length", type=int, default=_DEFAULTS.max_length, show_default=True,
+              help="Most tokens generated per caption.")
+@click.option("--min-new-tokens", "min_length", type=int, default=_DEFAULTS.min_length, show_default=True,
+              help="Fewest tokens generated per caption.")
+@click.option("--repetition-penalty", type=float, default=_DEFAULTS.repetition_penalty, show_default=True,
+              help="> 1 discourages repeating a token already generated; 1: off.")
 @click.option("--prompt", default=_DEFAULTS.prompt, help="Text the captions continue, e.g. 'a photo of' (not stored in the caption).")
 @click.option("--num-beams", type=int, default=_DEFAULTS.num_beams, show_default=True, help="> 1: beam search instead of sampling.")
 @click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True, help="Same seed, same captions.")

@@ -5,15 +5,16 @@ from __future__ import annotations
 import click
 
 from capfilt.commands.filter import filter_options
+from capfilt.commands.options import root_option
 
 
 @click.command()
 @click.option("--source", required=True, help="LAION-style Parquet/CSV/JSONL file or folder (local path or fsspec URI).")
-@click.option("--root", required=True, help="Data root (local path or fsspec URI).")
+@root_option()
 @click.option("--run", "run_id", required=True, help="Run id.")
 @click.option("--shard-size", type=int, default=10_000, show_default=True, help="ingest: source rows per shard.")
 @click.option("--allow-private-addresses", is_flag=True, help="ingest: fetch private/loopback hosts (needed for a synthetic world on 127.0.0.1).")
-@click.option("--image-size", type=int, default=256, show_default=True, help="ingest: img2dataset image_size.")
+@click.option("--image-size", type=int, default=256, show_default=True, help="ingest: side of the stored images in pixels (img2dataset image_size).")
 @click.option("--timeout", type=float, default=10.0, show_default=True, help="ingest: seconds per download.")
 @click.option("--captioner", required=True, help="caption: hub id or save_pretrained folder.")
 @click.option("--num-captions", type=int, default=4, show_default=True, help="caption: synthetic captions per image.")

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from capfilt.commands.options import root_option
+
 
 # Held-out clean images: at 600 one seed's text->image R@1 has a standard error below 2 points
 # (sqrt(p(1-p)/600) <= 0.0204 at p = 0.5, <= 0.019 for p <= 0.35); --quick keeps 200.
@@ -16,11 +18,11 @@ EXPECTED_MINUTES = {"quick": 4, "full": 20}
 
 
 @click.command()
-@click.option("--root", default="./data", show_default=True, help="Where the world, runs, models and report go.")
+@root_option("Where the world, runs, models and report go.")
 @click.option("--quick", is_flag=True, help="A smaller world and fewer steps (about 3 minutes on 2 cores).")
 @click.option("--images", type=int, default=None, help="Images in the world (default 600, --quick 200).")
 @click.option("--noise", type=float, default=0.4, show_default=True, help="Fraction of corrupted web captions.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same world and models.")
 @click.option("--blip/--no-blip", "blip", default=False, show_default=True,
               help="Round 1 follows BLIP: finetune filter and captioner on the world's annotated set, keep every "
                    "caption whose ITM probability reaches the calibrated threshold (bootstrap --annotated).")

@@ -7,9 +7,13 @@ from pathlib import Path
 
 import click
 
+from capfilt.commands.options import NEW_TOKENS, Command, root_option
 
-@click.command("eval")
-@click.option("--root", required=True, help="Run store root (local folder or fsspec URL).")
+METRICS_FILE = "eval.json"
+
+
+@click.command("eval", cls=Command, renamed=NEW_TOKENS)
+@root_option()
 @click.option("--run", required=True, help="Run to evaluate: its filter quality, and its images when no Stage 1 holdout exists.")
 @click.option("--stage1", help="Stage 1 checkpoint (trainer --out folder, step-* or model folder): retrieval R@1/5/10.")
 @click.option("--captioner", help="Captioner folder or hub id (load_captioner): BLEU-4, CIDEr, attribute accuracy.")
@@ -25,21 +29,32 @@ import click
 @click.option("--rerank-score", type=click.Choice(["itm+itc", "itm"]), default=None,
               help="Retrieval re-ranking score: ITM logit + ITC similarity (LAVIS, default) or the ITM logit alone.")
 @click.option("--num-beams", type=int, default=None, help="Captioning: beam width, one caption per image (default 3).")
-@click.option("--max-length", type=int, default=None, help="Captioning: most generated tokens (default 30).")
-@click.option("--min-length", type=int, default=None, help="Captioning: fewest generated tokens (default 1).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--max-new-tokens", "max_length", type=int, default=None, help="Captioning: most generated tokens (default 30).")
+@click.option("--min-new-tokens", "min_length", type=int, default=None, help="Captioning: fewest generated tokens (default 1).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the sample of evaluation images.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, ...")
-@click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="Where to write the metrics JSON.")
+@click.option("--out", "out", required=True, type=click.Path(),
+              help=f"Folder to write the metrics to ({METRICS_FILE}); a path ending in .json (the old form) is the file itself.")
 def eval_command(out, **options):
     """Measure a run: retrieval (--stage1), captions (--captioner) and, on a synthetic world (--truth), filter quality."""
     from pipeline.evaluate import run_eval, summary_lines
 
+    path = metrics_path(out)
     result = run_eval(eval_config(options))
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(result, indent=1, sort_keys=True))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1, sort_keys=True))
     for line in summary_lines(result):
         click.echo(line)
-    click.echo(f"metrics: {out}")
+    click.echo(f"metrics: {path}")
+
+
+def metrics_path(out: str) -> Path:
+    """--out DIR -> DIR/eval.json; --out FILE.json (what --out meant before every --out was a folder) -> FILE.json."""
+    if out.endswith(".json"):
+        click.echo(f"capfilt: warning: eval --out {out}: --out is a folder now; the metrics go to "
+                   f"--out/{METRICS_FILE} (a .json path still names the file)", err=True)
+        return Path(out)
+    return Path(out) / METRICS_FILE
 
 
 def eval_config(options: dict):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from capfilt.commands.options import root_option
+
 
 @click.group()
 def export():
@@ -11,7 +13,7 @@ def export():
 
 
 @export.command()
-@click.option("--root", required=True, help="Data root (local path or fsspec URI).")
+@root_option()
 @click.option("--run", "run_id", required=True, help="Run id whose curated/ to export.")
 @click.option("--out", required=True, help="Folder for the tars (local path or fsspec URI).")
 @click.option("--shard-size", type=int, default=10_000, show_default=True, help="Samples per tar.")

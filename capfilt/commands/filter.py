@@ -6,6 +6,8 @@ import os
 
 import click
 
+from capfilt.commands.options import root_option
+
 
 def filter_options(f):
     """Options shared by `capfilt filter` and `capfilt curate`."""
@@ -27,17 +29,20 @@ def filter_options(f):
         click.option("--itm-threshold", type=float, default=0.5, show_default=True, help="blip: keep when ITM p >= this."),
         click.option("--clip-threshold", type=float, default=0.3, show_default=True, help="clip-threshold: keep when CLIP score >= this."),
         click.option("--clip-top-fraction", type=float, default=0.3, show_default=True, help="clip-top-fraction: keep the run's top fraction by CLIP score."),
-        click.option("--min-image-size", type=int, default=0, show_default=True),
-        click.option("--max-aspect-ratio", type=float, default=float("inf")),
+        click.option("--min-image-size", type=int, default=0, show_default=True,
+                     help="Drop images whose shorter side has fewer pixels."),
+        click.option("--max-aspect-ratio", type=float, default=float("inf"), show_default=True,
+                     help="Drop images whose longer side exceeds this many times the shorter side."),
         click.option("--max-punsafe", type=float, help="Drop images whose source punsafe exceeds this."),
         click.option("--max-pwatermark", type=float, help="Drop images whose source pwatermark exceeds this."),
-        click.option("--min-caption-words", type=int, default=1, show_default=True),
-        click.option("--max-caption-words", type=int, default=1000, show_default=True),
+        click.option("--min-caption-words", type=int, default=1, show_default=True, help="Drop captions with fewer words."),
+        click.option("--max-caption-words", type=int, default=1000, show_default=True, help="Drop captions with more words."),
         click.option("--keep-degenerate", is_flag=True, help="Do not drop degenerate synthetic captions."),
         click.option("--dedup-eps", type=float, default=0.02, show_default=True, help="Near-duplicates: cosine similarity > 1 - eps."),
         click.option("--dedup-cluster-size", type=int, default=1000, show_default=True, help="Average images per k-means cluster."),
         click.option("--no-semantic-dedup", is_flag=True, help="Only exact (sha256) dedup."),
-        click.option("--score-batch-size", type=int, default=64, show_default=True),
+        click.option("--score-batch-size", type=int, default=64, show_default=True,
+                     help="Image-caption pairs per CLIP/ITM forward pass."),
         click.option("--score-actors", type=int, help="Scoring actors (default: one per GPU, else one)."),
     ]
     for option in reversed(options):
@@ -109,7 +114,7 @@ def run_filter(store, options: dict) -> dict:
 
 
 @click.command(name="filter")
-@click.option("--root", required=True, help="Data root (local path or fsspec URI).")
+@root_option()
 @click.option("--run", "run_id", required=True, help="Run id.")
 @filter_options
 def filter_command(root, run_id, **options):

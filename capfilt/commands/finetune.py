@@ -13,13 +13,13 @@ def common_options(f):
                      help="Clean annotated set: Parquet/JSONL file or folder (local or fsspec URI) with image_id, "
                           "image|image_path|url and captions (list) or caption (one per row)."),
         click.option("--out", required=True, type=click.Path(file_okay=False), help="Checkpoint folder (resumed if it holds one)."),
-        click.option("--steps", type=int, default=None, help="Default: 5 epochs over the finetuning pairs (LAVIS coco_ft)."),
-        click.option("--lr", type=float, default=None, help="Default: the parent's learning rate / 10 (LAVIS: 1e-4 -> 1e-5)."),
-        click.option("--batch-size", type=int, default=32, show_default=True),
+        click.option("--steps", type=int, default=None, help="Optimizer steps; default: 5 epochs over the finetuning pairs (LAVIS coco_ft)."),
+        click.option("--lr", type=float, default=None, help="Peak learning rate; default: the parent checkpoint's / 10 (LAVIS: 1e-4 -> 1e-5)."),
+        click.option("--batch-size", type=int, default=32, show_default=True, help="Image-caption pairs per optimizer step."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seeds training and the split."),
         click.option("--holdout-fraction", type=float, default=0.2, show_default=True,
                      help="Share of the annotated images held out (never trained on) for calibration."),
-        click.option("--device", default="auto", show_default=True),
+        click.option("--device", default="auto", show_default=True, help="auto (CUDA when present, else CPU), cpu, cuda, ..."),
     ]
     for option in reversed(options):
         f = option(f)

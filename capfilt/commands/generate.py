@@ -6,12 +6,15 @@ from pathlib import Path
 
 import click
 
+from capfilt.commands.options import Command
 
-@click.command()
-@click.option("--checkpoint", required=True, help="Stage 2 checkpoint (--out, step-* or model folder) or a transformers BLIP-2 id/folder.")
-@click.option("--images", required=True, multiple=True, type=click.Path(exists=True, dir_okay=False),
-              help="Image files; repeat the option or list several after it.")
-@click.argument("more_images", nargs=-1, type=click.Path(exists=True, dir_okay=False))
+
+@click.command(cls=Command, renamed={"--checkpoint": "--stage2"})
+@click.option("--stage2", required=True,
+              help="Stage 2 checkpoint (train stage2's --out, step-* or model folder) or a transformers BLIP-2 id/folder.")
+@click.argument("images", nargs=-1, metavar="IMAGE...", type=click.Path(exists=True, dir_okay=False))
+# --images FILE: the old spelling (elsewhere --images is a count of images); still parses, hidden
+@click.option("--images", "old_images", multiple=True, hidden=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--question", default=None, help="Ask this question about every image (prompt 'Question: {} Answer:').")
 @click.option("--prompt", default=None, help="Caption prompt, e.g. 'a photo of'; default: the one it was trained with.")
 @click.option("--preset", type=click.Choice(["lavis-caption", "lavis-vqa"]), default=None,
@@ -22,14 +25,14 @@ import click
 @click.option("--min-new-tokens", type=int, default=None, help="Default 1.")
 @click.option("--length-penalty", type=float, default=None, help="Beam search: score / length**penalty (default 1).")
 @click.option("--top-p", type=float, default=None, help="Nucleus sampling instead of beam search (seeded, per image).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="With --top-p: same seed, same captions.")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Images per generate call.")
 @click.option("--vision", default=None, help="Override the checkpoint's image encoder.")
 @click.option("--llm", default=None, help="Where the frozen LLM is now, if it moved since training (id or folder).")
-@click.option("--device", default="auto", show_default=True)
-def generate(checkpoint, images, more_images, question, prompt, preset, num_beams, max_new_tokens, min_new_tokens,
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present, else CPU), cpu, cuda, ...")
+def generate(stage2, images, old_images, question, prompt, preset, num_beams, max_new_tokens, min_new_tokens,
              length_penalty, top_p, seed, batch_size, vision, llm, device):
-    """Print one line per image: the path, a tab, and the caption (or answer)."""
+    """Print one line per IMAGE file: the path, a tab, and the caption (or answer)."""
     from capfilt.errors import ConfigError
     from model.recipes import GENERATE_PRESETS, preset_values
     from model.stage2 import VQA_PROMPT, Stage2Generator
@@ -40,8 +43,12 @@ def generate(checkpoint, images, more_images, question, prompt, preset, num_beam
         raise ConfigError(f"--top-p must be in (0, 1], got {top_p}.")
     if preset == "lavis-vqa" and question is None:
         raise ConfigError("--preset lavis-vqa needs --question.")
-    paths = list(images) + list(more_images)
-    generator = Stage2Generator.from_checkpoint(checkpoint, vision=vision, llm=llm, device=device)
+    if old_images:
+        click.echo("capfilt: warning: generate --images is an old spelling; list the image files after the options", err=True)
+    paths = list(old_images) + list(images)
+    if not paths:
+        raise click.UsageError("no image files: capfilt generate --stage2 CKPT A.jpg [B.jpg ...]")
+    generator = Stage2Generator.from_checkpoint(stage2, vision=vision, llm=llm, device=device)
     given = dict(num_beams=num_beams, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                  length_penalty=length_penalty)
     defaults = dict(num_beams=5, max_new_tokens=10 if question is not None else 30, min_new_tokens=1,

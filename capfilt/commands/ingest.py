@@ -4,21 +4,23 @@ from __future__ import annotations
 
 import click
 
+from capfilt.commands.options import root_option
+
 from capfilt.errors import CapfiltError
 
 
 @click.command()
 @click.option("--source", help="Parquet/CSV/JSONL file or folder of them (local path or fsspec URI).")
 @click.option("--from-run", help="Instead of --source: reuse this run's downloads (same --root; nothing is downloaded again).")
-@click.option("--root", required=True, help="Data root (local path or fsspec URI).")
+@root_option()
 @click.option("--run", "run_id", required=True, help="Run id.")
 @click.option("--shard-size", type=int, default=10_000, show_default=True, help="Source rows per shard.")
 @click.option("--allow-private-addresses", is_flag=True, help="Fetch URLs whose host is private/loopback/link-local (off: such rows are rejected as private_address).")
-@click.option("--image-size", type=int, default=256, show_default=True, help="img2dataset image_size.")
+@click.option("--image-size", type=int, default=256, show_default=True, help="Side of the stored images in pixels (img2dataset image_size).")
 @click.option("--resize-mode", default="border", show_default=True, help="img2dataset resize_mode: no, border, keep_ratio, keep_ratio_largest, center_crop.")
 @click.option("--resize-only-if-bigger", is_flag=True, help="img2dataset resize_only_if_bigger.")
 @click.option("--encode-format", default="jpg", show_default=True, help="jpg, png or webp.")
-@click.option("--encode-quality", type=int, default=95, show_default=True)
+@click.option("--encode-quality", type=int, default=95, show_default=True, help="JPEG/WebP quality, 0-100.")
 @click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds per download.")
 @click.option("--threads", type=int, default=64, show_default=True, help="Download threads per shard.")
 @click.option("--retries", type=int, default=2, show_default=True,
@@ -30,8 +32,10 @@ from capfilt.errors import CapfiltError
 @click.option("--url-blocklist", type=click.Path(), help="File of URLs or host names to refuse (reason blocklisted).")
 @click.option("--hash-blocklist", type=click.Path(), help="File of image sha256 digests to refuse (reason blocklisted).")
 @click.option("--max-pixels", type=int, default=64_000_000, show_default=True, help="Refuse images with more pixels (decompression bombs).")
-@click.option("--min-image-size", type=int, default=0, show_default=True)
-@click.option("--max-aspect-ratio", type=float, default=float("inf"))
+@click.option("--min-image-size", type=int, default=0, show_default=True,
+              help="Refuse images whose shorter side has fewer pixels (before resizing).")
+@click.option("--max-aspect-ratio", type=float, default=float("inf"), show_default=True,
+              help="Refuse images whose longer side exceeds this many times the shorter side.")
 @click.option("--url-col", default="URL", show_default=True, help="Source column holding the URL.")
 @click.option("--caption-col", default="TEXT", show_default=True, help="Source column holding the caption.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")

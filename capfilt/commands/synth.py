@@ -6,6 +6,7 @@ import json
 
 import click
 
+from capfilt.commands.options import root_option
 from pipeline.synth import BAD_URL_KINDS, NOISE_KINDS, WorldConfig, WorldServer, load_world, make_world
 
 
@@ -19,17 +20,22 @@ from pipeline.synth import BAD_URL_KINDS, NOISE_KINDS, WorldConfig, WorldServer,
 @click.option("--port", type=int, default=0, help="Port the URLs name (default: a free one, recorded in the world).")
 @click.option("--bad-urls-per-kind", type=int, default=1, show_default=True, help=f"Bad URLs of each kind: {', '.join(BAD_URL_KINDS)}.")
 @click.option("--duplicates", type=int, default=4, show_default=True, help="Exact duplicate images under other URLs.")
-@click.option("--annotated", type=float, default=0.1, show_default=True,
+@click.option("--annotated-fraction", "annotated", type=float, default=0.1, show_default=True,
               help="Clean annotated set (other images, several captions each) as a fraction of --images; 0: none.")
+# --annotated FRACTION: the old spelling (elsewhere --annotated is the annotated set's path); still parses, hidden
+@click.option("--annotated", "old_annotated", type=float, default=None, hidden=True)
 @click.option("--captions-per-image", type=int, default=5, show_default=True, help="Captions per annotated image.")
 @click.pass_context
 def synth(ctx, out, images, noise, noise_kinds, seed, image_size, port, bad_urls_per_kind, duplicates, annotated,
-          captions_per_image):
+          old_annotated, captions_per_image):
     """Write a LAION-style source Parquet, the images behind its URLs and a ground-truth sidecar."""
     if ctx.invoked_subcommand is not None:
         return
     if not out:
         raise click.UsageError("missing --out DIR (where to write the world)")
+    if old_annotated is not None:
+        click.echo("capfilt: warning: synth --annotated is an old name; use --annotated-fraction", err=True)
+        annotated = old_annotated
     config = WorldConfig(
         images=images,
         seed=seed,
@@ -75,7 +81,7 @@ def info(directory):
 
 @synth.command()
 @click.option("--truth", required=True, type=click.Path(exists=True, dir_okay=False), help="The world's ground_truth.parquet.")
-@click.option("--root", required=True, help="Data root holding both runs.")
+@root_option("Data root holding both runs.")
 @click.option("--from-run", required=True, help="Run whose ingested images to use.")
 @click.option("--run", "run_id", required=True, help="Run to write: curated/ with the true captions.")
 def oracle(truth, root, from_run, run_id):

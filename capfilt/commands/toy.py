@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from capfilt.commands.options import root_option
+
 
 @click.group()
 def toy():
@@ -11,13 +13,13 @@ def toy():
 
 
 @toy.command()
-@click.option("--root", required=True, help="Run store root (local folder or fsspec URL).")
+@root_option()
 @click.option("--run", required=True, help="An ingested run: its images and web captions are the training pairs "
               "(unless --world-images).")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Folder for tokenizer/, bert/, clip/ (open_clip local-dir:) and lm/.")
 @click.option("--quick", is_flag=True, help="Fewer training steps (same architectures).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds initialisation and data order.")
 @click.option("--world-images", type=int, default=0, show_default=True,
               help="Pretrain on a separate synthetic web world of this many images (made once under "
                    "<root>/worlds/ and reused), never on the run being bootstrapped; 0: on the run's pairs.")

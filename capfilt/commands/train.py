@@ -6,19 +6,20 @@ import json
 
 import click
 
+from capfilt.commands.options import Command, root_option
 
 
 def run_options(f):
     """Options both trainers share: seed, device, workers, logging, checkpoints, resume."""
     options = [
-        click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--device", default="auto", show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seeds initialisation, data order and augmentation."),
+        click.option("--device", default="auto", show_default=True, help="auto (CUDA when present, else CPU), cpu, cuda, cuda:1, ..."),
         click.option("--workers", type=int, default=1, show_default=True, help="Ray Train workers (DDP) when > 1."),
         click.option("--data-workers", type=int, default=0, show_default=True, help="DataLoader processes per trainer."),
-        click.option("--log-every", type=int, default=10, show_default=True),
-        click.option("--checkpoint-every", type=int, default=500, show_default=True),
-        click.option("--resume/--no-resume", default=True, show_default=True),
-        click.option("--stop-at", type=int, default=None, help="Stop after this step (the schedule still spans --steps)."),
+        click.option("--log-every", type=int, default=10, show_default=True, help="Optimizer steps between metrics.jsonl lines."),
+        click.option("--checkpoint-every", type=int, default=500, show_default=True, help="Optimizer steps between checkpoints."),
+        click.option("--resume/--no-resume", default=True, show_default=True, help="Continue from the newest checkpoint in --out."),
+        click.option("--stop-at", type=int, default=None, help="Stop after this optimizer step (the schedule still spans --steps); default: run all --steps."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -31,7 +32,7 @@ def recipe_options(f):
     options = [
         click.option("--recipe", type=click.Choice(["paper", "lavis"]), default="paper", show_default=True,
                      help="paper: the BLIP-2 paper's recipe; lavis: what salesforce/LAVIS's code does (README: Recipes)."),
-        click.option("--min-lr", type=float, default=None, help=f"Cosine floor ({row}: 1e-5; Stage 2 paper 5e-5)."),
+        click.option("--min-lr", type=float, default=None, help=f"Learning rate the cosine ends at ({row}: 1e-5; Stage 2 paper 5e-5)."),
         click.option("--warmup-steps", type=int, default=None, help=f"Linear warmup steps ({row}: paper 2000, lavis 5000 Stage 1 / 2000 Stage 2)."),
         click.option("--warmup-lr", type=float, default=None, help=f"LR at warmup's first step; 0 ramps from lr/warmup ({row}: paper 0, lavis 1e-6)."),
         click.option("--lr-schedule", type=click.Choice(["cosine-step", "cosine-epoch"]), default=None,
@@ -89,22 +90,24 @@ def stage1_config(params: dict):
     )
 
 
-@train.command()
-@click.option("--root", required=True, help="Data root (local path or fsspec URI) holding runs/<run>/curated.")
-@click.option("--run", "--from-run", "run_id", required=True,
+@train.command(cls=Command, renamed={"--from-run": "--run"})
+@root_option("Data root (local path or fsspec URI) holding runs/<run>/curated.")
+@click.option("--run", "run_id", required=True,
               help="Run whose curated/ pairs to train on; its lineage (models, thresholds) is recorded in the checkpoint.")
 @click.option("--vision", required=True, help="Frozen encoder: open_clip:<name>@<tag|checkpoint>, or a transformers id/folder.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Checkpoint folder (resumed from if it holds one).")
 @click.option("--tokenizer", default="bert-base-uncased", show_default=True, help="BERT tokenizer id or folder.")
 @click.option("--bert", default="bert-base-uncased", show_default=True, help="BERT checkpoint to initialise from; 'none' for random init.")
-@click.option("--model-config", default=None, help="JSON object of Q-Former config overrides, e.g. '{\"num_hidden_layers\": 2}'.")
-@click.option("--steps", type=int, default=10_000, show_default=True)
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Per worker and micro-step.")
-@click.option("--grad-accumulation", type=int, default=1, show_default=True)
-@click.option("--lr", type=float, default=1e-4, show_default=True)
-@click.option("--weight-decay", type=float, default=0.05, show_default=True)
+@click.option("--model-config", default=None,
+              help="JSON object of Q-Former config overrides, e.g. '{\"num_hidden_layers\": 2}'; default: none.")
+@click.option("--steps", type=int, default=10_000, show_default=True, help="Optimizer steps in all (the LR schedule spans them).")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Image-text pairs per worker and micro-step.")
+@click.option("--grad-accumulation", type=int, default=1, show_default=True, help="Micro-steps per optimizer step.")
+@click.option("--lr", type=float, default=1e-4, show_default=True, help="Peak learning rate (AdamW, after warmup).")
+@click.option("--weight-decay", type=float, default=0.05, show_default=True, help="AdamW weight decay.")
 @click.option("--precision", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True, help="Autocast dtype on GPU (CPU runs fp32).")
-@click.option("--activation-checkpointing/--no-activation-checkpointing", default=False, show_default=True)
+@click.option("--activation-checkpointing/--no-activation-checkpointing", default=False, show_default=True,
+              help="Recompute activations in the backward pass: less GPU memory, more time.")
 @click.option("--augment/--no-augment", default=True, show_default=True, help="Random resized crop and flip.")
 @click.option("--flip/--no-flip", default=True, show_default=True, help="Horizontal flip (swaps left/right in captions).")
 @click.option("--cache-features/--no-cache-features", default=False, show_default=True, help="Compute frozen features once per image (needs --no-augment).")
@@ -145,8 +148,8 @@ def stage2_config(params: dict):
     return Stage2Config(root=p.pop("root"), run=p.pop("run_id"), num_data_workers=p.pop("data_workers"), **p)
 
 
-@train.command()
-@click.option("--root", required=True, help="Data root (local path or fsspec URI) holding runs/<run>/curated.")
+@train.command(cls=Command)
+@root_option("Data root (local path or fsspec URI) holding runs/<run>/curated.")
 @click.option("--run", "run_id", required=True, help="Run whose curated/ pairs to train on.")
 @click.option("--stage1", required=True, type=click.Path(exists=True, file_okay=False), help="Stage 1 checkpoint: its --out folder, a step-* folder or model/.")
 @click.option("--llm", required=True, help="Frozen LLM: hub id or folder (AutoModelForCausalLM, e.g. OPT; or Flan-T5/T5) with its tokenizer.")
@@ -154,18 +157,19 @@ def stage2_config(params: dict):
 @click.option("--vision", default=None, help="Frozen encoder; default: the one named in the Stage 1 checkpoint's stage1.json.")
 @click.option("--prompt", default="", show_default=True, help="Text before every caption (no loss on it), e.g. 'a photo of'.")
 @click.option("--instruction-aware/--no-instruction-aware", default=False, show_default=True, help="InstructBLIP: the prompt also enters the Q-Former.")
-@click.option("--steps", type=int, default=10_000, show_default=True)
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Per worker and micro-step.")
-@click.option("--grad-accumulation", type=int, default=1, show_default=True)
-@click.option("--lr", type=float, default=1e-4, show_default=True)
-@click.option("--weight-decay", type=float, default=0.05, show_default=True)
-@click.option("--max-text-length", type=int, default=32, show_default=True, help="LLM tokens per caption (eos included).")
+@click.option("--steps", type=int, default=10_000, show_default=True, help="Optimizer steps in all (the LR schedule spans them).")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Image-text pairs per worker and micro-step.")
+@click.option("--grad-accumulation", type=int, default=1, show_default=True, help="Micro-steps per optimizer step.")
+@click.option("--lr", type=float, default=1e-4, show_default=True, help="Peak learning rate (AdamW, after warmup).")
+@click.option("--weight-decay", type=float, default=0.05, show_default=True, help="AdamW weight decay.")
+@click.option("--max-text-length", type=int, default=32, show_default=True, help="Most LLM tokens per caption (eos included).")
 @click.option("--precision", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True, help="Autocast dtype on GPU (CPU runs fp32).")
-@click.option("--activation-checkpointing/--no-activation-checkpointing", default=False, show_default=True)
+@click.option("--activation-checkpointing/--no-activation-checkpointing", default=False, show_default=True,
+              help="Recompute activations in the backward pass: less GPU memory, more time.")
 @click.option("--augment/--no-augment", default=True, show_default=True, help="Random resized crop and flip.")
 @click.option("--flip/--no-flip", default=True, show_default=True, help="Horizontal flip (swaps left/right in captions).")
 @click.option("--cache-features/--no-cache-features", default=False, show_default=True, help="Compute frozen features once per image (needs --no-augment).")
-@click.option("--holdout-images", type=int, default=0, show_default=True)
+@click.option("--holdout-images", type=int, default=0, show_default=True, help="Images kept out of training for evaluation.")
 @click.option("--llm-train-mode/--llm-eval-mode", default=None,
               help="Frozen LLM in train mode, dropout on (lavis), or eval mode (paper); default: from --recipe.")
 @click.option("--caption-end", type=click.Choice(["eos", "newline"]), default=None,
