@@ -106,7 +106,7 @@ class IngestConfig:
             raise ConfigError(f"--max-pixels must be >= 1, got {self.max_pixels}.")
 
 
-def read_blocklist(path: str | None) -> tuple[str, ...]:
+def read_blocklist(path: str | None, option: str = "blocklist") -> tuple[str, ...]:
     """Lines of a blocklist file (URLs or host names; or sha256 hex digests), comments skipped."""
     if not path:
         return ()
@@ -114,7 +114,9 @@ def read_blocklist(path: str | None) -> tuple[str, ...]:
         with fsspec.open(path, "r") as handle:
             lines = [line.strip() for line in handle]
     except FileNotFoundError as exc:
-        raise ConfigError(f"blocklist file {path} does not exist.") from exc
+        raise ConfigError(f"{option}: blocklist file {path} does not exist; check the path.") from exc
+    except (IsADirectoryError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{option}: blocklist file {path} is not a text file of one entry per line ({exc}).") from exc
     return tuple(sorted({line for line in lines if line and not line.startswith("#")}))
 
 

@@ -168,7 +168,7 @@ TABLE = [
     Row("ingest-not-a-number", lambda w: ["ingest", "--source", w.p("good.parquet"), *R(w), "--run", "x",
                                            "--timeout", "soon"], ("--timeout", "'soon' is not a valid float")),
     Row("ingest-missing-blocklist", lambda w: ["ingest", "--source", w.p("good.parquet"), *R(w), "--run", "x",
-                                                "--url-blocklist", w.p("nope.txt")], ("blocklist file", "nope.txt", "does not exist")),
+                                                "--url-blocklist", w.p("nope.txt")], ("--url-blocklist", "nope.txt", "does not exist", "check the path")),
     Row("ingest-from-missing-run", lambda w: ["ingest", "--from-run", "ghost", *R(w), "--run", "x"],
         ("--from-run ghost", "has no finished ingest shards")),
     Row("ingest-source-and-from-run", lambda w: ["ingest", "--source", w.p("good.parquet"), "--from-run", "images",
@@ -179,18 +179,19 @@ TABLE = [
     Row("caption-missing-captioner", lambda w: ["caption", *R(w), "--run", "images", "--captioner", w.p("no_model")],
         ("no_model", "save_pretrained")),
     Row("caption-bad-top-p", lambda w: ["caption", *R(w), "--run", "images", "--captioner", "none", "--top-p", "2"],
-        ("--top-p",)),
+        ("--top-p must be in (0, 1]", "got 2.0")),
     Row("caption-unreadable-image", lambda w: ["caption", *R(w), "--run", "images", "--captioner", "none"],
-        accepted={"run": "images", "stage": "caption", "reason": "undecodable_image", "sample_id": "s0/1"}),
+        accepted={"run": "images", "stage": "caption", "reason": "undecodable_image", "sample_id": "s0/1",
+                  "message": "could not be decoded", "line": "3 images = 2 captioned + 1 failed"}),
     # filter
     Row("filter-missing-run", lambda w: ["filter", *R(w), "--run", "ghost", "--clip", "ViT-B-32", "--policy",
-                                         "clip-threshold"], ("ghost",)),
+                                         "clip-threshold"], ("run 'ghost'", "no captioned shards", "capfilt caption")),
     Row("filter-unknown-policy", lambda w: ["filter", *R(w), "--run", "images", "--clip", "ViT-B-32", "--policy",
                                             "best"], ("--policy", "best", "choose from")),
     Row("filter-unknown-clip", lambda w: ["filter", *R(w), "--run", "images", "--clip", "ViT-Q-99", "--policy",
                                           "clip-threshold"], ("ViT-Q-99", "not an open_clip model name")),
     Row("filter-bad-top-k", lambda w: ["filter", *R(w), "--run", "images", "--clip", "ViT-B-32", "--top-k", "0"],
-        ("--top-k",)),
+        ("--top-k must be >= 1", "got 0")),
     # train
     Row("train-missing-run", lambda w: ["train", "stage1", *R(w), "--run", "ghost", "--vision", "open_clip:x",
                                         "--out", w.p("out-train1")], ("run 'ghost'", "no curated/ data", "capfilt filter")),
@@ -198,18 +199,18 @@ TABLE = [
                                                   "open_clip:x", "--out", w.p("out-train2"), "--model-config", "{layers: 2"],
         ("--model-config", "not JSON")),
     Row("train-bad-steps", lambda w: ["train", "stage1", *R(w), "--run", "curated", "--vision", "open_clip:x",
-                                      "--out", w.p("out-train3"), "--steps", "0"], ("--steps",)),
+                                      "--out", w.p("out-train3"), "--steps", "0"], ("--steps must be >= 1", "got 0")),
     Row("train-missing-stage1-checkpoint", lambda w: ["train", "stage2", *R(w), "--run", "curated", "--stage1",
                                                       w.p("no_ckpt"), "--llm", "x", "--out", w.p("out-train4")],
         ("--stage1", "no_ckpt", "does not exist")),
     Row("train-empty-stage1-checkpoint", lambda w: ["train", "stage2", *R(w), "--run", "curated", "--stage1",
                                                     w.p("empty_checkpoint"), "--llm", "x", "--out", w.p("out-train5")],
-        ("empty_checkpoint",)),
+        ("--stage1", "empty_checkpoint", "no Stage 1 Q-Former", "capfilt train stage1 --out")),
     # generate
     Row("generate-missing-checkpoint", lambda w: ["generate", "--checkpoint", w.p("no_ckpt"), "--images",
-                                                  w.p("broken.jpg")], ("no_ckpt",)),
+                                                  w.p("broken.jpg")], ("--checkpoint", "no_ckpt", "no such folder", "capfilt train stage2 --out")),
     Row("generate-empty-checkpoint", lambda w: ["generate", "--checkpoint", w.p("empty_checkpoint"), "--images",
-                                                w.p("broken.jpg")], ("empty_checkpoint",)),
+                                                w.p("broken.jpg")], ("empty_checkpoint", "no Stage 2 model", "capfilt train stage2 --out")),
     Row("generate-missing-image", lambda w: ["generate", "--checkpoint", w.p("empty_checkpoint"), "--images",
                                              w.p("no.jpg")], ("--images", "no.jpg", "does not exist")),
     Row("generate-bad-top-p", lambda w: ["generate", "--checkpoint", w.p("empty_checkpoint"), "--images",
@@ -226,40 +227,43 @@ TABLE = [
                                           "--out", w.p("out-eval/m.json")], ("--max-images", "got --max-images 0")),
     # export
     Row("export-missing-run", lambda w: ["export", "webdataset", *R(w), "--run", "ghost", "--out", w.p("out-wds1")],
-        ("ghost", "curated")),
+        ("run 'ghost'", "no curated/ shards", "capfilt filter")),
     Row("export-bad-shard-size", lambda w: ["export", "webdataset", *R(w), "--run", "curated", "--out",
-                                            w.p("out-wds2"), "--shard-size", "0"], ("--shard-size",)),
+                                            w.p("out-wds2"), "--shard-size", "0"], ("--shard-size must be >= 1", "got 0")),
     Row("export-out-is-a-file", lambda w: ["export", "webdataset", *R(w), "--run", "curated", "--out", w.p("a_file")],
-        ("a_file",)),
+        ("--out", "a_file", "is a file", "choose a folder")),
     # bootstrap (the flow) and curate: every stage's options are checked before any work
     Row("bootstrap-unknown-set-field", lambda w: ["bootstrap", "--source", w.p("good.parquet"), *R(w), "--set",
-                                                  "stage1.stepz=5"], ("stage1", "stepz")),
+                                                  "stage1.stepz=5"], ("stage train stage1", "--stepz", "--steps")),
     Row("bootstrap-unknown-set-stage", lambda w: ["bootstrap", "--source", w.p("good.parquet"), *R(w), "--set",
                                                   "stage9.steps=5"], ("--set", "stage9.steps=5", "STAGE.OPTION=VALUE")),
     Row("bootstrap-bad-set-value", lambda w: ["bootstrap", "--source", w.p("good.parquet"), *R(w), "--set",
                                               "filter.top-k=0"], ("stage filter", "--top-k must be >= 1")),
     Row("bootstrap-missing-source", lambda w: ["bootstrap", "--source", w.p("nope.parquet"), *R(w)],
-        ("nope.parquet", "no such file or folder")),
+        ("stage ingest", "--source", "nope.parquet", "no such file or folder")),
     Row("bootstrap-bad-rounds", lambda w: ["bootstrap", "--source", w.p("good.parquet"), *R(w), "--rounds", "-1"],
-        ("rounds",)),
+        ("rounds", "greater than or equal to 0")),
     Row("curate-bad-num-captions", lambda w: ["curate", "--source", w.p("good.parquet"), *R(w), "--run", "x",
                                               "--captioner", "none", "--clip", "ViT-B-32", "--num-captions", "0"],
         ("stage caption", "--num-captions must be >= 1")),
     # bad rows inside a good source: dropped with a reason, the run keeps the good row
     Row("ingest-megabyte-caption", lambda w: ["ingest", "--source", w.p("megabyte_caption.parquet"), *R(w), "--run",
                                               "mb", "--allow-private-addresses", "--no-progress"],
-        accepted={"run": "mb", "stage": "ingest", "reason": "bad_caption", "sample_id": "megabyte_caption/1"}, ray=True),
+        accepted={"run": "mb", "stage": "ingest", "reason": "bad_caption", "sample_id": "megabyte_caption/1",
+                  "message": "caption is 1,100,000 bytes, more than 65,536", "line": "2 rows in = 1 kept + 1 rejected + 0 failed"}, ray=True),
     Row("ingest-nul-bytes-caption", lambda w: ["ingest", "--source", w.p("nul_caption.parquet"), *R(w), "--run",
                                                "nul", "--allow-private-addresses", "--no-progress"],
-        accepted={"run": "nul", "stage": "ingest", "reason": "bad_caption", "sample_id": "nul_caption/1"}, ray=True),
+        accepted={"run": "nul", "stage": "ingest", "reason": "bad_caption", "sample_id": "nul_caption/1",
+                  "message": "caption holds 2 NUL byte(s)", "line": "2 rows in = 1 kept + 1 rejected + 0 failed"}, ray=True),
     Row("ingest-invalid-utf8-caption", lambda w: ["ingest", "--source", w.p("invalid_utf8_caption.parquet"), *R(w),
                                                   "--run", "utf", "--allow-private-addresses", "--no-progress"],
-        accepted={"run": "utf", "stage": "ingest", "reason": "bad_caption", "sample_id": "invalid_utf8_caption/1"},
-        ray=True),
+        accepted={"run": "utf", "stage": "ingest", "reason": "bad_caption", "sample_id": "invalid_utf8_caption/1",
+                  "message": "caption is not valid UTF-8 (byte 3", "line": "2 rows in = 1 kept + 1 rejected + 0 failed"}, ray=True),
     Row("ingest-all-urls-duplicates", lambda w: ["ingest", "--source", w.p("all_duplicates.parquet"), *R(w), "--run",
                                                  "dup", "--allow-private-addresses", "--no-progress"],
         accepted={"run": "dup", "stage": "ingest", "reason": "duplicate_url", "sample_id": "all_duplicates/1",
-                  "rejected": 3}, ray=True),
+                  "message": "the same URL as an earlier row", "duplicate_of": "all_duplicates/0",
+                  "rejected": 3, "line": "4 rows in = 1 kept + 3 rejected + 0 failed"}, ray=True),
 ]
 
 
@@ -289,10 +293,12 @@ def test_bad_input(row: Row, world: World, capsys, request):
     if row.accepted:
         a = row.accepted
         assert code == 0, err
-        assert "capfilt: error:" not in err
+        assert "capfilt: error:" not in err and a["line"] in out, (out, err)
         rejected = RunStore(str(world.root), a["run"]).read_rejected(a["stage"]).to_pylist()
         mine = [r for r in rejected if r["sample_id"] == a["sample_id"]]
-        assert len(mine) == 1 and mine[0]["reason"] == a["reason"] and mine[0]["error_message"], rejected
+        assert len(mine) == 1 and mine[0]["reason"] == a["reason"] and a["message"] in mine[0]["error_message"], mine
+        assert mine[0]["outcome"] == ("failed" if a["stage"] == "caption" else "dropped"), mine
+        assert mine[0]["duplicate_of"] == a.get("duplicate_of"), mine
         assert len(rejected) == a.get("rejected", 1), rejected
         return
     assert code == 2, (code, out, err)
