@@ -59,13 +59,11 @@ def ingest_command(source, from_run, root, run_id, retry_failed, no_progress, **
 
 def ingest_config(options: dict):
     """The ingest stage's typed config from the command's options (checks every value, reads blocklists)."""
-    from pipeline.ingest import IngestConfig, list_source_files, read_blocklist
+    from pipeline.ingest import IngestConfig, read_blocklist
     from schemas import SourceColumns
 
     if bool(options.get("source")) == bool(options.get("from_run")):
         raise click.UsageError("give either --source (download a URL source) or --from-run (reuse a run's downloads)")
-    if options.get("source"):
-        list_source_files(options["source"])  # a missing or empty source fails a flow's early check too
     o = {k: v for k, v in options.items()
          if k not in ("source", "from_run", "root", "run_id", "retry_failed", "no_progress")}
     return IngestConfig(
