@@ -109,9 +109,17 @@ def world(tmp_path_factory):
     (d / "not_json.json").write_text("{")
     (d / "truth_corrupt.parquet").write_bytes(b"not parquet")
     (d / "a_file").write_text("x")
+    (d / "one.png").write_bytes(png())
+    (d / "no_image_column.jsonl").write_text('{"image_id": 1, "captions": ["a cube"]}\n')
+    (d / "one_image.jsonl").write_text(json.dumps({"image_id": 1, "image_path": str(d / "one.png"),
+                                                   "captions": ["a red cube"]}) + "\n")
 
     # Runs: images with one unreadable image; a curated run to train on and export.
     commit_image_shards(RunStore(str(root), "images"), {"s0": 3}, corrupt={"s0": (1,)})
+    truncated = RunStore(str(root), "truncated")  # a committed images shard whose file was cut short later
+    commit_image_shards(truncated, {"s0": 3})
+    shard = root / "runs" / "truncated" / "images" / "s0.parquet"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     curated = RunStore(str(root), "curated")
     rows = [dict(sample_id=f"s0/{i}", caption_id=f"s0/{i}#web", image=png(), image_format="png", caption="a red cube",
                  caption_source="web", clip_score=0.3, itm_score=0.9, rank=0, url=f"{base}{i}.png", width=32, height=32,
@@ -183,6 +191,8 @@ TABLE = [
     Row("caption-unreadable-image", lambda w: ["caption", *R(w), "--run", "images", "--captioner", "none"],
         accepted={"run": "images", "stage": "caption", "reason": "undecodable_image", "sample_id": "s0/1",
                   "message": "could not be decoded", "line": "3 images = 2 captioned + 1 failed"}),
+    Row("caption-truncated-images-shard", lambda w: ["caption", *R(w), "--run", "truncated", "--captioner", "none"],
+        ("runs/truncated/images/s0.parquet", "not a readable Parquet file", "Re-create it or remove it")),
     # filter
     Row("filter-missing-run", lambda w: ["filter", *R(w), "--run", "ghost", "--clip", "ViT-B-32", "--policy",
                                          "clip-threshold"], ("run 'ghost'", "no captioned shards", "capfilt caption")),
@@ -206,6 +216,19 @@ TABLE = [
     Row("train-empty-stage1-checkpoint", lambda w: ["train", "stage2", *R(w), "--run", "curated", "--stage1",
                                                     w.p("empty_checkpoint"), "--llm", "x", "--out", w.p("out-train5")],
         ("--stage1", "empty_checkpoint", "no Stage 1 Q-Former", "capfilt train stage1 --out")),
+    # finetune and toy
+    Row("finetune-missing-annotated", lambda w: ["finetune", "filter", "--annotated", w.p("nope.jsonl"), "--out",
+                                                 w.p("out-ft1"), "--stage1", w.p("empty_checkpoint")],
+        ("--annotated", "nope.jsonl", "no such file or folder", "give the annotated Parquet/JSONL")),
+    Row("finetune-annotated-no-image-column", lambda w: ["finetune", "captioner", "--annotated",
+                                                         w.p("no_image_column.jsonl"), "--out", w.p("out-ft2"),
+                                                         "--stage2", w.p("empty_checkpoint")],
+        ("no_image_column.jsonl", "no image column", "found: captions, image_id", "image_path")),
+    Row("finetune-holdout-leaves-nothing", lambda w: ["finetune", "filter", "--annotated", w.p("one_image.jsonl"),
+                                                      "--out", w.p("out-ft3"), "--stage1", w.p("empty_checkpoint")],
+        ("--holdout-fraction 0.2 of 1 images", "lower it or give a larger annotated set")),
+    Row("toy-missing-run", lambda w: ["toy", "pretrain", *R(w), "--run", "ghost", "--out", w.p("out-toy")],
+        ("run 'ghost'", "no images/", "capfilt ingest")),
     # generate
     Row("generate-missing-checkpoint", lambda w: ["generate", "--checkpoint", w.p("no_ckpt"), "--images",
                                                   w.p("broken.jpg")], ("--checkpoint", "no_ckpt", "no such folder", "capfilt train stage2 --out")),
