@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 import pipeline.ray_env  # noqa: F401  (sets RAY_ENABLE_UV_RUN_RUNTIME_ENV before ray)
 from capfilt.errors import CapfiltError, ConfigError
 from pipeline.run_store import RunStore, ShardCounts, config_hash
-from schemas import IMAGES, REJECTED, SourceColumns, to_canonical
+from schemas import IMAGES, REJECTED, SOURCE, SourceColumns, to_canonical
 
 STAGE = "ingest"
 SOURCE_SUFFIXES = (".parquet", ".csv", ".jsonl", ".json")
@@ -192,16 +192,24 @@ def plan_shards(source: str, shard_size: int, columns: SourceColumns) -> list[Sh
     specs = []
     for fs, path, name in list_source_files(source):
         if path.endswith(".parquet"):
+            where = fs.unstrip_protocol(path)
             try:
                 with fs.open(path, "rb") as handle:
                     parquet = pq.ParquetFile(handle)
-                    rows, names = parquet.metadata.num_rows, parquet.schema_arrow.names
+                    rows, schema = parquet.metadata.num_rows, parquet.schema_arrow
+                    # Column names and types are checked here, before any Ray task starts: on the
+                    # footer's schema, and on the values of the (usually no) columns whose type
+                    # differs from the canonical one, so 'wide' in WIDTH fails now, not as a shard.
+                    to_canonical(schema.empty_table(), columns, where=where)
+                    named = {getattr(columns, f.name): f.type for f in SOURCE.schema}
+                    recast = [n for n, t in named.items() if n in schema.names and schema.field(n).type != t]
+                    if recast:
+                        values = parquet.read(columns=recast)
+                        if columns.URL not in recast:
+                            values = values.append_column(columns.URL, pa.nulls(values.num_rows, pa.string()))
+                        to_canonical(values, columns, where=where)
             except (pa.ArrowInvalid, OSError) as exc:
-                raise CapfiltError(f"{fs.unstrip_protocol(path)}: not a readable Parquet file ({exc}). "
-                                   f"Fix or remove the file.") from exc
-            # Column names and types are checked here, on the footer's schema, before any Ray task
-            # starts: a list or struct where a string belongs fails now, not as a failed shard.
-            to_canonical(parquet.schema_arrow.empty_table(), columns, where=fs.unstrip_protocol(path))
+                raise CapfiltError(f"{where}: not a readable Parquet file ({exc}). Fix or remove the file.") from exc
         else:
             rows = read_source_file(fs, path, columns, fs.unstrip_protocol(path)).num_rows
         file = SourceFile(path=fs.unstrip_protocol(path), name=name, rows=rows)
