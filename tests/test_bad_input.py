@@ -140,6 +140,7 @@ class Row:
     expect: tuple[str, ...] = ()  # substrings of the one error line: what is wrong (file/row/option) and the fix
     accepted: dict | None = None  # a bad row in good input: {"run": ..., "stage": ..., "reason": ..., "kept": n}
     ray: bool = False
+    keeps: str | None = None  # a run the failed command may write: its rows rejected with reasons, no output
 
 
 def R(w: World) -> list[str]:  # noqa: N802 - short, it is on every row
@@ -272,6 +273,10 @@ TABLE = [
     Row("curate-bad-num-captions", lambda w: ["curate", "--source", w.p("good.parquet"), *R(w), "--run", "x",
                                               "--captioner", "none", "--clip", "ViT-B-32", "--num-captions", "0"],
         ("stage caption", "--num-captions must be >= 1")),
+    Row("curate-nothing-kept", lambda w: ["curate", "--source", w.p("good.parquet"), *R(w), "--run", "nk",
+                                          "--captioner", "none", "--clip", "ViT-B-32"],
+        ("ingest nk: nothing of 2 rows kept", "2 of 2 private_address", "pass --allow-private-addresses"),
+        ray=True, keeps="nk"),
     # bad rows inside a good source: dropped with a reason, the run keeps the good row
     Row("ingest-megabyte-caption", lambda w: ["ingest", "--source", w.p("megabyte_caption.parquet"), *R(w), "--run",
                                               "mb", "--allow-private-addresses", "--no-progress"],
@@ -336,4 +341,10 @@ def test_bad_input(row: Row, world: World, capsys, request):
     for part in row.expect:
         assert part in errors[0], (part, errors[0])
     after = files(world.dir)
+    if row.keeps:  # what it wrote is every row rejected with its reason, and no image a later stage would read
+        run = f"root/runs/{row.keeps}"
+        assert not [p for p in after if p.startswith(f"{run}/images/") and p.endswith(".parquet")
+                    and pq.read_metadata(world.dir / p).num_rows], after
+        assert RunStore(str(world.root), row.keeps).read_rejected("ingest").num_rows == 2
+        after = {p: n for p, n in after.items() if p != run and not p.startswith(f"{run}/")}
     assert after == before, sorted(set(after) ^ set(before))  # nothing written, nothing a rerun would trust
