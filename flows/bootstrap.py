@@ -50,7 +50,19 @@ def _all_steps(params: BootstrapParams) -> dict[str, list[str]]:
 
 def check(params: BootstrapParams) -> None:
     """Every step's options, checked as its stage would check them, before any work (no Prefect needed)."""
-    validate_steps(_all_steps(params), will_exist=(params.models(""),))  # later rounds read earlier models
+    steps = _all_steps(params)
+    validate_steps(steps, will_exist=(params.models(""),))  # later rounds read earlier models
+    if params.execution.mode == "embedded":  # on a cluster the source may be where only the cluster sees it
+        from capfilt.errors import CapfiltError, ConfigError
+        from pipeline.ingest import list_source_files
+
+        # Ingest reads the source only when it runs, after Prefect and Ray started: a typo fails here.
+        for argv in steps.values():
+            if argv[0] == "ingest" and "--source" in argv:
+                try:
+                    list_source_files(argv[argv.index("--source") + 1])
+                except CapfiltError as exc:
+                    raise ConfigError(f"stage ingest: {exc}") from exc
 
 
 def oracle_argv(params: BootstrapParams) -> list[str]:

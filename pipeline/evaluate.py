@@ -279,11 +279,12 @@ class EvalConfig:
     heldout: str | None = None  # a synthetic world folder: a clean evaluation set no model has seen
 
     def __post_init__(self):
+        if self.max_images < 1 or self.rerank_k < 0 or self.num_beams < 1:
+            raise ConfigError(f"--max-images and --num-beams must be >= 1 and --rerank-k >= 0 (got --max-images "
+                              f"{self.max_images}, --num-beams {self.num_beams}, --rerank-k {self.rerank_k}).")
         if not (self.stage1 or self.captioner or self.truth):
             raise ConfigError("nothing to evaluate: give --stage1 (retrieval), --captioner (captions) and/or "
                               "--truth (filter quality on a synthetic world).")
-        if self.max_images < 1 or self.rerank_k < 0 or self.num_beams < 1:
-            raise ConfigError("--max-images and --num-beams must be >= 1 and --rerank-k >= 0.")
         if self.rerank_score not in ("itm+itc", "itm"):
             raise ConfigError(f"--rerank-score must be itm+itc or itm, got {self.rerank_score!r}.")
         if not 1 <= self.min_length <= self.max_length:
@@ -292,11 +293,16 @@ class EvalConfig:
 
 def load_truth(path: str) -> dict[str, dict]:
     """Ground-truth rows of real images and their exact duplicates, by URL."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     if not Path(path).exists():
         raise ConfigError(f"--truth {path}: no such file; a synthetic world writes ground_truth.parquet.")
-    rows = pq.read_table(path).to_pylist()
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ConfigError(f"--truth {path}: not a readable Parquet file ({exc}); point it at a synthetic world's "
+                          f"ground_truth.parquet.") from exc
     missing = [c for c in ("url", "kind", "corrupted", "true_caption", *ATTRIBUTES) if rows and c not in rows[0]]
     if missing:
         raise ConfigError(f"--truth {path}: not a synthetic world's sidecar (no column(s) {missing}).")

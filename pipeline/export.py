@@ -116,6 +116,9 @@ def export_webdataset(store: RunStore, config: WebDatasetExport) -> ExportSummar
                           f"run `capfilt filter` first.")
     fs, folder = fsspec.core.url_to_fs(config.out)
     folder = folder.rstrip("/")
+    if fs.exists(folder) and not fs.isdir(folder):
+        raise ConfigError(f"--out {config.out} is a file, not a folder; choose a folder for the tars.")
+    created = not fs.exists(folder)
     fs.makedirs(folder, exist_ok=True)
     stale = sorted(p for p in fs.glob(f"{folder}/{config.prefix}-*.tar"))
     if stale and not config.overwrite:
@@ -143,9 +146,12 @@ def export_webdataset(store: RunStore, config: WebDatasetExport) -> ExportSummar
         if writer is not None:
             summary.tars.append(writer.commit())
             writer = None
-    finally:
+    except BaseException:
         if writer is not None:
             writer.abort()
+        if created and not fs.ls(folder):  # no empty --out left behind to look like an export
+            fs.rmdir(folder)
+        raise
     return summary
 
 

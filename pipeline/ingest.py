@@ -39,9 +39,9 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 import pipeline.ray_env  # noqa: F401  (sets RAY_ENABLE_UV_RUN_RUNTIME_ENV before ray)
-from capfilt.errors import CapfiltError, ConfigError, SchemaError
+from capfilt.errors import CapfiltError, ConfigError
 from pipeline.run_store import RunStore, ShardCounts, config_hash
-from schemas import IMAGES, REJECTED, SourceColumns, to_canonical
+from schemas import IMAGES, REJECTED, SOURCE, SourceColumns, to_canonical
 
 STAGE = "ingest"
 SOURCE_SUFFIXES = (".parquet", ".csv", ".jsonl", ".json")
@@ -55,7 +55,12 @@ DROP_REASONS = {
     "too_many_pixels",
     "image_too_small",
     "aspect_ratio_too_large",
+    "bad_caption",
+    "duplicate_url",
 }
+# Longer "alt text" is a page or a payload, not a caption; it would only cost tokenizer time and
+# Parquet space downstream (LAION's longest captions are a few KB).
+MAX_CAPTION_BYTES = 65_536
 
 
 @dataclass(frozen=True)
@@ -101,7 +106,7 @@ class IngestConfig:
             raise ConfigError(f"--max-pixels must be >= 1, got {self.max_pixels}.")
 
 
-def read_blocklist(path: str | None) -> tuple[str, ...]:
+def read_blocklist(path: str | None, option: str = "blocklist") -> tuple[str, ...]:
     """Lines of a blocklist file (URLs or host names; or sha256 hex digests), comments skipped."""
     if not path:
         return ()
@@ -109,7 +114,9 @@ def read_blocklist(path: str | None) -> tuple[str, ...]:
         with fsspec.open(path, "r") as handle:
             lines = [line.strip() for line in handle]
     except FileNotFoundError as exc:
-        raise ConfigError(f"blocklist file {path} does not exist.") from exc
+        raise ConfigError(f"{option}: blocklist file {path} does not exist; check the path.") from exc
+    except (IsADirectoryError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{option}: blocklist file {path} is not a text file of one entry per line ({exc}).") from exc
     return tuple(sorted({line for line in lines if line and not line.startswith("#")}))
 
 
@@ -185,15 +192,24 @@ def plan_shards(source: str, shard_size: int, columns: SourceColumns) -> list[Sh
     specs = []
     for fs, path, name in list_source_files(source):
         if path.endswith(".parquet"):
+            where = fs.unstrip_protocol(path)
             try:
                 with fs.open(path, "rb") as handle:
                     parquet = pq.ParquetFile(handle)
-                    rows, names = parquet.metadata.num_rows, parquet.schema_arrow.names
+                    rows, schema = parquet.metadata.num_rows, parquet.schema_arrow
+                    # Column names and types are checked here, before any Ray task starts: on the
+                    # footer's schema, and on the values of the (usually no) columns whose type
+                    # differs from the canonical one, so 'wide' in WIDTH fails now, not as a shard.
+                    to_canonical(schema.empty_table(), columns, where=where)
+                    named = {getattr(columns, f.name): f.type for f in SOURCE.schema}
+                    recast = [n for n, t in named.items() if n in schema.names and schema.field(n).type != t]
+                    if recast:
+                        values = parquet.read(columns=recast)
+                        if columns.URL not in recast:
+                            values = values.append_column(columns.URL, pa.nulls(values.num_rows, pa.string()))
+                        to_canonical(values, columns, where=where)
             except (pa.ArrowInvalid, OSError) as exc:
-                raise CapfiltError(f"{fs.unstrip_protocol(path)}: not a readable Parquet file ({exc}).") from exc
-            if columns.URL not in names:  # checked here, before any Ray task starts
-                raise SchemaError(f"{fs.unstrip_protocol(path)}: no URL column '{columns.URL}'; found columns "
-                                  f"{names}. Pass the URL column's name with --url-col.")
+                raise CapfiltError(f"{where}: not a readable Parquet file ({exc}). Fix or remove the file.") from exc
         else:
             rows = read_source_file(fs, path, columns, fs.unstrip_protocol(path)).num_rows
         file = SourceFile(path=fs.unstrip_protocol(path), name=name, rows=rows)
@@ -333,6 +349,8 @@ REASON_FIXES = {
     "too_many_pixels": "raise --max-pixels if these images are wanted",
     "image_too_small": "lower --min-image-size",
     "aspect_ratio_too_large": "raise --max-aspect-ratio",
+    "bad_caption": "fix the source's caption column: UTF-8 text without NUL bytes, at most 64 KiB",
+    "duplicate_url": "nothing to do: the first row with each URL is downloaded (is the source listed twice?)",
 }
 
 
@@ -414,7 +432,36 @@ def _guarded_resizer(config: IngestConfig):
     )
 
 
-def _rejected_row(spec: ShardSpec, row: dict, reason: str, message: str) -> dict:
+def caption_problems(column: pa.ChunkedArray) -> tuple[pa.Array, list[str | None]]:
+    """(captions as valid UTF-8, per row None or why the caption is unusable).
+
+    Read as bytes: Parquet does not guarantee its strings are UTF-8, and one bad caption must
+    drop its row, not fail the shard. An unusable caption is kept in rejected/ shortened (a
+    megabyte) or with U+FFFD for the bytes that are not UTF-8, so it can still be looked at.
+    """
+    texts, problems = [], []
+    for value in column.cast(pa.binary()).to_pylist():
+        problem = None
+        if value is None:
+            texts.append(None)
+            problems.append(None)
+            continue
+        try:
+            text = value.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            text = value.decode("utf-8", errors="replace")
+            problem = f"caption is not valid UTF-8 (byte {exc.start}: {value[exc.start:exc.start + 1]!r})"
+        if len(value) > MAX_CAPTION_BYTES:
+            problem = f"caption is {len(value):,} bytes, more than {MAX_CAPTION_BYTES:,} (kept here: its first 1,000 characters)"
+            text = text[:1000]
+        elif "\x00" in text:
+            problem = f"caption holds {text.count(chr(0))} NUL byte(s)"
+        texts.append(text)
+        problems.append(problem)
+    return pa.array(texts, pa.string()), problems
+
+
+def _rejected_row(spec: ShardSpec, row: dict, reason: str, message: str, duplicate_of: str | None = None) -> dict:
     return {
         "stage": STAGE,
         "shard": spec.shard,
@@ -425,7 +472,7 @@ def _rejected_row(spec: ShardSpec, row: dict, reason: str, message: str) -> dict
         "outcome": "dropped" if reason in DROP_REASONS else "failed",
         "reason": reason,
         "error_message": message,
-        "duplicate_of": None,
+        "duplicate_of": duplicate_of,
         "attempt": spec.attempt,
     }
 
@@ -437,13 +484,22 @@ def download_shard(spec: ShardSpec, config: IngestConfig) -> tuple[pa.Table, pa.
     """
     started = time.time()
     rows = shard_rows(spec, config.columns)
+    captions, problems = caption_problems(rows.column("TEXT"))
+    rows = rows.set_column(rows.schema.get_field_index("TEXT"), "TEXT", captions)
     policy = AddressPolicy(config.allow_private_addresses)
     url_blocklist = frozenset(config.url_blocklist)
     rejected: list[dict] = []
     to_fetch: list[dict] = []
-    for row in rows.to_pylist():
+    first_with_url: dict[str, str] = {}  # a URL repeated within the shard is downloaded once
+    for row, problem in zip(rows.to_pylist(), problems):
         verdict = precheck(row["URL"], policy, url_blocklist)
-        if verdict is None:
+        if verdict is None and problem:
+            verdict = ("bad_caption", problem)
+        if verdict is None and row["URL"] in first_with_url:
+            rejected.append(_rejected_row(spec, row, "duplicate_url", "the same URL as an earlier row of the shard",
+                                          duplicate_of=first_with_url[row["URL"]]))
+        elif verdict is None:
+            first_with_url[row["URL"]] = row["sample_id"]
             to_fetch.append(row)
         else:
             rejected.append(_rejected_row(spec, row, *verdict))
@@ -654,6 +710,8 @@ def ingest(source: str, root: str, run_id: str, config: IngestConfig, retry_fail
 
     store = RunStore(root, run_id)
     specs = plan_shards(source, config.shard_size, config.columns)
+    if not specs and not store.records(STAGE):  # refused before the run folder exists
+        raise CapfiltError(f"ingest {run_id}: {IngestSummary(run_id=run_id, shards=0, skipped=0).problem(source)}")
     cfg_hash = config_hash(config)
     if retry_failed:
         specs_to_run = [s for s in _retry_specs(store, specs) if not store.is_done(STAGE, s.shard, cfg_hash)]

@@ -79,8 +79,8 @@ def to_canonical(table: pa.Table, columns: SourceColumns = SourceColumns(), wher
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
                 raise SchemaError(
                     f"{where}: column '{name}' (used as {target.name}) has type {column.type}, "
-                    f"which cannot be read as {target.type} ({exc}). Fix the column or map "
-                    f"another one."
+                    f"which cannot be read as {target.type} ({exc}{_first_bad_row(column, target.type)}). "
+                    f"Fix the column or map another one."
                 ) from exc
         elif target.name == "URL":
             raise SchemaError(
@@ -93,3 +93,20 @@ def to_canonical(table: pa.Table, columns: SourceColumns = SourceColumns(), wher
     # Null or malformed URLs are not an error here: ingest rejects those rows with a reason.
     canonical = pa.Table.from_arrays(out, schema=SOURCE.arrow)
     return canonical
+
+
+def _first_bad_row(column: pa.ChunkedArray, target: pa.DataType) -> str:
+    """', first at row N' for the first value that does not cast, so a user can find it."""
+    try:
+        pa.array([], column.type).cast(target)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return ""  # the type itself never casts: no row is to blame
+    offset = 0
+    for chunk in column.chunks:  # only on the error path: one value at a time is fine
+        for i in range(len(chunk)):
+            try:
+                chunk.slice(i, 1).cast(target)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                return f", first at row {offset + i}"
+        offset += len(chunk)
+    return ""

@@ -71,8 +71,8 @@ def ingest_config(options: dict):
     o = {k: v for k, v in options.items()
          if k not in ("source", "from_run", "root", "run_id", "retry_failed", "no_progress")}
     return IngestConfig(
-        respect_opt_out=not o.pop("ignore_opt_out"), url_blocklist=read_blocklist(o.pop("url_blocklist")),
-        hash_blocklist=read_blocklist(o.pop("hash_blocklist")),
+        respect_opt_out=not o.pop("ignore_opt_out"), url_blocklist=read_blocklist(o.pop("url_blocklist"), "--url-blocklist"),
+        hash_blocklist=read_blocklist(o.pop("hash_blocklist"), "--hash-blocklist"),
         columns=SourceColumns(URL=o.pop("url_col"), TEXT=o.pop("caption_col")), **o,
     )
 

@@ -180,10 +180,12 @@ def stage2_config(params: dict):
 def stage2(**params):
     """Train Stage 2: the Stage 1 Q-Former and a projection in front of a frozen LLM; checkpoints go to --out."""
     from model.stage2 import train_distributed
+    from model.stage2 import stage1_info
     from model.stage2 import train as train_local
 
     require_curated(params["root"], params["run_id"])
     config = stage2_config(params)
+    stage1_info(config.stage1)  # not a Stage 1 checkpoint: say so before --out is created
     workers, out = params["workers"], config.out
     result = train_distributed(config, workers) if workers > 1 else train_local(config)
     metrics = result["metrics"]
