@@ -912,7 +912,7 @@ class Stage2Generator:
         config = path / CONFIG_NAME
         hub_id = not path.exists()
         if hub_id and (path.is_absolute() or str(folder).startswith(".") or str(folder).count("/") > 1):
-            raise ConfigError(f"--checkpoint {folder}: no such folder; pass a `capfilt train stage2 --out` folder, "
+            raise ConfigError(f"--stage2 {folder}: no such folder; pass a `capfilt train stage2 --out` folder, "
                               f"a step-* folder or its model/, or a BLIP-2 hub id (e.g. Salesforce/blip2-opt-2.7b).")
         if hub_id or (config.exists() and json.loads(config.read_text()).get("model_type") == "blip-2"):
             model, encoder = Blip2Stage2.from_blip2(str(folder), device)
