@@ -2,6 +2,9 @@
 
 Errors a user can cause (CapfiltError, bad options) print as one line and exit with status 2;
 anything else is a bug and keeps its traceback.
+
+`--quiet/-q` and `--verbose/-v` (capfilt/logs.py) are accepted by the group and by every command
+and subcommand, before or after its name: `capfilt -q train stage1 ...` = `capfilt train stage1 -q ...`.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import sys
 
 import click
 
+from capfilt import logs
 from capfilt.environment import apply_defaults
 from capfilt.errors import CapfiltError
 
@@ -32,6 +36,31 @@ COMMANDS = {
 }
 
 
+def _set_verbosity(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value:  # not given: keep what main() read from the environment (a parent capfilt's choice)
+        logs.configure(value)
+
+
+def verbosity_options() -> list[click.Option]:
+    """Fresh --quiet/--verbose options; eager, so they apply before any other option's callback."""
+    common = dict(default=None, expose_value=False, is_eager=True, callback=_set_verbosity)
+    return [
+        click.Option(["--quiet", "-q", "quiet"], flag_value=logs.QUIET, **common,
+                     help="Only warnings and errors: no progress, libraries at WARNING/ERROR."),
+        click.Option(["--verbose", "-v", "verbose"], flag_value=logs.VERBOSE, **common,
+                     help="Debug logs from capfilt, info logs from libraries."),
+    ]
+
+
+def with_verbosity(command: click.Command) -> click.Command:
+    """`command` and its subcommands, each accepting --quiet and --verbose (added once)."""
+    if not any(param.name == "quiet" for param in command.params):
+        command.params.extend(verbosity_options())
+    for sub in getattr(command, "commands", {}).values():
+        with_verbosity(sub)
+    return command
+
+
 class LazyGroup(click.Group):
     def list_commands(self, ctx):
         return sorted(COMMANDS)
@@ -40,7 +69,7 @@ class LazyGroup(click.Group):
         if name not in COMMANDS:
             return None
         module, attr, _ = COMMANDS[name]
-        return getattr(importlib.import_module(module), attr)
+        return with_verbosity(getattr(importlib.import_module(module), attr))
 
     def format_commands(self, ctx, formatter):
         rows = [(name, COMMANDS[name][2]) for name in self.list_commands(ctx)]
@@ -55,8 +84,12 @@ def cli():
     """capfilt: curate image-text data with CapFilt and train Q-Former models on it."""
 
 
+with_verbosity(cli)
+
+
 def main(argv: list[str] | None = None) -> None:
     apply_defaults()  # before any command imports Ray, Prefect or transformers
+    logs.configure()  # the environment's verbosity (CAPFILT_LOG_LEVEL) until --quiet/--verbose says otherwise
     try:
         cli.main(args=argv, prog_name="capfilt", standalone_mode=False)
     except click.exceptions.Abort:

@@ -12,6 +12,7 @@ of them back on is one `export`. They are why the first command works on a new, 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import MutableMapping
 
 # Seconds capfilt lets Prefect's local server take to answer (Prefect's own default is 20).
@@ -38,10 +39,16 @@ DEFAULTS: dict[str, str] = {
 }
 
 
-def apply_defaults(environ: MutableMapping[str, str] = os.environ) -> None:
+def apply_defaults(environ: MutableMapping[str, str] = os.environ, stderr=None) -> None:
     """Set every default the user has not set; call before importing Ray, Prefect or transformers."""
     for name, value in DEFAULTS.items():
         environ.setdefault(name, value)
+    stderr = stderr or sys.stderr
+    if not (hasattr(stderr, "isatty") and stderr.isatty()):
+        # Logs going to a file or a pipe: no colour codes from Prefect's console handler (rich
+        # already leaves them out for a non-terminal unless FORCE_COLOR says otherwise; this is
+        # Prefect's own switch, and child processes inherit it).
+        environ.setdefault("PREFECT_LOGGING_COLORS", "false")
     if not environ.get("RAY_ADDRESS"):
         # The embedded default is a one-machine Ray: keep its processes on loopback as Ray does on
         # laptops. Left alone, Linux Ray finds "its" address by routing a socket towards 8.8.8.8 and

@@ -23,6 +23,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from flows.curate import curate, publish_artifacts
 from flows.params import BootstrapParams, TrainParams
+from flows.progress import step_clock, step_command
 from flows.tasks import run_step, validate_steps
 from flows.train import train
 
@@ -45,6 +46,26 @@ def _all_steps(params: BootstrapParams) -> dict[str, list[str]]:
     for run, label in model_labels(params).items():
         if params.evaluate:
             steps[f"eval-{label}"] = params.eval_argv(run)
+    return steps
+
+
+def planned_steps(params: BootstrapParams) -> list[tuple[str, list[str]]]:
+    """(label, full capfilt argv) of every step `bootstrap` runs, in the order it runs them
+    (curate's and train's steps included): what "step k of N" counts."""
+    steps: list[tuple[str, list[str]]] = []
+    for k in range(params.rounds + 1):
+        curate_params, _, train_params = params.round_params(k)
+        steps += params.finetune_argv(k).items()
+        steps += [(stage, [stage, *argv]) for stage, argv in curate_params.stage_argv().items()]
+        if k == 0 and params.pretrain_argv():
+            steps.append(("toy-pretrain", params.pretrain_argv()))
+        steps.append((f"filter-r{k}", params.filter_argv(k)))
+        steps += train_params.stage_argv().items()
+    if params.truth:
+        steps.append(("oracle", oracle_argv(params)))
+        steps += params.train_params(params.oracle_run).stage_argv().items()
+    if params.evaluate:
+        steps += [(f"eval-{label}", params.eval_argv(run)) for run, label in model_labels(params).items()]
     return steps
 
 
@@ -102,6 +123,11 @@ def write_report(params: BootstrapParams, labels: dict[str, str]) -> dict:
 def bootstrap(params: BootstrapParams) -> dict:
     """Round 0 + `rounds` CapFilt rounds (+ oracle with ground truth), evaluation and report."""
     check(params)
+    with step_clock([step_command(argv) for _, argv in planned_steps(params)]):
+        return _bootstrap(params)
+
+
+def _bootstrap(params: BootstrapParams) -> dict:
     for k in range(params.rounds + 1):
         curate_params, _, train_params = params.round_params(k)
         for label, argv in params.finetune_argv(k).items():  # BLIP: finetune on the annotated set first

@@ -19,6 +19,7 @@ from typing import Callable
 import click
 
 from capfilt.errors import CapfiltError, ConfigError
+from capfilt.logs import ENV, verbosity
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 ACTIVE = ("PENDING", "RUNNING")
@@ -125,7 +126,9 @@ def run_job(
         sid = f"{base_id}-a{len(attempts) + 1}"
         # `python` of the job's environment: the driver's interpreter path may not exist there.
         entrypoint = f"python -m capfilt.cli {stage} {shlex.join(argv)}"
-        env = {"env_vars": {"RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "NO_ALBUMENTATIONS_UPDATE": "1"}}
+        env = {"env_vars": {"RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "NO_ALBUMENTATIONS_UPDATE": "1",
+                            # the job logs as quietly or verbosely as the capfilt that submitted it
+                            ENV: verbosity()}}
         env.update(runtime_env or {})
         _submit(client, entrypoint, sid, env)
         log(f"{stage}: submitted job {sid}: {entrypoint}")

@@ -13,6 +13,8 @@ from prefect.runtime import flow_run
 from capfilt.errors import CapfiltError
 from flows.jobs import run_embedded, run_job, stop_jobs, submission_id, validate_stage_args
 from flows.params import Execution
+from flows.progress import current as current_clock
+from flows.progress import step_command
 
 
 def _transient_only(task, task_run, state) -> bool:
@@ -36,17 +38,25 @@ def validate_steps(steps: dict[str, list[str]], will_exist: tuple[str, ...] = ()
 @task(name="step", retries=2, retry_delay_seconds=2, retry_condition_fn=_transient_only)
 def run_step(label: str, argv: list[str], execution: Execution) -> None:
     logger = get_run_logger()
+    command = step_command(argv)  # e.g. "filter", "train stage1"
+    clock = current_clock()  # bootstrap and demo: "step k of N" and the time left
+    if clock is not None:
+        k, started, line = clock.start(label, command)
+        logger.info("%s%s", line, ", in this process" if execution.mode == "embedded" else " as a Ray job")
+    else:
+        logger.info("step %s: capfilt %s%s", label, command,
+                    ", in this process" if execution.mode == "embedded" else " as a Ray job")
     if execution.mode == "embedded":
-        command = " ".join(a for a in argv[:2] if not a.startswith("-"))  # e.g. "filter", "train stage1"
-        logger.info("step %s: capfilt %s, in this process", label, command)
         run_embedded(argv[0], argv[1:])
-        return
-    runtime_env = {"working_dir": execution.working_dir} if execution.working_dir else None
-    run_job(
-        execution.ray_address, argv[0], argv[1:],
-        base_id=submission_id(flow_run.get_id() or "local", label),
-        log=logger.info, runtime_env=runtime_env,
-    )
+    else:
+        runtime_env = {"working_dir": execution.working_dir} if execution.working_dir else None
+        run_job(
+            execution.ray_address, argv[0], argv[1:],
+            base_id=submission_id(flow_run.get_id() or "local", label),
+            log=logger.info, runtime_env=runtime_env,
+        )
+    if clock is not None:
+        logger.info("%s", clock.end(k, started, label, command))
 
 
 def run_steps(steps: dict[str, list[str]], execution: Execution) -> None:

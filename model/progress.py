@@ -1,7 +1,9 @@
 """Training progress: a tqdm bar on a terminal; in a log file or a Prefect task, one plain line per
-logged step instead (no carriage returns or ANSI codes in files)."""
+logged step instead (no carriage returns or ANSI codes in files); nothing with --quiet."""
 
 from __future__ import annotations
+
+from capfilt.logs import is_quiet
 
 
 class Progress:
@@ -9,6 +11,7 @@ class Progress:
         from tqdm.auto import tqdm
 
         self.desc, self.total = desc, total
+        enabled = enabled and not is_quiet()  # --quiet: no bar and no progress lines
         # disable=None: tqdm turns itself off when stderr is not a terminal
         self.bar = tqdm(total=total, initial=initial, desc=desc, disable=None if enabled else True)
         self.lines = enabled and self.bar.disable

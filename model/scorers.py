@@ -25,6 +25,7 @@ from PIL import Image
 
 from capfilt.device import autocast, inference_dtype, pick_device
 from capfilt.errors import ConfigError
+from capfilt.logs import RANDOM_INIT, expected
 
 
 def _first_line(exc: BaseException) -> str:
@@ -108,7 +109,8 @@ def save_random_clip(folder: str, name: str = "capfilt-tiny-clip", width: int = 
     with open(config_path, "w") as handle:
         json.dump(config, handle)
     register_clip_config(config_path)
-    model = open_clip.create_model(name)
+    with expected(RANDOM_INIT):  # random on purpose: a test model, saved to load like a real one
+        model = open_clip.create_model(name)
     checkpoint = os.path.join(folder, f"{name}.pt")
     torch.save({"state_dict": model.state_dict()}, checkpoint)
     return config_path, name, checkpoint

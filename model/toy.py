@@ -30,6 +30,7 @@ from typing import Iterable, Sequence
 import torch
 
 from capfilt.errors import ConfigError
+from capfilt.logs import RANDOM_INIT, expected
 
 TOY_INFO = "toy.json"
 
@@ -359,7 +360,8 @@ def _pretrain_clip(pairs, folder: Path, preset: ToyPreset, eval_pairs) -> ToyCli
     config_path.write_text(json.dumps(cfg, indent=1))
     open_clip.add_model_config(config_path)
     torch.manual_seed(preset.seed)
-    model, _, preprocess = open_clip.create_model_and_transforms(preset.clip_name, pretrained=None)
+    with expected(RANDOM_INIT):  # random on purpose: it is trained right below, then saved
+        model, _, preprocess = open_clip.create_model_and_transforms(preset.clip_name, pretrained=None)
     tokenizer = open_clip.get_tokenizer(preset.clip_name)
 
     images = _decode_images([p[0] for p in pairs], preprocess)

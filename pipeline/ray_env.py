@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from capfilt import logs
 from capfilt.environment import apply_defaults
 
 # Before Ray is imported anywhere: no `uv run` per worker, no usage reports (capfilt/environment.py).
@@ -22,7 +23,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
-    kwargs = dict(ignore_reinit_error=True, include_dashboard=False, log_to_driver=True)
+    # --quiet/--verbose (capfilt/logs.py): Ray's own logger follows; workers inherit CAPFILT_LOG_LEVEL.
+    kwargs = dict(ignore_reinit_error=True, include_dashboard=False, log_to_driver=True,
+                  logging_level=logs.library_level("ray"))
     if address:
         ray.init(address=address, **kwargs)
     else:
@@ -34,7 +37,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     # Bars on a terminal; in a log file Ray Data would instead print a multi-line progress block
     # every 10 s ("Total Progress: 0/?", "pending: 1 CPU") that reads as a hang. The stages print
     # their own summary line either way.
-    ctx.enable_progress_bars = sys.stderr.isatty()
+    ctx.enable_progress_bars = sys.stderr.isatty() and not logs.is_quiet()
     if not ctx.enable_progress_bars:  # and no warning that they are off: that was asked for
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     ctx.print_on_execution_start = False
