@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 
 import pipeline.ray_env  # noqa: F401  (sets RAY_ENABLE_UV_RUN_RUNTIME_ENV before ray)
 from capfilt.errors import CapfiltError, ConfigError
+from capfilt.logs import is_quiet
 from pipeline.run_store import RunStore, ShardCounts, config_hash
 from schemas import IMAGES, REJECTED, SOURCE, SourceColumns, to_canonical
 
@@ -734,7 +735,7 @@ def ingest(source: str, root: str, run_id: str, config: IngestConfig, retry_fail
         )
         pending = {task.remote(root, run_id, spec, config, cfg_hash): spec for spec in specs_to_run}
         # disable=None: no bar when stderr is not a terminal (a log file gets the summary line)
-        bar = tqdm(total=len(pending), desc=f"ingest {run_id}", unit="shard", disable=None if progress else True)
+        bar = tqdm(total=len(pending), desc=f"ingest {run_id}", unit="shard", disable=None if progress and not is_quiet() else True)
         kept_now = 0
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)

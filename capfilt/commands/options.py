@@ -7,6 +7,7 @@
 - `--out DIR`: the folder a command writes its outputs to (checkpoints, metrics, tars, a world).
 - `--stage1` / `--stage2 CKPT`: a Stage 1 / Stage 2 checkpoint a command reads.
 - `--max-new-tokens` / `--min-new-tokens`: the most / fewest tokens generated per caption.
+- `--quiet/-q` / `--verbose/-v`: how much a command logs; capfilt/cli.py adds them to every command.
 
 Old spellings keep parsing (scripts written against them still run): a command built with
 `cls=Command, renamed={old: new}` rewrites them before parsing, keeps them out of --help and says
