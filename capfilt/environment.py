@@ -49,6 +49,9 @@ def apply_defaults(environ: MutableMapping[str, str] = os.environ, stderr=None) 
         # already leaves them out for a non-terminal unless FORCE_COLOR says otherwise; this is
         # Prefect's own switch, and child processes inherit it).
         environ.setdefault("PREFECT_LOGGING_COLORS", "false")
+        # Ray wraps the "(pid=...)" prefix of every worker line it forwards in colour codes,
+        # terminal or not, unless told otherwise.
+        environ.setdefault("RAY_COLOR_PREFIX", "0")
     if not environ.get("RAY_ADDRESS"):
         # The embedded default is a one-machine Ray: keep its processes on loopback as Ray does on
         # laptops. Left alone, Linux Ray finds "its" address by routing a socket towards 8.8.8.8 and

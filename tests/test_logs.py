@@ -146,18 +146,20 @@ def test_step_clock_counts_against_the_plan():
     assert clock.end(k, started, "caption", "caption") == "step 3 of 3: caption done in 1 s; that was the last step"
 
 
-def test_bootstrap_plans_every_step_it_checks(tmp_path):
-    """"step k of N" counts planned_steps: it must hold every step the flow runs (incl. curate's and train's)."""
-    from capfilt.commands.bootstrap import bootstrap_params
+@pytest.mark.parametrize("extra", [{}, {"truth": "/w/ground_truth.parquet", "annotated": "/a/ann.parquet"}])
+def test_bootstrap_plans_every_step_it_runs(extra):
+    """"step k of N" counts planned_steps: it must hold every step the flow runs (incl. curate's and
+    train's, the finetune steps of an annotated set, the oracle and its training)."""
     from flows.bootstrap import _all_steps, planned_steps
+    from flows.params import BootstrapParams
 
-    source = tmp_path / "source.parquet"
-    source.write_bytes(b"")
-    params = bootstrap_params(str(source), str(tmp_path), "b", 1, "toy", True, None, (), None, None)
+    params = BootstrapParams(source="src", root="/d", run="b", rounds=2, preset="toy", quick=True, **extra)
     planned = [argv for _, argv in planned_steps(params)]
     for argv in _all_steps(params).values():
         assert argv in planned
-    assert sum(argv[:2] == ["train", "stage1"] for argv in planned) == 2  # round 0 and round 1
+    trained = [argv[argv.index("--run") + 1] for argv in planned if argv[:2] == ["train", "stage1"]]
+    assert trained == ["b-r0", "b-r1", "b-r2"] + ([params.oracle_run] if extra else [])
+    assert [argv[0] for argv in planned].count("finetune") == (4 if extra else 0)  # rounds 1 and 2: filter, captioner
     assert planned[-1][0] == "eval"
 
 
@@ -188,3 +190,21 @@ def test_expected_drops_only_inside_its_block(caplog):
     logging.warning("No pretrained weights loaded for model 'y'. Model initialized randomly.")
     assert [r.getMessage() for r in caplog.records] == [
         "No pretrained weights loaded for model 'y'. Model initialized randomly."]
+
+
+def test_no_colour_codes_when_logs_go_to_a_file():
+    from capfilt.environment import apply_defaults
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    to_file: dict[str, str] = {}
+    apply_defaults(to_file, stderr=io.StringIO())
+    assert to_file["PREFECT_LOGGING_COLORS"] == "false" and to_file["RAY_COLOR_PREFIX"] == "0"
+    on_terminal: dict[str, str] = {}
+    apply_defaults(on_terminal, stderr=Terminal())
+    assert "PREFECT_LOGGING_COLORS" not in on_terminal and "RAY_COLOR_PREFIX" not in on_terminal
+    mine = {"PREFECT_LOGGING_COLORS": "true"}  # the user's own choice wins
+    apply_defaults(mine, stderr=io.StringIO())
+    assert mine["PREFECT_LOGGING_COLORS"] == "true"
