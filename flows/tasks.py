@@ -39,13 +39,13 @@ def validate_steps(steps: dict[str, list[str]], will_exist: tuple[str, ...] = ()
 def run_step(label: str, argv: list[str], execution: Execution) -> None:
     logger = get_run_logger()
     command = step_command(argv)  # e.g. "filter", "train stage1"
+    where = ", in this process" if execution.mode == "embedded" else ", as a Ray job"
     clock = current_clock()  # bootstrap and demo: "step k of N" and the time left
     if clock is not None:
         k, started, line = clock.start(label, command)
-        logger.info("%s%s", line, ", in this process" if execution.mode == "embedded" else " as a Ray job")
+        logger.info("%s%s", line, where)
     else:
-        logger.info("step %s: capfilt %s%s", label, command,
-                    ", in this process" if execution.mode == "embedded" else " as a Ray job")
+        logger.info("step %s: capfilt %s%s", label, command, where)
     if execution.mode == "embedded":
         run_embedded(argv[0], argv[1:])
     else:

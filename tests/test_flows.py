@@ -1,5 +1,6 @@
 """Prefect flows: typed parameters checked before work, embedded runs, Ray jobs on a real head."""
 
+import logging
 import os
 import signal
 import socket
@@ -353,3 +354,40 @@ def test_a_prefect_server_that_does_not_start_is_one_clear_line(tmp_path):
     assert last.startswith("capfilt: error: Prefect's local server did not start within 1 s") and \
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in last and "prefect server start" in last
     assert not (tmp_path / "runs").exists()  # no work started
+
+
+def test_a_planned_flow_says_step_k_of_n_and_the_time_left(prefect_harness, tmp_path):
+    """What bootstrap and demo print: run_step counts against the flow's plan (flows/progress.py)."""
+    from prefect import flow
+
+    from flows.params import Execution
+    from flows.progress import step_clock
+    from flows.tasks import run_step
+
+    @flow(name="two-worlds")
+    def two_worlds():
+        with step_clock(["synth", "synth"]):
+            for i in range(2):
+                run_step.with_options(task_run_name=f"world{i}")(
+                    f"world{i}", ["synth", "--out", str(tmp_path / f"w{i}"), "--images", "4", "--bad-urls-per-kind",
+                                  "0", "--duplicates", "0", "--annotated-fraction", "0"], Execution())
+
+    class Lines(logging.Handler):  # on Prefect's task run logger itself: Prefect's config may not propagate
+        def __init__(self):
+            super().__init__(logging.INFO)
+            self.lines = []
+
+        def emit(self, record):
+            self.lines.append(record.getMessage())
+
+    handler, task_runs = Lines(), logging.getLogger("prefect.task_runs")
+    task_runs.addHandler(handler)
+    try:
+        two_worlds()
+    finally:
+        task_runs.removeHandler(handler)
+    lines = [line for line in handler.lines if line.startswith("step ")]
+    assert lines[0] == "step 1 of 2: world0 (capfilt synth), in this process"
+    assert lines[1].startswith("step 1 of 2: world0 done in ") and lines[1].endswith(" left (estimate from the 1 step so far)")
+    assert lines[2] == "step 2 of 2: world1 (capfilt synth), in this process"
+    assert lines[3].startswith("step 2 of 2: world1 done in ") and lines[3].endswith("that was the last step")
