@@ -7,6 +7,7 @@ import json
 import click
 
 from capfilt.commands.options import root_option
+from capfilt.logs import is_quiet
 
 STAGE_DICTS = ("ingest", "round0_caption", "round0_filter", "caption", "filter", "stage1", "stage2", "eval", "finetune_filter", "finetune_captioner")
 
@@ -76,7 +77,7 @@ def bootstrap(source, root, run, rounds, preset, quick, truth, heldout, annotate
     params = bootstrap_params(source, root, run, rounds, preset, quick, truth, sets, ray_address, working_dir,
                               heldout, evaluate, annotated)
     check(params)  # every stage's options, before Prefect, Ray or any download starts
-    ensure_prefect_api(click.echo)
+    ensure_prefect_api((lambda line: None) if is_quiet() else click.echo)
     summary = bootstrap_flow(params)
     click.echo(format_summary(summary))
 

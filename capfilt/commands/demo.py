@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from capfilt.commands.options import root_option
+from capfilt.logs import is_quiet
 
 
 # Held-out clean images: at 600 one seed's text->image R@1 has a standard error below 2 points
@@ -35,6 +36,7 @@ def demo(root, quick, images, noise, seed, blip, sets):
     from flows.server import ensure_prefect_api
     from pipeline.synth import WorldConfig, WorldServer, free_port, load_world, make_world
 
+    say = (lambda line: None) if is_quiet() else click.echo  # what it is doing; --quiet keeps only the result
     started = time.perf_counter()
     images = images or (200 if quick else 600)
     world_dir = Path(root) / "worlds" / f"seed{seed}-{images}-{noise}"
@@ -49,13 +51,13 @@ def demo(root, quick, images, noise, seed, blip, sets):
     if not (heldout_dir / "world.json").exists():
         make_world(heldout_dir, WorldConfig(images=heldout_images, seed=seed + 7919, noise=0.0, bad_urls_per_kind=0,
                                             duplicates=0, annotated=0))
-    click.echo(f"world: {world['images']} images, noise {world['noise_ratio']:.2f}, in {world_dir}; "
-               f"annotated set: {world.get('annotated_images', 0)} images in {world.get('annotated', '-')}; "
-               f"held-out evaluation world: {heldout_images} clean images in {heldout_dir}")
+    say(f"world: {world['images']} images, noise {world['noise_ratio']:.2f}, in {world_dir}; "
+        f"annotated set: {world.get('annotated_images', 0)} images in {world.get('annotated', '-')}; "
+        f"held-out evaluation world: {heldout_images} clean images in {heldout_dir}")
     run = ("demo-quick" if quick else "demo") + ("-blip" if blip else "")
     minutes = EXPECTED_MINUTES["quick" if quick else "full"]
-    click.echo(f"when it is done (about {minutes} min on 2 CPU cores): the table here and the report at "
-               f"{Path(root) / 'runs' / run / 'report' / 'index.html'}")
+    say(f"when it is done (about {minutes} min on 2 CPU cores): the table here and the report at "
+        f"{Path(root) / 'runs' / run / 'report' / 'index.html'}")
     # every held-out image is evaluated (eval's own default samples 200); a --set eval.max-images wins
     sets = (f"eval.max-images={heldout_images}", *sets)
     if blip and not world.get("annotated"):
@@ -63,9 +65,9 @@ def demo(root, quick, images, noise, seed, blip, sets):
     params = bootstrap_params(world["source"], root, run, 1, "toy", quick, world["ground_truth"], sets, None, None,
                               str(heldout_dir), annotated=world.get("annotated") if blip else None)
     check(params)  # every stage's options, before Prefect, Ray or any download starts
-    ensure_prefect_api(click.echo)
+    ensure_prefect_api(say)
     with WorldServer(world_dir) as server:
-        click.echo(f"serving it at {server.base_url}")
+        say(f"serving it at {server.base_url}")
         summary = bootstrap_flow(params)
     click.echo(format_summary(summary))
     click.echo(f"demo finished in {time.perf_counter() - started:.0f} s")
