@@ -46,3 +46,26 @@ def small_world(tmp_path_factory):
     world = make_world(directory, WorldConfig(images=40, seed=7, slow_seconds=8.0, huge_side=9000))
     with WorldServer(directory) as server:
         yield {"dir": directory, "world": world, "server": server}
+
+
+@pytest.fixture(autouse=True)
+def _log_handlers_on_open_streams():
+    """After each test, point log handlers left on a closed stream back at the current stderr.
+
+    Libraries build their console handlers on the sys.stderr of the moment (Prefect's rich console,
+    transformers, Ray): created while a test's capsys capture was active, they keep that capture's
+    file, closed when the test ends, and a later test's flow run fails writing its log line to it.
+    Users never meet this: their stderr is not swapped per test.
+    """
+    yield
+    import logging
+    import sys
+
+    for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+        for handler in getattr(logger, "handlers", ()):
+            stream = getattr(handler, "stream", None)
+            if stream is not None and getattr(stream, "closed", False):
+                handler.stream = sys.stderr  # not setStream: it flushes the closed stream first
+            console = getattr(handler, "console", None)
+            if console is not None and getattr(getattr(console, "file", None), "closed", False):
+                console.file = sys.stderr

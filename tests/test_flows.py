@@ -346,7 +346,9 @@ def test_a_prefect_server_that_does_not_start_is_one_clear_line(tmp_path):
     # 1 s allowed the start fails, and the user reads what to do instead of a traceback.
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "RAY_ADDRESS")}
     env |= {"PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "1"}
-    done = subprocess.run([sys.executable, "-m", "capfilt.cli", "bootstrap", "--source", str(tmp_path / "none"),
+    source = tmp_path / "source.csv"  # a valid source: the early checks pass, and Prefect's start is what fails
+    source.write_text("URL,TEXT\nhttp://127.0.0.1:9/a.jpg,a red circle\n")
+    done = subprocess.run([sys.executable, "-m", "capfilt.cli", "bootstrap", "--source", str(source),
                            "--root", str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stdout + done.stderr
     assert "Traceback" not in done.stderr and "Prefect: starting its local server" in done.stdout
