@@ -39,6 +39,14 @@ def _all_steps(params: BootstrapParams) -> dict[str, list[str]]:
         steps[f"filter-r{k}"] = params.filter_argv(k)
         for stage, argv in train_params.stage_argv().items():
             steps[f"{stage}-r{k}"] = argv
+    if params.ablation:
+        for arm in params.ABLATION_ARMS:
+            curate_params, filter_argv, train_params = params.ablation_steps(arm)
+            for stage, argv in curate_params.stage_argv().items():
+                steps[f"{stage}-{arm}"] = [stage, *argv]
+            steps[f"filter-{arm}"] = filter_argv
+            for stage, argv in train_params.stage_argv().items():
+                steps[f"{stage}-{arm}"] = argv
     if params.pretrain_argv():
         steps["toy"] = params.pretrain_argv()
     if params.truth:
@@ -61,6 +69,12 @@ def planned_steps(params: BootstrapParams) -> list[tuple[str, list[str]]]:
             steps.append(("toy-pretrain", params.pretrain_argv()))
         steps.append((f"filter-r{k}", params.filter_argv(k)))
         steps += train_params.stage_argv().items()
+    if params.ablation:
+        for arm in params.ABLATION_ARMS:
+            curate_params, filter_argv, train_params = params.ablation_steps(arm)
+            steps += [(stage, [stage, *argv]) for stage, argv in curate_params.stage_argv().items()]
+            steps.append((f"filter-{arm}", filter_argv))
+            steps += train_params.stage_argv().items()
     if params.truth:
         steps.append(("oracle", oracle_argv(params)))
         steps += params.train_params(params.oracle_run).stage_argv().items()
@@ -92,7 +106,15 @@ def oracle_argv(params: BootstrapParams) -> list[str]:
 
 
 def model_labels(params: BootstrapParams) -> dict[str, str]:
-    """Trained run -> column name in the summary: raw (round 0), curated rounds, oracle."""
+    """Trained run -> column name in the summary: raw (round 0), curated rounds, oracle; with the
+    ablation BLIP's Table 1 names: raw, captioner, filter, capfilt (round 1), oracle."""
+    if params.ablation:
+        labels = {params.round_run(0): "raw"}
+        labels |= {params.ablation_run(arm): arm for arm in params.ABLATION_ARMS}
+        labels |= {params.round_run(k): "capfilt" if k == 1 else f"capfilt-r{k}" for k in range(1, params.rounds + 1)}
+        if params.truth:
+            labels[params.oracle_run] = "oracle"
+        return labels
     labels = {params.round_run(0): "raw-r0"}
     labels |= {params.round_run(k): f"capfilt-r{k}" for k in range(1, params.rounds + 1)}
     if params.truth:
@@ -138,6 +160,13 @@ def _bootstrap(params: BootstrapParams) -> dict:
         run_step.with_options(task_run_name=f"filter-r{k}")(f"filter-r{k}", params.filter_argv(k), params.execution)
         publish_artifacts(curate_params)  # the round's counts now include the filter
         train(train_params)
+    if params.ablation:  # BLIP's Table 1: round 1's captions and scores, selected as each arm does
+        for arm in params.ABLATION_ARMS:
+            curate_params, filter_argv, train_params = params.ablation_steps(arm)
+            curate(curate_params)
+            run_step.with_options(task_run_name=f"filter-{arm}")(f"filter-{arm}", filter_argv, params.execution)
+            publish_artifacts(curate_params)
+            train(train_params)
     if params.truth:
         run_step.with_options(task_run_name="oracle")("oracle", oracle_argv(params), params.execution)
         oracle: TrainParams = params.train_params(params.oracle_run)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -159,9 +159,19 @@ class BootstrapParams(BaseModel):
     finetune_captioner: dict[str, OptionValue] = Field(default_factory=dict)
     heldout: str | None = Field(None, description="A synthetic world folder no model trains on: the clean evaluation set.")
     evaluate: bool = Field(True, description="Run `capfilt eval` on every trained model and put the table in the report.")
+    ablation: bool = Field(False, description=(
+        "BLIP's Table 1: besides round 1 (captioner + filter), train two more arms on round 0's images with the "
+        "same budget: captioner (web + synthetic captions, no filter) and filter (web captions, filtered); "
+        "models are labelled raw, captioner, filter, capfilt and oracle."))
     execution: Execution = Field(default_factory=Execution)
 
     _run = field_validator("run")(classmethod(lambda cls, v: _run_id(v)))
+
+    @model_validator(mode="after")
+    def _ablation_needs_a_round(self):
+        if self.ablation and self.rounds < 1:
+            raise ValueError("ablation compares round 1's captioner and filter: it needs rounds >= 1")
+        return self
 
     def round_run(self, k: int) -> str:
         return f"{self.run}-r{k}"
@@ -225,6 +235,24 @@ class BootstrapParams(BaseModel):
     def filter_argv(self, k: int) -> list[str]:
         _, options, _ = self.round_params(k)
         return ["filter", "--root", self.root, "--run", self.round_run(k), *options_to_argv(options)]
+
+    # BLIP's Table 1 arms besides raw (round 0) and capfilt (round 1): {arm: what round 1's filter becomes}.
+    # Each arm takes round 1's captions and scores (`filter --from-run`) and only selects differently.
+    ABLATION_ARMS: ClassVar[dict[str, dict[str, OptionValue]]] = {"captioner": {"policy": "none"}, "filter": {"caption-sources": "web"}}
+
+    def ablation_run(self, arm: str) -> str:
+        return f"{self.run}-{arm}"
+
+    def ablation_steps(self, arm: str) -> tuple[CurateParams, list[str], TrainParams]:
+        """An arm's ingest (round 0's images), its filter argv (round 1's captions and scores, its own
+        selection) and its training (the same budget as every arm)."""
+        run = self.ablation_run(arm)
+        _, options, _ = self.round_params(1)
+        curate = CurateParams(source=self.source, root=self.root, run=run, images_from=self.round_run(0),
+                              caption=None, filter=None, execution=self.execution)
+        argv = ["filter", "--root", self.root, "--run", run, "--from-run", self.round_run(1),
+                *options_to_argv({**options, **self.ABLATION_ARMS[arm]})]
+        return curate, argv, self.train_params(run)
 
     def pretrain_argv(self) -> list[str] | None:
         pretrain = self.preset_options().pretrain

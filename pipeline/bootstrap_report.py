@@ -71,6 +71,33 @@ def training_curves(models: dict[str, Path]) -> bytes | None:
     return png(fig)
 
 
+# The bar chart under the comparison: one panel per metric, one bar per arm (all in [0, 1]).
+BARS = (("retrieval.itm.text_to_image.r1", "text->image R@1"), ("retrieval.itm.image_to_text.r1", "image->text R@1"),
+        ("retrieval.itm.text_to_image.r5", "text->image R@5"), ("attributes.attribute_accuracy", "attribute accuracy"))
+
+
+def arm_bars(evaluations: dict[str, dict]) -> bytes | None:
+    """BLIP Table 1 as bars: every arm on the held-out metrics; None when no arm has any of them."""
+    import matplotlib.pyplot as plt
+
+    flat = {name: flatten(ev) for name, ev in evaluations.items()}
+    panels = [(key, label) for key, label in BARS if any(values.get(key) is not None for values in flat.values())]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.0), squeeze=False, layout="constrained")
+    arms = list(flat)
+    for ax, (key, label) in zip(axes[0], panels):
+        values = [flat[a].get(key) for a in arms]
+        bars = ax.bar(range(len(arms)), [v or 0.0 for v in values], color=[f"C{i}" for i in range(len(arms))])
+        for bar, v in zip(bars, values):
+            ax.annotate("—" if v is None else f"{v:.3f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(range(len(arms)), arms, rotation=30, ha="right", fontsize=8)
+        ax.set_title(label, fontsize=9)
+        ax.set_ylim(0, max(0.05, max((v or 0.0) for v in values) * 1.25))
+    return png(fig)
+
+
 def flatten(metrics: dict, prefix: str = "") -> dict[str, float | int]:
     """Numeric leaves of a nested metrics dict, keyed by dotted path; ints stay ints (counts)."""
     flat: dict[str, float | int] = {}
@@ -99,6 +126,7 @@ HEADLINE = (
     ("retrieval.itm.text_to_image.r5", "text->image R@5 (ITM rerank)"),
     ("retrieval.itc.text_to_image.r1", "text->image R@1 (ITC)"),
     ("retrieval.itm.image_to_text.r1", "image->text R@1 (ITM rerank)"),
+    ("retrieval.itm.image_to_text.r5", "image->text R@5 (ITM rerank)"),
     ("captioning.bleu4", "caption BLEU-4"),
     ("captioning.cider", "caption CIDEr"),
     ("attributes.attribute_accuracy", "caption attribute accuracy"),
@@ -106,6 +134,8 @@ HEADLINE = (
     ("filter.web.precision", "kept-pair precision, web captions"),
     ("filter.synthetic.precision", "kept-pair precision, synthetic captions"),
     ("filter.all.recall", "kept-pair recall"),
+    ("filter.web.recall", "kept-pair recall, web captions"),
+    ("filter.synthetic.recall", "kept-pair recall, synthetic captions"),
     ("filter.auc_clean_vs_corrupted_web.itm_score.auc", "ITM ROC-AUC (corrupted web)"),
     ("filter.auc_clean_vs_corrupted_web.clip_score.auc", "CLIP ROC-AUC (corrupted web)"),
 )
@@ -246,7 +276,14 @@ def write_bootstrap_report(root: str, run: str, curated_run: str, models: dict[s
         if silent:
             curves["notes"].append(f"No training metrics for: {', '.join(silent)}.")
 
-    page = render("bootstrap.html", run=run, curated_run=curated_run, notes=notes or [], verdict=chosen,
+    bars = {"file": None, "alt": "every arm on the held-out metrics (bar chart)", "notes": []}
+    bar_png = arm_bars(evaluations)
+    if bar_png:
+        (report / "arms.png").write_bytes(bar_png)
+        bars["file"] = "arms.png"
+    else:
+        bars["notes"].append("No bar chart: no arm was evaluated on retrieval or attributes.")
+    page = render("bootstrap.html", bars=bars, run=run, curated_run=curated_run, notes=notes or [], verdict=chosen,
                   comparison=comparison(evaluations, chosen), arms=arms, metrics=metrics, every_metric=every_metric,
                   funnel=rows, histograms=histograms, filter_report=filter_report, curves=curves)
     (report / "evaluation.json").write_text(json.dumps(evaluations, indent=1, sort_keys=True))

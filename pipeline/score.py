@@ -253,3 +253,41 @@ def _commit(store: RunStore, cfg: ScoreConfig, shard: str, parts: list[pa.Table]
     summary.pairs += counts.rows_in
     summary.scored += counts.kept
     summary.failed += counts.failed
+
+
+def adopt_scores(store: RunStore, from_run: str) -> int:
+    """Take another run's captions and scores as this run's own (linked, not copied): an ablation
+    arm that differs from `from_run` only in its selection (same images, same captions, same
+    scores), as BLIP's Table 1 compares filters on one set of captions. Both runs must hold the
+    same images (e.g. both ingested with --from-run of one round 0). Returns shards taken."""
+    source = RunStore(store.root, from_run)
+    scored = {r.shard: r for r in source.records(STAGE) if r.status == "done"}
+    captioned = {r.shard: r for r in source.records("caption") if r.status == "done"}
+    if not scored:
+        raise ConfigError(f"--from-run {from_run}: run '{from_run}' under {store.root} has no scored shards; "
+                          f"run `capfilt filter --run {from_run}` first.")
+    mine = sorted(r.shard for r in store.records("ingest") if r.status == "done")
+    if not mine:
+        raise ConfigError(f"run '{store.run_id}' under {store.root} has no images; ingest it first "
+                          f"(capfilt ingest --from-run <the round-0 run of {from_run}> --run {store.run_id}).")
+    missing = [s for s in mine if s not in scored or s not in captioned]
+    if missing:
+        raise ConfigError(f"--from-run {from_run}: shard(s) {', '.join(missing[:3])} of run '{store.run_id}' are not "
+                          f"captioned and scored in '{from_run}'; finish `capfilt filter --run {from_run}` first.")
+    def sample_ids(run: RunStore, shard: str) -> list[str]:
+        import pyarrow.parquet as pq
+
+        with run.fs.open(run.shard_path("images", shard), "rb") as handle:
+            return sorted(pq.read_table(handle, columns=["sample_id"]).column("sample_id").to_pylist())
+
+    for shard in mine:
+        if sample_ids(store, shard) != sample_ids(source, shard):
+            raise ConfigError(f"--from-run {from_run}: shard {shard} holds other images than run '{store.run_id}'s; "
+                              "both runs must ingest the same images (capfilt ingest --from-run of one run).")
+    taken = 0
+    for shard in mine:
+        for stage, artifact, record in (("caption", "captions", captioned[shard]), (STAGE, "scores", scored[shard])):
+            if not store.is_done(stage, shard, record.config_hash):
+                store.adopt_shard(source, stage, shard, (artifact,), record.config_hash, extra={"scores_from": from_run})
+                taken += 1
+    return taken

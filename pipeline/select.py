@@ -2,6 +2,7 @@
 
 Per caption, checks run in this order and the first that fails is the reason it is dropped:
   duplicate                      the image is a duplicate of another (see pipeline/dedup.py)
+  caption_source_excluded        the caption's source (web / synthetic) is not in caption_sources
   image_too_small / aspect_ratio / unsafe / watermarked     metadata filters on the image
   empty_caption / degenerate_<why> / caption_too_short / caption_too_long   caption filters
   then the policies, in the order given:
@@ -11,6 +12,8 @@ Per caption, checks run in this order and the first that fails is the reason it 
   clip-threshold     CLIP score >= clip_threshold (DataComp)                   -> clip_below_threshold
   clip-top-fraction  CLIP score within the run's top fraction (DataComp)       -> clip_not_top_fraction
   blip2              per image, the top_k remaining captions by CLIP score     -> not_top_k
+  none               no model judges: every caption that passed the checks above is kept (BLIP's
+                     "+captioner, no filter" ablation arm)
 Kept pairs go to curated/ with their rank (by CLIP score among the image's kept captions), the
 image's source metadata and provenance, and their images, once each, to curated_images/; dropped ones to rejected/select/. Accounting is per caption row of scores/, and the
 manifest also records images in and images with at least one kept caption.
@@ -32,7 +35,8 @@ from schemas import DEDUP, IMAGES, SCORES, curated_outputs
 from schemas.curated import IMAGE_METADATA
 
 STAGE = "select"
-POLICIES = ("blip", "itm-calibrated", "blip2", "clip-threshold", "clip-top-fraction")
+POLICIES = ("blip", "itm-calibrated", "blip2", "clip-threshold", "clip-top-fraction", "none")
+CAPTION_SOURCES = ("web", "synthetic")  # schemas/captions.py caption_source
 RANK_BY = ("clip", "itm")  # blip2's per-image ranking: CLIP similarity (the paper) or ITM probability
 
 
@@ -52,11 +56,18 @@ class SelectConfig:
     max_caption_words: int = 1000
     drop_degenerate: bool = True
     calibration: object | None = None  # pipeline.calibrate.Calibration, for itm-calibrated
+    caption_sources: tuple[str, ...] = CAPTION_SOURCES  # captions of other sources are dropped (ablation arms)
 
     def __post_init__(self):
         unknown = [p for p in self.policies if p not in POLICIES]
         if unknown or not self.policies:
             raise ConfigError(f"--policy {','.join(self.policies)!r}: choose from {', '.join(POLICIES)} (comma-separated to combine).")
+        if "none" in self.policies and len(self.policies) > 1:
+            raise ConfigError(f"--policy {','.join(self.policies)!r}: 'none' keeps every caption; it combines with no other policy.")
+        unknown_sources = [c for c in self.caption_sources if c not in CAPTION_SOURCES]
+        if unknown_sources or not self.caption_sources:
+            raise ConfigError(f"--caption-sources {','.join(self.caption_sources)!r}: choose from "
+                              f"{', '.join(CAPTION_SOURCES)} (comma-separated).")
         if self.rank_by not in RANK_BY:
             raise ConfigError(f"--rank-by {self.rank_by!r}: choose from {', '.join(RANK_BY)}.")
         if self.top_k < 1:
@@ -167,6 +178,10 @@ def select_pairs(scores: pa.Table, images: pa.Table, duplicate_of: dict[str, str
         sid = row["sample_id"]
         if sid in duplicate_of:
             drop(row, "duplicate", f"image is a duplicate of {duplicate_of[sid]}", duplicate_of[sid])
+            continue
+        if row["caption_source"] not in cfg.caption_sources:
+            drop(row, "caption_source_excluded",
+                 f"{row['caption_source']} caption; --caption-sources {','.join(cfg.caption_sources)}")
             continue
         verdict = _metadata_reason(image_of.get(sid, {}), cfg) or _caption_reason(row, cfg)
         for policy in policies:

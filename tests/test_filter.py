@@ -88,6 +88,19 @@ def test_metadata_filters_and_duplicates():
     assert out["c#web"] == "image_too_small"
 
 
+def test_policy_none_keeps_every_checked_caption_and_caption_sources_restrict_them():
+    out = decided(*select_pairs(SCORES_A, IMAGES_A, {}, SelectConfig(policies=("none",))))
+    assert out["a#web"][0] == out["a#syn0"][0] == out["a#syn1"][0] == out["b#web"][0] == "kept"  # no model judges
+    assert out["a#syn2"] == "empty_caption" and out["b#syn0"] == "degenerate_repeated_token"  # the checks still do
+    web = decided(*select_pairs(SCORES_A, IMAGES_A, {}, SelectConfig(policies=("blip",), caption_sources=("web",))))
+    assert web["a#syn0"] == web["a#syn1"] == "caption_source_excluded" and web["a#web"] == ("kept", 0)
+    assert web["b#web"] == "itm_below_threshold"  # the policy still judges the web captions
+    with pytest.raises(ConfigError, match="combines with no other"):
+        SelectConfig(policies=("none", "blip2"))
+    with pytest.raises(ConfigError, match="--caption-sources"):
+        SelectConfig(caption_sources=("alt",))
+
+
 def test_bad_select_config_is_a_clear_error():
     with pytest.raises(ConfigError, match="choose from"):
         SelectConfig(policies=("blip3",))
@@ -218,6 +231,25 @@ def test_filter_command_end_to_end(ray_local, tiny_scorers, tmp_path):
     # A rerun does no work.
     again = cli.main(args=argv, prog_name="capfilt", standalone_mode=False)
     assert again["score"]["shards_skipped"] == 2 and again["select"]["shards_skipped"] == 2
+    # An ablation arm: the same images, run f's captions and scores taken (nothing scored again),
+    # only the selection differs (web captions only, no model judging).
+    arm = RunStore(root, "arm")
+    commit_image_shards(arm, {"s0": 6, "s1": 5}, corrupt={"s1": (2,)})
+    arm_argv = ["filter", "--root", root, "--run", "arm", "--from-run", "f", *argv[5:], "--policy", "none",
+                "--caption-sources", "web"]
+    taken = cli.main(args=arm_argv, prog_name="capfilt", standalone_mode=False)
+    assert taken["score"]["shards_done"] == 0 and taken["score"]["shards_skipped"] == 2
+    assert arm.read("scores", SCORES).equals(store.read("scores", SCORES))
+    kept = arm.read("curated", CURATED)
+    assert set(kept.column("caption_source").to_pylist()) == {"web"} and kept.num_rows == 10  # every decodable web caption
+    reasons = arm.read_rejected("select").column("reason").to_pylist()
+    assert kept.num_rows + len(reasons) == scored and set(reasons) == {"caption_source_excluded"}
+    # Other images than the run it takes from: refused, naming both.
+    other = RunStore(root, "other")
+    commit_image_shards(other, {"s0": 3, "s1": 5})
+    with pytest.raises(ConfigError, match="shard s0 holds other images"):
+        cli.main(args=["filter", "--root", root, "--run", "other", "--from-run", "f", *argv[5:]], prog_name="capfilt",
+                 standalone_mode=False)
 
 
 # -- reports --------------------------------------------------------------------------------------
@@ -260,6 +292,9 @@ def test_bootstrap_report_leads_with_a_verdict_and_deltas(report_world):
     assert "7 of 792 were correct" in page and "0.009 (7 / 792)" in page
     assert '<a href="../../r1/report/filter.html">' in page and "file://" not in page
     assert "2,000" in page and "2000.000" not in page  # counts as integers
+    # every arm as bars, right under the comparison table
+    assert page.index('id="comparison"') < page.index('src="arms.png"') < page.index("Headline metrics")
+    assert (report_world["index"].parent / "arms.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_verdict_compares_whatever_arms_are_present():

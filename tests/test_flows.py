@@ -325,6 +325,28 @@ def test_with_an_annotated_set_rounds_finetune_first_and_filter_every_caption_by
                           annotated="/a/ann.parquet"))
 
 
+def test_the_ablation_trains_blips_table_1_arms_from_round_1s_captions_and_scores(tmp_path):
+    from flows.bootstrap import _all_steps, model_labels, planned_steps
+    from flows.params import BootstrapParams
+
+    params = BootstrapParams(source="src", root="/d", run="b", rounds=1, preset="toy", annotated="/a/ann.parquet",
+                             truth="/w/truth.parquet", ablation=True)
+    assert list(model_labels(params).values()) == ["raw", "captioner", "filter", "capfilt", "oracle"]
+    steps = _all_steps(params)
+    assert steps["ingest-captioner"][:4] == ["ingest", "--from-run", "b-r0", "--root"]  # round 0's images again
+    for arm, selection in (("captioner", ["--policy", "none"]), ("filter", ["--caption-sources", "web"])):
+        argv = steps[f"filter-{arm}"]
+        assert argv[:7] == ["filter", "--root", "/d", "--run", f"b-{arm}", "--from-run", "b-r1"]
+        assert " ".join(selection) in " ".join(argv) and "/d/models/b-r0/filter" in argv  # round 1's finetuned filter
+    assert steps["stage1-filter"] == [*steps["stage1-r1"][:5], "b-filter", "--out", "/d/models/b-filter/stage1",
+                                      *steps["stage1-r1"][8:]]  # the same budget as every arm
+    labels = [label for label, _ in planned_steps(params)]
+    assert labels.index("filter-r1") < labels.index("filter-captioner") < labels.index("oracle")
+    assert labels[-5:] == ["eval-raw", "eval-captioner", "eval-filter", "eval-capfilt", "eval-oracle"]
+    with pytest.raises(ValueError, match="rounds >= 1"):
+        BootstrapParams(source="src", rounds=0, ablation=True)
+
+
 def test_capfilt_uses_the_prefect_server_that_prefect_api_url_names(prefect_harness):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 

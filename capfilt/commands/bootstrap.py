@@ -31,7 +31,7 @@ def parse_sets(values: tuple[str, ...]) -> dict[str, dict]:
 
 
 def bootstrap_params(source, root, run, rounds, preset, quick, truth, sets, ray_address, working_dir, heldout=None,
-                     evaluate=True, annotated=None):
+                     evaluate=True, annotated=None, ablation=False):
     from pydantic import ValidationError
 
     from capfilt.errors import ConfigError
@@ -40,7 +40,7 @@ def bootstrap_params(source, root, run, rounds, preset, quick, truth, sets, ray_
     execution = {"mode": "cluster", "ray_address": ray_address, "working_dir": working_dir} if ray_address else {}
     try:
         return BootstrapParams(source=source, root=root, run=run, rounds=rounds, preset=preset, quick=quick,
-                               truth=truth, heldout=heldout, evaluate=evaluate, annotated=annotated,
+                               truth=truth, heldout=heldout, evaluate=evaluate, annotated=annotated, ablation=ablation,
                                execution=execution, **parse_sets(sets))
     except ValidationError as exc:
         raise ConfigError(f"bootstrap parameters: {describe_errors(exc)}") from exc
@@ -63,11 +63,15 @@ def bootstrap_params(source, root, run, rounds, preset, quick, truth, sets, ray_
                    "finetune the previous round's filter and captioner on it and keep every caption whose ITM "
                    "probability reaches the threshold calibrated on its held-out part (BLIP's CapFilt).")
 @click.option("--eval/--no-eval", "evaluate", default=True, show_default=True, help="Evaluate every model (capfilt eval).")
+@click.option("--ablation", is_flag=True,
+              help="BLIP's Table 1: also train, with the same budget, a captioner-only arm (web + synthetic captions, "
+                   "no filter) and a filter-only arm (web captions, filtered) from round 1's captions and scores; the "
+                   "report compares raw, captioner, filter, capfilt and oracle.")
 @click.option("--set", "sets", multiple=True, metavar="STAGE.OPTION=VALUE",
               help="Override one stage option of the preset, e.g. --set stage1.steps=500 --set filter.top-k=1.")
 @click.option("--ray-address", default=None, help="Run every stage as a Ray job on this cluster (http://head:8265).")
 @click.option("--working-dir", default=None, help="With --ray-address: runtime_env working_dir uploaded with each job.")
-def bootstrap(source, root, run, rounds, preset, quick, truth, heldout, annotated, evaluate, sets, ray_address,
+def bootstrap(source, root, run, rounds, preset, quick, truth, heldout, annotated, evaluate, ablation, sets, ray_address,
               working_dir):
     """Round 0 on the raw source, then CapFilt rounds with each round's own models (a Prefect flow)."""
     from flows.bootstrap import bootstrap as bootstrap_flow
@@ -75,7 +79,7 @@ def bootstrap(source, root, run, rounds, preset, quick, truth, heldout, annotate
     from flows.server import ensure_prefect_api
 
     params = bootstrap_params(source, root, run, rounds, preset, quick, truth, sets, ray_address, working_dir,
-                              heldout, evaluate, annotated)
+                              heldout, evaluate, annotated, ablation)
     check(params)  # every stage's options, before Prefect, Ray or any download starts
     ensure_prefect_api((lambda line: None) if is_quiet() else click.echo)
     summary = bootstrap_flow(params)

@@ -27,8 +27,11 @@ EXPECTED_MINUTES = {"quick": 4, "full": 20}
 @click.option("--blip/--no-blip", "blip", default=False, show_default=True,
               help="Round 1 follows BLIP: finetune filter and captioner on the world's annotated set, keep every "
                    "caption whose ITM probability reaches the calibrated threshold (bootstrap --annotated).")
+@click.option("--ablation", is_flag=True,
+              help="BLIP's Table 1 (bootstrap --ablation): also train a captioner-only and a filter-only arm; the "
+                   "table compares raw, captioner, filter, capfilt and oracle (two more trainings).")
 @click.option("--set", "sets", multiple=True, metavar="STAGE.OPTION=VALUE", help="Override a toy-preset option.")
-def demo(root, quick, images, noise, seed, blip, sets):
+def demo(root, quick, images, noise, seed, blip, ablation, sets):
     """Bootstrap a model end to end on a synthetic world and print what CapFilt bought."""
     from capfilt.commands.bootstrap import bootstrap_params, format_summary
     from flows.bootstrap import bootstrap as bootstrap_flow
@@ -54,7 +57,7 @@ def demo(root, quick, images, noise, seed, blip, sets):
     say(f"world: {world['images']} images, noise {world['noise_ratio']:.2f}, in {world_dir}; "
         f"annotated set: {world.get('annotated_images', 0)} images in {world.get('annotated', '-')}; "
         f"held-out evaluation world: {heldout_images} clean images in {heldout_dir}")
-    run = ("demo-quick" if quick else "demo") + ("-blip" if blip else "")
+    run = ("demo-quick" if quick else "demo") + ("-blip" if blip else "") + ("-ablation" if ablation else "")
     minutes = EXPECTED_MINUTES["quick" if quick else "full"]
     say(f"when it is done (about {minutes} min on 2 CPU cores): the table here and the report at "
         f"{Path(root) / 'runs' / run / 'report' / 'index.html'}")
@@ -63,7 +66,7 @@ def demo(root, quick, images, noise, seed, blip, sets):
     if blip and not world.get("annotated"):
         raise click.UsageError(f"--blip: the world in {world_dir} has no annotated set; use a new --root.")
     params = bootstrap_params(world["source"], root, run, 1, "toy", quick, world["ground_truth"], sets, None, None,
-                              str(heldout_dir), annotated=world.get("annotated") if blip else None)
+                              str(heldout_dir), annotated=world.get("annotated") if blip else None, ablation=ablation)
     check(params)  # every stage's options, before Prefect, Ray or any download starts
     ensure_prefect_api(say)
     with WorldServer(world_dir) as server:

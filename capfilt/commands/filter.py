@@ -16,7 +16,9 @@ def filter_options(f):
         click.option("--clip-pretrained", help="open_clip pretrained tag (e.g. openai) or a local checkpoint file."),
         click.option("--clip-config", type=click.Path(exists=True), help="JSON model config(s) to register with open_clip first."),
         click.option("--itm", help="ITM model: hub id or save_pretrained folder (BLIP / BLIP-2 ITM, capfilt Stage 1)."),
-        click.option("--policy", default="blip2", show_default=True, help="blip, itm-calibrated, blip2, clip-threshold, clip-top-fraction; comma-separated to combine (e.g. blip,blip2)."),
+        click.option("--policy", default="blip2", show_default=True, help="blip, itm-calibrated, blip2, clip-threshold, clip-top-fraction; comma-separated to combine (e.g. blip,blip2); none: keep every caption that passes the checks."),
+        click.option("--caption-sources", default="web,synthetic", show_default=True,
+                     help="Caption sources that may be kept (web, synthetic); others are dropped as caption_source_excluded."),
         click.option("--calibration", default=None,
                      help="itm-calibrated: calibration.json or a `capfilt finetune filter` folder (default: the --itm folder's)."),
         click.option("--target-precision", type=float, default=None,
@@ -80,6 +82,7 @@ def configs_from_options(o: dict, will_exist: tuple[str, ...] = ()):
         clip_top_fraction=o["clip_top_fraction"], min_image_size=o["min_image_size"], max_aspect_ratio=o["max_aspect_ratio"],
         max_punsafe=o["max_punsafe"], max_pwatermark=o["max_pwatermark"], min_caption_words=o["min_caption_words"],
         max_caption_words=o["max_caption_words"], drop_degenerate=not o["keep_degenerate"], calibration=calibration,
+        caption_sources=tuple(c.strip() for c in (o.get("caption_sources") or "web,synthetic").split(",") if c.strip()),
     )
     if "blip" in policies and not score.itm:
         raise click.UsageError("--policy blip needs --itm (an ITM model)")
@@ -93,13 +96,16 @@ def _under(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-def run_filter(store, options: dict) -> dict:
+def run_filter(store, options: dict, from_run: str | None = None) -> dict:
     from pipeline.dedup import run_dedup
     from pipeline.filter_report import write_filter_report
-    from pipeline.score import run_score
+    from pipeline.score import adopt_scores, run_score
     from pipeline.select import run_select
 
     score_cfg, dedup_cfg, select_cfg = configs_from_options(options)
+    if from_run:
+        taken = adopt_scores(store, from_run)
+        click.echo(f"took {taken} caption/score shard(s) of run {from_run} (same images, captions and scores)")
     scored = run_score(store, score_cfg)
     click.echo(scored.line())
     duplicates = run_dedup(store, dedup_cfg)
@@ -116,8 +122,11 @@ def run_filter(store, options: dict) -> dict:
 @click.command(name="filter")
 @root_option()
 @click.option("--run", "run_id", required=True, help="Run id.")
+@click.option("--from-run", default=None,
+              help="Take this run's captions and scores (same images, e.g. both ingested --from-run of one round 0) "
+                   "and only dedup and select: an ablation arm that differs in its selection alone.")
 @filter_options
-def filter_command(root, run_id, **options):
+def filter_command(root, run_id, from_run, **options):
     """Score (CLIP + ITM), dedup (sha256 + SemDeDup with faiss) and select a captioned run.
 
     Writes scores/, dedup/, curated/ and rejected/ (every dropped caption with its reason) and the
@@ -125,7 +134,7 @@ def filter_command(root, run_id, **options):
     """
     from pipeline.run_store import RunStore
 
-    return run_filter(RunStore(root, run_id), options)
+    return run_filter(RunStore(root, run_id), options, from_run)
 
 
 filter_command.validate_params = configs_from_options
