@@ -260,3 +260,18 @@ def load_calibration(path: str | Path, option: str = "--calibration") -> Calibra
         raise ConfigError(f"{option} {path}: no {FILE_NAME} there; run `capfilt finetune filter --annotated ... --out "
                           f"DIR` (it calibrates on the held-out part) and pass DIR, or its calibration.json.")
     return Calibration.from_json(found.read_text(), str(found))
+
+
+def calibrate_on_annotated(itm: str, annotated: str, out: str | Path, target_precision: float = DEFAULT_TARGET_PRECISION,
+                           match_prior: float = DEFAULT_MATCH_PRIOR, seed: int = 0, device: str = "auto") -> Calibration:
+    """Calibrate an ITM model as it is (hub id, BLIP/BLIP-2 folder or capfilt Stage 1; no finetuning,
+    so every annotated image may serve) on a clean annotated set; writes `out` (calibration.json).
+    Raises ConfigError, after writing the curve, when the target precision is out of reach."""
+    from model.scorers import load_itm
+    from pipeline.annotated import read_annotated
+
+    data = read_annotated(annotated)
+    calibration = calibrate_itm(load_itm(itm, device), data.images, target_precision, match_prior, seed,
+                                scorer=itm, annotated=data.describe())
+    write_calibration(calibration, out)
+    return calibration.check()

@@ -217,3 +217,19 @@ def test_finetuning_refuses_a_finetuning_part_smaller_than_a_batch(annotated, pa
 
     with pytest.raises(ConfigError, match="fewer than --batch-size 64"):
         run_finetune_filter(annotated["path"], parents["stage1"], FinetuneSettings(out=str(tmp_path / "o"), batch_size=64))
+
+
+def test_curate_annotated_calibrates_an_itm_model_as_it_is_on_the_whole_set(tmp_path, annotated):
+    """`capfilt curate --annotated`: no finetuning, the given ITM model's threshold is calibrated on
+    every annotated image (matched vs random and hard negatives) and the curve written."""
+    from model.scorers import save_random_itm
+    from pipeline.calibrate import calibrate_on_annotated, load_calibration
+
+    itm = save_random_itm(str(tmp_path / "itm"))
+    cal = calibrate_on_annotated(itm, annotated["path"], tmp_path / "run" / "calibration.json", target_precision=0.5)
+    assert cal.positives == sum(len(im.captions) for im in annotated["images"])  # the whole set: nothing held out
+    assert cal.negatives["random"] > 0 and cal.negatives["hard"] > 0 and cal.scorer == itm
+    assert load_calibration(tmp_path / "run" / "calibration.json").threshold == cal.threshold
+    with pytest.raises(ConfigError, match="precision"):  # a random ITM cannot reach 0.999: said, the curve kept
+        calibrate_on_annotated(itm, annotated["path"], tmp_path / "hard.json", target_precision=0.999)
+    assert (tmp_path / "hard.json").exists()
