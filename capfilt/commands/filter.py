@@ -97,26 +97,9 @@ def _under(path: str, folder: str) -> bool:
 
 
 def run_filter(store, options: dict, from_run: str | None = None) -> dict:
-    from pipeline.dedup import run_dedup
-    from pipeline.filter_report import write_filter_report
-    from pipeline.score import adopt_scores, run_score
-    from pipeline.select import run_select
+    from pipeline.filtering import run_filter as run
 
-    score_cfg, dedup_cfg, select_cfg = configs_from_options(options)
-    if from_run:
-        taken = adopt_scores(store, from_run)
-        click.echo(f"took {taken} caption/score shard(s) of run {from_run} (same images, captions and scores)")
-    scored = run_score(store, score_cfg)
-    click.echo(scored.line())
-    duplicates = run_dedup(store, dedup_cfg)
-    click.echo(f"dedup: {duplicates.num_rows} duplicate image(s) "
-               f"({sum(k == 'exact' for k in duplicates.column('kind').to_pylist())} exact)")
-    selected = run_select(store, select_cfg, extra_provenance={"clip": score_cfg.clip, "clip_pretrained": score_cfg.clip_pretrained,
-                                                                "itm": score_cfg.itm, "dedup": {"semantic": dedup_cfg.semantic, "eps": dedup_cfg.eps if dedup_cfg.semantic else None}})
-    click.echo(selected.line())
-    table = write_filter_report(store)
-    click.echo(f"report: {store.uri(store.report_dir())}/filter.html")
-    return {"score": scored.__dict__, "duplicates": duplicates.num_rows, "select": selected.__dict__, "report": table}
+    return run(store, *configs_from_options(options), from_run=from_run, say=click.echo)
 
 
 @click.command(name="filter")
