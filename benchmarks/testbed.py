@@ -1,7 +1,7 @@
 """Does the demo world show data quality? Raw web pairs vs the oracle's true captions, Stage 1 only.
 
     uv run python benchmarks/testbed.py --root /tmp/tb --seeds 0 1 2 [--images 600] [--noise 0.4]
-        [--heldout 600] [--stage1-steps 600] [--pretrain-images 0]
+        [--heldout 600] [--stage1-steps 1000] [--pretrain-images 0]
 
 For each seed: the demo's world and a clean held-out world, two curated runs written straight
 from the world (no ingest, no Ray: the same images the demo would ingest) - `raw` (every image
@@ -77,7 +77,7 @@ def main() -> None:
     ap.add_argument("--noise", type=float, default=0.4)
     ap.add_argument("--noise-kinds", default=None)
     ap.add_argument("--heldout", type=int, default=600)
-    ap.add_argument("--stage1-steps", type=int, default=600)
+    ap.add_argument("--stage1-steps", type=int, default=1000)  # the toy preset's
     ap.add_argument("--pretrain-images", type=int, default=0, help="0: toy encoder on the raw pairs (today's preset)")
     ap.add_argument("--pretrain-noise", type=float, default=0.4)
     ap.add_argument("--set", dest="sets", action="append", default=[], help="toy preset field=value")
@@ -125,16 +125,19 @@ def main() -> None:
                                       eval_pairs=heldout_pairs(heldout_dir))
         times["toy_pretrain"] = time.perf_counter() - t
         stage1 = dict(toy_preset(str(toy_dir)).stage1)
-        stage1.update({"steps": args.stage1_steps, "itm-random-negative-steps": args.stage1_steps})
+        # the preset's rule: uniform ITM negatives for the first fifth, then hard ones
+        stage1.update({"steps": args.stage1_steps, "itm-random-negative-steps": args.stage1_steps // 5})
         for item in args.stage1_sets:
             k, v = item.split("=", 1)
             stage1[k] = v
+        negatives = f"rn{stage1['itm-random-negative-steps']}"
         row = {"seed": seed, "toy": str(toy_dir), "clip": {k: v for k, v in info.get("clip", {}).items() if k in ("eval", "loss_last", "seconds")}, "times": times}
         for arm in args.arms.split(","):
             run = f"{arm}-s{seed}-{args.images}-{args.noise}"
             if not (root / "runs" / run).exists():
                 curated_from_world(world_dir, str(root), run, arm)
-            out = root / "models" / (f"{run}-{tag}-st{args.stage1_steps}-" + "-".join(s.replace("=", "") for s in args.stage1_sets))
+            out = root / "models" / (f"{run}-{tag}-st{args.stage1_steps}-{negatives}-"
+                                     + "-".join(s.replace("=", "") for s in args.stage1_sets))
             if not (out / "eval.json").exists():
                 times[f"{arm}_stage1"] = capfilt("train", "stage1", "--root", str(root), "--run", run, "--out",
                                                  str(out / "stage1"), *options_to_argv(stage1))

@@ -14,6 +14,8 @@ losses exactly.
 
 from __future__ import annotations
 
+import logging
+
 import io
 import json
 import math
@@ -203,12 +205,21 @@ class Stage1Batches(torch.utils.data.Dataset):
         # memory; ids are tiny next to features): after the first epoch no batch calls the
         # tokenizer, whose Python-side conversion cost more than the rest of a batch.
         self.token_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = {} if config.cache_features else None
-        self.per_epoch = len(images) // world_size // config.batch_size
-        if self.per_epoch == 0:
+        per_worker = len(images) // world_size
+        # A curated run smaller than one batch (a strict filter on a small source, an ablation arm)
+        # still trains, on batches of all it has, and says so; below 2 per worker (ITC needs a
+        # negative in the batch) it is an error.
+        self.batch_size = min(config.batch_size, per_worker)
+        if self.batch_size < 2:
             raise ConfigError(
-                f"{len(images)} training images cannot fill one batch of {config.batch_size} on each of "
-                f"{world_size} worker(s); lower --batch-size."
+                f"{len(images)} training images cannot fill a batch of 2 (ITC needs a negative) on each of "
+                f"{world_size} worker(s); curate more data."
             )
+        if self.batch_size < config.batch_size:
+            logging.getLogger(__name__).warning(
+                "%d training images fill no batch of %d on each of %d worker(s): batches of %d instead",
+                len(images), config.batch_size, world_size, self.batch_size)
+        self.per_epoch = per_worker // self.batch_size
 
     def __len__(self):
         return self.per_epoch * 10**9  # endless; the trainer decides when to stop
@@ -221,8 +232,8 @@ class Stage1Batches(torch.utils.data.Dataset):
         cfg = self.config
         pos = self.position(micro)
         order = np.random.default_rng([cfg.seed, pos["epoch"]]).permutation(len(self.images))
-        start = pos["batch_in_epoch"] * cfg.batch_size
-        return pos["epoch"], order[self.rank::self.world_size][start:start + cfg.batch_size].tolist()
+        start = pos["batch_in_epoch"] * self.batch_size
+        return pos["epoch"], order[self.rank::self.world_size][start:start + self.batch_size].tolist()
 
     def draw(self, epoch: int, index: int, img=None) -> tuple[str, tuple | None, bool]:
         """(caption, crop, flip) of one sample, from its own generator seeded by (seed, epoch, image).

@@ -140,3 +140,17 @@ def test_bad_configs_say_what_to_fix(world, tmp_path):
         config(world, tmp_path, cache_features=True, augment=True)
     with pytest.raises(ConfigError, match="no curated rows"):
         train(config(world, tmp_path, run="empty"))
+
+
+def test_a_run_smaller_than_one_batch_trains_on_batches_of_all_it_has_and_says_so(caplog):
+    """A strict filter or an ablation arm may keep fewer images than a batch: it still trains."""
+    from capfilt.errors import ConfigError
+    from model.train_stage1 import Stage1Batches, Stage1Config
+
+    config = Stage1Config(root="r", run="x", vision="v", out="o", batch_size=32)
+    data = Stage1Batches(list(range(5)), None, None, config)
+    assert data.batch_size == 5 and sorted(data.indices(0)[1]) == [0, 1, 2, 3, 4]
+    assert "5 training images fill no batch of 32" in caplog.text
+    assert Stage1Batches(list(range(40)), None, None, config).batch_size == 32
+    with pytest.raises(ConfigError, match="batch of 2"):
+        Stage1Batches([0], None, None, config)
