@@ -6,7 +6,7 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pipeline.run_store import _RUN_ID
+from pipeline.run_store import _RUN_ID, RUN_ID_RULE
 
 OptionValue = str | int | float | bool | None
 
@@ -61,12 +61,7 @@ class CurateParams(BaseModel):
     )
     execution: Execution = Field(default_factory=Execution)
 
-    @field_validator("run")
-    @classmethod
-    def _run_id(cls, value: str) -> str:
-        if not _RUN_ID.match(value):
-            raise ValueError("use letters, digits, '.', '_' and '-' (at most 128)")
-        return value
+    _run = field_validator("run")(classmethod(lambda cls, v: _run_id(v)))
 
     def stage_argv(self) -> dict[str, list[str]]:
         """Each stage's full CLI arguments, in the order the flow runs them."""
@@ -84,7 +79,7 @@ class CurateParams(BaseModel):
 
 def _run_id(value: str) -> str:
     if not _RUN_ID.match(value):
-        raise ValueError("use letters, digits, '.', '_' and '-' (at most 128)")
+        raise ValueError(RUN_ID_RULE)  # pydantic names the field; run_store.check_run_id's rule
     return value
 
 

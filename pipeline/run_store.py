@@ -105,15 +105,21 @@ class ManifestRecord:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
 
+RUN_ID_RULE = "use letters, digits, '.', '_' and '-' (at most 128, starting with a letter or digit)"
+
+
+def check_run_id(run_id: str) -> str:
+    """The one rule for run ids (they name folders on any filesystem); ConfigError otherwise."""
+    if not _RUN_ID.match(run_id or ""):
+        raise ConfigError(f"run id {run_id!r} is not valid: {RUN_ID_RULE}.")
+    return run_id
+
+
 class RunStore:
     """Reads and writes the shards and manifest of one run under a root."""
 
     def __init__(self, root: str, run_id: str):
-        if not _RUN_ID.match(run_id or ""):
-            raise ConfigError(
-                f"run id {run_id!r} is not valid: use letters, digits, '.', '_' and '-' "
-                f"(at most 128, starting with a letter or digit)."
-            )
+        check_run_id(run_id)
         self.root = str(root)
         self.run_id = run_id
         try:
