@@ -60,25 +60,24 @@ def models(tmp_path_factory):
 
 def curate_argv(world, models, root: str, run: str) -> list[str]:
     # --timeout 10: no download of the local server times out on a loaded machine, so the source's
-    # outcome is the same in every run. --score-batch-size 1: every pair is scored alone, so the
-    # float scores cannot depend on which pairs Ray happened to batch together.
+    # outcome is the same in every run. Exact dedup only: a random tiny CLIP calls most images
+    # near-duplicates, which would leave almost nothing curated to compare.
     return ["curate", "--source", world["source"], "--root", root, "--run", run, "--shard-size", str(SHARD_SIZE),
             "--allow-private-addresses", "--image-size", "64", "--timeout", "10",
             "--captioner", models["captioner"], "--num-captions", str(NUM_CAPTIONS), "--seed", str(SEED),
             "--clip", models["clip"], "--clip-pretrained", models["clip_pretrained"], "--clip-config", models["clip_config"],
-            "--itm", models["itm"], "--policy", "blip2", "--top-k", "1", "--score-batch-size", "1", "--no-semantic-dedup"]
+            "--itm", models["itm"], "--policy", "blip2", "--top-k", "1", "--no-semantic-dedup"]
 
 
-def caption_config(models, batch_size: int = 16) -> CaptionConfig:
-    """What `capfilt curate --captioner C --num-captions 2 --seed 3` captions with."""
-    return CaptionConfig(captioner=models["captioner"], decoding=Decoding(num_captions=NUM_CAPTIONS, seed=SEED),
-                         batch_size=batch_size)
+def caption_config(models) -> CaptionConfig:
+    """What `capfilt curate --captioner C --num-captions 2 --seed 3` captions with (batch size 16)."""
+    return CaptionConfig(captioner=models["captioner"], decoding=Decoding(num_captions=NUM_CAPTIONS, seed=SEED))
 
 
 def score_config(models) -> ScoreConfig:
-    """What `capfilt curate --clip ... --itm ... --score-batch-size 1` scores with."""
+    """What `capfilt curate --clip ... --itm ...` scores with (batch size 64)."""
     return ScoreConfig(clip=models["clip"], clip_pretrained=models["clip_pretrained"], clip_config=models["clip_config"],
-                       itm=models["itm"], batch_size=1)
+                       itm=models["itm"])
 
 
 @pytest.fixture(scope="module")
@@ -198,10 +197,9 @@ def copy_of(straight: RunStore, run: str, stages: dict[str, tuple[str, ...]]) ->
 def test_a_caption_actor_killed_mid_run_is_restarted_and_the_captions_equal_an_uninterrupted_run(straight, models):
     store = copy_of(straight, "caption-actor-killed", {"ingest": ("images",)})
     shards = len(store.shards("images"))
-    # One shard per actor task, so shards commit one by one and the kill lands between them.
-    # Captions do not depend on the batch size (seeded per image), so this run must still equal
-    # the straight run's, captioned with curate's default of 16.
-    cfg = caption_config(models, batch_size=1)
+    # The default batch size (16 images) is larger than a shard: shards must still go one per
+    # actor task and commit one by one, or the kill cannot land between them.
+    cfg = caption_config(models)
 
     summary = run_with_actor_killed(lambda: run_caption(store, cfg), store, "caption", CAPTION_ACTOR, shards)
 
@@ -228,8 +226,8 @@ def test_a_score_actor_killed_mid_run_is_restarted_and_the_scores_equal_an_unint
     scores = store.read("scores", SCORES)
     assert_partition(column(store.read("captions", CAPTIONS), "caption_id"), column(scores, "caption_id"),
                      column(store.read_rejected("score"), "caption_id"))
-    # Bit for bit, no tolerance: both runs score every pair alone (batch size 1), so the batch a
-    # retried pair lands in cannot change its floats.
+    # Bit for bit, no tolerance: a pair's batch is set by its shard, so the retried shard is
+    # scored in the same batches as in the uninterrupted run.
     assert scores.equals(straight.read("scores", SCORES))
     assert store.read_rejected("score").equals(straight.read_rejected("score"))
 
