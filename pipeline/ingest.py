@@ -575,7 +575,10 @@ def download_shard(spec: ShardSpec, config: IngestConfig) -> tuple[pa.Table, pa.
             pending = [row for row in pending if _transient(results.get(row["sample_id"]))]
             if not pending:
                 break
-        result = list(results.values())
+        # In the shard's row order, not the order downloads finished: images/ (and so captions/
+        # and the batches scores are computed in) must not depend on which server answered first.
+        row_of = {row["sample_id"]: i for i, row in enumerate(to_fetch)}
+        result = sorted(results.values(), key=lambda out: row_of.get(out["sample_id"], len(row_of)))
         seen = set()
         hash_blocklist = frozenset(config.hash_blocklist)
         for out in result:
