@@ -229,9 +229,10 @@ def mark_cross_shard_duplicates(specs: list[ShardSpec], columns: SourceColumns) 
 
     A shard finds its own repeated URLs; a URL repeated across shards (or files) of one source
     is only seen here, in the driver, before any download: the first row with the URL (in file
-    and row order) is downloaded, the later ones are dropped as duplicate_url. Only the URL
-    column is read, and Arrow's hash grouping finds each URL's first row, so memory is about
-    the URLs' bytes.
+    and row order) stands for it, the later ones are dropped as duplicate_url naming that row.
+    (Should the first row itself be refused for its caption, the URL is not downloaded: unlike
+    within a shard, captions are not read here.) Only the URL column is read, and Arrow's hash
+    grouping finds each URL's first row, so the driver's memory is about the URLs' bytes.
     """
     if len(specs) < 2:
         return specs
