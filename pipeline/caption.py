@@ -218,9 +218,11 @@ def read_image_shards(batch: pa.Table, root: str, run_id: str) -> pa.Table:
 
 
 class CaptionActor:
-    """Loads the captioner once per actor; captions the batches Ray hands it."""
+    """Loads the captioner once per actor; captions one shard per call, `batch_size` images per
+    generate call."""
 
-    def __init__(self, captioner: str, decoding: Decoding, device: str = "auto", torch_threads: int | None = None):
+    def __init__(self, captioner: str, decoding: Decoding, device: str = "auto", torch_threads: int | None = None,
+                 batch_size: int = 16):
         if torch_threads:
             import torch
 
@@ -229,13 +231,18 @@ class CaptionActor:
             torch.set_num_threads(torch_threads)
         self.captioner = load_captioner(captioner, device)
         self.decoding = decoding
+        self.batch_size = batch_size
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        began = time.time()
-        result = caption_batch(batch, self.captioner, self.decoding)
-        return result.append_column("shard", batch.column("shard")).append_column(
-            "batch_started_at", pa.array([began] * batch.num_rows, pa.float64())
-        )
+    def __call__(self, shard: pa.Table) -> pa.Table:
+        parts = []
+        for start in range(0, shard.num_rows, self.batch_size):  # the driver sends no empty shard
+            batch = shard.slice(start, self.batch_size)
+            began = time.time()
+            result = caption_batch(batch, self.captioner, self.decoding)
+            parts.append(result.append_column("shard", batch.column("shard")).append_column(
+                "batch_started_at", pa.array([began] * batch.num_rows, pa.float64())
+            ))
+        return pa.concat_tables(parts)
 
 
 # -- driver ------------------------------------------------------------------------------------------
@@ -358,12 +365,17 @@ def run_caption(store: RunStore, cfg: CaptionConfig) -> CaptionSummary:
         CaptionActor,
         fn_constructor_kwargs=dict(
             captioner=cfg.captioner, decoding=cfg.decoding, device=cfg.device,
-            torch_threads=None if gpus else cfg.cpus_per_actor,
+            torch_threads=None if gpus else cfg.cpus_per_actor, batch_size=cfg.batch_size,
         ),
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=1 if gpus else 0,
         num_cpus=cfg.cpus_per_actor,
-        batch_size=cfg.batch_size,
+        # One shard per call, batched inside the actor. Ray Data fuses the reader into this
+        # operator and then bundles `batch_size` of its *input* rows, the shard ids, per task: a
+        # batch size of 16 put 16 shards in one task, so the driver could commit none of them
+        # before all were captioned, a killed actor redid all 16, and with fewer tasks than
+        # actors some actors idled.
+        batch_size=None,
         batch_format="pyarrow",
     )
     arrived: dict[str, list[pa.Table]] = {s: [] for s in working}

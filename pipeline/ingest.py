@@ -29,11 +29,13 @@ import urllib.parse
 import urllib.request
 import warnings
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import PurePosixPath
 
 import fsspec
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
@@ -138,6 +140,9 @@ class ShardSpec:
     stop: int
     attempt: int = 1
     rows: tuple[str, ...] | None = None  # sample_ids to redo, for --retry-failed shards
+    # (sample_id, sample_id of the first row with the same URL) for rows of this shard whose URL
+    # an earlier shard of the source already has: see mark_cross_shard_duplicates
+    duplicate_of: tuple[tuple[str, str], ...] = ()
 
 
 def _safe(name: str) -> str:
@@ -217,6 +222,53 @@ def plan_shards(source: str, shard_size: int, columns: SourceColumns) -> list[Sh
         for k, start in enumerate(range(0, rows, shard_size)):
             specs.append(ShardSpec(f"{_safe(name)}-{k:05d}", file, start, min(rows, start + shard_size)))
     return specs
+
+
+def mark_cross_shard_duplicates(specs: list[ShardSpec], columns: SourceColumns) -> list[ShardSpec]:
+    """`specs` with each shard's rows whose URL an earlier shard of the source already has.
+
+    A shard finds its own repeated URLs; a URL repeated across shards (or files) of one source
+    is only seen here, in the driver, before any download: the first row with the URL (in file
+    and row order) stands for it, the later ones are dropped as duplicate_url naming that row.
+    (Should the first row itself be refused for its caption, the URL is not downloaded: unlike
+    within a shard, captions are not read here.) Only the URL column is read, and Arrow's hash
+    grouping finds each URL's first row, so the driver's memory is about the URLs' bytes.
+    """
+    if len(specs) < 2:
+        return specs
+    files = list(dict.fromkeys(spec.file for spec in specs))
+    urls, offset, base = [], 0, {}
+    for file in files:
+        fs, path = fsspec.core.url_to_fs(file.path)
+        if path.endswith(".parquet"):
+            with fs.open(path, "rb") as handle:
+                column = pq.read_table(handle, columns=[columns.URL]).column(0).cast(pa.string())
+        else:
+            column = read_source_file(fs, path, columns, file.path).column("URL")
+        urls.append(column)
+        base[file] = offset
+        offset += file.rows
+    table = pa.table({"url": pa.chunked_array([c for u in urls for c in u.chunks], pa.string()),
+                      "row": pa.array(np.arange(offset, dtype=np.int64))})
+    table = table.filter(table.column("url").is_valid())
+    first = table.group_by("url").aggregate([("row", "min")]).rename_columns(["url", "first"])
+    repeated = table.join(first, "url")
+    repeated = repeated.filter(pc.not_equal(repeated.column("row"), repeated.column("first")))
+    if repeated.num_rows == 0:
+        return specs
+    starts = np.array([base[spec.file] + spec.start for spec in specs], dtype=np.int64)
+
+    def locate(row: int) -> tuple[int, str]:
+        k = int(np.searchsorted(starts, row, side="right")) - 1
+        return k, f"{specs[k].file.name}/{row - base[specs[k].file]}"
+
+    marks: dict[int, list[tuple[str, str]]] = {}
+    for row, first_row in zip(repeated.column("row").to_pylist(), repeated.column("first").to_pylist()):
+        (shard, sample_id), (first_shard, first_id) = locate(row), locate(first_row)
+        if shard != first_shard:  # within a shard, download_shard finds it (after its own checks)
+            marks.setdefault(shard, []).append((sample_id, first_id))
+    return [replace(spec, duplicate_of=tuple(sorted(marks[k]))) if k in marks else spec
+            for k, spec in enumerate(specs)]
 
 
 def shard_rows(spec: ShardSpec, columns: SourceColumns) -> pa.Table:
@@ -492,11 +544,16 @@ def download_shard(spec: ShardSpec, config: IngestConfig) -> tuple[pa.Table, pa.
     rejected: list[dict] = []
     to_fetch: list[dict] = []
     first_with_url: dict[str, str] = {}  # a URL repeated within the shard is downloaded once
+    earlier_shard = dict(spec.duplicate_of)  # ... and so is one an earlier shard has
     for row, problem in zip(rows.to_pylist(), problems):
         verdict = precheck(row["URL"], policy, url_blocklist)
         if verdict is None and problem:
             verdict = ("bad_caption", problem)
-        if verdict is None and row["URL"] in first_with_url:
+        if verdict is None and row["sample_id"] in earlier_shard:
+            first = earlier_shard[row["sample_id"]]
+            rejected.append(_rejected_row(spec, row, "duplicate_url", f"the same URL as {first}, an earlier row "
+                                          f"of the source in another shard", duplicate_of=first))
+        elif verdict is None and row["URL"] in first_with_url:
             rejected.append(_rejected_row(spec, row, "duplicate_url", "the same URL as an earlier row of the shard",
                                           duplicate_of=first_with_url[row["URL"]]))
         elif verdict is None:
@@ -519,7 +576,10 @@ def download_shard(spec: ShardSpec, config: IngestConfig) -> tuple[pa.Table, pa.
             pending = [row for row in pending if _transient(results.get(row["sample_id"]))]
             if not pending:
                 break
-        result = list(results.values())
+        # In the shard's row order, not the order downloads finished: images/ (and so captions/
+        # and the batches scores are computed in) must not depend on which server answered first.
+        row_of = {row["sample_id"]: i for i, row in enumerate(to_fetch)}
+        result = sorted(results.values(), key=lambda out: row_of.get(out["sample_id"], len(row_of)))
         seen = set()
         hash_blocklist = frozenset(config.hash_blocklist)
         for out in result:
@@ -719,6 +779,9 @@ def ingest(source: str, root: str, run_id: str, config: IngestConfig, retry_fail
         all_specs = specs + specs_to_run
     else:
         specs_to_run = [s for s in specs if not store.is_done(STAGE, s.shard, cfg_hash)]
+        if specs_to_run:  # the source's URLs are read only when there is something to download
+            marked = {s.shard: s for s in mark_cross_shard_duplicates(specs, config.columns)}
+            specs_to_run = [marked[s.shard] for s in specs_to_run]
         all_specs = specs
     summary = IngestSummary(run_id=run_id, shards=len(all_specs), skipped=len(all_specs) - len(specs_to_run))
     started = time.time()

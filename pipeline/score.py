@@ -140,7 +140,8 @@ def read_pair_shards(batch: pa.Table, root: str, run_id: str) -> pa.Table:
 
 
 class ScoreActor:
-    """Holds the CLIP and ITM models (loaded once per actor) and scores batches of pairs."""
+    """Holds the CLIP and ITM models (loaded once per actor) and scores one shard's pairs per call,
+    `batch_size` pairs per forward pass."""
 
     def __init__(self, config: ScoreConfig, torch_threads: int | None = None):
         import torch
@@ -148,13 +149,18 @@ class ScoreActor:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.clip, self.itm = config.load()
+        self.batch_size = config.batch_size
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        began = time.time()
-        scored = score_pairs(batch.drop_columns(["shard"]), self.clip, self.itm)
-        return scored.append_column("shard", batch.column("shard")).append_column(
-            "batch_started_at", pa.array([began] * batch.num_rows, pa.float64())
-        )
+    def __call__(self, shard: pa.Table) -> pa.Table:
+        parts = []
+        for start in range(0, shard.num_rows, self.batch_size):  # the driver sends no empty shard
+            batch = shard.slice(start, self.batch_size)
+            began = time.time()
+            scored = score_pairs(batch.drop_columns(["shard"]), self.clip, self.itm)
+            parts.append(scored.append_column("shard", batch.column("shard")).append_column(
+                "batch_started_at", pa.array([began] * batch.num_rows, pa.float64())
+            ))
+        return pa.concat_tables(parts)
 
 
 @dataclass
@@ -207,7 +213,10 @@ def run_score(store: RunStore, cfg: ScoreConfig) -> ScoreSummary:
             compute=ray.data.ActorPoolStrategy(size=actors),
             num_gpus=1 if gpus else 0,
             num_cpus=cfg.cpus_per_actor,
-            batch_size=cfg.batch_size,
+            # One shard per call, batched inside the actor (why: pipeline/caption.py, run_caption).
+            # A pair's batch is then set by its shard's rows, not by which shards Ray bundled
+            # together, so a rerun or a retry after a lost actor gives the same float scores.
+            batch_size=None,
             batch_format="pyarrow",
         )
         arrived: dict[str, list[pa.Table]] = {s: [] for s in working}

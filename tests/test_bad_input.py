@@ -105,6 +105,8 @@ def world(tmp_path_factory):
                              "TEXT": invalid_utf8_strings([b"a red cube", b"caf\xe9 \xff ball"])}),
                    d / "invalid_utf8_caption.parquet")
     pq.write_table(pa.table({"URL": [base + "3.png"] * 4, "TEXT": ["a green cone"] * 4}), d / "all_duplicates.parquet")
+    pq.write_table(pa.table({"URL": [base + "1.png", base + "2.png", base + "1.png"], "TEXT": ["a red cube", "a blue ball", "a cube"]}),
+                   d / "repeated_across_shards.parquet")
     (d / "not_an_image.txt").write_text("hello")
     (d / "broken.jpg").write_bytes(png()[:40])
     (d / "empty_checkpoint").mkdir()
@@ -305,6 +307,13 @@ TABLE = [
         accepted={"run": "dup", "stage": "ingest", "reason": "duplicate_url", "sample_id": "all_duplicates/1",
                   "message": "the same URL as an earlier row", "duplicate_of": "all_duplicates/0",
                   "rejected": 3, "line": "4 rows in = 1 kept + 3 rejected + 0 failed"}, ray=True),
+    # --shard-size 2: the repeat is in the second shard, downloaded by another Ray task
+    Row("ingest-url-repeated-in-a-later-shard", lambda w: ["ingest", "--source", w.p("repeated_across_shards.parquet"), *R(w),
+                                                           "--run", "dup2", "--shard-size", "2", "--allow-private-addresses",
+                                                           "--no-progress"],
+        accepted={"run": "dup2", "stage": "ingest", "reason": "duplicate_url", "sample_id": "repeated_across_shards/2",
+                  "message": "the same URL as repeated_across_shards/0, an earlier row of the source in another shard",
+                  "duplicate_of": "repeated_across_shards/0", "line": "3 rows in = 2 kept + 1 rejected + 0 failed"}, ray=True),
 ]
 
 

@@ -19,6 +19,7 @@ from pipeline.ingest import (
     download_shard,
     final_rejected,
     ingest,
+    mark_cross_shard_duplicates,
     plan_shards,
     reuse_ingest,
 )
@@ -108,6 +109,23 @@ def test_other_formats_column_mapping_and_invalid_urls(small_world, tmp_path):
         assert images.column("url").to_pylist() == [good]
         assert rejected.column("reason").to_pylist() == ["invalid_url"] * 3
         assert rejected.column("sample_id").to_pylist() == ["src/1", "src/2", "src/3"]
+
+
+def test_a_url_an_earlier_shard_or_file_has_is_marked_for_its_shard(tmp_path):
+    source = tmp_path / "src"
+    source.mkdir()
+    u = [f"http://127.0.0.1:1/{i}.jpg" for i in range(4)]
+    # a: shards a-0 [u0 u1 u0] (repeat within the shard: left to the shard) and a-1 [u1 u2 None];
+    # b: shards b-0 [u2 u3 u0] and b-1 [None]: each repeat of an earlier shard names the URL's first row
+    pq.write_table(pa.table({"URL": [u[0], u[1], u[0], u[1], u[2], None], "TEXT": ["x"] * 6}), source / "a.parquet")
+    pa.csv.write_csv(pa.table({"URL": [u[2], u[3], u[0], None], "TEXT": ["y"] * 4}), source / "b.csv")
+    columns = IngestConfig().columns
+    specs = mark_cross_shard_duplicates(plan_shards(str(source), 3, columns), columns)
+    assert {s.shard: s.duplicate_of for s in specs} == {
+        "a-00000": (), "a-00001": (("a/3", "a/1"),), "b-00000": (("b/0", "a/4"), ("b/2", "a/0")), "b-00001": ()}
+    images, rejected, _ = download_shard(specs[1], IngestConfig(**FAST))  # a/3 dropped before any download
+    row = next(r for r in rejected.to_pylist() if r["sample_id"] == "a/3")
+    assert (row["reason"], row["outcome"], row["duplicate_of"]) == ("duplicate_url", "dropped", "a/1")
 
 
 def test_classify_error_maps_img2dataset_messages():
