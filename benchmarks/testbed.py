@@ -125,8 +125,8 @@ def main() -> None:
                                       eval_pairs=heldout_pairs(heldout_dir))
         times["toy_pretrain"] = time.perf_counter() - t
         stage1 = dict(toy_preset(str(toy_dir)).stage1)
-        # the preset's rule: uniform ITM negatives for the first fifth, then hard ones
-        stage1.update({"steps": args.stage1_steps, "itm-random-negative-steps": args.stage1_steps // 5})
+        # the preset's rule: uniform ITM negatives all run (--stage1 itm-random-negative-steps=200: hard after 200)
+        stage1.update({"steps": args.stage1_steps, "itm-random-negative-steps": args.stage1_steps})
         for item in args.stage1_sets:
             k, v = item.split("=", 1)
             stage1[k] = v
