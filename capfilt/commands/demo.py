@@ -15,7 +15,7 @@ from capfilt.logs import is_quiet
 # (sqrt(p(1-p)/600) <= 0.0204 at p = 0.5, <= 0.019 for p <= 0.35); --quick keeps 200.
 HELDOUT_IMAGES, HELDOUT_IMAGES_QUICK = 600, 200
 # Wall time measured on 2 CPU cores from a fresh clone (README); printed so a newcomer knows what to expect.
-EXPECTED_MINUTES = {"quick": 4, "full": 20}
+EXPECTED_MINUTES = {"quick": 4, "full": 20, "ablation": 35}
 
 
 @click.command()
@@ -58,7 +58,7 @@ def demo(root, quick, images, noise, seed, blip, ablation, sets):
         f"annotated set: {world.get('annotated_images', 0)} images in {world.get('annotated', '-')}; "
         f"held-out evaluation world: {heldout_images} clean images in {heldout_dir}")
     run = ("demo-quick" if quick else "demo") + ("-blip" if blip else "") + ("-ablation" if ablation else "")
-    minutes = EXPECTED_MINUTES["quick" if quick else "full"]
+    minutes = EXPECTED_MINUTES["quick" if quick else "ablation" if ablation else "full"]
     say(f"when it is done (about {minutes} min on 2 CPU cores): the table here and the report at "
         f"{Path(root) / 'runs' / run / 'report' / 'index.html'}")
     # every held-out image is evaluated (eval's own default samples 200); a --set eval.max-images wins
