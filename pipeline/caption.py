@@ -234,15 +234,19 @@ class CaptionActor:
         self.batch_size = batch_size
 
     def __call__(self, shard: pa.Table) -> pa.Table:
-        parts = []
-        for start in range(0, shard.num_rows, self.batch_size):  # the driver sends no empty shard
-            batch = shard.slice(start, self.batch_size)
-            began = time.time()
-            result = caption_batch(batch, self.captioner, self.decoding)
-            parts.append(result.append_column("shard", batch.column("shard")).append_column(
-                "batch_started_at", pa.array([began] * batch.num_rows, pa.float64())
-            ))
-        return pa.concat_tables(parts)
+        return in_batches(shard, self.batch_size, lambda batch: caption_batch(batch, self.captioner, self.decoding))
+
+
+def in_batches(shard: pa.Table, batch_size: int, fn) -> pa.Table:
+    """`fn` over one shard's rows, `batch_size` at a time (the caption and score actors): each
+    batch's output keeps the shard column and the time the batch started (for the driver's timing)."""
+    parts = []
+    for start in range(0, shard.num_rows, batch_size):  # the driver sends no empty shard
+        batch = shard.slice(start, batch_size)
+        began = time.time()
+        parts.append(fn(batch).append_column("shard", batch.column("shard")).append_column(
+            "batch_started_at", pa.array([began] * batch.num_rows, pa.float64())))
+    return pa.concat_tables(parts)
 
 
 # -- driver ------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from capfilt.errors import CapfiltError, ConfigError
-from pipeline.caption import decode_image
+from pipeline.caption import decode_image, in_batches
 from pipeline.run_store import RunStore, ShardCounts, config_hash
 from schemas import CAPTIONS, IMAGES, SCORES
 
@@ -152,15 +152,8 @@ class ScoreActor:
         self.batch_size = config.batch_size
 
     def __call__(self, shard: pa.Table) -> pa.Table:
-        parts = []
-        for start in range(0, shard.num_rows, self.batch_size):  # the driver sends no empty shard
-            batch = shard.slice(start, self.batch_size)
-            began = time.time()
-            scored = score_pairs(batch.drop_columns(["shard"]), self.clip, self.itm)
-            parts.append(scored.append_column("shard", batch.column("shard")).append_column(
-                "batch_started_at", pa.array([began] * batch.num_rows, pa.float64())
-            ))
-        return pa.concat_tables(parts)
+        return in_batches(shard, self.batch_size,
+                          lambda batch: score_pairs(batch.drop_columns(["shard"]), self.clip, self.itm))
 
 
 @dataclass
@@ -283,6 +276,7 @@ def adopt_scores(store: RunStore, from_run: str) -> int:
     if missing:
         raise ConfigError(f"--from-run {from_run}: shard(s) {', '.join(missing[:3])} of run '{store.run_id}' are not "
                           f"captioned and scored in '{from_run}'; finish `capfilt filter --run {from_run}` first.")
+
     def sample_ids(run: RunStore, shard: str) -> list[str]:
         import pyarrow.parquet as pq
 
