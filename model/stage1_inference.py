@@ -19,16 +19,15 @@ from capfilt.errors import ConfigError
 
 from .qformer import CONFIG_NAME, QFormer, load_tokenizer
 from .scorers import ItmScorer
-from .train_stage1 import LATEST_NAME, image_pixels, pil_pixels
+from .train_stage1 import image_pixels, pil_pixels
+from .trainer import resolve_latest
 from .vision import FrozenImageEncoder, load_vision_encoder
 
 
 def resolve_checkpoint(folder: str | Path) -> tuple[Path, Path]:
     """(step folder, model folder) of a trainer --out folder (its latest step), a step-* folder or
     a model folder; for a model folder on its own both are that folder."""
-    folder = Path(folder)
-    if (folder / LATEST_NAME).exists():
-        folder = folder / (folder / LATEST_NAME).read_text().strip()
+    folder = resolve_latest(folder)
     model_dir = folder / "model" if (folder / "model" / CONFIG_NAME).exists() else folder
     return folder, model_dir
 

@@ -74,6 +74,7 @@ from .train_stage1 import (
     run_on_ray_train,
     split_holdout,
 )
+from .trainer import resolve_latest
 from .vision import FeatureCache, FrozenImageEncoder, TransformersEncoder, load_vision_encoder
 
 MODEL_TYPE = "capfilt-blip2-stage2"
@@ -553,9 +554,7 @@ def read_model_config(folder: Path) -> Stage2ModelConfig:
 
 def resolve_checkpoint(folder: str | Path) -> tuple[Path, Path]:
     """(step folder or None-equivalent, model folder) for a trainer --out, a step-* or a model folder."""
-    folder = Path(folder)
-    if (folder / LATEST_NAME).exists():
-        folder = folder / (folder / LATEST_NAME).read_text().strip()
+    folder = resolve_latest(folder)
     model_dir = folder / "model" if (folder / "model" / CONFIG_NAME).exists() else folder
     if not (model_dir / WEIGHTS_NAME).exists():
         raise ConfigError(f"{folder}: no Stage 2 model here (expected {WEIGHTS_NAME} in it or in model/); "
@@ -565,9 +564,7 @@ def resolve_checkpoint(folder: str | Path) -> tuple[Path, Path]:
 
 def stage1_info(stage1: str | Path) -> tuple[Path, Path, dict]:
     """(step folder, model folder, stage1.json) of a Stage 1 checkpoint (trainer --out, step-* or model/)."""
-    folder = Path(stage1)
-    if (folder / LATEST_NAME).exists():
-        folder = folder / (folder / LATEST_NAME).read_text().strip()
+    folder = resolve_latest(stage1)
     model_dir = folder / "model" if (folder / "model").is_dir() else folder
     info_path = folder / "stage1.json"
     if not (model_dir / "qformer_config.json").exists():

@@ -35,14 +35,19 @@ from capfilt.errors import ConfigError
 from .losses import stage1_losses, world
 from .qformer import QFormer, config_for_tokenizer, init_from_bert, load_tokenizer
 from .recipes import STAGE1 as STAGE1_RECIPES
-from .recipes import lr_factor, process_captions
+from .recipes import lr_factor, process_captions  # noqa: F401  (lr_factor: tests read it here)
 from .recipes import resolve as resolve_recipe
+from .trainer import (  # noqa: F401  (Stage 2 and tests import some from here)
+    LATEST_NAME,
+    METRICS_NAME,
+    _trim_metrics,
+    latest_checkpoint,
+    lr_lambda,
+    param_groups,
+    run_on_ray_train,
+)
 from .vision import FeatureCache, Preprocess, load_vision_encoder
 from pipeline.lineage import curated_lineage
-
-METRICS_NAME = "metrics.jsonl"
-LATEST_NAME = "latest"
-
 
 # -- config -------------------------------------------------------------------------------------
 
@@ -376,24 +381,6 @@ def _model_from_checkpoint(config: Stage1Config, vision_width: int) -> QFormer:
     return model
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: not on biases, norms or the temperature (LAVIS: ndim < 2)."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def lr_lambda(config, data):
-    """The scheduler's step -> LR factor; the LAVIS schedule needs each step's epoch of `data`."""
-    def epoch_of(step: int) -> int:
-        return data.position(step * config.grad_accumulation)["epoch"]
-
-    epochs = epoch_of(config.steps - 1) + 1
-    return lambda step: lr_factor(step, config, epoch_of(step), epochs)
-
-
 # -- checkpoints --------------------------------------------------------------------------------
 
 def save_checkpoint(out: Path, step: int, model: QFormer, tokenizer, optimizer, scheduler, scaler,
@@ -424,11 +411,6 @@ def save_checkpoint(out: Path, step: int, model: QFormer, tokenizer, optimizer, 
     return folder
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    pointer = out / LATEST_NAME
-    return out / pointer.read_text().strip() if pointer.exists() else None
-
-
 def restore(folder: Path, model: QFormer, optimizer, scheduler, scaler, generator) -> int:
     from safetensors.torch import load_model
 
@@ -442,13 +424,6 @@ def restore(folder: Path, model: QFormer, optimizer, scheduler, scaler, generato
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     generator.set_state(state["itm_generator"])
     return state["step"]
-
-
-def _trim_metrics(path: Path, after_step: int) -> None:
-    """Drop log lines past the resumed step, so a resumed run's log reads as one run."""
-    if path.exists():
-        lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= after_step]
-        path.write_text("".join(ln + "\n" for ln in lines))
 
 
 # -- the loop -----------------------------------------------------------------------------------
@@ -584,37 +559,3 @@ class _nullcontext:
 def train_distributed(config: Stage1Config, workers: int, use_gpu: bool | None = None) -> dict:
     """Run `train` on `workers` Ray Train workers (DDP); returns rank 0's {'step', 'checkpoint', 'metrics'}."""
     return run_on_ray_train(train, config, workers, use_gpu, "stage1")
-
-
-def run_on_ray_train(train_fn, config, workers: int, use_gpu: bool | None, name: str) -> dict:
-    """Run `train_fn(config)` (a Stage 1 or Stage 2 trainer) on Ray Train workers with DDP; returns
-    rank 0's {'step', 'checkpoint', 'metrics'} from `config.out` (`<name>.json` holds the step)."""
-    import pipeline.ray_env  # noqa: F401  (sets Ray's environment before ray is imported)
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from pipeline.ray_env import ensure_ray, gpus_available
-
-    ensure_ray()
-    use_gpu = gpus_available() >= workers if use_gpu is None else use_gpu
-    config_class = type(config)
-
-    def loop(cfg: dict) -> None:
-        result = train_fn(config_class(**cfg))
-        ray.train.report({"step": result["step"], "final": result["metrics"][-1] if result["metrics"] else {}})
-
-    trainer = TorchTrainer(
-        loop,
-        train_loop_config=asdict(config),
-        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=ray.train.RunConfig(storage_path=str(Path(config.out).resolve() / "ray"), name=name),
-    )
-    trainer.fit()  # raises if a worker failed
-    # Rank 0's checkpoint and log on disk are the result (the folder must be shared by workers).
-    out = Path(config.out)
-    checkpoint = latest_checkpoint(out)
-    step = json.loads((checkpoint / f"{name}.json").read_text())["step"] if checkpoint else 0
-    log = out / METRICS_NAME
-    metrics = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-    return {"step": step, "checkpoint": str(checkpoint) if checkpoint else None, "metrics": metrics}

@@ -311,13 +311,12 @@ def load_truth(path: str) -> dict[str, dict]:
 
 def _stage1_holdout(stage1: str) -> tuple[list[EvalImage], dict] | None:
     """The images a Stage 1 run kept out of training, or None when it kept none."""
-    from model.train_stage1 import LATEST_NAME, load_curated_images, split_holdout
+    from model.train_stage1 import load_curated_images, split_holdout
+    from model.trainer import resolve_latest
     from pipeline.run_store import RunStore
     from schemas import CURATED
 
-    folder = Path(stage1)
-    if (folder / LATEST_NAME).exists():
-        folder = folder / (folder / LATEST_NAME).read_text().strip()
+    folder = resolve_latest(stage1)
     info_file = folder / "stage1.json"
     if not info_file.exists():
         return None
