@@ -41,6 +41,7 @@ import io
 import json
 import os
 import time
+from contextlib import nullcontext as _nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -63,7 +64,6 @@ from .train_stage1 import (
     METRICS_NAME,
     Stage1Batches,
     _image_features,
-    _nullcontext,
     _trim_metrics,
     hash_seed,
     latest_checkpoint,

@@ -1,27 +1,25 @@
 """Stage 1 trainer: the Q-Former learns ITC + ITM + ITG on a curated run against a frozen encoder.
 
 Read top to bottom: config -> data (curated Parquet -> per-sample seeded transforms) -> model
-and optimizer -> the loop (accumulate, clip, step, log, checkpoint) -> resume. One process on
-CPU/GPU via `train(config)`, several workers via `train_distributed(config, workers)` (Ray Train
-TorchTrainer, DDP over gloo on CPU / NCCL on GPU).
+-> `Stage1Training`, the objective the one trainer core (model/trainer.py: loop, LR schedule,
+checkpoints, exact resume) trains. One process on CPU/GPU via `train(config)`, several workers
+via `train_distributed(config, workers)` (Ray Train TorchTrainer, DDP over gloo on CPU / NCCL
+on GPU).
 
 Exact resume: every random choice of the data (which caption, crop, flip) is drawn from a
 generator seeded by (seed, epoch, position), so the data at step s is a function of s alone;
-the checkpoint holds model, optimizer, scheduler, grad scaler, step, torch RNG (dropout) and the
-ITM negative-sampling generator. A resumed CPU run therefore reproduces the uninterrupted run's
-losses exactly.
+the checkpoint holds what the core keeps (model, optimizer, scheduler, grad scaler, step, torch
+RNG) and Stage 1's extra state, the ITM negative-sampling generator. A resumed CPU run therefore
+reproduces the uninterrupted run's losses exactly.
 """
 
 from __future__ import annotations
 
-import logging
-
 import io
 import json
+import logging
 import math
-import os
 import re
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,7 +27,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from capfilt.device import autocast, pick_device
 from capfilt.errors import ConfigError
 
 from .losses import stage1_losses, world
@@ -40,11 +37,14 @@ from .recipes import resolve as resolve_recipe
 from .trainer import (  # noqa: F401  (Stage 2 and tests import some from here)
     LATEST_NAME,
     METRICS_NAME,
+    Objective,
     _trim_metrics,
+    fit,
     latest_checkpoint,
     lr_lambda,
     param_groups,
     run_on_ray_train,
+    worker_device,
 )
 from .vision import FeatureCache, Preprocess, load_vision_encoder
 from pipeline.lineage import curated_lineage
@@ -335,7 +335,7 @@ def hash_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
-# -- model, optimizer, schedule ----------------------------------------------------------------
+# -- model ----------------------------------------------------------------------------------------
 
 class Stage1Objective(nn.Module):
     """The Q-Former with its three losses as `forward`, so DDP sees one forward per step."""
@@ -381,177 +381,87 @@ def _model_from_checkpoint(config: Stage1Config, vision_width: int) -> QFormer:
     return model
 
 
-# -- checkpoints --------------------------------------------------------------------------------
+# -- Stage 1 as an objective of the trainer core (model/trainer.py) ---------------------------------
 
-def save_checkpoint(out: Path, step: int, model: QFormer, tokenizer, optimizer, scheduler, scaler,
-                    generator, config: Stage1Config, data_position: dict, lineage: dict | None = None) -> Path:
-    folder = out / f"step-{step:08d}"
-    model.save_pretrained(folder / "model", tokenizer=tokenizer)
-    state = {
-        "step": step,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
-        "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "itm_generator": generator.get_state(),
-        "data_position": data_position,
-    }
-    torch.save(state, folder / "trainer.pt")
-    (folder / "stage1.json").write_text(json.dumps({
-        "config": asdict(config), "step": step, "data_position": data_position,
-        "curated_run": {"root": config.root, "run": config.run}, "vision": config.vision,
-        "lineage": lineage,  # which run, thresholds and models produced the training data
-    }, indent=1, default=str))
-    # Written last: the checkpoint is complete. Through a rename, because a process killed
-    # between write_text's truncate and its write would leave an empty pointer and no resume.
-    pointer = out / f".{LATEST_NAME}.tmp"
-    pointer.write_text(folder.name)
-    os.replace(pointer, out / LATEST_NAME)
-    return folder
+class Stage1Training(Objective):
+    """ITC + ITM + ITG on frozen image features: what Stage 1 plugs into `fit`.
 
+    Exact resume needs one state beyond the loop's: the generator that samples ITM negatives,
+    seeded per worker by (seed, rank)."""
 
-def restore(folder: Path, model: QFormer, optimizer, scheduler, scaler, generator) -> int:
-    from safetensors.torch import load_model
+    name = "stage1"
 
-    load_model(model, str(folder / "model" / "model.safetensors"), device=str(next(model.parameters()).device))
-    state = torch.load(folder / "trainer.pt", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["torch_rng"])
-    if state["cuda_rng"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    generator.set_state(state["itm_generator"])
-    return state["step"]
+    def __init__(self, config: Stage1Config, model: QFormer, tokenizer, encoder, data: Stage1Batches, lineage: dict,
+                 device: torch.device, rank: int = 0):
+        self.config, self.model, self.tokenizer, self.encoder, self.data = config, model, tokenizer, encoder, data
+        self.lineage, self.device = lineage, device
+        self.module = Stage1Objective(model, config)
+        # Images are decoded for the cache only the first time it meets them (batches carry no pixels).
+        self.cache = (FeatureCache(encoder, lambda keys: data.plain_pixels([int(k) for k in keys]))
+                      if config.cache_features else None)
+        self.generator = torch.Generator(device=device).manual_seed(hash_seed(config.seed, rank, 1))
 
+    def inputs(self, batch: dict, step: int) -> dict:
+        return {"image_features": _image_features(batch, self.encoder, self.cache, self.device),
+                "input_ids": batch["input_ids"].to(self.device), "attention_mask": batch["attention_mask"].to(self.device),
+                "image_ids": batch["image_ids"].to(self.device), "generator": self.generator,
+                "hard_negatives": step >= self.config.itm_random_negative_steps}
 
-# -- the loop -----------------------------------------------------------------------------------
+    def loss(self, losses):
+        return losses.total, {"itc": losses.itc, "itm": losses.itm, "itg": losses.itg, "itm_accuracy": losses.itm_accuracy}
+
+    def log_values(self) -> dict:
+        return {"temp": round(self.model.temp.item(), 6)}
+
+    def shown(self, totals: dict) -> dict:
+        return {"loss": f"{totals['loss']:.3f}", "itm_acc": f"{totals['itm_accuracy']:.2f}"}
+
+    def save(self, folder: Path, step: int, data_position: dict) -> None:
+        config = self.config
+        self.model.save_pretrained(folder / "model", tokenizer=self.tokenizer)
+        (folder / "stage1.json").write_text(json.dumps({
+            "config": asdict(config), "step": step, "data_position": data_position,
+            "curated_run": {"root": config.root, "run": config.run}, "vision": config.vision,
+            "lineage": self.lineage,  # which run, thresholds and models produced the training data
+        }, indent=1, default=str))
+
+    def restore(self, folder: Path) -> None:
+        from safetensors.torch import load_model
+
+        load_model(self.model, str(folder / "model" / "model.safetensors"), device=str(next(self.model.parameters()).device))
+
+    def extra_state(self) -> dict:
+        return {"itm_generator": self.generator.get_state()}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.generator.set_state(state["itm_generator"])
+
 
 def train(config: Stage1Config, images: list[CuratedImage] | None = None, lineage: dict | None = None) -> dict:
     """Train (or resume) Stage 1; returns {'step', 'checkpoint', 'metrics'} of this process.
 
     `images` (with its `lineage`) replaces the curated run as the data, e.g. an annotated set."""
     rank, world_size = world()
-    device = _worker_device(config)
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-
+    device = worker_device(config.device)
     tokenizer = load_tokenizer(config.tokenizer)
     encoder = load_vision_encoder(config.vision, device)
-    images, _ = split_holdout(images or load_curated_images(config.root, config.run), config.holdout_images, config.seed)
-    images = process_captions(images, config.text_processing)
-    lineage = lineage or curated_lineage(config.root, config.run)
-    if rank == 0:
-        (out / "lineage.json").write_text(json.dumps(lineage, indent=1, default=str))
+    images, lineage = training_images(config, images, lineage)
     data = Stage1Batches(images, tokenizer, encoder.preprocess, config, rank, world_size)
-    # Images are decoded for the cache only the first time it meets them (batches carry no pixels).
-    cache = FeatureCache(encoder, lambda keys: data.plain_pixels([int(k) for k in keys])) if config.cache_features else None
-
     model = build_model(config, tokenizer, encoder.width).to(device)
-    objective = Stage1Objective(model, config)
-    if world_size > 1:
-        objective = nn.parallel.DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr, betas=config.betas)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, data))
-    use_fp16 = config.precision == "fp16" and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_fp16)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[config.precision]
-    generator = torch.Generator(device=device).manual_seed(hash_seed(config.seed, rank, 1))
+    return fit(Stage1Training(config, model, tokenizer, encoder, data, lineage, device, rank), config, device)
 
-    step = 0
-    previous = latest_checkpoint(out) if config.resume else None
-    if previous is not None:
-        step = restore(previous, model, optimizer, scheduler, scaler, generator)
-    metrics_path = out / METRICS_NAME
-    if rank == 0:
-        _trim_metrics(metrics_path, step)
 
-    start_micro = step * config.grad_accumulation
-    loader = torch.utils.data.DataLoader(
-        data, batch_size=None, sampler=range(start_micro, config.steps * config.grad_accumulation),
-        num_workers=config.num_data_workers,
-        # Its own generator: creating the iterator would otherwise draw from the global torch RNG
-        # (which drives dropout) at a different moment in a resumed run than in a straight one.
-        generator=torch.Generator().manual_seed(config.seed),
-    )
-    batches = iter(loader)
-    last_stop = min(config.steps, config.stop_at or config.steps)
-    progress = _progress(config, rank, step, last_stop)
-    window_start, window_samples, history = time.perf_counter(), 0, []
-    checkpoint = previous
-    objective.train()
-    while step < last_stop:
-        optimizer.zero_grad(set_to_none=True)
-        totals = {"loss": 0.0, "itc": 0.0, "itm": 0.0, "itg": 0.0, "itm_accuracy": 0.0}
-        for micro in range(config.grad_accumulation):
-            batch = next(batches)
-            features = _image_features(batch, encoder, cache, device)
-            sync = world_size == 1 or micro == config.grad_accumulation - 1
-            with (objective.no_sync() if not sync else _nullcontext()), autocast(device, amp_dtype):
-                losses = objective(features, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                   batch["image_ids"].to(device), generator,
-                                   hard_negatives=step >= config.itm_random_negative_steps)
-            scaler.scale(losses.total / config.grad_accumulation).backward()
-            for key, value in (("loss", losses.total), ("itc", losses.itc), ("itm", losses.itm),
-                               ("itg", losses.itg), ("itm_accuracy", losses.itm_accuracy)):
-                totals[key] += float(value.detach()) / config.grad_accumulation
-            window_samples += batch["input_ids"].shape[0] * world_size
-        scaler.unscale_(optimizer)
-        if config.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        step += 1
-        progress.update(1)
-
-        if step % config.log_every == 0 or step == last_stop:
-            elapsed = time.perf_counter() - window_start
-            record = {"step": step, **{k: round(v, 6) for k, v in totals.items()},
-                      "temp": round(model.temp.item(), 6), "lr": optimizer.param_groups[0]["lr"],
-                      "samples_per_s": round(window_samples / max(elapsed, 1e-9), 2),
-                      **data.position(step * config.grad_accumulation)}
-            history.append(record)
-            progress.report(step, loss=f"{totals['loss']:.3f}", itm_acc=f"{totals['itm_accuracy']:.2f}")
-            if rank == 0:
-                with metrics_path.open("a") as handle:
-                    handle.write(json.dumps(record) + "\n")
-            window_start, window_samples = time.perf_counter(), 0
-        if rank == 0 and (step % config.checkpoint_every == 0 or step == last_stop):
-            checkpoint = save_checkpoint(out, step, model, tokenizer, optimizer, scheduler, scaler, generator,
-                                         config, data.position(step * config.grad_accumulation), lineage)
-    progress.close()
-    return {"step": step, "checkpoint": str(checkpoint) if checkpoint else None, "metrics": history}
+def training_images(config, images: list | None, lineage: dict | None) -> tuple[list, dict]:
+    """(training images, their lineage): `images` or the curated run's, less the held-out ones,
+    captions processed as the recipe says."""
+    images, _ = split_holdout(images or load_curated_images(config.root, config.run), config.holdout_images, config.seed)
+    return process_captions(images, config.text_processing), lineage or curated_lineage(config.root, config.run)
 
 
 def _image_features(batch, encoder, cache, device) -> torch.Tensor:
     if cache is None:
         return encoder(batch["pixels"].to(device))
     return cache([str(i) for i in batch["image_ids"].tolist()]).to(device)
-
-
-def _worker_device(config: Stage1Config) -> torch.device:
-    _, world_size = world()
-    if world_size > 1:
-        import ray.train.torch
-
-        return ray.train.torch.get_device()
-    return pick_device(config.device)
-
-
-def _progress(config, rank, step, last):
-    from .progress import Progress
-
-    return Progress("stage1", last, step, enabled=config.progress and rank == 0)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 # -- several workers: Ray Train -----------------------------------------------------------------
