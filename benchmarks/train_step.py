@@ -138,7 +138,7 @@ def legacy_path(stage: int):
             mock.patch.object(stage2_module, "Stage2Batches", LegacyStage2Batches), \
             mock.patch.object(stage1_module, "stage1_losses", legacy_stage1_losses):
         # Legacy batches carry pixels: the cache takes them from the batch, as it used to.
-        original = stage1_module._image_features
+        original = stage1_module.image_features
 
         def from_batch(batch, encoder, cache, device):
             if cache is None or "pixels" not in batch:
@@ -147,8 +147,8 @@ def legacy_path(stage: int):
             by_key = dict(zip(keys, batch["pixels"]))
             return cache(keys, lambda missing: torch.stack([by_key[k] for k in missing])).to(device)
 
-        with mock.patch.object(stage1_module, "_image_features", from_batch), \
-                mock.patch.object(stage2_module, "_image_features", from_batch):
+        with mock.patch.object(stage1_module, "image_features", from_batch), \
+                mock.patch.object(stage2_module, "image_features", from_batch):
             yield
 
 

@@ -49,7 +49,7 @@ class FinetuneSettings:
 def training_images(images) -> list:
     """Annotated images (image_id, image, captions) as the trainers' CuratedImage: one image, all its
     captions; each epoch pairs it with one of them, so an image is never its own ITC negative."""
-    from .train_stage1 import CuratedImage
+    from .data import CuratedImage
 
     return [CuratedImage(im.image_id, im.image, list(im.captions)) for im in images]
 

@@ -17,9 +17,9 @@ import torch
 from capfilt.device import pick_device
 from capfilt.errors import ConfigError
 
+from .data import image_pixels, pil_pixels
 from .qformer import CONFIG_NAME, QFormer, load_tokenizer
 from .scorers import ItmScorer
-from .train_stage1 import image_pixels, pil_pixels
 from .trainer import resolve_latest
 from .vision import FrozenImageEncoder, load_vision_encoder
 

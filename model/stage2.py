@@ -39,9 +39,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import time
-from contextlib import nullcontext as _nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -51,31 +48,22 @@ from torch import nn
 
 from capfilt.device import autocast, inference_dtype, pick_device
 from capfilt.errors import ConfigError
-from pipeline.lineage import curated_lineage
 
 from .captioners import Captioner, Decoding, SeededNucleusSampler
+from .data import (
+    Stage1Batches,
+    feature_cache,
+    hash_seed,
+    image_features,
+    pil_pixels,
+    training_images,
+)
 from .losses import world
 from .qformer import QFormer, QFormerConfig, bidirectional_mask, load_tokenizer
 from .recipes import STAGE2 as STAGE2_RECIPES
-from .recipes import process_captions
 from .recipes import resolve as resolve_recipe
-from .train_stage1 import (
-    LATEST_NAME,
-    METRICS_NAME,
-    Stage1Batches,
-    _image_features,
-    _trim_metrics,
-    hash_seed,
-    latest_checkpoint,
-    load_curated_images,
-    lr_lambda,
-    param_groups,
-    pil_pixels,
-    run_on_ray_train,
-    split_holdout,
-)
-from .trainer import resolve_latest
-from .vision import FeatureCache, FrozenImageEncoder, TransformersEncoder, load_vision_encoder
+from .trainer import Objective, fit, resolve_latest, run_on_ray_train, worker_device
+from .vision import FrozenImageEncoder, TransformersEncoder, load_vision_encoder
 
 MODEL_TYPE = "capfilt-blip2-stage2"
 CONFIG_NAME = "config.json"
@@ -716,7 +704,8 @@ def _load_trainable(model: Blip2Stage2, checkpoint: str) -> None:
                           f"unexpected {result.unexpected_keys[:3]}); give a checkpoint trained from the same Stage 1.")
 
 
-# -- checkpoints (Stage 1's layout: step-*/model, trainer.pt, stage2.json, LATEST pointer) --------
+# -- Stage 2 as an objective of the trainer core (model/trainer.py) ---------------------------------
+# Checkpoints have Stage 1's layout: step-*/model, trainer.pt, stage2.json, and the "latest" pointer.
 
 def _marker(path: Path) -> None:
     # load_captioner reads config.json's model_type; this marker makes trainer and step folders
@@ -724,148 +713,58 @@ def _marker(path: Path) -> None:
     (path / CONFIG_NAME).write_text(json.dumps({"model_type": MODEL_TYPE, "checkpoint_of": "stage2"}))
 
 
-def save_checkpoint(out: Path, step: int, model: Blip2Stage2, optimizer, scheduler, scaler, config: Stage2Config,
-                    data_position: dict, lineage: dict | None = None) -> Path:
-    folder = out / f"step-{step:08d}"
-    model.save_pretrained(folder / "model")
-    torch.save({
-        "step": step,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
-        "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "data_position": data_position,
-    }, folder / "trainer.pt")
-    (folder / "stage2.json").write_text(json.dumps({
-        "config": asdict(config), "step": step, "data_position": data_position,
-        "curated_run": {"root": config.root, "run": config.run}, "vision": model.config.vision,
-        "stage1": str(Path(config.stage1).resolve()), "llm": model.config.llm,
-        "lineage": lineage,  # which run, thresholds and models produced the training data
-    }, indent=1, default=str))
-    _marker(folder)
-    _marker(out)
-    # Written last, through a rename (as Stage 1): a kill never leaves an empty pointer.
-    pointer = out / f".{LATEST_NAME}.tmp"
-    pointer.write_text(folder.name)
-    os.replace(pointer, out / LATEST_NAME)
-    return folder
+class Stage2Training(Objective):
+    """The LM / prefix-LM loss through the frozen LLM: what Stage 2 plugs into `fit`. Only the
+    Q-Former and the projection are saved and restored; the LLM is referenced by config.llm."""
 
+    name = "stage2"
 
-def restore(folder: Path, model: Blip2Stage2, optimizer, scheduler, scaler) -> int:
-    from safetensors.torch import load_file
+    def __init__(self, config: Stage2Config, model: Blip2Stage2, encoder, data: Stage2Batches, lineage: dict,
+                 device: torch.device):
+        self.config, self.model, self.encoder, self.data, self.lineage, self.device = config, model, encoder, data, lineage, device
+        self.module = Stage2Objective(model)
+        self.cache = feature_cache(encoder, data)
 
-    result = model.load_state_dict(load_file(str(folder / "model" / WEIGHTS_NAME), device=str(model.device)), strict=False)
-    if result.unexpected_keys:
-        raise ConfigError(f"{folder}: checkpoint weights {result.unexpected_keys[:3]} do not fit this model; "
-                          f"was --out used for another Stage 2 configuration? Use a fresh --out or --no-resume.")
-    state = torch.load(folder / "trainer.pt", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["torch_rng"])
-    if state["cuda_rng"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return state["step"]
+    def inputs(self, batch: dict, step: int) -> dict:
+        return {"image_features": image_features(batch, self.encoder, self.cache, self.device),
+                "input_ids": batch["input_ids"].to(self.device), "attention_mask": batch["attention_mask"].to(self.device),
+                "labels": batch["labels"].to(self.device)}
 
+    def loss(self, loss):
+        return loss, {}
 
-# -- the loop ------------------------------------------------------------------------------------
+    def save(self, folder: Path, step: int, data_position: dict) -> None:
+        config, model = self.config, self.model
+        model.save_pretrained(folder / "model")
+        (folder / "stage2.json").write_text(json.dumps({
+            "config": asdict(config), "step": step, "data_position": data_position,
+            "curated_run": {"root": config.root, "run": config.run}, "vision": model.config.vision,
+            "stage1": str(Path(config.stage1).resolve()), "llm": model.config.llm,
+            "lineage": self.lineage,  # which run, thresholds and models produced the training data
+        }, indent=1, default=str))
+        _marker(folder)
+        _marker(folder.parent)
+
+    def restore(self, folder: Path) -> None:
+        from safetensors.torch import load_file
+
+        model = self.model
+        result = model.load_state_dict(load_file(str(folder / "model" / WEIGHTS_NAME), device=str(model.device)), strict=False)
+        if result.unexpected_keys:
+            raise ConfigError(f"{folder}: checkpoint weights {result.unexpected_keys[:3]} do not fit this model; "
+                              f"was --out used for another Stage 2 configuration? Use a fresh --out or --no-resume.")
+
 
 def train(config: Stage2Config, images: list | None = None, lineage: dict | None = None) -> dict:
     """Train (or resume) Stage 2; returns {'step', 'checkpoint', 'metrics'} of this process.
 
     `images` (CuratedImage-like, with its `lineage`) replaces the curated run as the data."""
     rank, world_size = world()
-    device = _device(config)
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-
+    device = worker_device(config.device)
     model, encoder, _ = build_model(config, device)
-    images, _ = split_holdout(images or load_curated_images(config.root, config.run), config.holdout_images, config.seed)
-    images = process_captions(images, config.text_processing)
-    lineage = lineage or curated_lineage(config.root, config.run)
-    if rank == 0:
-        (out / "lineage.json").write_text(json.dumps(lineage, indent=1, default=str))
+    images, lineage = training_images(config, images, lineage)
     data = Stage2Batches(images, model.layout, encoder.preprocess, config, rank, world_size)
-    # Images are decoded for the cache only the first time it meets them (batches carry no pixels).
-    cache = FeatureCache(encoder, lambda keys: data.plain_pixels([int(k) for k in keys])) if config.cache_features else None
-
-    objective = Stage2Objective(model)
-    if world_size > 1:
-        objective = nn.parallel.DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(param_groups(objective, config.weight_decay), lr=config.lr, betas=config.betas)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, data))
-    use_fp16 = config.precision == "fp16" and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_fp16)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[config.precision]
-    trainable = [p for p in objective.parameters() if p.requires_grad]
-
-    step = 0
-    previous = latest_checkpoint(out) if config.resume else None
-    if previous is not None:
-        step = restore(previous, model, optimizer, scheduler, scaler)
-    metrics_path = out / METRICS_NAME
-    if rank == 0:
-        _trim_metrics(metrics_path, step)
-
-    loader = torch.utils.data.DataLoader(
-        data, batch_size=None, sampler=range(step * config.grad_accumulation, config.steps * config.grad_accumulation),
-        num_workers=config.num_data_workers, generator=torch.Generator().manual_seed(config.seed),
-    )
-    batches = iter(loader)
-    last_stop = min(config.steps, config.stop_at or config.steps)
-    from .progress import Progress
-
-    progress = Progress("stage2", last_stop, step, enabled=config.progress and rank == 0)
-    window_start, window_samples, history = time.perf_counter(), 0, []
-    checkpoint = previous
-    objective.train()
-    while step < last_stop:
-        optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        for micro in range(config.grad_accumulation):
-            batch = next(batches)
-            features = _image_features(batch, encoder, cache, device)
-            sync = world_size == 1 or micro == config.grad_accumulation - 1
-            with (objective.no_sync() if not sync else _nullcontext()), autocast(device, amp_dtype):
-                loss = objective(features, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                 batch["labels"].to(device))
-            scaler.scale(loss / config.grad_accumulation).backward()
-            total += float(loss.detach()) / config.grad_accumulation
-            window_samples += batch["input_ids"].shape[0] * world_size
-        scaler.unscale_(optimizer)
-        if config.grad_clip:
-            torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        step += 1
-        progress.update(1)
-        if step % config.log_every == 0 or step == last_stop:
-            elapsed = time.perf_counter() - window_start
-            record = {"step": step, "loss": round(total, 6), "lr": optimizer.param_groups[0]["lr"],
-                      "samples_per_s": round(window_samples / max(elapsed, 1e-9), 2),
-                      **data.position(step * config.grad_accumulation)}
-            history.append(record)
-            progress.report(step, loss=f"{total:.3f}")
-            if rank == 0:
-                with metrics_path.open("a") as handle:
-                    handle.write(json.dumps(record) + "\n")
-            window_start, window_samples = time.perf_counter(), 0
-        if rank == 0 and (step % config.checkpoint_every == 0 or step == last_stop):
-            checkpoint = save_checkpoint(out, step, model, optimizer, scheduler, scaler, config,
-                                         data.position(step * config.grad_accumulation), lineage)
-    progress.close()
-    return {"step": step, "checkpoint": str(checkpoint) if checkpoint else None, "metrics": history}
-
-
-def _device(config: Stage2Config) -> torch.device:
-    _, world_size = world()
-    if world_size > 1:
-        import ray.train.torch
-
-        return ray.train.torch.get_device()
-    return pick_device(config.device)
+    return fit(Stage2Training(config, model, encoder, data, lineage, device), config, device)
 
 
 def train_distributed(config: Stage2Config, workers: int, use_gpu: bool | None = None) -> dict:

@@ -311,7 +311,7 @@ def load_truth(path: str) -> dict[str, dict]:
 
 def _stage1_holdout(stage1: str) -> tuple[list[EvalImage], dict] | None:
     """The images a Stage 1 run kept out of training, or None when it kept none."""
-    from model.train_stage1 import load_curated_images, split_holdout
+    from model.data import load_curated_images, split_holdout
     from model.trainer import resolve_latest
     from pipeline.run_store import RunStore
     from schemas import CURATED
