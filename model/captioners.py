@@ -178,7 +178,7 @@ class Blip2Captioner(HFCaptioner):
 
 def _capfilt_stage2(id_or_path: str, device: str = "auto") -> Captioner:
     # Imported on use: a Stage 2 checkpoint loads without anyone registering it first.
-    from model.stage2 import load_stage2_captioner
+    from model.blip2_generate import load_stage2_captioner
 
     return load_stage2_captioner(id_or_path, device)
 

@@ -97,7 +97,8 @@ def filter_config(stage1: str, settings: FinetuneSettings, images: list, annotat
 
 def captioner_config(stage2: str, settings: FinetuneSettings, images: list, annotated: str):
     """The Stage2Config that finetunes `stage2` as BLIP's captioner; (config, parent step folder, parent info)."""
-    from .stage2 import Stage2Config, read_model_config, resolve_checkpoint
+    from .blip2 import read_model_config, resolve_checkpoint
+    from .stage2 import Stage2Config
 
     step, model_dir = resolve_checkpoint(stage2)
     model = read_model_config(model_dir)

@@ -35,7 +35,7 @@ def generate(stage2, images, old_images, question, prompt, preset, num_beams, ma
     """Print one line per IMAGE file: the path, a tab, and the caption (or answer)."""
     from capfilt.errors import ConfigError
     from model.recipes import GENERATE_PRESETS, preset_values
-    from model.stage2 import VQA_PROMPT, Stage2Generator
+    from model.blip2_generate import VQA_PROMPT, Stage2Generator
 
     if question is not None and prompt is not None:
         raise ConfigError("--question and --prompt exclude each other: a question sets the prompt.")

@@ -1,0 +1,196 @@
+"""BLIP-2 to and from transformers' Blip2ForConditionalGeneration (hub checkpoints such as
+Salesforce/blip2-opt-2.7b in, `capfilt export` out).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from capfilt.device import inference_dtype
+from capfilt.errors import ConfigError
+
+from .blip2 import Blip2Stage2, Stage2ModelConfig, read_model_config, resolve_checkpoint
+from .llm import _first_line, caption_end_id, freeze, prepare_llm_tokenizer
+from .qformer import QFormer, QFormerConfig
+from .vision import FrozenImageEncoder, Preprocess, TransformersEncoder, load_vision_encoder
+
+
+def load_blip2(id_or_path: str, device: str | torch.device = "cpu") -> tuple[Blip2Stage2, FrozenImageEncoder]:
+    """(model, frozen encoder) from a Blip2ForConditionalGeneration checkpoint, e.g.
+    Salesforce/blip2-opt-2.7b or Salesforce/blip2-flan-t5-xl (hub id or folder).
+
+    Mapping: vision_model (minus post_layernorm) -> frozen Blip2VisionModel encoder,
+    vision_model.post_layernorm -> qformer.ln_vision, query_tokens / qformer.* -> the Q-Former
+    (same names), language_projection -> language_projection, language_model -> the LLM.
+    """
+    from transformers import AutoProcessor, Blip2ForConditionalGeneration
+
+    device = torch.device(device)
+    dtype = inference_dtype(device)
+    try:
+        hf = Blip2ForConditionalGeneration.from_pretrained(id_or_path, dtype=dtype)
+        processor = AutoProcessor.from_pretrained(id_or_path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{id_or_path}: not a Blip2ForConditionalGeneration checkpoint with processor ({_first_line(exc)}).") from exc
+    qc, vc, tc = hf.config.qformer_config, hf.config.vision_config, hf.config.text_config
+    qconfig = QFormerConfig(
+        vocab_size=qc.vocab_size, hidden_size=qc.hidden_size, num_hidden_layers=qc.num_hidden_layers,
+        num_attention_heads=qc.num_attention_heads, intermediate_size=qc.intermediate_size,
+        cross_attention_frequency=qc.cross_attention_frequency, max_position_embeddings=qc.max_position_embeddings,
+        hidden_dropout_prob=qc.hidden_dropout_prob, attention_probs_dropout_prob=qc.attention_probs_dropout_prob,
+        layer_norm_eps=qc.layer_norm_eps, num_query_tokens=hf.config.num_query_tokens,
+        vision_width=vc.hidden_size, vision_layer_norm_eps=vc.layer_norm_eps, pad_token_id=qc.pad_token_id or 0,
+    )
+    qformer = QFormer(qconfig)
+    state = {k: v for k, v in hf.state_dict().items()}
+    mapped = {"query_tokens": state["query_tokens"]}
+    for key, value in state.items():
+        if key.startswith("qformer."):
+            mapped[key] = value
+        elif key.startswith("vision_model.post_layernorm."):
+            mapped["ln_vision." + key.rsplit(".", 1)[1]] = value
+    result = qformer.load_state_dict(mapped, strict=False)
+    if result.unexpected_keys:
+        raise ConfigError(f"{id_or_path}: Q-Former weights without a place: {result.unexpected_keys[:3]}.")
+    kind = "causal" if hf.config.use_decoder_only_language_model else "seq2seq"
+    tokenizer = prepare_llm_tokenizer(processor.tokenizer, str(id_or_path))
+    config = Stage2ModelConfig(qformer=asdict(qconfig), llm=str(id_or_path), llm_kind=kind,
+                               llm_hidden_size=tc.hidden_size if kind == "causal" else tc.d_model,
+                               vision=str(id_or_path), caption_end=_checkpoint_caption_end(hf, tokenizer, kind, id_or_path))
+    model = Blip2Stage2(qformer, freeze(hf.language_model), tokenizer, config)
+    model.language_projection.load_state_dict(hf.language_projection.state_dict())
+    # Blip2VisionModel's hidden_states[-1] is before post_layernorm (now ln_vision), as capfilt's
+    # blip-2 encoders are read (model/vision.py).
+    size = vc.image_size
+    mean = tuple(getattr(processor.image_processor, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073))
+    std = tuple(getattr(processor.image_processor, "image_std", None) or (0.26862954, 0.26130258, 0.27577711))
+    encoder = TransformersEncoder(str(id_or_path), hf.vision_model, Preprocess(int(size), mean, std), -1).freeze()
+    return model.to(device).float_trainable(), encoder.to(device)
+
+
+def _checkpoint_caption_end(hf, tokenizer, kind: str, where) -> str:
+    """Where a transformers BLIP-2 checkpoint's own `generate` stops: its language model's eos.
+
+    Salesforce's OPT checkpoints end captions with "\n" (LAVIS trains caption + "\n"), and
+    transformers' conversion sets the OPT text config's eos to "\n"; the tokenizer's eos stays
+    `</s>`. Reading the generation config keeps that convention instead of the tokenizer's.
+    """
+    eos = hf.language_model.generation_config.eos_token_id
+    if eos is None:
+        eos = hf.config.text_config.eos_token_id
+    ids = set(eos) if isinstance(eos, (list, tuple)) else {eos}
+    if kind != "causal" or ids == {tokenizer.eos_token_id} or None in ids:
+        return "eos"
+    try:
+        newline = caption_end_id(tokenizer, kind, "newline")
+    except ConfigError:
+        newline = None
+    if newline in ids:
+        return "newline"
+    raise ConfigError(f"{where}: its language model stops at token(s) {sorted(ids)}, neither the tokenizer's eos "
+                      f"({tokenizer.eos_token_id}) nor '\\n'; capfilt cannot end its captions the same way.")
+
+
+# -- export to transformers ----------------------------------------------------------------------
+
+def export_blip2(checkpoint: str | Path, out: str | Path, vision: str | None = None) -> Path:
+    """Write a transformers Blip2ForConditionalGeneration folder (model + Blip2Processor).
+
+    Needs a Blip2VisionModel-compatible encoder (a blip-2 / blip_2_vision_model --vision);
+    open_clip, CLIP and SigLIP towers have no place in that class. The LLM tokenizer gains an
+    `<image>` token (as transformers' BLIP-2 repos have); it takes a spare embedding row when the
+    LLM has one (OPT and T5 pad their vocabularies), else the embeddings grow by one row
+    (transformers' mean initialisation; that token is never fed, only its row is scored).
+    `ln_vision` becomes `vision_model.post_layernorm`, whose eps is the vision config's (1e-6 in
+    BLIP-2 configs) where capfilt's ln_vision uses LAVIS's 1e-5: a difference far below what
+    changes a token in the tests, but not bit-identical hidden states.
+    """
+    from transformers import (
+        AutoConfig,
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2Processor,
+        Blip2QFormerConfig,
+        Blip2VisionModel,
+        BlipImageProcessor,
+    )
+
+    _, model_dir = resolve_checkpoint(checkpoint)
+    config = read_model_config(model_dir)
+    spec = vision or config.vision
+    if config.instruction_aware:
+        raise ConfigError(f"{checkpoint}: an instruction-aware Q-Former is InstructBLIP, not "
+                          f"Blip2ForConditionalGeneration; export is not supported for it.")
+    if not spec or spec.startswith("open_clip:") or AutoConfig.from_pretrained(spec).model_type not in ("blip-2", "blip_2_vision_model"):
+        raise ConfigError(
+            f"{checkpoint}: its image encoder {spec!r} is not a Blip2VisionModel, so it cannot be written as "
+            f"Blip2ForConditionalGeneration; train Stage 1 with a blip-2 vision model (--vision) to export."
+        )
+    model = Blip2Stage2.from_pretrained(model_dir, "cpu")
+    encoder = load_vision_encoder(spec, "cpu", torch.float32)
+    vision_model = encoder.model
+    if not isinstance(vision_model, Blip2VisionModel):
+        raise ConfigError(f"--vision {spec}: loaded as {type(vision_model).__name__}, not Blip2VisionModel.")
+    tokenizer = model.tokenizer
+    llm = model.language_model
+    if "<image>" not in tokenizer.get_vocab():
+        from transformers import AddedToken
+
+        tokenizer.add_tokens([AddedToken("<image>", normalized=False, special=True)], special_tokens=True)
+    image_token = tokenizer.convert_tokens_to_ids("<image>")
+    if image_token >= llm.get_input_embeddings().weight.shape[0]:
+        llm.resize_token_embeddings(image_token + 1)
+    tokenizer.image_token = "<image>"
+
+    q = model.qformer.config
+    qformer_config = Blip2QFormerConfig(
+        vocab_size=q.vocab_size, hidden_size=q.hidden_size, num_hidden_layers=q.num_hidden_layers,
+        num_attention_heads=q.num_attention_heads, intermediate_size=q.intermediate_size,
+        hidden_dropout_prob=q.hidden_dropout_prob, attention_probs_dropout_prob=q.attention_probs_dropout_prob,
+        max_position_embeddings=q.max_position_embeddings, initializer_range=q.initializer_range,
+        layer_norm_eps=q.layer_norm_eps, pad_token_id=q.pad_token_id, cross_attention_frequency=q.cross_attention_frequency,
+        encoder_hidden_size=q.vision_width,
+    )
+    text_config = llm.config.to_dict()
+    text_config.update(eos_token_id=model.layout.eos, pad_token_id=tokenizer.pad_token_id)
+    vision_config = vision_model.config.to_dict()
+    blip2_config = Blip2Config(
+        vision_config=vision_config, qformer_config=qformer_config.to_dict(), text_config=text_config,
+        num_query_tokens=q.num_query_tokens, image_token_index=image_token,
+    )
+    hf = Blip2ForConditionalGeneration(blip2_config)
+    state = {}
+    for key, value in vision_model.state_dict().items():
+        if not key.startswith("post_layernorm."):
+            state["vision_model." + key] = value
+    for key, value in model.qformer.state_dict().items():
+        if key.startswith("ln_vision."):
+            state["vision_model.post_layernorm." + key.split(".", 1)[1]] = value
+        elif key == "query_tokens" or (key.startswith("qformer.") and not _text_ffn(key)):
+            state[key] = value
+    for key, value in model.language_projection.state_dict().items():
+        state["language_projection." + key] = value
+    for key, value in llm.state_dict().items():
+        state["language_model." + key] = value
+    result = hf.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
+    tied = set(getattr(hf, "all_tied_weights_keys", {}) or {})
+    missing = [k for k in missing if k not in tied]
+    if missing or result.unexpected_keys:
+        raise ConfigError(f"export: weights did not map (missing {missing[:4]}, unexpected {result.unexpected_keys[:4]}).")
+    out = Path(out)
+    hf.save_pretrained(str(out))
+    p = encoder.preprocess
+    image_processor = BlipImageProcessor(size={"height": p.image_size, "width": p.image_size},
+                                         image_mean=list(p.mean), image_std=list(p.std))
+    Blip2Processor(image_processor, tokenizer, num_query_tokens=q.num_query_tokens).save_pretrained(str(out))
+    return out
+
+
+def _text_ffn(key: str) -> bool:
+    """The Q-Former's text feed-forward, which Blip2ForConditionalGeneration's Q-Former lacks."""
+    parts = key.split(".")
+    return len(parts) > 4 and parts[1] == "encoder" and parts[4] in ("intermediate", "output")
