@@ -32,6 +32,8 @@ import torch
 from capfilt.errors import ConfigError
 from capfilt.logs import RANDOM_INIT, expected
 
+from .trainer import LoopConfig, Objective, fit
+
 TOY_INFO = "toy.json"
 
 
@@ -112,23 +114,68 @@ class ToyPreset:
         return replace(cls(clip_steps=200, lm_steps=120, bert_steps=200), **overrides)
 
 
-def _lr(step: int, steps: int, warmup: int) -> float:
-    """Linear warmup then cosine to zero (the schedule open_clip's training uses)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return 0.5 * (1 + math.cos(math.pi * progress))
+# -- pretraining through the trainer core (model/trainer.py) -------------------------------------
+
+class _Batches(torch.utils.data.Dataset):
+    """Batch m of a toy pretraining: `steps` index batches, epochs of seeded permutations that
+    batches never cross (no repeats), drawn up front; `make(indices)` builds the batch."""
+
+    def __init__(self, n: int, batch_size: int, steps: int, seed: int, make):
+        generator = torch.Generator().manual_seed(seed)
+        batch_size = min(batch_size, n)
+        self.per_epoch, self.make, self.batches = n // batch_size, make, []
+        order, pos = torch.randperm(n, generator=generator), 0
+        for _ in range(steps):
+            if pos + batch_size > n:
+                order, pos = torch.randperm(n, generator=generator), 0
+            self.batches.append(order[pos:pos + batch_size])
+            pos += batch_size
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, m: int) -> dict:
+        return self.make(self.batches[m])
+
+    def position(self, m: int) -> dict:
+        return {"epoch": m // self.per_epoch, "batch_in_epoch": m % self.per_epoch}
 
 
-def _batches(n: int, batch_size: int, steps: int, generator: torch.Generator):
-    """`steps` index batches: epochs of seeded permutations, batches never cross an epoch (no repeats)."""
-    batch_size = min(batch_size, n)
-    order, pos = torch.randperm(n, generator=generator), 0
-    for _ in range(steps):
-        if pos + batch_size > n:
-            order, pos = torch.randperm(n, generator=generator), 0
-        yield order[pos:pos + batch_size]
-        pos += batch_size
+class _Pretraining(Objective):
+    """A toy piece's pretraining as an objective of the trainer core; it keeps each step's loss."""
+
+    name = "toy"
+
+    def __init__(self, model, data: _Batches, groups: list[dict], loss=None, after_step=None):
+        self.module, self.data, self.groups = model, data, groups
+        self.loss_of, self.after = loss or (lambda output: output.loss), after_step
+        self.losses: list[float] = []
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        return self.groups
+
+    def inputs(self, batch: dict, step: int) -> dict:
+        return batch
+
+    def loss(self, output):
+        loss = self.loss_of(output)
+        self.losses.append(loss.item())
+        return loss, {}
+
+    def after_step(self) -> None:
+        if self.after is not None:
+            self.after()
+
+
+def _pretrain(model, data: _Batches, groups: list[dict], lr: float, warmup: int, seed: int, grad_clip: float = 0.0,
+              loss=None, after_step=None) -> list[float]:
+    """Train in memory (nothing written) with AdamW (betas 0.9, 0.98) and linear warmup then
+    cosine to zero (the schedule open_clip's training uses); returns each step's loss."""
+    objective = _Pretraining(model, data, groups, loss, after_step)
+    config = LoopConfig(steps=len(data), lr=lr, warmup_steps=warmup, betas=(0.9, 0.98), grad_clip=grad_clip,
+                        seed=seed, log_every=len(data))
+    fit(objective, config, torch.device("cpu"))
+    return objective.losses
 
 
 @contextmanager
@@ -211,21 +258,11 @@ def _pretrain_bert(corpus: list[str], folder: Path, tokenizer_folder: Path, pres
     model = BertForMaskedLM(config)
     ids = tokenizer(corpus, truncation=True, max_length=preset.bert_max_length)["input_ids"]
     collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15, return_tensors="pt")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=preset.bert_lr, weight_decay=0.01, betas=(0.9, 0.98))
-    generator = torch.Generator().manual_seed(preset.seed)
-    losses = []
-    model.train()
-    for step, idx in enumerate(_batches(len(corpus), preset.bert_batch_size, preset.bert_steps, generator)):
-        for group in optimizer.param_groups:
-            group["lr"] = preset.bert_lr * _lr(step, preset.bert_steps, preset.bert_warmup)
-        # the collator draws its masks from torch's global generator, seeded above
-        batch = collator([{"input_ids": ids[i]} for i in idx.tolist()])
-        loss = model(**batch).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        losses.append(loss.item())
+    # the collator draws its masks from torch's global generator, seeded above
+    data = _Batches(len(corpus), preset.bert_batch_size, preset.bert_steps, preset.seed,
+                    lambda idx: dict(collator([{"input_ids": ids[i]} for i in idx.tolist()])))
+    losses = _pretrain(model, data, [{"params": list(model.parameters()), "weight_decay": 0.01}], preset.bert_lr,
+                       preset.bert_warmup, preset.seed, grad_clip=1.0)
     model.eval()
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(folder))
@@ -371,22 +408,18 @@ def _pretrain_clip(pairs, folder: Path, preset: ToyPreset, eval_pairs) -> ToyCli
     # open_clip's recipe: no weight decay on gains, biases, embeddings and the logit scale
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n and "logit_scale" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n and "logit_scale" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": preset.clip_weight_decay}, {"params": rest, "weight_decay": 0.0}],
-                                  lr=preset.clip_lr, betas=(0.9, 0.98), eps=1e-6)
-    generator = torch.Generator().manual_seed(preset.seed)
-    losses = []
-    model.train()
-    for step, idx in enumerate(_batches(len(pairs), preset.clip_batch_size, preset.clip_steps, generator)):
-        for group in optimizer.param_groups:
-            group["lr"] = preset.clip_lr * _lr(step, preset.clip_steps, preset.clip_warmup)
-        image_features, text_features, logit_scale = model(images[idx], tokens[idx])  # scale already exp()
-        loss = loss_fn(image_features, text_features, logit_scale)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        with torch.no_grad():  # open_clip clamps the temperature at 100 after each step
-            model.logit_scale.clamp_(0, math.log(100))
-        losses.append(loss.item())
+    groups = [{"params": decay, "weight_decay": preset.clip_weight_decay, "eps": 1e-6},
+              {"params": rest, "weight_decay": 0.0, "eps": 1e-6}]
+
+    @torch.no_grad()
+    def clamp_temperature():  # open_clip clamps the temperature at 100 after each step
+        model.logit_scale.clamp_(0, math.log(100))
+
+    data = _Batches(len(pairs), preset.clip_batch_size, preset.clip_steps, preset.seed,
+                    lambda idx: {"image": images[idx], "text": tokens[idx]})
+    # the model's output is (image features, text features, logit scale already exp())
+    losses = _pretrain(model, data, groups, preset.clip_lr, preset.clip_warmup, preset.seed,
+                       loss=lambda output: loss_fn(*output), after_step=clamp_temperature)
     model.eval()
 
     # One safetensors file serves both loaders: open_clip's `local-dir:` looks for
@@ -479,23 +512,16 @@ def _pretrain_lm(corpus: list[str], folder: Path, preset: ToyPreset, eval_texts)
         labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
         return enc.input_ids, enc.attention_mask, labels
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=preset.lm_lr, weight_decay=0.01, betas=(0.9, 0.98))
-    generator = torch.Generator().manual_seed(preset.seed)
-    losses = []
-    model.train()
-    for step, idx in enumerate(_batches(len(corpus), preset.lm_batch_size, preset.lm_steps, generator)):
-        for group in optimizer.param_groups:
-            group["lr"] = preset.lm_lr * _lr(step, preset.lm_steps, preset.lm_warmup)
+    def batch(idx) -> dict:
         texts = [corpus[i] for i in idx.tolist()]
         if preset.lm_repeat:  # every other row says its caption twice
             texts = [t + tokenizer.eos_token + t if j % 2 else t for j, t in enumerate(texts)]
         ids, mask, labels = encode(texts)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        losses.append(loss.item())
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    data = _Batches(len(corpus), preset.lm_batch_size, preset.lm_steps, preset.seed, batch)
+    losses = _pretrain(model, data, [{"params": list(model.parameters()), "weight_decay": 0.01}], preset.lm_lr,
+                       preset.lm_warmup, preset.seed, grad_clip=1.0)
     model.eval()
     model.save_pretrained(str(folder))
     model.generation_config.save_pretrained(str(folder))

@@ -16,10 +16,7 @@ grad scaler, the step, torch's CPU and CUDA RNG (dropout) and the objective's `e
 (e.g. Stage 1's ITM negative-sampling generator). A resumed CPU run therefore logs the same
 losses as the uninterrupted one.
 
-`config` is any object with the fields the loop reads (Stage1Config and Stage2Config have them):
-out, steps, grad_accumulation, lr, min_lr, warmup_steps, warmup_lr, lr_schedule, weight_decay,
-betas, grad_clip, precision, seed, num_data_workers, log_every, checkpoint_every, resume, stop_at,
-progress.
+`config` is a `LoopConfig` or any object with its fields (Stage1Config and Stage2Config).
 """
 
 from __future__ import annotations
@@ -28,7 +25,7 @@ import json
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -44,6 +41,34 @@ METRICS_NAME = "metrics.jsonl"
 LATEST_NAME = "latest"
 STATE_NAME = "trainer.pt"
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+@dataclass
+class LoopConfig:
+    """What the loop reads of a config; Stage1Config and Stage2Config have these fields too.
+
+    `out` None writes nothing (no log, no checkpoints, no resume): the toy pieces (model/toy.py)
+    train in seconds and write their folders once, complete."""
+
+    steps: int
+    lr: float
+    out: str | None = None
+    grad_accumulation: int = 1
+    weight_decay: float = 0.0  # what `Objective.param_groups` gives the matrices by default
+    lr_schedule: str = "cosine-step"  # see model/recipes.py lr_factor
+    warmup_steps: int = 0
+    warmup_lr: float = 0.0
+    min_lr: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 0.0  # max gradient norm; 0 = no clipping
+    precision: str = "fp32"  # bf16 | fp16 | fp32: autocast on GPU only
+    seed: int = 0
+    num_data_workers: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 500
+    resume: bool = False
+    stop_at: int | None = None
+    progress: bool = False
 
 
 # -- what a model plugs in -----------------------------------------------------------------------
@@ -76,7 +101,7 @@ class Objective:
         raise NotImplementedError
 
     def samples(self, batch: dict) -> int:
-        return batch["input_ids"].shape[0]
+        return next(iter(batch.values())).shape[0]
 
     def log_values(self) -> dict:
         """Figures of the model itself for a metrics line (Stage 1's temperature)."""
@@ -93,6 +118,9 @@ class Objective:
     def restore(self, folder: Path) -> None:
         """Load the trainable weights that `save` wrote into folder."""
         raise NotImplementedError
+
+    def after_step(self) -> None:
+        """Runs after each optimizer step (e.g. a clamp the model's recipe applies to a parameter)."""
 
     def extra_state(self) -> dict:
         """More state for an exact resume (kept in trainer.pt beside the loop's own)."""
@@ -194,9 +222,11 @@ def fit(objective: Objective, config, device: torch.device) -> dict:
     """Train (or resume from config.out) to config.steps, or stop after config.stop_at as if killed.
     Returns this process's {'step', 'checkpoint', 'metrics'}."""
     rank, world_size = world()
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if rank == 0 and objective.lineage is not None:
+    out = Path(config.out) if config.out is not None else None
+    writes = rank == 0 and out is not None  # the log, lineage and checkpoints: rank 0's
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    if writes and objective.lineage is not None:
         (out / "lineage.json").write_text(json.dumps(objective.lineage, indent=1, default=str))
     data, accumulation = objective.data, config.grad_accumulation
 
@@ -210,11 +240,11 @@ def fit(objective: Objective, config, device: torch.device) -> dict:
     trainable = [p for p in objective.module.parameters() if p.requires_grad]
 
     step = 0
-    previous = latest_checkpoint(out) if config.resume else None
+    previous = latest_checkpoint(out) if out is not None and config.resume else None
     if previous is not None:
         step = restore(previous, objective, optimizer, scheduler, scaler)
-    metrics_path = out / METRICS_NAME
-    if rank == 0:
+    metrics_path = out / METRICS_NAME if out is not None else None
+    if writes:
         _trim_metrics(metrics_path, step)
 
     loader = torch.utils.data.DataLoader(
@@ -251,6 +281,7 @@ def fit(objective: Objective, config, device: torch.device) -> dict:
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
+        objective.after_step()
         step += 1
         progress.update(1)
 
@@ -262,11 +293,11 @@ def fit(objective: Objective, config, device: torch.device) -> dict:
                       **data.position(step * accumulation)}
             history.append(record)
             progress.report(step, **objective.shown(totals))
-            if rank == 0:
+            if writes:
                 with metrics_path.open("a") as handle:
                     handle.write(json.dumps(record) + "\n")
             window_start, window_samples = time.perf_counter(), 0
-        if rank == 0 and (step % config.checkpoint_every == 0 or step == last_stop):
+        if writes and (step % config.checkpoint_every == 0 or step == last_stop):
             checkpoint = save_checkpoint(out, step, objective, optimizer, scheduler, scaler,
                                          data.position(step * accumulation))
     progress.close()
