@@ -238,6 +238,21 @@ def hash_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
+def check_config(config, positive: tuple[str, ...]) -> None:
+    """The checks Stage 1 and Stage 2 configs share: precision, the feature cache (only without
+    augmentation), the `positive` fields >= 1, the crop's scale."""
+    if config.precision not in ("bf16", "fp16", "fp32"):
+        raise ConfigError(f"--precision must be bf16, fp16 or fp32, got {config.precision!r}.")
+    if config.cache_features and config.augment:
+        raise ConfigError("--cache-features needs --no-augment: cached features are only valid when an "
+                          "image's pixels are the same every epoch.")
+    for name in positive:
+        if getattr(config, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}.")
+    if not 0 < config.crop_min <= 1:
+        raise ConfigError(f"--crop-min must be in (0, 1], got {config.crop_min}.")
+
+
 def training_images(config, images: list | None, lineage: dict | None) -> tuple[list, dict]:
     """(training images, their lineage): `images` or the curated run's, less the held-out ones,
     captions processed as the recipe says."""

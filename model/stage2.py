@@ -29,7 +29,7 @@ from .blip2 import (  # noqa: F401  (also imported from here by callers)
 )
 from .blip2_generate import VQA_PROMPT, Stage2Captioner, Stage2Generator, load_stage2_captioner, pixels_of  # noqa: F401
 from .blip2_hf import export_blip2  # noqa: F401
-from .data import Stage1Batches, feature_cache, image_features, training_images
+from .data import Stage1Batches, check_config, feature_cache, image_features, training_images
 from .llm import TextLayout, load_llm, split_point  # noqa: F401
 from .losses import world
 from .qformer import QFormer, load_tokenizer
@@ -103,16 +103,7 @@ class Stage2Config:
 
     def __post_init__(self):
         resolve_recipe(self, STAGE2_RECIPES)
-        if self.precision not in ("bf16", "fp16", "fp32"):
-            raise ConfigError(f"--precision must be bf16, fp16 or fp32, got {self.precision!r}.")
-        if self.cache_features and self.augment:
-            raise ConfigError("--cache-features needs --no-augment: cached features are only valid when an "
-                              "image's pixels are the same every epoch.")
-        for name in ("steps", "batch_size", "grad_accumulation", "log_every", "checkpoint_every", "max_text_length"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}.")
-        if not 0 < self.crop_min <= 1:
-            raise ConfigError(f"--crop-min must be in (0, 1], got {self.crop_min}.")
+        check_config(self, ("steps", "batch_size", "grad_accumulation", "log_every", "checkpoint_every", "max_text_length"))
         if not 0 < self.min_lr <= self.lr:
             raise ConfigError(f"--min-lr must be in (0, --lr={self.lr}], got {self.min_lr}.")
 

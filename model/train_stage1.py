@@ -27,6 +27,7 @@ from capfilt.errors import ConfigError
 from .data import (  # noqa: F401  (tests and benchmarks import some from here)
     CuratedImage,
     Stage1Batches,
+    check_config,
     feature_cache,
     hash_seed,
     image_features,
@@ -113,18 +114,7 @@ class Stage1Config:
 
     def __post_init__(self):
         resolve_recipe(self, STAGE1_RECIPES)
-        if self.precision not in ("bf16", "fp16", "fp32"):
-            raise ConfigError(f"--precision must be bf16, fp16 or fp32, got {self.precision!r}.")
-        if self.cache_features and self.augment:
-            raise ConfigError(
-                "--cache-features needs --no-augment: cached features are only valid when an "
-                "image's pixels are the same every epoch."
-            )
-        for name in ("steps", "batch_size", "grad_accumulation", "log_every", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}.")
-        if not 0 < self.crop_min <= 1:
-            raise ConfigError(f"--crop-min must be in (0, 1], got {self.crop_min}.")
+        check_config(self, ("steps", "batch_size", "grad_accumulation", "log_every", "checkpoint_every"))
 
 
 # -- model ----------------------------------------------------------------------------------------

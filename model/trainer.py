@@ -1,9 +1,9 @@
 """The one trainer core: every capfilt model trains through `fit(objective, config, device)`.
 
 Read top to bottom: the `Objective` a model plugs in -> optimizer and LR schedule -> checkpoints
-and the "latest" pointer -> the loop -> several workers with Ray Train. Stage 1, Stage 2 and
-their finetuning are objectives (model/train_stage1.py, model/stage2.py); the loop knows nothing
-of Q-Formers or LLMs.
+and the "latest" pointer -> the loop -> several workers with Ray Train. Stage 1, Stage 2, their
+finetuning (model/train_stage1.py, model/stage2.py, model/finetune.py) and the toy pieces'
+pretraining (model/toy.py) are objectives; the loop knows nothing of Q-Formers or LLMs.
 
 The loop: per optimizer step, `grad_accumulation` micro-batches, each run forward under autocast
 (bf16/fp16 on GPU, nothing on CPU) and backward through a GradScaler (active for fp16 only);
