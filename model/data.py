@@ -24,6 +24,60 @@ from .recipes import process_captions
 from .vision import FeatureCache, Preprocess
 
 
+@dataclass(kw_only=True)
+class TrainingConfig:
+    """What Stage 1 and Stage 2 configs share: the run, the loop (model/trainer.py), the recipe's
+    rows and the data's transforms. The rows where the paper and LAVIS differ (model/recipes.py)
+    are None by default and take `recipe`'s value; set one to override that row only."""
+
+    root: str
+    run: str
+    out: str
+    steps: int = 10_000
+    batch_size: int = 32  # per worker, per micro-step
+    grad_accumulation: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    recipe: str = "paper"  # paper | lavis: the defaults of the rows below
+    min_lr: float | None = None
+    warmup_steps: int | None = None
+    warmup_lr: float | None = None  # warmup starts here (0: at lr / warmup_steps)
+    lr_schedule: str | None = None  # cosine-step | cosine-epoch
+    betas: tuple[float, float] | None = None
+    grad_clip: float | None = None  # max gradient norm; 0 = no clipping
+    text_processing: str | None = None  # tokenizer | pre_caption (LAVIS)
+    precision: str = "bf16"  # bf16 | fp16 (with GradScaler) | fp32; autocast on GPU only
+    activation_checkpointing: bool = False
+    augment: bool = True  # random resized crop (scale crop_min..1) + flip
+    crop_min: float = 0.5
+    flip: bool = True  # a flip also swaps 'left' and 'right' in the caption
+    cache_features: bool = False  # frozen features computed once per image (needs augment off)
+    max_text_length: int = 32
+    holdout_images: int = 0  # images kept out of training, for retrieval evaluation
+    seed: int = 0
+    device: str = "auto"
+    num_data_workers: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 500
+    resume: bool = True
+    stop_at: int | None = None  # stop after this step as if killed (time-sliced jobs, tests)
+    progress: bool = True
+
+    def check(self, positive: tuple[str, ...]) -> None:
+        """Precision, the feature cache (only without augmentation), the `positive` fields >= 1,
+        the crop's scale."""
+        if self.precision not in ("bf16", "fp16", "fp32"):
+            raise ConfigError(f"--precision must be bf16, fp16 or fp32, got {self.precision!r}.")
+        if self.cache_features and self.augment:
+            raise ConfigError("--cache-features needs --no-augment: cached features are only valid when an "
+                              "image's pixels are the same every epoch.")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}.")
+        if not 0 < self.crop_min <= 1:
+            raise ConfigError(f"--crop-min must be in (0, 1], got {self.crop_min}.")
+
+
 @dataclass
 class CuratedImage:
     sample_id: str
@@ -236,21 +290,6 @@ def random_resized_crop(size: tuple[int, int], scale, ratio, generator: torch.Ge
 
 def hash_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
-
-
-def check_config(config, positive: tuple[str, ...]) -> None:
-    """The checks Stage 1 and Stage 2 configs share: precision, the feature cache (only without
-    augmentation), the `positive` fields >= 1, the crop's scale."""
-    if config.precision not in ("bf16", "fp16", "fp32"):
-        raise ConfigError(f"--precision must be bf16, fp16 or fp32, got {config.precision!r}.")
-    if config.cache_features and config.augment:
-        raise ConfigError("--cache-features needs --no-augment: cached features are only valid when an "
-                          "image's pixels are the same every epoch.")
-    for name in positive:
-        if getattr(config, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}.")
-    if not 0 < config.crop_min <= 1:
-        raise ConfigError(f"--crop-min must be in (0, 1], got {config.crop_min}.")
 
 
 def training_images(config, images: list | None, lineage: dict | None) -> tuple[list, dict]:

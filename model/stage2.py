@@ -29,7 +29,7 @@ from .blip2 import (  # noqa: F401  (also imported from here by callers)
 )
 from .blip2_generate import VQA_PROMPT, Stage2Captioner, Stage2Generator, load_stage2_captioner, pixels_of  # noqa: F401
 from .blip2_hf import export_blip2  # noqa: F401
-from .data import Stage1Batches, check_config, feature_cache, image_features, training_images
+from .data import Stage1Batches, TrainingConfig, feature_cache, image_features, training_images
 from .llm import TextLayout, load_llm, split_point  # noqa: F401
 from .losses import world
 from .qformer import QFormer, load_tokenizer
@@ -55,55 +55,23 @@ def stage1_info(stage1: str | Path) -> tuple[Path, Path, dict]:
 
 # -- training config -----------------------------------------------------------------------------
 
-@dataclass
-class Stage2Config:
-    """Everything a Stage 2 run needs. The rows where the paper and LAVIS differ (model/recipes.py)
-    are None by default and take `recipe`'s value; set one to override that row only."""
+@dataclass(kw_only=True)
+class Stage2Config(TrainingConfig):
+    """Everything a Stage 2 run needs: what every trainer config has (model/data.py TrainingConfig)
+    and Stage 2's own rows."""
 
-    root: str
-    run: str
     stage1: str  # Stage 1 checkpoint: trainer --out, step-* or model folder
     llm: str  # hub id or folder: AutoModelForCausalLM or AutoModelForSeq2SeqLM + AutoTokenizer
-    out: str
     vision: str | None = None  # default: the Stage 1 checkpoint's stage1.json "vision"
     prompt: str = ""  # LAVIS pretrains with no prompt; caption fine-tuning uses "a photo of"
     init_from: str | None = None  # a Stage 2 checkpoint whose Q-Former + projection to start from (finetuning)
     instruction_aware: bool = False
-    steps: int = 10_000
-    batch_size: int = 32
-    grad_accumulation: int = 1
-    lr: float = 1e-4
-    weight_decay: float = 0.05
-    recipe: str = "paper"  # paper | lavis: the defaults of the rows below
-    min_lr: float | None = None
-    warmup_steps: int | None = None
-    warmup_lr: float | None = None
-    lr_schedule: str | None = None  # cosine-step | cosine-epoch
-    betas: tuple[float, float] | None = None
-    grad_clip: float | None = None  # 0 = no clipping
-    text_processing: str | None = None  # tokenizer | pre_caption
     llm_train_mode: bool | None = None  # the frozen LLM's dropout on (LAVIS) or off
     caption_end: str | None = None  # eos | newline (decoder-only LLMs; T5 always ends with eos)
-    precision: str = "bf16"
-    activation_checkpointing: bool = False
-    augment: bool = True
-    crop_min: float = 0.5
-    flip: bool = True
-    cache_features: bool = False
-    max_text_length: int = 32
-    holdout_images: int = 0
-    seed: int = 0
-    device: str = "auto"
-    num_data_workers: int = 0
-    log_every: int = 10
-    checkpoint_every: int = 500
-    resume: bool = True
-    stop_at: int | None = None
-    progress: bool = True
 
     def __post_init__(self):
         resolve_recipe(self, STAGE2_RECIPES)
-        check_config(self, ("steps", "batch_size", "grad_accumulation", "log_every", "checkpoint_every", "max_text_length"))
+        self.check(("steps", "batch_size", "grad_accumulation", "log_every", "checkpoint_every", "max_text_length"))
         if not 0 < self.min_lr <= self.lr:
             raise ConfigError(f"--min-lr must be in (0, --lr={self.lr}], got {self.min_lr}.")
 

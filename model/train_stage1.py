@@ -27,7 +27,7 @@ from capfilt.errors import ConfigError
 from .data import (  # noqa: F401  (tests and benchmarks import some from here)
     CuratedImage,
     Stage1Batches,
-    check_config,
+    TrainingConfig,
     feature_cache,
     hash_seed,
     image_features,
@@ -60,41 +60,18 @@ from .vision import load_vision_encoder
 
 # -- config -------------------------------------------------------------------------------------
 
-@dataclass
-class Stage1Config:
-    """Everything a Stage 1 run needs. The rows where the paper and LAVIS differ (model/recipes.py)
-    are None by default and take `recipe`'s value; set one to override that row only."""
+@dataclass(kw_only=True)
+class Stage1Config(TrainingConfig):
+    """Everything a Stage 1 run needs: what every trainer config has (model/data.py TrainingConfig)
+    and Stage 1's own rows."""
 
-    root: str
-    run: str
     vision: str  # see model/vision.py: open_clip:<name>@<tag|file> or a transformers id/folder
-    out: str
     tokenizer: str = "bert-base-uncased"
     bert: str | None = "bert-base-uncased"  # initialise the Q-Former from it; None = random init
     init_from: str | None = None  # a Stage 1 checkpoint to start from instead (finetuning); wins over bert
     itg_weight: float = 1.0  # BLIP finetunes its filter with ITC + ITM only (model/finetune.py sets 0)
     model: dict = field(default_factory=dict)  # QFormerConfig overrides (tiny models in tests)
-    steps: int = 10_000
-    batch_size: int = 32  # per worker, per micro-step
-    grad_accumulation: int = 1
-    lr: float = 1e-4
-    weight_decay: float = 0.05
-    recipe: str = "paper"  # paper | lavis: the defaults of the rows below
-    min_lr: float | None = None
-    warmup_steps: int | None = None
-    warmup_lr: float | None = None  # warmup starts here (0: at lr / warmup_steps)
-    lr_schedule: str | None = None  # cosine-step | cosine-epoch
-    betas: tuple[float, float] | None = None
-    grad_clip: float | None = None  # max gradient norm; 0 = no clipping
     itc_gather_grad: str | None = None  # local | none: gradient through ITC's gathered batch
-    text_processing: str | None = None  # tokenizer | pre_caption (LAVIS)
-    precision: str = "bf16"  # bf16 | fp16 (with GradScaler) | fp32; autocast on GPU only
-    activation_checkpointing: bool = False
-    augment: bool = True  # random resized crop (scale crop_min..1) + flip
-    crop_min: float = 0.5
-    flip: bool = True  # a flip also swaps 'left' and 'right' in the caption
-    cache_features: bool = False  # frozen features computed once per image (needs augment off)
-    max_text_length: int = 32
     itc_label_smoothing: float = 0.1
     itg_label_smoothing: float = 0.1
     # ITM negatives drawn uniformly (not by ITC similarity) for the first N steps. LAVIS starts
@@ -102,19 +79,10 @@ class Stage1Config:
     # (the toy preset) ITC is near chance early, and hard negatives kept ITM at its prior for 600
     # steps, while uniform negatives got it learning by step ~200 (measured on a 240-image world).
     itm_random_negative_steps: int = 0
-    holdout_images: int = 0  # images kept out of training, for retrieval evaluation
-    seed: int = 0
-    device: str = "auto"
-    num_data_workers: int = 0
-    log_every: int = 10
-    checkpoint_every: int = 500
-    resume: bool = True
-    stop_at: int | None = None  # stop after this step as if killed (time-sliced jobs, tests)
-    progress: bool = True
 
     def __post_init__(self):
         resolve_recipe(self, STAGE1_RECIPES)
-        check_config(self, ("steps", "batch_size", "grad_accumulation", "log_every", "checkpoint_every"))
+        self.check(("steps", "batch_size", "grad_accumulation", "log_every", "checkpoint_every"))
 
 
 # -- model ----------------------------------------------------------------------------------------
