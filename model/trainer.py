@@ -309,8 +309,9 @@ def fit(objective: Objective, config, device: torch.device) -> dict:
 def run_on_ray_train(train_fn, config, workers: int, use_gpu: bool | None, name: str) -> dict:
     """Run `train_fn(config)` (a trainer that ends in `fit`) on Ray Train workers with DDP; returns
     rank 0's {'step', 'checkpoint', 'metrics'} from `config.out` (`<name>.json` holds the step)."""
-    # First: it sets Ray's environment before ray is imported.
-    from capfilt.ray_env import ensure_ray, gpus_available  # noqa: I001
+    # First: it sets Ray's environment before ray is imported (storage floor: pipeline/ray_env.py
+    # imports nothing above capfilt's bottom, so models may use it).
+    from pipeline.ray_env import ensure_ray, gpus_available  # noqa: I001
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
