@@ -17,6 +17,7 @@ import click
 from capfilt import logs
 from capfilt.environment import apply_defaults
 from capfilt.errors import CapfiltError
+from capfilt.packages import check_own_packages
 
 # name -> module:attribute; imported only when that command runs, so `capfilt --help` is fast.
 COMMANDS = {
@@ -91,6 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     apply_defaults()  # before any command imports Ray, Prefect or transformers
     logs.configure()  # the environment's verbosity (CAPFILT_LOG_LEVEL) until --quiet/--verbose says otherwise
     try:
+        check_own_packages()
         cli.main(args=argv, prog_name="capfilt", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("capfilt: aborted", err=True)

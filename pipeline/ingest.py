@@ -902,11 +902,3 @@ __all__ = [
     "read_blocklist",
     "reuse_ingest",
 ]
-
-
-if __name__ == "__main__":  # `ray job submit -- python -m pipeline.ingest --source ... --root ... --run ...`
-    import sys
-
-    from capfilt.cli import main
-
-    main(["ingest", *sys.argv[1:]])

@@ -192,7 +192,15 @@ def test_finetuned_captioner_starts_from_its_parent_and_loads_as_a_captioner(ann
     # A vanishing learning rate: the result must be the parent itself, which proves where it started.
     cli_main(["finetune", "captioner", "--annotated", annotated["path"], "--stage2", parents["stage2"], "--out", str(out),
               "--steps", "2", "--lr", "1e-12", "--batch-size", "8", "--device", "cpu"])
-    assert "finetuned captioner: 2 steps" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "finetuned captioner: 2 steps" in printed
+    # both captioned the 8 held-out images (references: their human captions); the same weights
+    # write the same captions, so the before/after scores agree exactly
+    heldout = json.loads((out / "heldout.json").read_text())
+    assert heldout["images"] == 8 and heldout["parent"]["images"] == heldout["finetuned"]["images"] == 8
+    assert heldout["parent"]["samples"] == heldout["finetuned"]["samples"]
+    assert heldout["parent"]["cider"] == heldout["finetuned"]["cider"] and heldout["parent"]["cider"] is not None
+    assert f"held-out annotated images (8): CIDEr {heldout['parent']['cider']:.3f} (parent)" in printed
     parent = load_file(str(resolve_checkpoint(parents["stage2"])[1] / "model.safetensors"))
     child = load_file(str(resolve_checkpoint(out)[1] / "model.safetensors"))
     assert parent.keys() == child.keys()

@@ -76,5 +76,10 @@ def captioner_command(annotated, out, steps, lr, batch_size, seed, holdout_fract
 
     result = run_finetune_captioner(annotated, stage2, _settings(out, steps, lr, batch_size, seed, device), holdout_fraction)
     click.echo(f"finetuned captioner: {result['step']} steps -> {result['checkpoint']}")
+    if result["heldout"]:
+        h = result["heldout"]
+        click.echo(f"held-out annotated images ({h['images']}): CIDEr {h['parent']['cider']:.3f} (parent) -> "
+                   f"{h['finetuned']['cider']:.3f}, BLEU-4 {h['parent']['bleu4']:.3f} -> {h['finetuned']['bleu4']:.3f} "
+                   f"-> {out}/heldout.json")
     click.echo(json.dumps(result["lineage"]["split"]))
     return result
