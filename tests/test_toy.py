@@ -53,7 +53,7 @@ def test_bert_learns_masked_words_and_initialises_the_toy_presets_qformer(tmp_pa
 
     texts = [text for _, text in pairs["train"]]
     tok = train_text_tokenizer(texts, tmp_path / "tok")
-    metrics = pretrain_bert(texts, tmp_path / "bert", tok, ToyPreset(bert_steps=80))
+    metrics = pretrain_bert(texts, tmp_path / "bert", tok, ToyPreset(bert_steps=160))
     assert metrics["loss_last"] < 0.6 * metrics["loss_first"], metrics
     stage1 = toy_preset(str(tmp_path)).stage1
     assert stage1["bert"] == f"{tmp_path}/bert"
