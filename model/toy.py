@@ -109,6 +109,16 @@ class ToyPreset:
             raise ConfigError("toy preset: " + "; ".join(problems) + ".")
 
     @classmethod
+    def world(cls, **overrides) -> "ToyPreset":
+        """For a separate, larger pretraining world (`capfilt toy pretrain --world-images N`): the
+        CLIP sees 256 pairs a step for 1000 steps. Contrastive learning learns what tells a batch's
+        images apart; in 64 random scenes colour, size and background mostly do, so a 64-pair CLIP
+        never learned shape or position. Measured (3000-image world, 600 held-out scenes, zero-shot
+        choice among captions differing in one attribute): position 0.26 -> 0.71, shape 0.33 -> 0.49
+        (chance 0.2 and 0.17); held-out retrieval top-1 0.34 -> 0.62."""
+        return replace(cls(clip_batch_size=256, clip_steps=1000), **overrides)
+
+    @classmethod
     def quick(cls, **overrides) -> "ToyPreset":
         """Same architectures (so checkpoints are interchangeable), fewer steps."""
         return replace(cls(clip_steps=200, lm_steps=120, bert_steps=200), **overrides)

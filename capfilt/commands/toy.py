@@ -31,7 +31,7 @@ def pretrain(root, run, out, quick, seed, world_images, world_noise, world_seed)
     were pretrained on other data than the source they help curate."""
     from model.toy import ToyPreset, pretrain_toy, pretrain_toy_pairs
 
-    preset = ToyPreset.quick(seed=seed) if quick else ToyPreset(seed=seed)
+    preset = ToyPreset.quick(seed=seed) if quick else ToyPreset.world(seed=seed) if world_images else ToyPreset(seed=seed)
     if world_images < 0:
         raise click.BadParameter(f"must be >= 0, got {world_images}", param_hint="--world-images")
     if world_images:
