@@ -207,10 +207,10 @@ def test_ray_job_submit_runs_a_stage_and_a_retry_reattaches(ray_head, small_worl
     root = str(tmp_path / "root")
     argv = ["--source", world["source"], "--root", root, "--run", "job", "--allow-private-addresses",
             "--timeout", "2", "--image-size", "64", "--no-progress"]
-    # The stage entrypoint runs directly under `ray job submit`.
+    # A stage runs directly under `ray job submit` through the one entrypoint, the CLI.
     submitted = subprocess.run(
         [ray_head["bin"], "job", "submit", "--address", ray_head["address"], "--submission-id", "cli-ingest",
-         "--", "python", "-m", "pipeline.ingest", *argv],
+         "--", "python", "-m", "capfilt.cli", "ingest", *argv],
         env=ray_head["env"], capture_output=True, text=True, timeout=300)
     assert submitted.returncode == 0, submitted.stdout[-2000:] + submitted.stderr[-2000:]
     assert f"ingest job: {world['rows']} rows in" in submitted.stdout
