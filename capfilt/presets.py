@@ -53,7 +53,10 @@ def blip2_preset() -> Preset:
         round0_filter={**clip, "itm": "Salesforce/blip2-itm-vit-g", "policy": "blip2", "top-k": 2},
         caption={"num-captions": 10, "prompt": "a photo of"},
         filter={**clip, "policy": "blip2", "top-k": 2},
-        calibrated_filter={**clip, "policy": "itm-calibrated"},
+        calibrated_filter={**clip, "policy": "calibrated"},
+        # the finetuned ITM and the CLIP calibrated on the same held-out pairs; the filter thresholds
+        # whichever reaches the target precision with more recall (pipeline/calibrate.py choose)
+        finetune_filter={**clip},
         stage1={"vision": "open_clip:EVA01-g-14@laion400m_s11b_b41k", "steps": 250_000, "batch-size": 64},
         stage2={"llm": "facebook/opt-2.7b", "steps": 80_000, "batch-size": 64},
     )
@@ -87,9 +90,11 @@ def toy_preset(toy_dir: str, quick: bool = False) -> Preset:
         # duplicates by design, and dropping them would make the rounds' training sets differ.
         filter={"clip": clip_spec, "policy": "blip2", "rank-by": "itm", "top-k": 1 if quick else 2,
                 "no-semantic-dedup": True},
-        calibrated_filter={"clip": clip_spec, "policy": "itm-calibrated", "no-semantic-dedup": True},
-        # a synthetic world's annotated set is 10% of it: 16 finetuning images in the --quick world
-        finetune_filter={"batch-size": 16},
+        calibrated_filter={"clip": clip_spec, "policy": "calibrated", "no-semantic-dedup": True},
+        # a synthetic world's annotated set is 10% of it: 16 finetuning images in the --quick world.
+        # The finetuned ITM and the frozen CLIP are calibrated on the same held-out pairs and the
+        # filter uses whichever reaches the precision with more recall (--filter-score best).
+        finetune_filter={"batch-size": 16, "clip": clip_spec},
         finetune_captioner={"batch-size": 16},
         stage1={"vision": f"open_clip:{clip_spec}", "tokenizer": f"{toy_dir}/{TOY_TOKENIZER}", "bert": f"{toy_dir}/{TOY_BERT}",
                 "model-config": json.dumps(qformer), "steps": stage1_steps, "batch-size": 32, "lr": 2e-3,

@@ -87,6 +87,11 @@ class ClipScorer:
         return torch.nn.functional.normalize(features.float(), dim=-1).cpu().numpy()
 
 
+    def pair_scores(self, images: list[Image.Image], texts: list[str]) -> np.ndarray:
+        """Cosine similarity of each (image, text) pair: the score stage's clip_score."""
+        return (self.embed_images(images) * self.embed_texts(texts)).sum(axis=1)
+
+
 def load_clip(name: str, pretrained: str | None = None, device: str = "auto") -> ClipScorer:
     return ClipScorer(name, pretrained, device)
 

@@ -1,23 +1,30 @@
-"""Calibrating BLIP's filter: the ITM threshold that gives the precision a user asks for.
+"""Calibrating BLIP's filter: the threshold that gives the precision a user asks for.
 
     held-out annotated images ─► matched pairs (each image, each of its captions)
                               ─► mismatched pairs: another image's caption (random) and the
-                                 other caption most similar to the image by ITC (hard)
-    ─► ITM match probability of every pair ─► curve (threshold, precision, recall, fpr)
+                                 other image's caption whose text is closest to it (hard)
+    ─► each scorer's score of every pair (ITM match probability; CLIP similarity)
+    ─► curve (threshold, precision, recall, fpr)
     ─► the lowest threshold whose precision reaches the target ─► calibration.json
 
 Precision depends on how many of the judged captions match at all, which the held-out set cannot
 know: the curve is computed with a stated prior of matched pairs (`match_prior`, default 0.5),
 precision = prior * recall / (prior * recall + (1 - prior) * fpr), with the mismatched pairs'
-false-positive rate taken over random and hard negatives in equal numbers. Hard negatives come
-from the model's own ITC similarity, never from the caption grammar, so the same code calibrates
-on any source. A negative identical (ignoring case) to one of the image's own captions is not a
-negative and is skipped.
+false-positive rate taken over random and hard negatives in equal numbers. A hard negative is the
+other images' caption most similar in text to a matched caption (character trigrams, so any
+language or script): a caption that changes a word or two, the web's hardest noise. It is chosen
+without any scorer, so the ITM and the CLIP are measured on the same pairs and neither is handed
+the negatives it alone finds hardest; it never depends on the caption grammar. A negative
+identical (ignoring case) to one of the image's own captions is not a negative and is skipped.
+
+With both scorers calibrated, `choose` keeps the one that reaches the target precision with the
+more recall (`best`), or the one the user names: the filter is whichever the measurement favours.
 """
 
 from __future__ import annotations
 
 import json
+import zlib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -42,6 +49,7 @@ class Calibration:
     curve: tuple = ()  # rows {threshold, precision, recall, fpr}, thresholds descending
     scorer: str | None = None
     annotated: dict | None = None
+    score: str = "itm"  # the score column it thresholds: itm (itm_score) or clip (clip_score)
     split: dict | None = None
     extra: dict = field(default_factory=dict)
 
@@ -140,73 +148,63 @@ def _norm(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def calibration_pairs(images, scorer, seed: int = 0, decoded: list | None = None) -> dict[str, list[tuple[int, str]]]:
-    """{'positive', 'random', 'hard'}: lists of (image index, caption), as many of each kind as
-    there are captions. Hard negatives: the other images' captions the scorer's ITC ranks closest
-    to the image (or, for a scorer without ITC, the one its ITM likes best of 8 random ones)."""
+def _trigram_vectors(texts: list[str], dim: int = 4096) -> np.ndarray:
+    """Unit vectors of hashed character-trigram counts: a text similarity for any language."""
+    out = np.zeros((len(texts), dim), np.float32)
+    for row, text in enumerate(texts):
+        padded = f" {_norm(text)} "
+        for k in range(len(padded) - 2):
+            out[row, zlib.crc32(padded[k:k + 3].encode()) % dim] += 1.0
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    return out / np.maximum(norms, 1e-9)
+
+
+def calibration_pairs(images, seed: int = 0) -> dict[str, list[tuple[int, str]]]:
+    """{'positive', 'random', 'hard'}: lists of (image index, caption), one negative of each kind
+    per matched caption. Hard: the other images' caption closest in text to the matched one."""
     if len(images) < 2:
         raise ConfigError(f"calibration needs at least 2 held-out images, got {len(images)}; raise --holdout-fraction.")
     rng = np.random.default_rng([seed, 11])
     captions = [(i, c) for i, im in enumerate(images) for c in im.captions]
     own = [{_norm(c) for c in im.captions} for im in images]
-    pool = [(i, c) for i, c in captions]
-    positive = list(captions)
-    random_neg = []
-    for i, c in captions:
+    random_neg, hard = [], []
+    for i, _ in captions:
         for _ in range(32):
-            j, text = pool[int(rng.integers(len(pool)))]
+            j, text = captions[int(rng.integers(len(captions)))]
             if j != i and _norm(text) not in own[i]:
                 random_neg.append((i, text))
                 break
-    texts = [c for _, c in pool]
-    if hasattr(scorer, "image_embeddings") and hasattr(scorer, "text_embeddings"):
-        import torch
-
-        chunks = range(0, max(len(images), len(texts)), 64)  # a real ViT-g would not take them all at once
-        image_feats = torch.cat([scorer.image_embeddings([im.image for im in images[s:s + 64]]) for s in chunks
-                                 if s < len(images)])  # (N, Q, D)
-        text_feats = torch.cat([scorer.text_embeddings(texts[s:s + 64]) for s in chunks if s < len(texts)])  # (T, D)
-        sims = torch.einsum("td,nqd->ntq", text_feats, image_feats).amax(dim=-1).float().cpu().numpy()
-    else:
-        sims = None
-    hard = []
-    for i, im in enumerate(images):
-        candidates = [t for t, (j, text) in enumerate(pool) if j != i and _norm(text) not in own[i]]
-        if not candidates:
-            continue
-        if sims is not None:
-            ranked = sorted(candidates, key=lambda t: -sims[i, t])
-        else:
-            sample = [candidates[k] for k in rng.choice(len(candidates), min(8, len(candidates)), replace=False)]
-            pictures = decoded if decoded is not None else [im.image for im in images]
-            probs = scorer.match_probability([pictures[i]] * len(sample), [texts[t] for t in sample])
-            ranked = [sample[k] for k in np.argsort(-np.asarray(probs), kind="stable")]
-        seen: set[str] = set()
-        for t in ranked:
-            if len(seen) == len(im.captions):
-                break
-            if _norm(texts[t]) not in seen:
-                seen.add(_norm(texts[t]))
-                hard.append((i, texts[t]))
-    return {"positive": positive, "random": random_neg, "hard": hard}
+    vectors = _trigram_vectors([c for _, c in captions])
+    for start in range(0, len(captions), 1024):  # a large annotated set never needs an N x N matrix at once
+        sims = vectors[start:start + 1024] @ vectors.T
+        for row, (i, _) in enumerate(captions[start:start + 1024]):
+            for t in np.argsort(-sims[row], kind="stable"):
+                j, text = captions[t]
+                if j != i and _norm(text) not in own[i]:
+                    hard.append((i, text))
+                    break
+    return {"positive": captions, "random": random_neg, "hard": hard}
 
 
-def score_pairs(scorer, pictures: list, pairs: list[tuple[int, str]], batch_size: int = 64) -> np.ndarray:
+def score_pairs(score_fn, pictures: list, pairs: list[tuple[int, str]], batch_size: int = 64) -> np.ndarray:
+    """`score_fn(images, texts)` of every (image index, caption) pair, in batches."""
     out = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
-        out.append(np.asarray(scorer.match_probability([pictures[i] for i, _ in chunk], [t for _, t in chunk]), np.float64))
+        out.append(np.asarray(score_fn([pictures[i] for i, _ in chunk], [t for _, t in chunk]), np.float64))
     return np.concatenate(out) if out else np.zeros(0)
 
 
-def calibrate_itm(itm_scorer, images, target_precision: float = DEFAULT_TARGET_PRECISION,
-                  match_prior: float = DEFAULT_MATCH_PRIOR, seed: int = 0, **about) -> Calibration:
-    """Calibrate an ITM scorer (`match_probability(images, texts)`) on held-out annotated images."""
+def calibrate_scores(score_fn, images, target_precision: float = DEFAULT_TARGET_PRECISION,
+                     match_prior: float = DEFAULT_MATCH_PRIOR, seed: int = 0, score: str = "itm",
+                     **about) -> Calibration:
+    """Calibrate a pair score (`score_fn(images, texts)`, higher = more likely a match) on held-out
+    annotated images; `score` names the column the threshold applies to (itm or clip)."""
     from pipeline.caption import decode_image
 
     pictures = [decode_image(im.image) for im in images]
-    pairs = calibration_pairs(images, itm_scorer, seed, pictures)
-    scores = {kind: score_pairs(itm_scorer, pictures, rows) for kind, rows in pairs.items()}
+    pairs = calibration_pairs(images, seed)
+    scores = {kind: score_pairs(score_fn, pictures, rows) for kind, rows in pairs.items()}
     # Random and hard negatives weigh equally in the false-positive rate, whatever their counts.
     n = min(len(scores["random"]), len(scores["hard"])) or max(len(scores["random"]), len(scores["hard"]))
     negative = np.concatenate([np.resize(scores["random"], n) if len(scores["random"]) else np.zeros(0),
@@ -216,7 +214,42 @@ def calibrate_itm(itm_scorer, images, target_precision: float = DEFAULT_TARGET_P
     extra["roc_auc_hard"] = roc_auc(scores["positive"], scores["hard"])
     return calibrate(scores["positive"], negative, target_precision, match_prior,
                      negatives={"random": len(scores["random"]), "hard": len(scores["hard"])},
-                     extra=extra, **about)
+                     extra=extra, score=score, **about)
+
+
+def calibrate_itm(itm_scorer, images, target_precision: float = DEFAULT_TARGET_PRECISION,
+                  match_prior: float = DEFAULT_MATCH_PRIOR, seed: int = 0, **about) -> Calibration:
+    """Calibrate an ITM scorer (`match_probability(images, texts)`) on held-out annotated images."""
+    return calibrate_scores(itm_scorer.match_probability, images, target_precision, match_prior, seed, "itm", **about)
+
+
+def calibrate_clip(clip_scorer, images, target_precision: float = DEFAULT_TARGET_PRECISION,
+                   match_prior: float = DEFAULT_MATCH_PRIOR, seed: int = 0, **about) -> Calibration:
+    """Calibrate a CLIP (`pair_scores(images, texts)`, the score stage's clip_score) the same way."""
+    return calibrate_scores(clip_scorer.pair_scores, images, target_precision, match_prior, seed, "clip", **about)
+
+
+SCORES = ("itm", "clip")
+CHOICES = ("best", *SCORES)
+
+
+def choose(calibrations: dict[str, Calibration], prefer: str = "best") -> Calibration:
+    """The calibration the filter uses: `prefer` (itm / clip), or with `best` the one reaching the
+    target precision with the most recall (ITM, BLIP's filter, on a tie or when neither reaches
+    it). The others' figures travel in its `extra['alternatives']`."""
+    if prefer not in CHOICES:
+        raise ConfigError(f"--filter-score {prefer!r}: choose from {', '.join(CHOICES)}.")
+    if prefer != "best":
+        if prefer not in calibrations:
+            raise ConfigError(f"--filter-score {prefer}: no {prefer} calibration (give --clip for clip).")
+        chosen = calibrations[prefer]
+    else:
+        order = sorted(calibrations, key=lambda k: (calibrations[k].predicted_recall or -1.0, k == "itm"), reverse=True)
+        chosen = calibrations[order[0]]
+    alternatives = {k: {"threshold": c.threshold, "predicted_precision": c.predicted_precision,
+                        "predicted_recall": c.predicted_recall, "roc_auc_random": c.extra.get("roc_auc_random"),
+                        "roc_auc_hard": c.extra.get("roc_auc_hard")} for k, c in calibrations.items()}
+    return replace(chosen, extra={**chosen.extra, "chosen_by": prefer, "alternatives": alternatives})
 
 
 def roc_auc(positive, negative) -> float | None:

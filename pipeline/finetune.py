@@ -2,6 +2,7 @@
 filter (then calibrate it on the held-out part) and the captioner, each from its own parent.
 
     run_finetune_filter(annotated, stage1, settings)     -> DIR: Stage 1 folder + calibration.json
+                                                           (the ITM's, or the CLIP's where it does better)
     run_finetune_captioner(annotated, stage2, settings)  -> DIR: Stage 2 folder + heldout.json
 Both use the same seeded split, so neither model ever learns from the calibration images. The
 captioner is then measured on that held-out part as LAVIS's caption finetuning validates (BLEU-4
@@ -13,43 +14,81 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from model.finetune import FinetuneSettings, finetune_captioner, finetune_filter
 from pipeline.annotated import DEFAULT_HOLDOUT_FRACTION, read_annotated, split_annotated
-from pipeline.calibrate import DEFAULT_MATCH_PRIOR, DEFAULT_TARGET_PRECISION, calibrate_itm, write_calibration
+from capfilt.errors import ConfigError
+from pipeline.calibrate import (CHOICES, DEFAULT_MATCH_PRIOR, DEFAULT_TARGET_PRECISION, calibrate_clip, calibrate_itm,
+                               choose, write_calibration)
 
 log = logging.getLogger(__name__)
 HELDOUT_NAME = "heldout.json"
 
 
+@dataclass(frozen=True)
+class ClipSpec:
+    """The frozen CLIP the filter stage scores with (`capfilt filter --clip ...`)."""
+
+    name: str
+    pretrained: str | None = None
+    config: str | None = None  # open_clip model config(s) to register first
+
+    def load(self, device: str = "auto"):
+        from model.scorers import load_clip, register_clip_config
+
+        if self.config:
+            register_clip_config(self.config)
+        return load_clip(self.name, self.pretrained, device)
+
+
 def run_finetune_filter(annotated: str, stage1: str, settings: FinetuneSettings,
                         holdout_fraction: float = DEFAULT_HOLDOUT_FRACTION,
                         target_precision: float | None = DEFAULT_TARGET_PRECISION,
-                        match_prior: float = DEFAULT_MATCH_PRIOR, vision: str | None = None) -> dict:
-    """Finetune the filter, then (target_precision not None) calibrate its ITM threshold on the
-    held-out part and write DIR/calibration.json. Returns {'step', 'checkpoint', 'metrics',
-    'lineage', 'calibration' (a Calibration or None)}; raises ConfigError, after writing the
-    curve, when the target precision is out of reach."""
+                        match_prior: float = DEFAULT_MATCH_PRIOR, vision: str | None = None,
+                        clip: ClipSpec | None = None, filter_score: str = "best") -> dict:
+    """Finetune the filter, then (target_precision not None) calibrate its ITM threshold, and with
+    `clip` the CLIP's too, on the held-out part; DIR/calibration.json holds the one `filter_score`
+    picks (`best`: the more recall at the target precision), calibration-itm.json and
+    calibration-clip.json each scorer's. Returns {'step', 'checkpoint', 'metrics', 'lineage',
+    'calibration' (a Calibration or None)}; raises ConfigError, after writing the curves, when the
+    target precision is out of reach."""
+    if filter_score not in CHOICES:
+        raise ConfigError(f"--filter-score {filter_score!r}: choose from {', '.join(CHOICES)}.")
+    if filter_score == "clip" and clip is None:
+        raise ConfigError("--filter-score clip needs --clip (the CLIP the filter stage scores with).")
     data = read_annotated(annotated)
     split = split_annotated(data.images, holdout_fraction, settings.seed)
     result = finetune_filter(stage1, split.finetune, settings, data.describe(), split.describe(), vision)
     result["calibration"] = None
     if target_precision is not None:
         result["calibration"] = calibrate_out(settings.out, split, target_precision, match_prior, settings.seed,
-                                              annotated=data.describe(), device=settings.device).check()
+                                              annotated=data.describe(), device=settings.device, clip=clip,
+                                              filter_score=filter_score).check()
     return result
 
 
 def calibrate_out(out: str, split, target_precision: float, match_prior: float, seed: int, annotated: dict,
-                  device: str = "auto"):
-    """Calibrate the filter in trainer folder `out` on `split.calibration`; writes out/calibration.json."""
+                  device: str = "auto", clip: ClipSpec | None = None, filter_score: str = "itm"):
+    """Calibrate the filter in trainer folder `out` (and `clip`) on `split.calibration`; writes
+    out/calibration-<score>.json for each and out/calibration.json for the one chosen."""
     from model.stage1_inference import Stage1Scorer
 
+    about = {"annotated": annotated, "split": split.describe()}
     scorer = Stage1Scorer.from_checkpoint(out, device=device)
-    calibration = calibrate_itm(scorer, split.calibration, target_precision, match_prior, seed,
-                                scorer=str(Path(out).resolve()), annotated=annotated, split=split.describe())
+    found = {"itm": calibrate_itm(scorer, split.calibration, target_precision, match_prior, seed,
+                                  scorer=str(Path(out).resolve()), **about)}
+    if clip is not None:
+        found["clip"] = calibrate_clip(clip.load(device), split.calibration, target_precision, match_prior, seed,
+                                       scorer=clip.name + (f"@{clip.pretrained}" if clip.pretrained else ""), **about)
+    for score, calibration in found.items():
+        write_calibration(calibration, Path(out) / f"calibration-{score}.json")
+    calibration = choose(found, filter_score)
     write_calibration(calibration, Path(out) / "calibration.json")
+    log.info("filter calibrated on %d held-out annotated images: %s", len(split.calibration), "; ".join(
+        f"{k} recall {c.predicted_recall if c.predicted_recall is not None else 'none'} at precision "
+        f"{c.target_precision}" for k, c in found.items()) + f"; the filter uses {calibration.score}")
     return calibration
 
 

@@ -7,8 +7,10 @@ Per caption, checks run in this order and the first that fails is the reason it 
   empty_caption / degenerate_<why> / caption_too_short / caption_too_long   caption filters
   then the policies, in the order given:
   blip               ITM match probability >= itm_threshold (a fixed number)   -> itm_below_threshold
-  itm-calibrated     ITM match probability >= the threshold calibrated on a held-out clean set to
-                     a target precision (BLIP's filter, pipeline/calibrate.py) -> itm_below_calibrated_threshold
+  calibrated         the calibration's score (ITM match probability, or CLIP similarity where it
+                     measured better) >= the threshold calibrated on a held-out clean set to a target
+                     precision (BLIP's filter, pipeline/calibrate.py) -> <itm|clip>_below_calibrated_threshold
+                     (itm-calibrated: the same policy's earlier name)
   clip-threshold     CLIP score >= clip_threshold (DataComp)                   -> clip_below_threshold
   clip-top-fraction  CLIP score within the run's top fraction (DataComp)       -> clip_not_top_fraction
   blip2              per image, the top_k remaining captions by CLIP score     -> not_top_k
@@ -35,8 +37,9 @@ from schemas import DEDUP, IMAGES, SCORES, curated_outputs
 from schemas.curated import IMAGE_METADATA
 
 STAGE = "select"
-POLICIES = ("blip", "itm-calibrated", "blip2", "clip-threshold", "clip-top-fraction", "none")
+POLICIES = ("blip", "calibrated", "itm-calibrated", "blip2", "clip-threshold", "clip-top-fraction", "none")
 CAPTION_SOURCES = ("web", "synthetic")  # schemas/captions.py caption_source
+CALIBRATED = {"calibrated", "itm-calibrated"}
 RANK_BY = ("clip", "itm")  # blip2's per-image ranking: CLIP similarity (the paper) or ITM probability
 
 
@@ -55,7 +58,7 @@ class SelectConfig:
     min_caption_words: int = 1
     max_caption_words: int = 1000
     drop_degenerate: bool = True
-    calibration: object | None = None  # pipeline.calibrate.Calibration, for itm-calibrated
+    calibration: object | None = None  # pipeline.calibrate.Calibration, for calibrated
     caption_sources: tuple[str, ...] = CAPTION_SOURCES  # captions of other sources are dropped (ablation arms)
 
     def __post_init__(self):
@@ -76,9 +79,9 @@ class SelectConfig:
             raise ConfigError(f"--itm-threshold must be in [0, 1] (got {self.itm_threshold}).")
         if not 0.0 < self.clip_top_fraction <= 1.0:
             raise ConfigError(f"--clip-top-fraction must be in (0, 1] (got {self.clip_top_fraction}).")
-        if "itm-calibrated" in self.policies:
+        if CALIBRATED & set(self.policies):
             if self.calibration is None:
-                raise ConfigError("--policy itm-calibrated needs a calibration: --calibration PATH, or an --itm folder "
+                raise ConfigError("--policy calibrated needs a calibration: --calibration PATH, or an --itm folder "
                                   "written by `capfilt finetune filter` (it holds calibration.json).")
             self.calibration.check()
 
@@ -109,12 +112,12 @@ def caption_policies(cfg: SelectConfig, top_fraction_cut: float | None = None) -
         if policy == "blip":
             out.append(CaptionPolicy(policy, "itm_below_threshold", lambda r: _at_least(r["itm_score"], cfg.itm_threshold),
                                      lambda r: f"ITM {r['itm_score']} < --itm-threshold {cfg.itm_threshold}"))
-        elif policy == "itm-calibrated":
-            cal = cfg.calibration
+        elif policy in CALIBRATED:
+            cal, column = cfg.calibration, f"{cfg.calibration.score}_score"
             out.append(CaptionPolicy(
-                policy, "itm_below_calibrated_threshold", lambda r, t=cal.threshold: _at_least(r["itm_score"], t),
-                lambda r, c=cal: (f"ITM {r['itm_score']} < {c.threshold:.4f}, the threshold calibrated for precision "
-                                  f"{c.target_precision} (predicted {c.predicted_precision:.3f}, prior {c.match_prior})")))
+                policy, f"{cal.score}_below_calibrated_threshold", lambda r, t=cal.threshold: _at_least(r[column], t),
+                lambda r, c=cal: (f"{c.score.upper()} {r[column]} < {c.threshold:.4f}, the threshold calibrated for "
+                                  f"precision {c.target_precision} (predicted {c.predicted_precision:.3f}, prior {c.match_prior})")))
         elif policy == "clip-threshold":
             out.append(CaptionPolicy(policy, "clip_below_threshold", lambda r: _at_least(r["clip_score"], cfg.clip_threshold),
                                      lambda r: f"CLIP {r['clip_score']:.4f} < --clip-threshold {cfg.clip_threshold}"))

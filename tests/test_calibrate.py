@@ -1,9 +1,11 @@
-"""BLIP's filter as a per-caption decision: the ITM threshold calibrated to a precision, and the
-itm-calibrated selection policy that applies it to web and synthetic captions alike."""
+"""BLIP's filter as a per-caption decision: the ITM (or CLIP) threshold calibrated to a precision on
+scorer-independent negatives, and the calibrated selection policy that applies it to web and
+synthetic captions alike."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -191,3 +193,44 @@ def test_select_stage_accounts_for_every_row_and_reports_the_calibration(tmp_pat
     assert {r["reason"] for r in rejected} == {"itm_below_calibrated_threshold"}
     report = json.loads(store.fs.open(f"{store.report_dir()}/calibration.json").read())
     assert report["threshold"] == 0.8 and len(report["curve"]) == len(calibration_at_080().curve)
+
+
+def test_hard_negatives_are_the_other_images_closest_captions_in_text_whatever_the_scorer():
+    from pipeline.annotated import AnnotatedImage
+    from pipeline.calibrate import calibration_pairs
+
+    images = [AnnotatedImage("a", b"", ("a red circle on the left", "red circle, left side")),
+              AnnotatedImage("b", b"", ("a blue circle on the left", "a dog asleep on a sofa")),
+              AnnotatedImage("c", b"", ("une voiture rouge", "a red circle on the left"))]  # c shares a's caption
+    pairs = calibration_pairs(images, seed=0)
+    assert pairs["positive"] == [(i, c) for i, im in enumerate(images) for c in im.captions]
+    hard = dict(((i, k), t) for k, (i, t) in enumerate(pairs["hard"]))
+    assert hard[(0, 0)] == "a blue circle on the left"  # one word changed, never c's identical caption
+    assert all(t not in images[i].captions for i, t in pairs["hard"] + pairs["random"])
+    assert len(pairs["random"]) == len(pairs["hard"]) == len(pairs["positive"])
+
+
+def test_the_filter_score_is_the_one_reaching_the_precision_with_more_recall():
+    from pipeline.calibrate import calibrate, choose
+
+    strong = calibrate([0.9, 0.8, 0.7, 0.6], [0.1, 0.2, 0.3, 0.65], 0.9, score="clip")
+    weak = calibrate([0.9, 0.8, 0.7, 0.6], [0.1, 0.75, 0.85, 0.95], 0.9, score="itm")
+    assert strong.predicted_recall > (weak.predicted_recall or 0)
+    chosen = choose({"itm": weak, "clip": strong})
+    assert chosen.score == "clip" and chosen.threshold == strong.threshold
+    assert chosen.extra["alternatives"]["itm"]["predicted_recall"] == weak.predicted_recall
+    assert choose({"itm": weak, "clip": strong}, "itm").score == "itm"
+    assert choose({"itm": replace(strong, score="itm"), "clip": strong}).score == "itm"  # a tie: BLIP's ITM
+    with pytest.raises(ConfigError, match="no clip calibration"):
+        choose({"itm": weak}, "clip")
+
+
+def test_a_clip_calibration_thresholds_the_clip_score():
+    from pipeline.calibrate import calibrate
+
+    cal = calibrate([0.5, 0.4], [0.1, 0.2], 0.9, score="clip")
+    cfg = SelectConfig(policies=("calibrated",), calibration=cal)
+    (policy,) = caption_policies(cfg)
+    assert policy.decide({"clip_score": 0.45, "itm_score": 0.0}) is None
+    reason, message = policy.decide({"clip_score": 0.3, "itm_score": 1.0})
+    assert reason == "clip_below_calibrated_threshold" and "CLIP 0.3 <" in message

@@ -153,12 +153,16 @@ def test_finetuned_filter_learns_loads_as_itm_and_is_calibrated_with_lineage(ann
     from model.stage1_inference import Stage1Scorer
     from pipeline.calibrate import load_calibration
 
+    from model.scorers import save_random_clip
+
     out = tmp_path / "filter"
+    clip_config, clip_name, clip_checkpoint = save_random_clip(str(tmp_path / "clip"))
     cli_main(["finetune", "filter", "--annotated", annotated["path"], "--stage1", parents["stage1"], "--out", str(out),
               "--steps", "40", "--lr", "1e-3", "--batch-size", "8", "--holdout-fraction", "0.25",
-              "--target-precision", "0.5", "--device", "cpu"])
+              "--target-precision", "0.5", "--device", "cpu", "--clip", clip_name, "--clip-pretrained", clip_checkpoint,
+              "--clip-config", clip_config])
     printed = capsys.readouterr().out
-    assert "finetuned filter: 40 steps" in printed and "calibrated: keep ITM p >=" in printed
+    assert "finetuned filter: 40 steps" in printed and "calibrated: keep " in printed
 
     log = metrics(out)
     assert all(r["itg"] >= 0 for r in log) and all(abs(r["loss"] - r["itc"] - r["itm"]) < 1e-4 for r in log)  # ITG off
@@ -175,7 +179,16 @@ def test_finetuned_filter_learns_loads_as_itm_and_is_calibrated_with_lineage(ann
     assert lineage["split"]["calibration_images"] == 10 and lineage["split"]["finetune_images"] == 30
     assert info["config"]["init_from"] and info["config"]["itg_weight"] == 0.0
 
+    # Both scorers measured on the same held-out pairs; the filter thresholds the one with more recall.
+    each = {score: load_calibration(out / f"calibration-{score}.json") for score in ("itm", "clip")}
+    assert {c.score for c in each.values()} == {"itm", "clip"}
+    assert each["itm"].positives == each["clip"].positives and each["itm"].negatives == each["clip"].negatives
     cal = load_calibration(out)
+    best = max(each.values(), key=lambda c: (c.predicted_recall or -1, c.score == "itm"))
+    assert cal.score == best.score and cal.threshold == best.threshold and cal.extra["chosen_by"] == "best"
+    assert set(cal.extra["alternatives"]) == {"itm", "clip"}
+    assert f"calibrated: keep {cal.score.upper()} >=" in printed
+    cal = each["itm"]
     assert cal.target_precision == 0.5 and cal.predicted_precision >= 0.5 and 0 < cal.threshold < 1
     assert cal.positives == lineage["split"]["calibration_pairs"]
     assert cal.negatives["random"] > 0 and cal.negatives["hard"] > 0

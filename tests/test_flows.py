@@ -303,11 +303,12 @@ def test_with_an_annotated_set_rounds_finetune_first_and_filter_every_caption_by
     steps = params.finetune_argv(2)  # round 1's models, finetuned into its models folder
     assert steps["finetune-filter-r2"][:8] == ["finetune", "filter", "--annotated", "/a/ann.parquet", "--stage1",
                                                "/d/models/b-r1/stage1", "--out", "/d/models/b-r1/filter"]
-    assert steps["finetune-filter-r2"][8:] == ["--batch-size", "16", "--steps", "5"]  # the toy preset's, then --set
+    # the toy preset's (its CLIP calibrated beside the ITM), then --set
+    assert steps["finetune-filter-r2"][8:] == ["--batch-size", "16", "--clip", "local-dir:/d/models/b-toy/clip", "--steps", "5"]
     assert steps["finetune-captioner-r2"][4:8] == ["--stage2", "/d/models/b-r1/stage2", "--out", "/d/models/b-r1/captioner"]
     curate2, filter2, _ = params.round_params(2)
     assert curate2.caption["captioner"] == "/d/models/b-r1/captioner"
-    assert filter2["policy"] == "itm-calibrated" and filter2["itm"] == "/d/models/b-r1/filter"
+    assert filter2["policy"] == "calibrated" and filter2["itm"] == "/d/models/b-r1/filter"
     assert "top-k" not in filter2 and "rank-by" not in filter2  # a per-caption decision, not a ranking
     order = list(_all_steps(params))
     assert order.index("finetune-filter-r1") < order.index("ingest-r1") < order.index("filter-r1")

@@ -16,15 +16,15 @@ def filter_options(f):
         click.option("--clip-pretrained", help="open_clip pretrained tag (e.g. openai) or a local checkpoint file."),
         click.option("--clip-config", type=click.Path(exists=True), help="JSON model config(s) to register with open_clip first."),
         click.option("--itm", help="ITM model: hub id or save_pretrained folder (BLIP / BLIP-2 ITM, capfilt Stage 1)."),
-        click.option("--policy", default="blip2", show_default=True, help="blip, itm-calibrated, blip2, clip-threshold, clip-top-fraction; comma-separated to combine (e.g. blip,blip2); none: keep every caption that passes the checks."),
+        click.option("--policy", default="blip2", show_default=True, help="blip, calibrated (BLIP's filter; itm-calibrated is its earlier name), blip2, clip-threshold, clip-top-fraction; comma-separated to combine (e.g. blip,blip2); none: keep every caption that passes the checks."),
         click.option("--caption-sources", default="web,synthetic", show_default=True,
                      help="Caption sources that may be kept (web, synthetic); others are dropped as caption_source_excluded."),
         click.option("--calibration", default=None,
-                     help="itm-calibrated: calibration.json or a `capfilt finetune filter` folder (default: the --itm folder's)."),
+                     help="calibrated: calibration.json or a `capfilt finetune filter` folder (default: the --itm folder's)."),
         click.option("--target-precision", type=float, default=None,
-                     help="itm-calibrated: re-pick the threshold on the stored curve for this precision (default: the calibrated one)."),
+                     help="calibrated: re-pick the threshold on the stored curve for this precision (default: the calibrated one)."),
         click.option("--match-prior", type=float, default=None,
-                     help="itm-calibrated: share of captions assumed to match, for the predicted precision (default: the calibrated one)."),
+                     help="calibrated: share of captions assumed to match, for the predicted precision (default: the calibrated one)."),
         click.option("--top-k", type=int, default=2, show_default=True, help="blip2: captions kept per image."),
         click.option("--rank-by", type=click.Choice(["clip", "itm"]), default="clip", show_default=True,
                      help="blip2: rank an image's captions by CLIP similarity (BLIP-2) or by ITM probability."),
@@ -60,16 +60,17 @@ def configs_from_options(o: dict, will_exist: tuple[str, ...] = ()):
     """
     from pipeline.dedup import DedupConfig
     from pipeline.score import ScoreConfig
-    from pipeline.select import SelectConfig
+    from pipeline.select import CALIBRATED, SelectConfig
 
     score = ScoreConfig(clip=o["clip"], clip_pretrained=o["clip_pretrained"], clip_config=o["clip_config"],
                         itm=o["itm"], batch_size=o["score_batch_size"], actors=o["score_actors"])
     dedup = DedupConfig(eps=o["dedup_eps"], cluster_size=o["dedup_cluster_size"], semantic=not o["no_semantic_dedup"])
     policies = tuple(p.strip() for p in o["policy"].split(",") if p.strip())
     calibration = None
-    if "itm-calibrated" in policies:
+    calibrated = [p for p in policies if p in CALIBRATED]
+    if calibrated:
         if not score.itm:
-            raise click.UsageError("--policy itm-calibrated needs --itm (the finetuned filter)")
+            raise click.UsageError(f"--policy {calibrated[0]} needs --itm (the finetuned filter)")
         from pipeline.calibrate import load_calibration
 
         source = o.get("calibration") or score.itm

@@ -46,21 +46,31 @@ def finetune():
 @click.option("--match-prior", type=float, default=0.5, show_default=True,
               help="Share of judged captions assumed to match their image (enters the predicted precision).")
 @click.option("--no-calibrate", is_flag=True, help="Finetune only.")
+@click.option("--clip", default=None,
+              help="The CLIP the filter stage scores with (open_clip name): calibrated on the same held-out pairs too.")
+@click.option("--clip-pretrained", default=None, help="Its open_clip pretrained tag or checkpoint file.")
+@click.option("--clip-config", type=click.Path(exists=True), default=None, help="Its open_clip model config(s) to register first.")
+@click.option("--filter-score", type=click.Choice(["best", "itm", "clip"]), default="best", show_default=True,
+              help="The score the calibrated filter thresholds: the finetuned ITM, the CLIP, or (best) whichever "
+                   "reaches --target-precision with more recall on the held-out pairs (ITM without --clip).")
 def filter_command(annotated, out, steps, lr, batch_size, seed, holdout_fraction, device, stage1, vision,
-                   target_precision, match_prior, no_calibrate):
-    """Finetune BLIP's filter (ITC + ITM) from a Stage 1 checkpoint, then calibrate its ITM threshold.
+                   target_precision, match_prior, no_calibrate, clip, clip_pretrained, clip_config, filter_score):
+    """Finetune BLIP's filter (ITC + ITM) from a Stage 1 checkpoint, then calibrate its ITM threshold
+    (and with --clip the CLIP's) on the held-out part.
 
-    DIR loads as `capfilt filter --itm DIR --policy itm-calibrated` (DIR/calibration.json holds the threshold).
+    DIR loads as `capfilt filter --itm DIR --policy calibrated` (DIR/calibration.json holds the threshold).
     """
-    from pipeline.finetune import run_finetune_filter
+    from pipeline.finetune import ClipSpec, run_finetune_filter
 
+    spec = ClipSpec(clip, clip_pretrained, clip_config) if clip else None
     result = run_finetune_filter(annotated, stage1, _settings(out, steps, lr, batch_size, seed, device), holdout_fraction,
-                                 None if no_calibrate else target_precision, match_prior, vision)
+                                 None if no_calibrate else target_precision, match_prior, vision, spec, filter_score)
     click.echo(f"finetuned filter: {result['step']} steps -> {result['checkpoint']}")
     cal = result["calibration"]
     if cal is not None:
-        click.echo(f"calibrated: keep ITM p >= {cal.threshold:.4f} (predicted precision {cal.predicted_precision:.3f}, "
-                   f"recall {cal.predicted_recall:.3f}, prior {cal.match_prior}) -> {out}/calibration.json")
+        click.echo(f"calibrated: keep {cal.score.upper()} >= {cal.threshold:.4f} (predicted precision "
+                   f"{cal.predicted_precision:.3f}, recall {cal.predicted_recall:.3f}, prior {cal.match_prior}) -> "
+                   f"{out}/calibration.json")
     return result
 
 
