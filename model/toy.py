@@ -642,27 +642,48 @@ def pretrain_toy(root: str, run: str, out: str | Path, preset: ToyPreset = ToyPr
     return pretrain_toy_pairs(pairs, out, preset, about={"root": str(root), "run": run, "counts": counts})
 
 
+def _lm_settings(preset: ToyPreset) -> dict:
+    """What the LM depends on: its own fields and the seed (its tokenizer is its own)."""
+    return {k: v for k, v in asdict(preset).items() if k.startswith("lm_") or k in ("seed", "threads")}
+
+
+def _vision_settings(preset: ToyPreset) -> dict:
+    """What the tokenizer, BERT and CLIP depend on: everything but the LM's fields."""
+    return {k: v for k, v in asdict(preset).items() if not k.startswith("lm_")}
+
+
 def pretrain_toy_pairs(pairs: Sequence[tuple[bytes, str]], out: str | Path, preset: ToyPreset = ToyPreset(),
                        about: dict | None = None, lm: bool = True,
                        eval_pairs: Sequence[tuple[bytes, str]] | None = None) -> dict:
     """The toy pieces from (image bytes, caption) pairs into `out`; `about` says where the pairs came
-    from and is what a rerun must match (with the preset) to reuse a complete folder."""
+    from and is what a rerun must match (with the preset) to reuse a complete folder. A folder made
+    from the same pairs with other LM settings keeps its tokenizer, BERT and CLIP (minutes of
+    training) and trains the LM anew; and the other way round."""
     out = Path(out)
     about = dict(about or {})
     done = out / TOY_DONE
-    if done.exists():
-        info = json.loads(done.read_text())
-        if all(info.get(k) == v for k, v in about.items()) and info.get("preset") == asdict(preset) \
-                and (info.get("lm") is not None or not lm):
-            return {**info, "reused": True}
+    before = json.loads(done.read_text()) if done.exists() else None
+    same_pairs = before is not None and all(before.get(k) == v for k, v in about.items())
+    if same_pairs and before.get("preset") == asdict(preset) and (before.get("lm") is not None or not lm):
+        return {**before, "reused": True}
+    keep_vision = same_pairs and _vision_settings(ToyPreset(**before["preset"])) == _vision_settings(preset)
+    keep_lm = (same_pairs and lm and before.get("lm") is not None
+               and _lm_settings(ToyPreset(**before["preset"])) == _lm_settings(preset))
     started = time.perf_counter()
     texts = [caption for _, caption in pairs]
-    train_text_tokenizer(texts, out / "tokenizer", preset)
-    bert = pretrain_bert(texts, out / "bert", out / "tokenizer", preset)
-    clip = pretrain_clip(pairs, out / "clip", preset, eval_pairs=eval_pairs)
-    lm_metrics = pretrain_lm(texts, out / "lm", preset).metrics if lm else None
-    info = {**about, "preset": asdict(preset), "bert": bert, "clip": clip.metrics, "lm": lm_metrics,
-            "seconds": time.perf_counter() - started}
+    if keep_vision:
+        bert, clip_metrics = before["bert"], before["clip"]
+    else:
+        train_text_tokenizer(texts, out / "tokenizer", preset)
+        bert = pretrain_bert(texts, out / "bert", out / "tokenizer", preset)
+        clip_metrics = pretrain_clip(pairs, out / "clip", preset, eval_pairs=eval_pairs).metrics
+    if keep_lm:
+        lm_metrics = before["lm"]
+    else:
+        lm_metrics = pretrain_lm(texts, out / "lm", preset).metrics if lm else None
+    info = {**about, "preset": asdict(preset), "bert": bert, "clip": clip_metrics, "lm": lm_metrics,
+            "seconds": time.perf_counter() - started,
+            "kept": [piece for piece, kept in (("tokenizer+bert+clip", keep_vision), ("lm", keep_lm)) if kept]}
     out.mkdir(parents=True, exist_ok=True)
     done.write_text(json.dumps(info, indent=1, sort_keys=True))
     return {**info, "reused": False}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -166,9 +168,17 @@ def test_pretrain_toy_reads_an_ingested_run_counts_what_it_leaves_out_and_resume
 
     assert load_vision_encoder(f"open_clip:local-dir:{tmp_path / 'toy' / 'clip'}") is not None
     assert pretrain_toy(str(tmp_path), "raw", tmp_path / "toy", preset)["reused"]
-    # another preset is not the same folder's content: trained again
-    assert not pretrain_toy(str(tmp_path), "raw", tmp_path / "toy", ToyPreset(clip_steps=6, lm_steps=5, bert_steps=5,
-                                                                             clip_batch_size=16, lm_batch_size=8))["reused"]
+    # another preset is not the same folder's content: what it changes is trained again, the rest kept
+    other_clip = ToyPreset(clip_steps=6, lm_steps=5, bert_steps=5, clip_batch_size=16, lm_batch_size=8)
+    lm_before = (tmp_path / "toy" / "lm" / "model.safetensors").read_bytes()
+    info = pretrain_toy(str(tmp_path), "raw", tmp_path / "toy", other_clip)
+    assert not info["reused"] and info["kept"] == ["lm"] and info["clip"]["steps"] == 6
+    assert (tmp_path / "toy" / "lm" / "model.safetensors").read_bytes() == lm_before
+    clip_before = (tmp_path / "toy" / "clip" / "open_clip_model.safetensors").read_bytes()
+    info = pretrain_toy(str(tmp_path), "raw", tmp_path / "toy", replace(other_clip, lm_steps=6))
+    assert info["kept"] == ["tokenizer+bert+clip"] and info["lm"]["steps"] == 6
+    assert (tmp_path / "toy" / "clip" / "open_clip_model.safetensors").read_bytes() == clip_before
+    assert (tmp_path / "toy" / "lm" / "model.safetensors").read_bytes() != lm_before
 
 
 def test_toy_pretrain_cli_names_a_run_without_images_or_pairs(tmp_path, capsys):
