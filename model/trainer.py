@@ -39,6 +39,7 @@ from .recipes import lr_factor
 
 METRICS_NAME = "metrics.jsonl"
 LATEST_NAME = "latest"
+SELECTED_NAME = "selected"  # a model selection's pick (e.g. by held-out CIDEr): what the folder loads as
 STATE_NAME = "trainer.pt"
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
@@ -160,9 +161,29 @@ def latest_checkpoint(out: str | Path) -> Path | None:
     return out / pointer.read_text().strip() if pointer.exists() else None
 
 
+def selected_checkpoint(out: str | Path) -> Path | None:
+    """The checkpoint a model selection picked for a trainer --out folder, or None."""
+    pointer = Path(out) / SELECTED_NAME
+    return Path(out) / pointer.read_text().strip() if pointer.exists() else None
+
+
+def select_checkpoint(out: str | Path, checkpoint: str | Path | None) -> None:
+    """Make `out` load as `checkpoint` (a step folder, possibly another run's, e.g. the parent a
+    finetuning did not beat), as LAVIS keeps its best checkpoint on the validation split; None
+    drops the pick. Training and resuming follow "latest" whatever is selected."""
+    pointer = Path(out) / SELECTED_NAME
+    if checkpoint is None:
+        pointer.unlink(missing_ok=True)
+        return
+    tmp = Path(out) / f".{SELECTED_NAME}.tmp"
+    tmp.write_text(str(Path(checkpoint).resolve()))
+    os.replace(tmp, pointer)
+
+
 def resolve_latest(folder: str | Path) -> Path:
-    """A trainer --out folder's latest step folder; any other folder (a step-*, a model/) as it is."""
-    return latest_checkpoint(folder) or Path(folder)
+    """The checkpoint a trainer --out folder loads as (its selected one, else its latest step
+    folder); any other folder (a step-*, a model/) as it is."""
+    return selected_checkpoint(folder) or latest_checkpoint(folder) or Path(folder)
 
 
 def save_checkpoint(out: Path, step: int, objective: Objective, optimizer, scheduler, scaler, data_position: dict) -> Path:

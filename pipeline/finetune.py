@@ -95,21 +95,32 @@ def calibrate_out(out: str, split, target_precision: float, match_prior: float, 
 def run_finetune_captioner(annotated: str, stage2: str, settings: FinetuneSettings,
                            holdout_fraction: float = DEFAULT_HOLDOUT_FRACTION) -> dict:
     """Finetune the captioner on the same finetuning part, then caption the held-out part with the
-    parent and the finetuned model; returns {'step', 'checkpoint', 'metrics', 'lineage', 'heldout'}
-    ('heldout' is None when the split holds no image out) and writes DIR/heldout.json."""
+    parent and the finetuned model and keep the better by CIDEr, as LAVIS keeps the best checkpoint
+    on its validation split: where finetuning lowered it, DIR loads as its parent (DIR/selected
+    names the parent's checkpoint; the finetuned steps stay in DIR). Returns {'step',
+    'checkpoint', 'metrics', 'lineage', 'heldout'} ('heldout' is None when the split holds no image
+    out; else it says which was 'selected') and writes DIR/heldout.json."""
+    from model.trainer import resolve_latest, select_checkpoint
+
     data = read_annotated(annotated)
     split = split_annotated(data.images, holdout_fraction, settings.seed)
     result = finetune_captioner(stage2, split.finetune, settings, data.describe(), split.describe())
     result["heldout"] = None
+    select_checkpoint(settings.out, None)  # a rerun measures the finetuned steps again, never a pick
     if split.calibration:
-        result["heldout"] = heldout_captioning({"parent": stage2, "finetuned": settings.out}, split.calibration,
-                                               settings.seed, settings.device)
-        (Path(settings.out) / HELDOUT_NAME).write_text(json.dumps(result["heldout"], indent=1))
-        parent, tuned = (result["heldout"][k]["cider"] for k in ("parent", "finetuned"))
+        parent_step = resolve_latest(stage2)
+        heldout = heldout_captioning({"parent": str(parent_step), "finetuned": result["checkpoint"]}, split.calibration,
+                                     settings.seed, settings.device)
+        parent, tuned = (heldout[k]["cider"] for k in ("parent", "finetuned"))
+        heldout["selected"] = "finetuned" if tuned >= parent else "parent"
         if tuned < parent:
+            select_checkpoint(settings.out, parent_step)
+            heldout["selected_checkpoint"] = str(parent_step.resolve())
             log.warning("finetuning lowered the captioner's CIDEr on the %d held-out annotated images from %.3f "
-                        "(parent %s) to %.3f: the parent may caption this source better (--captioner PARENT), or "
-                        "give a larger annotated set.", len(split.calibration), parent, stage2, tuned)
+                        "(parent %s) to %.3f: %s loads as the parent (a larger annotated set may let finetuning pay).",
+                        len(split.calibration), parent, stage2, tuned, settings.out)
+        (Path(settings.out) / HELDOUT_NAME).write_text(json.dumps(heldout, indent=1))
+        result["heldout"] = heldout
     return result
 
 

@@ -230,6 +230,30 @@ def test_finetuned_captioner_starts_from_its_parent_and_loads_as_a_captioner(ann
     inputs = captioner.prepare([annotated["images"][0].image], "")
     texts = captioner.generate(inputs, Decoding(num_captions=1, num_beams=1, max_length=5, min_length=1), [[0]])
     assert len(texts) == 1 and len(texts[0]) == 1
+    assert heldout["selected"] == "finetuned" and not (out / "selected").exists()  # a tie keeps the finetuned
+
+
+def test_a_finetuned_captioner_that_loses_on_the_held_out_part_loads_as_its_parent(annotated, parents, tmp_path,
+                                                                                   monkeypatch):
+    """Model selection as LAVIS keeps its best validation checkpoint; the measurement is faked here
+    (the tiny models' CIDEr is 0 either way), the selection and loading are real."""
+    import pipeline.finetune as finetune
+    from model.finetune import FinetuneSettings
+    from model.stage2 import resolve_checkpoint
+
+    real = finetune.heldout_captioning
+    monkeypatch.setattr(finetune, "heldout_captioning", lambda captioners, *a, **k: {
+        name: {"cider": {"parent": 1.0, "finetuned": 0.5}[name], "bleu4": 0.0} for name in captioners})
+    out = tmp_path / "captioner"
+    settings = FinetuneSettings(out=str(out), steps=2, lr=1e-3, batch_size=8, device="cpu", progress=False)
+    result = finetune.run_finetune_captioner(annotated["path"], parents["stage2"], settings)
+    assert result["heldout"]["selected"] == "parent"
+    assert resolve_checkpoint(out)[0] == resolve_checkpoint(parents["stage2"])[0].resolve()  # loads as the parent
+    assert json.loads((out / "heldout.json").read_text())["selected"] == "parent"
+    assert (out / "step-00000002").is_dir()  # the finetuned steps stay
+    monkeypatch.setattr(finetune, "heldout_captioning", real)
+    result = finetune.run_finetune_captioner(annotated["path"], parents["stage2"], settings)  # resumes, measures again
+    assert result["heldout"]["selected"] == "finetuned" and resolve_checkpoint(out)[0] == out / "step-00000002"
 
 
 def test_finetuning_refuses_a_finetuning_part_smaller_than_a_batch(annotated, parents, tmp_path):

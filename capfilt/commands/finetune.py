@@ -80,7 +80,8 @@ def filter_command(annotated, out, steps, lr, batch_size, seed, holdout_fraction
 def captioner_command(annotated, out, steps, lr, batch_size, seed, holdout_fraction, device, stage2):
     """Finetune BLIP's captioner (LM loss) from a Stage 2 checkpoint.
 
-    DIR loads as `capfilt caption --captioner DIR`.
+    DIR loads as `capfilt caption --captioner DIR`: the finetuned model, or its parent where
+    finetuning lowered CIDEr on the held-out part (model selection, DIR/selected).
     """
     from pipeline.finetune import run_finetune_captioner
 
@@ -90,6 +91,6 @@ def captioner_command(annotated, out, steps, lr, batch_size, seed, holdout_fract
         h = result["heldout"]
         click.echo(f"held-out annotated images ({h['images']}): CIDEr {h['parent']['cider']:.3f} (parent) -> "
                    f"{h['finetuned']['cider']:.3f}, BLEU-4 {h['parent']['bleu4']:.3f} -> {h['finetuned']['bleu4']:.3f} "
-                   f"-> {out}/heldout.json")
+                   f"-> {out}/heldout.json; {out} loads as the {h['selected']} captioner")
     click.echo(json.dumps(result["lineage"]["split"]))
     return result
