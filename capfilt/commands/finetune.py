@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import click
 
 
@@ -26,12 +24,6 @@ def common_options(f):
     return f
 
 
-def _settings(out, steps, lr, batch_size, seed, device):
-    from model.finetune import FinetuneSettings
-
-    return FinetuneSettings(out=out, steps=steps, lr=lr, batch_size=batch_size, seed=seed, device=device)
-
-
 @click.group()
 def finetune():
     """Finetune the filter and the captioner on a clean annotated set (BLIP's CapFilt)."""
@@ -46,40 +38,24 @@ def finetune():
 @click.option("--match-prior", type=float, default=0.5, show_default=True,
               help="Share of judged captions assumed to match their image (enters the predicted precision).")
 @click.option("--no-calibrate", is_flag=True, help="Finetune only.")
-def filter_command(annotated, out, steps, lr, batch_size, seed, holdout_fraction, device, stage1, vision,
-                   target_precision, match_prior, no_calibrate):
+def filter_command(**options):
     """Finetune BLIP's filter (ITC + ITM) from a Stage 1 checkpoint, then calibrate its ITM threshold.
 
     DIR loads as `capfilt filter --itm DIR --policy itm-calibrated` (DIR/calibration.json holds the threshold).
     """
-    from pipeline.finetune import run_finetune_filter
+    from flows.steps import make
 
-    result = run_finetune_filter(annotated, stage1, _settings(out, steps, lr, batch_size, seed, device), holdout_fraction,
-                                 None if no_calibrate else target_precision, match_prior, vision)
-    click.echo(f"finetuned filter: {result['step']} steps -> {result['checkpoint']}")
-    cal = result["calibration"]
-    if cal is not None:
-        click.echo(f"calibrated: keep ITM p >= {cal.threshold:.4f} (predicted precision {cal.predicted_precision:.3f}, "
-                   f"recall {cal.predicted_recall:.3f}, prior {cal.match_prior}) -> {out}/calibration.json")
-    return result
+    return make("finetune filter", options).execute(say=click.echo)
 
 
 @finetune.command(name="captioner")
 @common_options
 @click.option("--stage2", required=True, help="Stage 2 checkpoint to start from (trainer --out or step-*).")
-def captioner_command(annotated, out, steps, lr, batch_size, seed, holdout_fraction, device, stage2):
+def captioner_command(**options):
     """Finetune BLIP's captioner (LM loss) from a Stage 2 checkpoint.
 
     DIR loads as `capfilt caption --captioner DIR`.
     """
-    from pipeline.finetune import run_finetune_captioner
+    from flows.steps import make
 
-    result = run_finetune_captioner(annotated, stage2, _settings(out, steps, lr, batch_size, seed, device), holdout_fraction)
-    click.echo(f"finetuned captioner: {result['step']} steps -> {result['checkpoint']}")
-    if result["heldout"]:
-        h = result["heldout"]
-        click.echo(f"held-out annotated images ({h['images']}): CIDEr {h['parent']['cider']:.3f} (parent) -> "
-                   f"{h['finetuned']['cider']:.3f}, BLEU-4 {h['parent']['bleu4']:.3f} -> {h['finetuned']['bleu4']:.3f} "
-                   f"-> {out}/heldout.json")
-    click.echo(json.dumps(result["lineage"]["split"]))
-    return result
+    return make("finetune captioner", options).execute(say=click.echo)
