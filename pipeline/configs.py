@@ -62,17 +62,17 @@ def to_data(obj: Any) -> Any:
     return obj
 
 
-def from_data(cls: type, data: Mapping) -> Any:
-    """`cls` from `to_data`'s output (its checks run again)."""
-    return _assemble(cls, {k: v for k, v in data.items()}, cls.__name__, exact=True)
+def from_data(cls: type, data: Mapping, where: str | None = None) -> Any:
+    """`cls` from `to_data`'s output (its checks run again; errors start with `where`)."""
+    return _assemble(cls, dict(data), where or cls.__name__)
 
 
 def to_json(obj: Any) -> str:
     return json.dumps(to_data(obj), sort_keys=True)
 
 
-def from_json(cls: type, text: str) -> Any:
-    return from_data(cls, json.loads(text))
+def from_json(cls: type, text: str, where: str | None = None) -> Any:
+    return from_data(cls, json.loads(text), where)
 
 
 # -- build and replace --------------------------------------------------------------------------------
@@ -162,7 +162,7 @@ def _leaves(cls: type, prefix: str = "") -> list[str]:
     return out
 
 
-def _assemble(base: Any, tree: dict, where: str, exact: bool = False) -> Any:
+def _assemble(base: Any, tree: dict, where: str) -> Any:
     """Instantiate `base` (a class, or an instance whose values are the starting point) from `tree`."""
     cls = base if isinstance(base, type) else type(base)
     hints = _hints(cls)
@@ -175,7 +175,7 @@ def _assemble(base: Any, tree: dict, where: str, exact: bool = False) -> Any:
         shape = by_name[name].metadata.get(SHAPE)
         if sub is not None and isinstance(value, dict):
             start = current.get(name)
-            current[name] = _assemble(start if start is not None else sub, value, where, exact)
+            current[name] = _assemble(start if start is not None else sub, value, where)
         elif shape is not None and isinstance(value, dict):
             kept = dict(current.get(name) or {})
             shape_hints = _hints(shape)

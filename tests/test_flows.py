@@ -401,19 +401,29 @@ def test_a_prefect_server_that_does_not_start_is_one_clear_line(tmp_path):
 
 def test_a_planned_flow_says_step_k_of_n_and_the_time_left(prefect_harness, tmp_path):
     """What bootstrap and demo print: run_step counts against the flow's plan (flows/progress.py)."""
+    from dataclasses import dataclass
+
     from prefect import flow
 
     from flows.params import Execution
     from flows.progress import step_clock
     from flows.tasks import run_step
+    from pipeline.synth import WorldConfig, make_world
+
+    @dataclass(frozen=True)
+    class WorldStep:  # any step: a command name and the work, as flows/steps/ holds them
+        COMMAND = "synth"
+        out: str
+
+        def execute(self, say):
+            make_world(self.out, WorldConfig(images=4, bad_urls_per_kind=0, duplicates=0, annotated=0))
 
     @flow(name="two-worlds")
     def two_worlds():
         with step_clock(["synth", "synth"]):
             for i in range(2):
-                run_step.with_options(task_run_name=f"world{i}")(
-                    f"world{i}", ["synth", "--out", str(tmp_path / f"w{i}"), "--images", "4", "--bad-urls-per-kind",
-                                  "0", "--duplicates", "0", "--annotated-fraction", "0"], Execution())
+                run_step.with_options(task_run_name=f"world{i}")(f"world{i}", WorldStep(str(tmp_path / f"w{i}")),
+                                                                  Execution())
 
     class Lines(logging.Handler):  # on Prefect's task run logger itself: Prefect's config may not propagate
         def __init__(self):

@@ -57,7 +57,7 @@ def filter_options(f):
               help="Take this run's captions and scores (same images, e.g. both ingested --from-run of one round 0) "
                    "and only dedup and select: an ablation arm that differs in its selection alone.")
 @filter_options
-def filter_command(root, run_id, from_run, **options):
+def filter_command(**options):
     """Score (CLIP + ITM), dedup (sha256 + SemDeDup with faiss) and select a captioned run.
 
     Writes scores/, dedup/, curated/ and rejected/ (every dropped caption with its reason) and the
@@ -65,4 +65,4 @@ def filter_command(root, run_id, from_run, **options):
     """
     from flows.steps import make
 
-    return make("filter", {**options, "root": root, "run": run_id, "from_run": from_run}).execute(say=click.echo)
+    return make("filter", options).execute(say=click.echo)

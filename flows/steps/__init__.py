@@ -71,7 +71,7 @@ def step_data(step: Step) -> dict:
 
 
 def step_from_data(data: Mapping) -> Step:
-    step = from_data(step_class(data["stage"]), data["config"])
+    step = from_data(step_class(data["stage"]), data["config"], f"stage {data['stage']}")
     step.check()
     return step
 
