@@ -15,6 +15,7 @@ Imports nothing above the bottom floor, so any floor may use it.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import types
@@ -132,8 +133,10 @@ def _resolve(cls: type, key: str, name: str, where: str, options: Mapping[str, O
         return matches[0]
     if len(matches) > 1:
         raise ConfigError(f"{where}: {name!r} is ambiguous; name one of {', '.join(matches)}.")
-    known = ", ".join(n.replace("_", "-") for n in field_names(cls, options) if "." not in n)
-    raise ConfigError(f"{where}: unknown field {name!r}; known fields: {known}.")
+    names = [n.replace("_", "-") for n in field_names(cls, options) if "." not in n]
+    close = difflib.get_close_matches(key.replace("_", "-"), names, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ConfigError(f"{where}: unknown field {name!r}{hint}; known fields: {', '.join(names)}.")
 
 
 def _is_flag(cls: type, key: str) -> bool:
@@ -232,10 +235,9 @@ def _convert(value: Any, hint: Any) -> Any:
     if hint is Any or hint is object:
         return value
     args = _union_args(hint)
-    if len(args) > 1:  # Optional[X] / X | Y: None, or the first type that takes it
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args):
-            if type(None) in args:
-                return None
+    if len(args) > 1:  # Optional[X] / X | Y: None (JSON null; the text "none" may be a value), or the first type that takes it
+        if value is None and type(None) in args:
+            return None
         errors = []
         for arg in args:
             if arg is type(None):

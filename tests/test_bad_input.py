@@ -263,7 +263,7 @@ TABLE = [
         ("--out", "a_file", "is a file", "choose a folder")),
     # bootstrap (the flow) and curate: every stage's options are checked before any work
     Row("bootstrap-unknown-set-field", lambda w: ["bootstrap", "--source", w.p("good.parquet"), *R(w), "--set",
-                                                  "stage1.stepz=5"], ("stage train stage1", "--stepz", "--steps")),
+                                                  "stage1.stepz=5"], ("stage train stage1", "unknown field 'stepz' (did you mean 'steps'?)")),
     Row("bootstrap-unknown-set-stage", lambda w: ["bootstrap", "--source", w.p("good.parquet"), *R(w), "--set",
                                                   "stage9.steps=5"], ("--set", "stage9.steps=5", "STAGE.OPTION=VALUE")),
     Row("bootstrap-bad-set-value", lambda w: ["bootstrap", "--source", w.p("good.parquet"), *R(w), "--set",

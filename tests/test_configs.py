@@ -38,7 +38,7 @@ def test_no_flags_and_options_negate_or_rename_a_field():
 
 
 @pytest.mark.parametrize("values, message", [
-    ({"shard-sise": 5}, "^stage ingest: unknown field 'shard-sise'; known fields: .*shard-size"),
+    ({"shard-sise": 5}, "^stage ingest: unknown field 'shard-sise' \\(did you mean 'shard-size'\\?\\); known fields: .*shard-size"),
     ({"shard-size": "many"}, "^stage ingest: shard-size='many' is not an integer"),
     ({"shard-size": 2.5}, "^stage ingest: shard-size=2.5 is not an integer"),
     ({"allow-private-addresses": "maybe"}, "^stage ingest: allow-private-addresses='maybe' is not true or false"),
@@ -101,3 +101,15 @@ def test_the_job_entrypoint_runs_a_step_from_its_json_and_a_bad_one_is_one_line(
                           timeout=300)
     assert done.returncode == 2 and done.stderr.strip() == "capfilt: error: stage filter: --top-k must be >= 1 (got 0).", \
         done.stderr
+
+
+def test_evals_preset_fills_the_rows_not_given_in_a_flow_as_on_the_command_line():
+    from flows.steps import make
+
+    where = {"root": "r", "run": "x", "stage1": "s", "out": "o"}
+    lavis = make("eval", {**where, "preset": "lavis", "num-beams": 4}).config  # --set eval.preset=lavis
+    assert (lavis.rerank_k, lavis.num_beams, lavis.min_length) == (128, 4, 8)
+    plain = make("eval", {**where, "max-new-tokens": 20}).config
+    assert (plain.rerank_k, plain.num_beams, plain.max_length) == (16, 3, 20)
+    with pytest.raises(ConfigError, match="^stage eval: --preset must be one of lavis"):
+        make("eval", {**where, "preset": "blip"})

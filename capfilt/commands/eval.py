@@ -36,17 +36,4 @@ def eval_command(out, **options):
     """Measure a run: retrieval (--stage1), captions (--captioner) and, on a synthetic world (--truth), filter quality."""
     from flows.steps import make
 
-    make("eval", {"config": eval_config(options), "out": out}).execute(say=click.echo)
-
-
-def eval_config(options: dict):
-    """The evaluation's typed config from the command's options (checks every value; --preset fills the rest)."""
-    from model.recipes import EVAL_PRESETS, preset_values
-    from pipeline.evaluate import EvalConfig
-
-    o = {k: v for k, v in options.items() if k != "out"}
-    names = ("rerank_k", "rerank_score", "num_beams", "max_length", "min_length")
-    given = {k: o.pop(k) for k in names}
-    defaults = dict(rerank_k=16, rerank_score="itm+itc", num_beams=3, max_length=30, min_length=1)
-    return EvalConfig(**preset_values(EVAL_PRESETS, o.pop("preset"), given, defaults), **o)
-
+    make("eval", {**options, "out": out}).execute(say=click.echo)

@@ -60,6 +60,11 @@ def make(command: str, values: Mapping[str, Any], will_exist: tuple[str, ...] = 
     """The step of `command` from values by field or option name; checked as the stage would check
     it. Paths that must exist may instead lie under one of `will_exist` (what earlier steps write)."""
     cls = step_class(command)
+    if hasattr(cls, "prepare"):  # options that decide other options' defaults (eval's --preset)
+        try:
+            values = cls.prepare(dict(values))
+        except ConfigError as exc:
+            raise ConfigError(f"stage {command}: {exc}") from None
     step = build(cls, values, f"stage {command}", getattr(cls, "OPTIONS", {}))
     step.check(will_exist)
     return step

@@ -23,6 +23,10 @@ def metrics_path(out: str) -> Path:
     return Path(out) / METRICS_FILE
 
 
+# the rows --preset fills when not given (model/recipes.py EVAL_PRESETS), with their own defaults
+PRESET_ROWS = dict(rerank_k=16, rerank_score="itm+itc", num_beams=3, max_length=30, min_length=1)
+
+
 @dataclass(frozen=True)
 class EvalStep:
     COMMAND: ClassVar[str] = "eval"
@@ -31,6 +35,22 @@ class EvalStep:
 
     config: EvalConfig
     out: str  # folder of eval.json
+
+    @classmethod
+    def prepare(cls, values: dict) -> dict:
+        """`preset` (e.g. lavis: LAVIS's retrieval re-ranking and beam search) fills the rows not
+        given (None: not given), which else take their defaults."""
+        values = {str(k).replace("-", "_"): v for k, v in values.items()}
+        for name, option in cls.OPTIONS.items():
+            if name in values:
+                values[option.path.rsplit(".", 1)[-1]] = values.pop(name)
+        if "preset" not in values:
+            return values
+        from model.recipes import EVAL_PRESETS, preset_values
+
+        name = values.pop("preset")
+        given = {k: values.pop(k, None) for k in PRESET_ROWS}
+        return {**values, **preset_values(EVAL_PRESETS, name, given, PRESET_ROWS)}
 
     def check(self, will_exist: tuple[str, ...] = ()) -> None:
         require_paths(self.COMMAND, {"--heldout": self.config.heldout, "--clip-config": self.config.clip_config})
