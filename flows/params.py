@@ -8,10 +8,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from pipeline.run_store import _RUN_ID, RUN_ID_RULE
 
+# A stage's options in a parameters file or a preset are {name: value}, by field name (top_k) or
+# the CLI's spelling (top-k); flows/steps/ builds the stage's typed config from them, checked.
 OptionValue = str | int | float | bool | None
-# A stage's options in a parameters file or a preset: by field name (top_k) or the CLI's spelling
-# (top-k); flows/steps/ turns them into the stage's typed config (pipeline/configs.py `build`).
-Options = dict[str, OptionValue]
 
 
 def _make(command: str, values: dict, will_exist: tuple[str, ...] = ()):

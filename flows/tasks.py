@@ -1,8 +1,9 @@
-"""The one Prefect task every flow uses: run a capfilt command, embedded or as a Ray job.
+"""The one Prefect task every flow uses: run a typed step, embedded or as a Ray job.
 
 A step is a label (unique within its flow run: it names the Ray job) and a typed step object
-(flows/steps/), built and checked before the flow starts any work. Retries are for transient failures only; on cancellation a flow
-stops its own Ray jobs, found by the flow run id their submission ids end with.
+(flows/steps/), built and checked before the flow starts any work. Retries are for transient
+failures only; on cancellation a flow stops its own Ray jobs, found by the flow run id their
+submission ids end with.
 """
 
 from __future__ import annotations

@@ -78,6 +78,12 @@ def from_json(cls: type, text: str, where: str | None = None) -> Any:
 
 # -- build and replace --------------------------------------------------------------------------------
 
+def at(where: str, message: object) -> str:
+    """`message` prefixed with where it happened ("stage filter: ..."); a command run by hand, whose
+    options are its own, says it without one (where = "")."""
+    return f"{where}: {message}" if where else str(message)
+
+
 def build(cls: type, values: Mapping[str, Any], where: str, options: Mapping[str, Option] | None = None):
     """`cls` from field values by name (see the module docstring); fields not named keep their default."""
     return _assemble(cls, _tree(cls, values, where, options or {}), where)
@@ -109,9 +115,9 @@ def _tree(cls: type, values: Mapping[str, Any], where: str, options: Mapping[str
                 try:
                     value = option.convert(value)
                 except ConfigError as exc:
-                    raise ConfigError(f"{where}: {exc}") from None
+                    raise ConfigError(at(where, f"{exc}")) from None
                 except (TypeError, ValueError) as exc:
-                    raise ConfigError(f"{where}: {name}={value!r}: {exc}") from None
+                    raise ConfigError(at(where, f"{name}={value!r}: {exc}")) from None
         elif key.startswith("no_") and _is_flag(cls, key[3:]):  # --no-augment: augment, negated
             path, value = _resolve(cls, key[3:], name, where, options), negate(value)
         else:
@@ -132,11 +138,11 @@ def _resolve(cls: type, key: str, name: str, where: str, options: Mapping[str, O
     if len(matches) == 1:
         return matches[0]
     if len(matches) > 1:
-        raise ConfigError(f"{where}: {name!r} is ambiguous; name one of {', '.join(matches)}.")
+        raise ConfigError(at(where, f"{name!r} is ambiguous; name one of {', '.join(matches)}."))
     names = [n.replace("_", "-") for n in field_names(cls, options) if "." not in n]
     close = difflib.get_close_matches(key.replace("_", "-"), names, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise ConfigError(f"{where}: unknown field {name!r}{hint}; known fields: {', '.join(names)}.")
+    raise ConfigError(at(where, f"unknown field {name!r}{hint}; known fields: {', '.join(names)}."))
 
 
 def _is_flag(cls: type, key: str) -> bool:
@@ -173,7 +179,7 @@ def _assemble(base: Any, tree: dict, where: str) -> Any:
     current = {} if isinstance(base, type) else {f.name: getattr(base, f.name) for f in fields(cls) if f.init}
     for name, value in tree.items():
         if name not in by_name:
-            raise ConfigError(f"{where}: unknown field {name!r} of {cls.__name__}.")
+            raise ConfigError(at(where, f"unknown field {name!r} of {cls.__name__}."))
         sub = _config_type(hints[name])
         shape = by_name[name].metadata.get(SHAPE)
         if sub is not None and isinstance(value, dict):
@@ -184,7 +190,7 @@ def _assemble(base: Any, tree: dict, where: str) -> Any:
             shape_hints = _hints(shape)
             for key, item in value.items():
                 if key not in shape_hints:
-                    raise ConfigError(f"{where}: unknown field {key!r} of {shape.__name__}.")
+                    raise ConfigError(at(where, f"unknown field {key!r} of {shape.__name__}."))
                 kept[key] = _coerce(item, shape_hints[key], key, where)
             current[name] = kept
         else:
@@ -192,9 +198,9 @@ def _assemble(base: Any, tree: dict, where: str) -> Any:
     try:
         return cls(**current)
     except ConfigError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
+        raise ConfigError(at(where, f"{exc}")) from None
     except TypeError as exc:  # a required field nobody gave
-        raise ConfigError(f"{where}: {exc}") from None
+        raise ConfigError(at(where, f"{exc}")) from None
 
 
 # -- types ----------------------------------------------------------------------------------------------
@@ -228,7 +234,7 @@ def _coerce(value: Any, hint: Any, name: str, where: str) -> Any:
         return _convert(value, hint)
     except (TypeError, ValueError) as exc:
         label = name.replace("_", "-")
-        raise ConfigError(f"{where}: {label}={value!r} is not {_describe(hint)} ({exc}).") from None
+        raise ConfigError(at(where, f"{label}={value!r} is not {_describe(hint)} ({exc}).")) from None
 
 
 def _convert(value: Any, hint: Any) -> Any:

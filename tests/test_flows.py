@@ -93,7 +93,7 @@ def test_bootstrap_refuses_a_bad_override_before_prefect_or_ray_start(tmp_path):
     done = subprocess.run([sys.executable, "-m", "capfilt.cli", "bootstrap", "--source", str(tmp_path), "--root",
                            str(tmp_path), "--set", "stage1.stepz=5"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stdout == "", done.stdout + done.stderr
-    assert done.stderr.startswith("capfilt: error: stage train stage1: unknown field 'stepz'; known fields:") and \
+    assert done.stderr.startswith("capfilt: error: stage train stage1: unknown field 'stepz' (did you mean 'steps'?); known fields:") and \
         " steps," in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
 
@@ -306,6 +306,30 @@ def test_bootstrap_rounds_use_the_previous_rounds_models_and_presets_can_be_over
     assert params.pretrain_step().COMMAND == "toy pretrain"
     with pytest.raises(Exception, match="STAGE.OPTION"):
         parse_sets(("steps=3",))
+
+
+@pytest.mark.parametrize("preset, quick", [("toy", True), ("toy", False), ("blip2", False), ("none", False)])
+def test_every_presets_options_build_each_stages_typed_config(preset, quick):
+    from flows.bootstrap import planned_steps
+    from flows.params import BootstrapParams
+    from model.train_stage1 import Stage1Config
+    from pipeline.caption import CaptionConfig
+    from pipeline.ingest import IngestConfig
+
+    params = BootstrapParams(source="src", root="/d", run="b", rounds=1, preset=preset, quick=quick,
+                             annotated="/a/ann.parquet", truth="/w/truth.parquet", ablation=True,
+                             stage1={} if preset != "none" else {"vision": "v"},
+                             stage2={} if preset != "none" else {"llm": "l"},
+                             round0_caption={} if preset != "none" else {"captioner": "none"},
+                             round0_filter={} if preset != "none" else {"clip": "ViT-B-32"},
+                             filter={} if preset != "none" else {"clip": "ViT-B-32"})
+    steps = dict(planned_steps(params))  # every option of the preset names a field of its stage's config
+    assert isinstance(steps["ingest-r0"].config, IngestConfig) and isinstance(steps["caption-r1"].config, CaptionConfig)
+    assert isinstance(steps["stage1-r1"].config, Stage1Config)
+    if preset == "toy":
+        assert steps["ingest-r0"].config.allow_private_addresses and steps["filter-r0"].dedup.semantic is False
+        assert steps["stage1-r0"].config.model["hidden_size"] == 64 and steps["stage1-r0"].config.augment is False
+        assert steps["toy-pretrain"].quick is quick
 
 
 def test_with_an_annotated_set_rounds_finetune_first_and_filter_every_caption_by_calibrated_itm(tmp_path):

@@ -33,4 +33,4 @@ def caption(**options):
     """Write captions/<shard>.parquet: each image's web caption plus N synthetic ones."""
     from flows.steps import make
 
-    return make("caption", options).execute(say=click.echo)
+    return make("caption", options, where="").execute(say=click.echo)

@@ -36,4 +36,4 @@ def eval_command(out, **options):
     """Measure a run: retrieval (--stage1), captions (--captioner) and, on a synthetic world (--truth), filter quality."""
     from flows.steps import make
 
-    make("eval", {**options, "out": out}).execute(say=click.echo)
+    make("eval", {**options, "out": out}, where="").execute(say=click.echo)

@@ -65,4 +65,4 @@ def filter_command(**options):
     """
     from flows.steps import make
 
-    return make("filter", options).execute(say=click.echo)
+    return make("filter", options, where="").execute(say=click.echo)

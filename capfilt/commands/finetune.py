@@ -45,7 +45,7 @@ def filter_command(**options):
     """
     from flows.steps import make
 
-    return make("finetune filter", options).execute(say=click.echo)
+    return make("finetune filter", options, where="").execute(say=click.echo)
 
 
 @finetune.command(name="captioner")
@@ -58,4 +58,4 @@ def captioner_command(**options):
     """
     from flows.steps import make
 
-    return make("finetune captioner", options).execute(say=click.echo)
+    return make("finetune captioner", options, where="").execute(say=click.echo)

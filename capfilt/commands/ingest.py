@@ -45,4 +45,4 @@ def ingest_command(**options):
     """
     from flows.steps import make
 
-    return make("ingest", options).execute(say=click.echo)
+    return make("ingest", options, where="").execute(say=click.echo)

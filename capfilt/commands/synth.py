@@ -88,4 +88,5 @@ def oracle(truth, root, from_run, run_id):
     """Curate a run from ingested images and their TRUE captions (an upper bound for training)."""
     from flows.steps import make
 
-    make("synth oracle", {"truth": truth, "root": root, "from_run": from_run, "run": run_id}).execute(say=click.echo)
+    step = make("synth oracle", {"truth": truth, "root": root, "from_run": from_run, "run": run_id}, where="")
+    step.execute(say=click.echo)

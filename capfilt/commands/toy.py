@@ -31,4 +31,4 @@ def pretrain(**options):
     were pretrained on other data than the source they help curate."""
     from flows.steps import make
 
-    make("toy pretrain", options).execute(say=click.echo)
+    make("toy pretrain", options, where="").execute(say=click.echo)

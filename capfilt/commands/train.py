@@ -82,7 +82,7 @@ def stage1(**params):
     """Train Stage 1 (ITC + ITM + ITG) against a frozen image encoder; checkpoints and metrics go to --out."""
     from flows.steps import make
 
-    return make("train stage1", params).execute(say=click.echo)
+    return make("train stage1", params, where="").execute(say=click.echo)
 
 
 @train.command(cls=Command)
@@ -118,4 +118,4 @@ def stage2(**params):
     """Train Stage 2: the Stage 1 Q-Former and a projection in front of a frozen LLM; checkpoints go to --out."""
     from flows.steps import make
 
-    return make("train stage2", params).execute(say=click.echo)
+    return make("train stage2", params, where="").execute(say=click.echo)

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from capfilt.errors import ConfigError
-from pipeline.configs import build, from_data, to_data
+from pipeline.configs import at, build, from_data, to_data
 
 # command -> (module, class), imported when a step of it is first made
 STEPS = {
@@ -56,17 +56,19 @@ def step_class(command: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
-def make(command: str, values: Mapping[str, Any], will_exist: tuple[str, ...] = ()) -> Step:
+def make(command: str, values: Mapping[str, Any], will_exist: tuple[str, ...] = (), where: str | None = None) -> Step:
     """The step of `command` from values by field or option name; checked as the stage would check
-    it. Paths that must exist may instead lie under one of `will_exist` (what earlier steps write)."""
+    it. Paths that must exist may instead lie under one of `will_exist` (what earlier steps write).
+    Errors start with `where`: "stage <command>" in a flow; the CLI's own command passes ""."""
     cls = step_class(command)
-    if hasattr(cls, "prepare"):  # options that decide other options' defaults (eval's --preset)
-        try:
+    where = f"stage {command}" if where is None else where
+    try:
+        if hasattr(cls, "prepare"):  # options that decide other options' defaults (eval's --preset)
             values = cls.prepare(dict(values))
-        except ConfigError as exc:
-            raise ConfigError(f"stage {command}: {exc}") from None
-    step = build(cls, values, f"stage {command}", getattr(cls, "OPTIONS", {}))
-    step.check(will_exist)
+        step = build(cls, values, where, getattr(cls, "OPTIONS", {}))
+        step.check(will_exist)
+    except ConfigError as exc:
+        raise ConfigError(at(where, exc) if not str(exc).startswith(f"{where}: ") else str(exc)) from None
     return step
 
 
@@ -76,17 +78,21 @@ def step_data(step: Step) -> dict:
 
 
 def step_from_data(data: Mapping) -> Step:
-    step = from_data(step_class(data["stage"]), data["config"], f"stage {data['stage']}")
-    step.check()
+    where = f"stage {data['stage']}"
+    step = from_data(step_class(data["stage"]), data["config"], where)
+    try:
+        step.check()
+    except ConfigError as exc:
+        raise ConfigError(at(where, exc)) from None
     return step
 
 
-def require_paths(command: str, paths: Mapping[str, str | None], will_exist: tuple[str, ...] = ()) -> None:
+def require_paths(paths: Mapping[str, str | None], will_exist: tuple[str, ...] = ()) -> None:
     """Each named path exists, or lies under a folder an earlier step writes; else one clear line."""
     for option, path in paths.items():
         if not path or os.path.exists(path) or "://" in path or any(_under(path, f) for f in will_exist):
             continue
-        raise ConfigError(f"stage {command}: {option} {path} does not exist (and no earlier step writes it).")
+        raise ConfigError(f"{option} {path} does not exist" + (" (and no earlier step writes it)." if will_exist else "."))
 
 
 def _under(path: str, folder: str) -> bool:

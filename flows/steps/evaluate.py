@@ -53,7 +53,7 @@ class EvalStep:
         return {**values, **preset_values(EVAL_PRESETS, name, given, PRESET_ROWS)}
 
     def check(self, will_exist: tuple[str, ...] = ()) -> None:
-        require_paths(self.COMMAND, {"--heldout": self.config.heldout, "--clip-config": self.config.clip_config})
+        require_paths({"--heldout": self.config.heldout, "--clip-config": self.config.clip_config})
 
     def execute(self, say=print) -> dict:
         from pipeline.evaluate import run_eval, summary_lines

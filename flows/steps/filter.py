@@ -41,11 +41,8 @@ class FilterStep:
     from_run: str | None = None  # take this run's captions and scores; only dedup and select (ablation arms)
 
     def check(self, will_exist: tuple[str, ...] = ()) -> None:
-        require_paths(self.COMMAND, {"--clip-config": self.score.clip_config})
-        try:
-            self.select_config(will_exist)
-        except ConfigError as exc:
-            raise ConfigError(f"stage {self.COMMAND}: {exc}") from None
+        require_paths({"--clip-config": self.score.clip_config})
+        self.select_config(will_exist)
 
     def select_config(self, will_exist: tuple[str, ...] = ()) -> SelectConfig | None:
         """The SelectConfig, its calibration read; None when that calibration is yet to be written

@@ -23,7 +23,7 @@ class ToyPretrainStep:
 
     def check(self, will_exist: tuple[str, ...] = ()) -> None:
         if self.world_images < 0:
-            raise ConfigError(f"stage {self.COMMAND}: --world-images must be >= 0, got {self.world_images}.")
+            raise ConfigError(f"--world-images must be >= 0, got {self.world_images}.")
 
     def execute(self, say=print) -> dict:
         from model.toy import ToyPreset, pretrain_toy, pretrain_toy_pairs

@@ -46,7 +46,7 @@ class Stage1Step:
 
     def check(self, will_exist: tuple[str, ...] = ()) -> None:
         if self.workers < 1:
-            raise ConfigError(f"stage {self.COMMAND}: --workers must be >= 1, got {self.workers}.")
+            raise ConfigError(f"--workers must be >= 1, got {self.workers}.")
 
     def execute(self, say=print) -> dict:
         from model.train_stage1 import train, train_distributed
@@ -75,8 +75,8 @@ class Stage2Step:
 
     def check(self, will_exist: tuple[str, ...] = ()) -> None:
         if self.workers < 1:
-            raise ConfigError(f"stage {self.COMMAND}: --workers must be >= 1, got {self.workers}.")
-        require_paths(self.COMMAND, {"--stage1": self.config.stage1}, will_exist)
+            raise ConfigError(f"--workers must be >= 1, got {self.workers}.")
+        require_paths({"--stage1": self.config.stage1}, will_exist)
 
     def execute(self, say=print) -> dict:
         from model.stage2 import stage1_info, train, train_distributed
