@@ -2,7 +2,8 @@
 
 A preset fills every stage's options for `capfilt bootstrap`, by field name or the CLI's option
 name; the flow builds each stage's typed config from them (flows/steps/: IngestConfig,
-CaptionConfig, Stage1Config, ...), and options a user passes (`--set stage.field=value`) override it. `blip2` names the real models of the papers (hub ids and open_clip tags).
+CaptionConfig, Stage1Config, ...), and options a user passes (`--set stage.field=value`) override
+it. `blip2` names the real models of the papers (hub ids and open_clip tags).
 `toy` is the BLIP-2 recipe in miniature for a laptop without internet: its frozen pieces (text
 tokenizer, a small masked-LM BERT, a small CLIP, a small causal LM) are first trained from scratch by
 `capfilt toy pretrain` on a separate synthetic pretraining world (`--quick`: on the source's raw web

@@ -21,7 +21,7 @@ import math
 import types
 import typing
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import MISSING, dataclass, fields, is_dataclass
 from typing import Any
 
 from capfilt.errors import ConfigError
@@ -90,7 +90,10 @@ def build(cls: type, values: Mapping[str, Any], where: str, options: Mapping[str
 
 
 def replace_fields(config: Any, values: Mapping[str, Any], where: str, options: Mapping[str, Option] | None = None):
-    """`config` with the named fields replaced (typed, checked again by its `__post_init__`)."""
+    """`config` with the named fields replaced (typed, checked again by its `__post_init__`).
+
+    A field a config derives in `__post_init__` (a trainer's recipe rows) keeps its derived value:
+    to change what it derives from (the recipe), `build` from the values instead, as flows do."""
     return _assemble(config, _tree(type(config), values, where, options or {}), where)
 
 
@@ -195,11 +198,19 @@ def _assemble(base: Any, tree: dict, where: str) -> Any:
             current[name] = kept
         else:
             current[name] = _coerce(value, hints[name], name, where)
+    missing = []
+    for f in fields(cls):
+        if f.init and f.name not in current and f.default is MISSING and f.default_factory is MISSING:
+            sub = _config_type(hints[f.name])
+            if sub is None:
+                missing.append(f.name.replace("_", "-"))
+            else:  # a nested config nobody named: its own required fields are what is missing
+                current[f.name] = _assemble(sub, {}, where)
+    if missing:
+        raise ConfigError(at(where, f"missing {', '.join(missing)}: a required field with no default."))
     try:
         return cls(**current)
     except ConfigError as exc:
-        raise ConfigError(at(where, f"{exc}")) from None
-    except TypeError as exc:  # a required field nobody gave
         raise ConfigError(at(where, f"{exc}")) from None
 
 

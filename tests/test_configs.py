@@ -49,6 +49,15 @@ def test_an_unknown_field_or_a_bad_value_is_one_clear_error(values, message):
         build(IngestConfig, values, "stage ingest")
 
 
+def test_a_missing_required_field_is_named_also_inside_a_nested_config():
+    from flows.steps import make
+
+    with pytest.raises(ConfigError, match="^stage caption: missing captioner: a required field"):
+        make("caption", {"root": "r", "run": "x"})
+    with pytest.raises(ConfigError, match="^stage filter: missing clip: a required field"):
+        make("filter", {"root": "r", "run": "x", "top-k": 1})
+
+
 def test_an_ambiguous_name_asks_for_the_path():
     from dataclasses import dataclass, field
 
