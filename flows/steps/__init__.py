@@ -90,7 +90,7 @@ def step_from_data(data: Mapping) -> Step:
 def require_paths(paths: Mapping[str, str | None], will_exist: tuple[str, ...] = ()) -> None:
     """Each named path exists, or lies under a folder an earlier step writes; else one clear line."""
     for option, path in paths.items():
-        if not path or os.path.exists(path) or "://" in path or any(_under(path, f) for f in will_exist):
+        if not path or os.path.exists(path) or "://" in path or under(path, will_exist):
             continue
         raise ConfigError(f"{option} {path} does not exist" + (" (and no earlier step writes it)." if will_exist else "."))
 
