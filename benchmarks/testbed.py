@@ -63,6 +63,18 @@ def heldout_pairs(world_dir: Path, n: int = 200) -> list[tuple[bytes, str]]:
     return [((world_dir / "files" / f"{r['image_index']:06d}.jpg").read_bytes(), r["true_caption"]) for r in truth]
 
 
+def cli_flags(options: dict) -> list[str]:
+    """{"steps": 5, "no-augment": True} -> ["--steps", "5", "--no-augment"]: what a user types."""
+    argv: list[str] = []
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif value is not False and value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
 def capfilt(*argv: str) -> float:
     started = time.perf_counter()
     subprocess.run(["capfilt", *argv], check=True, stdout=subprocess.DEVNULL)
@@ -86,7 +98,6 @@ def main() -> None:
     args = ap.parse_args()
 
     from capfilt.presets import toy_preset
-    from flows.params import options_to_argv
     from model.toy import ToyPreset, pretrain_toy_pairs
     from pipeline.synth import NOISE_KINDS, WorldConfig, make_world
 
@@ -140,7 +151,7 @@ def main() -> None:
                                      + "-".join(s.replace("=", "") for s in args.stage1_sets))
             if not (out / "eval.json").exists():
                 times[f"{arm}_stage1"] = capfilt("train", "stage1", "--root", str(root), "--run", run, "--out",
-                                                 str(out / "stage1"), *options_to_argv(stage1))
+                                                 str(out / "stage1"), *cli_flags(stage1))
                 times[f"{arm}_eval"] = capfilt("eval", "--root", str(root), "--run", run, "--stage1", str(out / "stage1"),
                                                "--heldout", str(heldout_dir), "--max-images", str(args.heldout),
                                                "--out", str(out))  # writes out/eval.json

@@ -1,7 +1,9 @@
 """Presets: the stage options of a bootstrap, as data.
 
-A preset fills every stage's options (the CLI's option names) for `capfilt bootstrap`; options a
-user passes override it. `blip2` names the real models of the papers (hub ids and open_clip tags).
+A preset fills every stage's options for `capfilt bootstrap`, by field name or the CLI's option
+name; the flow builds each stage's typed config from them (flows/steps/: IngestConfig,
+CaptionConfig, Stage1Config, ...), and options a user passes (`--set stage.field=value`) override
+it. `blip2` names the real models of the papers (hub ids and open_clip tags).
 `toy` is the BLIP-2 recipe in miniature for a laptop without internet: its frozen pieces (text
 tokenizer, a small masked-LM BERT, a small CLIP, a small causal LM) are first trained from scratch by
 `capfilt toy pretrain` on a separate synthetic pretraining world (`--quick`: on the source's raw web
@@ -40,7 +42,7 @@ class Preset:
     finetune_captioner: Options = field(default_factory=dict)  # `capfilt finetune captioner` options
     stage1: Options = field(default_factory=dict)
     stage2: Options = field(default_factory=dict)
-    pretrain: list[str] | None = None  # `capfilt toy pretrain` arguments, for presets that need it
+    pretrain: Options | None = None  # `capfilt toy pretrain` options, for presets that need it
 
 
 def blip2_preset() -> Preset:
@@ -107,7 +109,7 @@ def toy_preset(toy_dir: str, quick: bool = False) -> Preset:
         # root, as real frozen models saw other, larger data), with a 256-pair CLIP batch
         # (ToyPreset.world). Testbed, seed 0: raw vs oracle held-out R@1 0.067 vs 0.233, where
         # pretraining on the run's own 600 pairs gave 0.067 vs 0.115. --quick: the run's pairs.
-        pretrain=["--out", toy_dir, *(["--quick"] if quick else ["--world-images", str(TOY_PRETRAIN_WORLD_IMAGES)])],
+        pretrain={"out": toy_dir, **({"quick": True} if quick else {"world_images": TOY_PRETRAIN_WORLD_IMAGES})},
     )
 
 

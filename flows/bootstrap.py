@@ -10,7 +10,8 @@ ITM probability reaches that threshold. With a ground-truth table (synthetic wor
 trained on the true captions. Every model is evaluated (`capfilt eval`) and one report page
 shows the last round's funnel, plots, training curves and the evaluation table.
 
-Wiring only: every step is a capfilt command (flows/tasks.py), curate and train run as subflows.
+Wiring only: every step is a typed stage step (flows/steps/, run by flows/tasks.py), curate and train
+run as subflows.
 """
 
 from __future__ import annotations
@@ -23,86 +24,53 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from flows.curate import curate, publish_artifacts
 from flows.params import BootstrapParams, TrainParams
-from flows.progress import step_clock, step_command
-from flows.tasks import run_step, validate_steps
+from flows.progress import step_clock
+from flows.tasks import run_step
 from flows.train import train
 
 
-def _all_steps(params: BootstrapParams) -> dict[str, list[str]]:
-    """Every command the flow will run, for checking all options before any work."""
-    steps: dict[str, list[str]] = {}
+def planned_steps(params: BootstrapParams) -> list[tuple[str, object]]:
+    """(label, typed step) of every step `bootstrap` runs, in the order it runs them (curate's and
+    train's steps included): what "step k of N" counts. Building them checks every stage's config."""
+    steps: list[tuple[str, object]] = []
     for k in range(params.rounds + 1):
         curate_params, _, train_params = params.round_params(k)
-        steps |= params.finetune_argv(k)
-        for stage, argv in curate_params.stage_argv().items():
-            steps[f"{stage}-r{k}"] = [stage, *argv]
-        steps[f"filter-r{k}"] = params.filter_argv(k)
-        for stage, argv in train_params.stage_argv().items():
-            steps[f"{stage}-r{k}"] = argv
+        steps += params.finetune_steps(k).items()
+        steps += [(f"{stage}-r{k}", step) for stage, step in curate_params.steps(params.will_exist).items()]
+        if k == 0 and params.pretrain_step():
+            steps.append(("toy-pretrain", params.pretrain_step()))
+        steps.append((f"filter-r{k}", params.filter_step(k)))
+        steps += [(f"{stage}-r{k}", step) for stage, step in train_params.steps().items()]
     if params.ablation:
         for arm in params.ABLATION_ARMS:
-            curate_params, filter_argv, train_params = params.ablation_steps(arm)
-            for stage, argv in curate_params.stage_argv().items():
-                steps[f"{stage}-{arm}"] = [stage, *argv]
-            steps[f"filter-{arm}"] = filter_argv
-            for stage, argv in train_params.stage_argv().items():
-                steps[f"{stage}-{arm}"] = argv
-    if params.pretrain_argv():
-        steps["toy"] = params.pretrain_argv()
+            curate_params, filter_step, train_params = params.ablation_steps(arm)
+            steps += [(f"{stage}-{arm}", step) for stage, step in curate_params.steps(params.will_exist).items()]
+            steps.append((f"filter-{arm}", filter_step))
+            steps += [(f"{stage}-{arm}", step) for stage, step in train_params.steps().items()]
     if params.truth:
-        steps["oracle"] = oracle_argv(params)
-    for run, label in model_labels(params).items():
-        if params.evaluate:
-            steps[f"eval-{label}"] = params.eval_argv(run)
-    return steps
-
-
-def planned_steps(params: BootstrapParams) -> list[tuple[str, list[str]]]:
-    """(label, full capfilt argv) of every step `bootstrap` runs, in the order it runs them
-    (curate's and train's steps included): what "step k of N" counts."""
-    steps: list[tuple[str, list[str]]] = []
-    for k in range(params.rounds + 1):
-        curate_params, _, train_params = params.round_params(k)
-        steps += params.finetune_argv(k).items()
-        steps += [(stage, [stage, *argv]) for stage, argv in curate_params.stage_argv().items()]
-        if k == 0 and params.pretrain_argv():
-            steps.append(("toy-pretrain", params.pretrain_argv()))
-        steps.append((f"filter-r{k}", params.filter_argv(k)))
-        steps += train_params.stage_argv().items()
-    if params.ablation:
-        for arm in params.ABLATION_ARMS:
-            curate_params, filter_argv, train_params = params.ablation_steps(arm)
-            steps += [(stage, [stage, *argv]) for stage, argv in curate_params.stage_argv().items()]
-            steps.append((f"filter-{arm}", filter_argv))
-            steps += train_params.stage_argv().items()
-    if params.truth:
-        steps.append(("oracle", oracle_argv(params)))
-        steps += params.train_params(params.oracle_run).stage_argv().items()
+        steps.append(("oracle", params.oracle_step()))
+        steps += [(f"{stage}-oracle", step) for stage, step in params.train_params(params.oracle_run).steps().items()]
     if params.evaluate:
-        steps += [(f"eval-{label}", params.eval_argv(run)) for run, label in model_labels(params).items()]
+        steps += [(f"eval-{label}", params.eval_step(run)) for run, label in model_labels(params).items()]
     return steps
 
 
-def check(params: BootstrapParams) -> None:
-    """Every step's options, checked as its stage would check them, before any work (no Prefect needed)."""
-    steps = _all_steps(params)
-    validate_steps(steps, will_exist=(params.models(""),))  # later rounds read earlier models
+def check(params: BootstrapParams) -> list[tuple[str, object]]:
+    """Every step's typed config, built and checked as its stage would check it, before any work
+    (no Prefect needed); returns the planned steps."""
+    steps = planned_steps(params)
     if params.execution.mode == "embedded":  # on a cluster the source may be where only the cluster sees it
         from capfilt.errors import CapfiltError, ConfigError
         from pipeline.ingest import list_source_files
 
         # Ingest reads the source only when it runs, after Prefect and Ray started: a typo fails here.
-        for argv in steps.values():
-            if argv[0] == "ingest" and "--source" in argv:
+        for _, step in steps:
+            if step.COMMAND == "ingest" and step.source:
                 try:
-                    list_source_files(argv[argv.index("--source") + 1])
+                    list_source_files(step.source)
                 except CapfiltError as exc:
                     raise ConfigError(f"stage ingest: {exc}") from exc
-
-
-def oracle_argv(params: BootstrapParams) -> list[str]:
-    return ["synth", "oracle", "--truth", params.truth, "--root", params.root,
-            "--from-run", params.round_run(0), "--run", params.oracle_run]
+    return steps
 
 
 def model_labels(params: BootstrapParams) -> dict[str, str]:
@@ -144,37 +112,37 @@ def write_report(params: BootstrapParams, labels: dict[str, str]) -> dict:
 @flow(name="bootstrap", log_prints=True)
 def bootstrap(params: BootstrapParams) -> dict:
     """Round 0 + `rounds` CapFilt rounds (+ oracle with ground truth), evaluation and report."""
-    check(params)
-    with step_clock([step_command(argv) for _, argv in planned_steps(params)]):
+    steps = check(params)
+    with step_clock([step.COMMAND for _, step in steps]):
         return _bootstrap(params)
 
 
 def _bootstrap(params: BootstrapParams) -> dict:
     for k in range(params.rounds + 1):
         curate_params, _, train_params = params.round_params(k)
-        for label, argv in params.finetune_argv(k).items():  # BLIP: finetune on the annotated set first
-            run_step.with_options(task_run_name=label)(label, argv, params.execution)
+        for label, step in params.finetune_steps(k).items():  # BLIP: finetune on the annotated set first
+            run_step.with_options(task_run_name=label)(label, step, params.execution)
         curate(curate_params)
-        if k == 0 and params.pretrain_argv():
-            run_step.with_options(task_run_name="toy-pretrain")("toy", params.pretrain_argv(), params.execution)
-        run_step.with_options(task_run_name=f"filter-r{k}")(f"filter-r{k}", params.filter_argv(k), params.execution)
+        if k == 0 and params.pretrain_step():
+            run_step.with_options(task_run_name="toy-pretrain")("toy", params.pretrain_step(), params.execution)
+        run_step.with_options(task_run_name=f"filter-r{k}")(f"filter-r{k}", params.filter_step(k), params.execution)
         publish_artifacts(curate_params)  # the round's counts now include the filter
         train(train_params)
     if params.ablation:  # BLIP's Table 1: round 1's captions and scores, selected as each arm does
         for arm in params.ABLATION_ARMS:
-            curate_params, filter_argv, train_params = params.ablation_steps(arm)
+            curate_params, filter_step, train_params = params.ablation_steps(arm)
             curate(curate_params)
-            run_step.with_options(task_run_name=f"filter-{arm}")(f"filter-{arm}", filter_argv, params.execution)
+            run_step.with_options(task_run_name=f"filter-{arm}")(f"filter-{arm}", filter_step, params.execution)
             publish_artifacts(curate_params)
             train(train_params)
     if params.truth:
-        run_step.with_options(task_run_name="oracle")("oracle", oracle_argv(params), params.execution)
+        run_step.with_options(task_run_name="oracle")("oracle", params.oracle_step(), params.execution)
         oracle: TrainParams = params.train_params(params.oracle_run)
         train(oracle)
     labels = model_labels(params)
     if params.evaluate:
         for run, label in labels.items():
-            run_step.with_options(task_run_name=f"eval-{label}")(f"eval-{label}", params.eval_argv(run), params.execution)
+            run_step.with_options(task_run_name=f"eval-{label}")(f"eval-{label}", params.eval_step(run), params.execution)
     report = write_report(params, labels)
     summary = {"runs": list(labels), "models": {run: params.models(run) for run in labels}, **report}
     lines = [f"# bootstrap `{params.run}`", "", f"report: `{report['report']}`", "", "| run | models |", "|---|---|"]

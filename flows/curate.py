@@ -1,6 +1,6 @@
 """The `curate` flow: ingest -> caption -> filter (score, dedup, select) for a source.
 
-Wiring only: each step is a `capfilt` stage command run embedded or as a Ray job (flows/jobs.py);
+Wiring only: each step is a typed stage step run embedded or as a Ray job (flows/jobs.py);
 what a step does lives in pipeline/. Incremental by construction: every stage skips shards it
 already finished with the same settings, so a scheduled run with a fixed run id only processes
 source files and shards it has not seen.
@@ -20,14 +20,14 @@ from prefect.artifacts import (
 )
 
 from flows.params import CurateParams
-from flows.tasks import run_step, stop_flow_run_jobs, validate_steps
+from flows.tasks import run_step, stop_flow_run_jobs
 from pipeline.run_store import RunStore, stage_totals
 
 
 def _stop_cluster_jobs(flow, flow_run_obj, state) -> None:
     """On cancellation, stop this flow run's Ray jobs (their ids end with the flow run id)."""
     params = CurateParams.model_validate(flow_run_obj.parameters["params"])
-    stop_flow_run_jobs(params.execution, str(flow_run_obj.id), params.stage_argv())
+    stop_flow_run_jobs(params.execution, str(flow_run_obj.id), params.labels)
 
 
 def publish_artifacts(params: CurateParams) -> list[dict]:
@@ -50,10 +50,9 @@ def publish_artifacts(params: CurateParams) -> list[dict]:
 @flow(name="curate", on_cancellation=[_stop_cluster_jobs], log_prints=True)
 def curate(params: CurateParams) -> list[dict]:
     """Curate a LAION-style source into a run; returns per-stage counts (also as artifacts)."""
-    stages = {stage: [stage, *argv] for stage, argv in params.stage_argv().items()}
-    validate_steps(stages)  # every stage's options are checked before any work
+    stages = params.steps()  # every stage's typed config, checked before any work
     progress = create_progress_artifact(progress=0.0, description=f"stages of run {params.run} done")
-    for i, (stage, argv) in enumerate(stages.items(), start=1):
-        run_step.with_options(task_run_name=stage)(stage, argv, params.execution)
+    for i, (stage, step) in enumerate(stages.items(), start=1):
+        run_step.with_options(task_run_name=stage)(stage, step, params.execution)
         update_progress_artifact(progress, progress=100.0 * i / len(stages))
     return publish_artifacts(params)

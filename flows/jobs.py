@@ -1,24 +1,21 @@
 """Running one capfilt stage, embedded in this process or as a Ray job on a cluster.
 
-A stage is its `capfilt` command and arguments (the CLI is the one entrypoint, so what runs is
-what a user can type). Embedded: the command runs in this process on a local Ray. Cluster: it is
-submitted with `JobSubmissionClient` as `python -m capfilt.cli <stage> ...`, under a submission
+A stage is a typed step (flows/steps/: the stage's config objects and where it reads and writes).
+Embedded: the step calls its stage function in this process on a local Ray. Cluster: it is
+submitted with `JobSubmissionClient` as `python -m flows.stage_job '<step JSON>'`, under a submission
 id derived from the flow run and the stage, so a retried Prefect task re-attaches to the job
 that is still running (or already succeeded) instead of submitting a second one.
 """
 
 from __future__ import annotations
 
-import inspect
+import json
 import logging
-import os
 import shlex
 import time
 from typing import Callable
 
-import click
-
-from capfilt.errors import CapfiltError, ConfigError
+from capfilt.errors import CapfiltError
 from capfilt.logs import ENV, verbosity
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -29,63 +26,17 @@ class StageJobError(Exception):
     """A Ray job running a stage ended FAILED or STOPPED (transient: worth a retry)."""
 
 
-def validate_stage_args(stage: str, argv: list[str], will_exist: tuple[str, ...] = ()) -> None:
-    """Parse a stage's arguments exactly as the CLI would and build its typed config, without running
-    anything, so whatever the stage would refuse is refused before any work.
-
-    Paths that must exist may instead lie under one of `will_exist` (folders earlier steps of the
-    same flow write, e.g. the models a later round reads). Raises ConfigError naming the stage
-    and the bad option, so flows fail before any work.
-    """
-    from capfilt.cli import cli
-
-    command = cli.get_command(None, stage)
-    if command is None:
-        raise ConfigError(f"unknown stage {stage!r}")
-    argv = list(argv)
-    if isinstance(command, click.Group):  # e.g. `train stage1 ...`: check the subcommand's options
-        sub = command.get_command(None, argv[0]) if argv else None
-        if sub is None:
-            raise ConfigError(f"stage {stage}: name one of {', '.join(sorted(command.list_commands(None)))} first")
-        stage, command, argv = f"{stage} {argv[0]}", sub, argv[1:]
-    must_exist = [p for p in command.params if isinstance(p.type, click.Path) and p.type.exists] if will_exist else []
-    for param in must_exist:  # checked below, against will_exist too
-        param.type.exists = False
-    try:
-        ctx = command.make_context(f"capfilt {stage}", argv, resilient_parsing=False)
-    except click.ClickException as exc:
-        raise ConfigError(f"stage {stage}: {exc.format_message()}") from exc
-    finally:
-        for param in must_exist:
-            param.type.exists = True
-    for param in must_exist:
-        value = ctx.params.get(param.name)
-        if value is None or os.path.exists(value):
-            continue
-        if not any(_under(str(value), folder) for folder in will_exist):
-            raise ConfigError(f"stage {stage}: Invalid value for '{param.opts[-1]}': {value} does not exist "
-                              f"(and no earlier step writes it).")
-    validate = getattr(command, "validate_params", None)  # builds the stage's typed config(s)
-    if validate is not None:
-        extra = {"will_exist": will_exist} if "will_exist" in inspect.signature(validate).parameters else {}
-        try:
-            validate(ctx.params, **extra)
-        except click.ClickException as exc:
-            raise ConfigError(f"stage {stage}: {exc.format_message()}") from None
-        except ConfigError as exc:
-            raise ConfigError(f"stage {stage}: {exc}") from None
+def run_embedded(step, say=print):
+    """Run a step in this process (local Ray started in-process): the stage function itself."""
+    return step.execute(say)
 
 
-def _under(path: str, folder: str) -> bool:
-    path, folder = os.path.abspath(path), os.path.abspath(folder)
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+def job_entrypoint(step) -> str:
+    """The Ray job's command: the step's typed config as JSON, read back by flows/stage_job.py.
+    `python` of the job's environment: the driver's interpreter path may not exist there."""
+    from flows.steps import step_data
 
-
-def run_embedded(stage: str, argv: list[str]):
-    """Run a stage command in this process (local Ray started in-process); returns its result."""
-    from capfilt.cli import cli
-
-    return cli.main(args=[stage, *argv], prog_name="capfilt", standalone_mode=False)
+    return f"python -m flows.stage_job {shlex.quote(json.dumps(step_data(step), sort_keys=True))}"
 
 
 def submission_id(flow_run_id: str, stage: str) -> str:
@@ -95,7 +46,7 @@ def submission_id(flow_run_id: str, stage: str) -> str:
 def run_job(
     address: str,
     stage: str,
-    argv: list[str],
+    step,
     base_id: str,
     log: Callable[[str], None] = logging.getLogger(__name__).info,
     poll_s: float = 0.5,
@@ -124,14 +75,13 @@ def run_job(
         log(f"{stage}: re-attaching to running job {sid}")
     else:
         sid = f"{base_id}-a{len(attempts) + 1}"
-        # `python` of the job's environment: the driver's interpreter path may not exist there.
-        entrypoint = f"python -m capfilt.cli {stage} {shlex.join(argv)}"
+        entrypoint = job_entrypoint(step)
         env = {"env_vars": {"RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "NO_ALBUMENTATIONS_UPDATE": "1",
                             # the job logs as quietly or verbosely as the capfilt that submitted it
                             ENV: verbosity()}}
         env.update(runtime_env or {})
         _submit(client, entrypoint, sid, env)
-        log(f"{stage}: submitted job {sid}: {entrypoint}")
+        log(f"{stage}: submitted job {sid}: python -m flows.stage_job ({step.COMMAND})")
     shown = 0
     try:
         while True:

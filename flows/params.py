@@ -8,21 +8,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from pipeline.run_store import _RUN_ID, RUN_ID_RULE
 
+# A stage's options in a parameters file or a preset are {name: value}, by field name (top_k) or
+# the CLI's spelling (top-k); flows/steps/ builds the stage's typed config from them, checked.
 OptionValue = str | int | float | bool | None
 
 
-def options_to_argv(options: dict[str, OptionValue]) -> list[str]:
-    """{"shard-size": 100, "allow-private-addresses": True} -> ["--shard-size", "100", "--allow-private-addresses"]."""
-    argv: list[str] = []
-    for name, value in options.items():
-        flag = "--" + name.replace("_", "-").lstrip("-")
-        if value is True:
-            argv.append(flag)
-        elif value is False or value is None:
-            continue
-        else:
-            argv += [flag, str(value)]
-    return argv
+def _make(command: str, values: dict, will_exist: tuple[str, ...] = ()):
+    from flows.steps import make
+
+    return make(command, values, will_exist)
 
 
 class Execution(BaseModel):
@@ -45,7 +39,7 @@ class Execution(BaseModel):
 
 
 class CurateParams(BaseModel):
-    """Parameters of the `curate` flow. Stage options use the CLI's option names."""
+    """Parameters of the `curate` flow. Stage options by field name or the CLI's option name."""
 
     model_config = ConfigDict(extra="forbid")
     source: str = Field(..., description="LAION-style source file or folder (local path or fsspec URI).")
@@ -63,18 +57,23 @@ class CurateParams(BaseModel):
 
     _run = field_validator("run")(classmethod(lambda cls, v: _run_id(v)))
 
-    def stage_argv(self) -> dict[str, list[str]]:
-        """Each stage's full CLI arguments, in the order the flow runs them."""
-        common = ["--root", self.root, "--run", self.run]
+    def steps(self, will_exist: tuple[str, ...] = ()) -> dict:
+        """Each stage's typed step, checked, in the order the flow runs them."""
+        where = {"root": self.root, "run": self.run}
         if self.images_from:  # a later bootstrap round: round 0's images, not a second download
-            stages = {"ingest": ["--from-run", self.images_from, *common]}
+            stages = {"ingest": _make("ingest", {"from_run": self.images_from, **where})}
         else:
-            stages = {"ingest": ["--source", self.source, *common, "--no-progress", *options_to_argv(self.ingest)]}
+            stages = {"ingest": _make("ingest", {**self.ingest, "source": self.source, **where, "progress": False})}
         if self.caption is not None:
-            stages["caption"] = [*common, *options_to_argv(self.caption)]
+            stages["caption"] = _make("caption", {**self.caption, **where})
         if self.filter is not None:
-            stages["filter"] = [*common, *options_to_argv(self.filter)]
+            stages["filter"] = _make("filter", {**self.filter, **where}, will_exist)
         return stages
+
+    @property
+    def labels(self) -> list[str]:
+        """The steps' labels (what names their Ray jobs), without building them."""
+        return ["ingest", *(["caption"] if self.caption is not None else []), *(["filter"] if self.filter is not None else [])]
 
 
 def _run_id(value: str) -> str:
@@ -112,14 +111,19 @@ class TrainParams(BaseModel):
     def models(self) -> str:
         return self.out or _join(self.root, "models", self.run)
 
-    def stage_argv(self) -> dict[str, list[str]]:
-        """{step label: ['train', subcommand, ...]} in the order the flow runs them."""
+    @property
+    def labels(self) -> list[str]:
+        return ["stage1", *(["stage2"] if self.stage2 is not None else [])]
+
+    def steps(self) -> dict:
+        """{step label: typed step} in the order the flow runs them; Stage 2 may read the Stage 1
+        this flow trains."""
         stage1_out = _join(self.models, "stage1")
-        steps = {"stage1": ["train", "stage1", "--root", self.root, "--run", self.run, "--out", stage1_out,
-                            *options_to_argv(self.stage1)]}
+        where = {"root": self.root, "run": self.run}
+        steps = {"stage1": _make("train stage1", {**self.stage1, **where, "out": stage1_out})}
         if self.stage2 is not None:
-            steps["stage2"] = ["train", "stage2", "--root", self.root, "--run", self.run, "--stage1", stage1_out,
-                               "--out", _join(self.models, "stage2"), *options_to_argv(self.stage2)]
+            steps["stage2"] = _make("train stage2", {**self.stage2, **where, "stage1": stage1_out,
+                                                     "out": _join(self.models, "stage2")}, (self.models,))
         return steps
 
 
@@ -209,27 +213,30 @@ class BootstrapParams(BaseModel):
         return TrainParams(root=self.root, run=run, out=self.models(run), stage1={**preset.stage1, **self.stage1},
                            stage2=stage2, execution=self.execution)
 
-    def finetune_argv(self, k: int) -> dict[str, list[str]]:
-        """Round k's finetune steps (label -> argv): round k-1's models finetuned on the annotated
+    @property
+    def will_exist(self) -> tuple[str, ...]:
+        """What earlier steps write that later ones read: every round's models."""
+        return (self.models(""),)
+
+    def finetune_steps(self, k: int) -> dict:
+        """Round k's finetune steps (label -> step): round k-1's models finetuned on the annotated
         set, into models/<run>-r<k-1>/filter (+ calibration.json) and .../captioner."""
         if not self.annotated or k == 0:
             return {}
         preset = self.preset_options()
         previous = self.models(self.round_run(k - 1))
-        steps = {f"finetune-filter-r{k}": [
-            "finetune", "filter", "--annotated", self.annotated, "--stage1", _join(previous, "stage1"),
-            "--out", _join(previous, FINETUNED_FILTER),
-            *options_to_argv({**preset.finetune_filter, **self.finetune_filter})]}
+        steps = {f"finetune-filter-r{k}": _make("finetune filter", {
+            **preset.finetune_filter, **self.finetune_filter, "annotated": self.annotated,
+            "stage1": _join(previous, "stage1"), "out": _join(previous, FINETUNED_FILTER)}, self.will_exist)}
         if self.stage2 is not None:
-            steps[f"finetune-captioner-r{k}"] = [
-                "finetune", "captioner", "--annotated", self.annotated, "--stage2", _join(previous, "stage2"),
-                "--out", _join(previous, FINETUNED_CAPTIONER),
-                *options_to_argv({**preset.finetune_captioner, **self.finetune_captioner})]
+            steps[f"finetune-captioner-r{k}"] = _make("finetune captioner", {
+                **preset.finetune_captioner, **self.finetune_captioner, "annotated": self.annotated,
+                "stage2": _join(previous, "stage2"), "out": _join(previous, FINETUNED_CAPTIONER)}, self.will_exist)
         return steps
 
-    def filter_argv(self, k: int) -> list[str]:
+    def filter_step(self, k: int):
         _, options, _ = self.round_params(k)
-        return ["filter", "--root", self.root, "--run", self.round_run(k), *options_to_argv(options)]
+        return _make("filter", {**options, "root": self.root, "run": self.round_run(k)}, self.will_exist)
 
     # BLIP's Table 1 arms besides raw (round 0) and capfilt (round 1): {arm: what round 1's filter becomes}.
     # Each arm takes round 1's captions and scores (`filter --from-run`) and only selects differently.
@@ -238,40 +245,44 @@ class BootstrapParams(BaseModel):
     def ablation_run(self, arm: str) -> str:
         return f"{self.run}-{arm}"
 
-    def ablation_steps(self, arm: str) -> tuple[CurateParams, list[str], TrainParams]:
-        """An arm's ingest (round 0's images), its filter argv (round 1's captions and scores, its own
+    def ablation_steps(self, arm: str) -> tuple[CurateParams, object, TrainParams]:
+        """An arm's ingest (round 0's images), its filter step (round 1's captions and scores, its own
         selection) and its training (the same budget as every arm)."""
         run = self.ablation_run(arm)
         _, options, _ = self.round_params(1)
         curate = CurateParams(source=self.source, root=self.root, run=run, images_from=self.round_run(0),
                               caption=None, filter=None, execution=self.execution)
-        argv = ["filter", "--root", self.root, "--run", run, "--from-run", self.round_run(1),
-                *options_to_argv({**options, **self.ABLATION_ARMS[arm]})]
-        return curate, argv, self.train_params(run)
+        step = _make("filter", {**options, **self.ABLATION_ARMS[arm], "root": self.root, "run": run,
+                                "from_run": self.round_run(1)}, self.will_exist)
+        return curate, step, self.train_params(run)
 
-    def pretrain_argv(self) -> list[str] | None:
+    def pretrain_step(self):
         pretrain = self.preset_options().pretrain
         if pretrain is None:
             return None
-        return ["toy", "pretrain", "--root", self.root, "--run", self.round_run(0), *pretrain]
+        return _make("toy pretrain", {**pretrain, "root": self.root, "run": self.round_run(0)})
 
     @property
     def oracle_run(self) -> str:
         return f"{self.run}-oracle"
 
-    def eval_argv(self, run: str) -> list[str]:
-        """`capfilt eval` of the models trained on `run`: retrieval (and captions with Stage 2) on the
+    def oracle_step(self):
+        return _make("synth oracle", {"truth": self.truth, "root": self.root, "from_run": self.round_run(0),
+                                      "run": self.oracle_run})
+
+    def eval_step(self, run: str):
+        """The evaluation of the models trained on `run`: retrieval (and captions with Stage 2) on the
         held-out world when given (else on the run itself), and filter quality of the run with ground truth."""
         models = self.models(run)
-        argv = ["eval", "--root", self.root, "--run", run, "--stage1", _join(models, "stage1"),
-                "--out", models]  # writes models/eval.json
+        values = {**self.eval, "root": self.root, "run": run, "stage1": _join(models, "stage1"),
+                  "out": models}  # writes models/eval.json
         if self.stage2 is not None:
-            argv += ["--captioner", _join(models, "stage2")]
+            values["captioner"] = _join(models, "stage2")
         if self.heldout:
-            argv += ["--heldout", self.heldout]
+            values["heldout"] = self.heldout
         if self.truth and run != self.oracle_run:  # the oracle run has no scores to judge
-            argv += ["--truth", self.truth]
-        return argv + options_to_argv(self.eval)
+            values["truth"] = self.truth
+        return _make("eval", values, self.will_exist)
 
 
 def describe_errors(exc: Exception) -> str:
@@ -282,4 +293,4 @@ def describe_errors(exc: Exception) -> str:
     return "; ".join(".".join(str(p) for p in e["loc"]) + ": " + e["msg"] for e in errors())
 
 
-__all__ = ["BootstrapParams", "CurateParams", "Execution", "TrainParams", "describe_errors", "options_to_argv"]
+__all__ = ["BootstrapParams", "CurateParams", "Execution", "TrainParams", "describe_errors"]

@@ -15,11 +15,6 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 
-def step_command(argv: Sequence[str]) -> str:
-    """The command a step runs, for labels and grouping: "filter", "train stage1", "synth oracle"."""
-    return " ".join(a for a in argv[:2] if not a.startswith("-"))
-
-
 def estimate_left(done: Sequence[tuple[str, float]], remaining: Sequence[str]) -> float | None:
     """Seconds the `remaining` commands may take, from the (command, seconds) of those `done`;
     None before any step finished (nothing to estimate from)."""

@@ -1,8 +1,9 @@
-"""The one Prefect task every flow uses: run a capfilt command, embedded or as a Ray job.
+"""The one Prefect task every flow uses: run a typed step, embedded or as a Ray job.
 
-A step is a label (unique within its flow run: it names the Ray job) and a full `capfilt`
-argument list (command first). Retries are for transient failures only; on cancellation a flow
-stops its own Ray jobs, found by the flow run id their submission ids end with.
+A step is a label (unique within its flow run: it names the Ray job) and a typed step object
+(flows/steps/), built and checked before the flow starts any work. Retries are for transient
+failures only; on cancellation a flow stops its own Ray jobs, found by the flow run id their
+submission ids end with.
 """
 
 from __future__ import annotations
@@ -11,10 +12,9 @@ from prefect import get_run_logger, task
 from prefect.runtime import flow_run
 
 from capfilt.errors import CapfiltError
-from flows.jobs import run_embedded, run_job, stop_jobs, submission_id, validate_stage_args
+from flows.jobs import run_embedded, run_job, stop_jobs, submission_id
 from flows.params import Execution
 from flows.progress import current as current_clock
-from flows.progress import step_command
 
 
 def _transient_only(task, task_run, state) -> bool:
@@ -28,17 +28,10 @@ def _transient_only(task, task_run, state) -> bool:
     return False
 
 
-def validate_steps(steps: dict[str, list[str]], will_exist: tuple[str, ...] = ()) -> None:
-    """Parse every step's arguments as the CLI would, before any work starts; paths that must
-    exist may lie under `will_exist` (what earlier steps write)."""
-    for argv in steps.values():
-        validate_stage_args(argv[0], argv[1:], will_exist)
-
-
 @task(name="step", retries=2, retry_delay_seconds=2, retry_condition_fn=_transient_only)
-def run_step(label: str, argv: list[str], execution: Execution) -> None:
+def run_step(label: str, step, execution: Execution) -> None:
     logger = get_run_logger()
-    command = step_command(argv)  # e.g. "filter", "train stage1"
+    command = step.COMMAND  # e.g. "filter", "train stage1"
     where = ", in this process" if execution.mode == "embedded" else ", as a Ray job"
     clock = current_clock()  # bootstrap and demo: "step k of N" and the time left
     if clock is not None:
@@ -47,11 +40,11 @@ def run_step(label: str, argv: list[str], execution: Execution) -> None:
     else:
         logger.info("step %s: capfilt %s%s", label, command, where)
     if execution.mode == "embedded":
-        run_embedded(argv[0], argv[1:])
+        run_embedded(step, say=logger.info)
     else:
         runtime_env = {"working_dir": execution.working_dir} if execution.working_dir else None
         run_job(
-            execution.ray_address, argv[0], argv[1:],
+            execution.ray_address, label, step,
             base_id=submission_id(flow_run.get_id() or "local", label),
             log=logger.info, runtime_env=runtime_env,
         )
@@ -59,9 +52,9 @@ def run_step(label: str, argv: list[str], execution: Execution) -> None:
         logger.info("%s", clock.end(k, started, label, command))
 
 
-def run_steps(steps: dict[str, list[str]], execution: Execution) -> None:
-    for label, argv in steps.items():
-        run_step.with_options(task_run_name=label)(label, argv, execution)
+def run_steps(steps: dict, execution: Execution) -> None:
+    for label, step in steps.items():
+        run_step.with_options(task_run_name=label)(label, step, execution)
 
 
 def stop_flow_run_jobs(execution: Execution, flow_run_id: str, labels) -> None:

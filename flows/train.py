@@ -1,6 +1,6 @@
 """The `train` flow: Stage 1 then Stage 2 on a curated run.
 
-Wiring only: each stage is `capfilt train stage1|stage2`, run embedded or as a Ray job; the
+Wiring only: each stage is a typed step (`train stage1|stage2`), run embedded or as a Ray job; the
 trainers resolve the run's curated data and record its lineage in their checkpoints. Retried
 tasks resume from the last checkpoint (the trainers resume by default).
 """
@@ -14,20 +14,20 @@ from prefect import flow
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from flows.params import TrainParams
-from flows.tasks import run_steps, stop_flow_run_jobs, validate_steps
+from flows.tasks import run_steps, stop_flow_run_jobs
 
 LOSS_KEYS = ("loss", "itc", "itm", "itg", "lm", "itm_accuracy")
 
 
 def _stop_cluster_jobs(flow, flow_run_obj, state) -> None:
     params = TrainParams.model_validate(flow_run_obj.parameters["params"])
-    stop_flow_run_jobs(params.execution, str(flow_run_obj.id), params.stage_argv())
+    stop_flow_run_jobs(params.execution, str(flow_run_obj.id), params.labels)
 
 
 def training_summary(params: TrainParams) -> list[dict]:
     """First and last logged losses of each trained stage (from its metrics.jsonl)."""
     rows = []
-    for stage in params.stage_argv():
+    for stage in params.labels:
         metrics = Path(params.models) / stage / "metrics.jsonl"
         log = [json.loads(line) for line in metrics.read_text().splitlines() if line] if metrics.exists() else []
         if not log:
@@ -56,7 +56,5 @@ def publish_artifacts(params: TrainParams) -> list[dict]:
 @flow(name="train", on_cancellation=[_stop_cluster_jobs], log_prints=True)
 def train(params: TrainParams) -> list[dict]:
     """Train Stage 1 (and Stage 2 when asked) on a curated run; returns the loss summary."""
-    steps = params.stage_argv()
-    validate_steps(steps, will_exist=(params.out,))  # Stage 2 reads the Stage 1 this flow trains
-    run_steps(steps, params.execution)
+    run_steps(params.steps(), params.execution)  # every step checked before the first runs
     return publish_artifacts(params)

@@ -263,7 +263,7 @@ TABLE = [
         ("--out", "a_file", "is a file", "choose a folder")),
     # bootstrap (the flow) and curate: every stage's options are checked before any work
     Row("bootstrap-unknown-set-field", lambda w: ["bootstrap", "--source", w.p("good.parquet"), *R(w), "--set",
-                                                  "stage1.stepz=5"], ("stage train stage1", "--stepz", "--steps")),
+                                                  "stage1.stepz=5"], ("stage train stage1", "unknown field 'stepz' (did you mean 'steps'?)")),
     Row("bootstrap-unknown-set-stage", lambda w: ["bootstrap", "--source", w.p("good.parquet"), *R(w), "--set",
                                                   "stage9.steps=5"], ("--set", "stage9.steps=5", "STAGE.OPTION=VALUE")),
     Row("bootstrap-bad-set-value", lambda w: ["bootstrap", "--source", w.p("good.parquet"), *R(w), "--set",
@@ -281,7 +281,7 @@ TABLE = [
     Row("curate-annotated-with-another-policy", lambda w: ["curate", "--source", w.p("good.parquet"), *R(w), "--run",
                                                            "x", "--captioner", "none", "--clip", "ViT-B-32", "--itm", "m",
                                                            "--policy", "blip2", "--annotated", w.p("good.parquet")],
-        ("--policy blip2 does not use it", "itm-calibrated")),
+        ("--policy blip2 does not use it", "calibrated")),
     Row("curate-nothing-kept", lambda w: ["curate", "--source", w.p("good.parquet"), *R(w), "--run", "nk",
                                           "--captioner", "none", "--clip", "ViT-B-32"],
         ("ingest nk: nothing of 2 rows kept", "2 of 2 private_address", "pass --allow-private-addresses"),

@@ -142,21 +142,21 @@ def test_itm_calibrated_needs_a_reachable_calibration():
 
 
 def test_the_filter_command_reads_the_calibration_and_can_repick_the_precision(tmp_path):
-    from capfilt.commands.filter import configs_from_options
+    from flows.steps import make
 
     write_calibration(calibration_at_080(), tmp_path)
-    options = dict(clip="ViT-B-32", clip_pretrained=None, clip_config=None, itm="some-itm", score_batch_size=8,
-                   score_actors=None, dedup_eps=0.02, dedup_cluster_size=10, no_semantic_dedup=True,
+    options = dict(root="r", run="x", clip="ViT-B-32", clip_pretrained=None, clip_config=None, itm="some-itm",
+                   score_batch_size=8, score_actors=None, dedup_eps=0.02, dedup_cluster_size=10, no_semantic_dedup=True,
                    policy="itm-calibrated", top_k=2, rank_by="clip", itm_threshold=0.5, clip_threshold=0.3,
                    clip_top_fraction=0.3, min_image_size=0, max_aspect_ratio=float("inf"), max_punsafe=None,
                    max_pwatermark=None, min_caption_words=1, max_caption_words=1000, keep_degenerate=False,
                    calibration=str(tmp_path), target_precision=None, match_prior=None)
-    _, _, select = configs_from_options(options)
+    select = make("filter", options).select_config()
     assert select.calibration.threshold == 0.8
-    _, _, looser = configs_from_options({**options, "target_precision": 0.7})
+    looser = make("filter", {**options, "target_precision": 0.7}).select_config()
     assert looser.calibration.threshold == 0.5 and looser.calibration.target_precision == 0.7
     with pytest.raises(ConfigError, match="--itm some-itm: no calibration.json"):
-        configs_from_options({**options, "calibration": None})
+        make("filter", {**options, "calibration": None})
 
 
 def test_provenance_carries_the_threshold_and_a_sampled_curve():

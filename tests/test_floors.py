@@ -13,8 +13,6 @@ PACKAGES = ("capfilt", "schemas", "model", "pipeline", "flows")
 BOTTOM = {"capfilt", "capfilt.errors", "capfilt.device", "capfilt.logs", "capfilt.environment", "capfilt.packages",
           "pipeline.run_store", "pipeline.lineage", "pipeline.curated", "pipeline.ray_env"}
 KNOWN_UP = {
-    # flows validate and run a stage by parsing its CLI arguments (issue: typed configs end to end)
-    ("flows.jobs", "capfilt.cli"),
     # a random captioner for tests trains its tokenizer on the toy world's captions
     ("model.captioners", "pipeline.synth"),
 }

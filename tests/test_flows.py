@@ -12,8 +12,9 @@ import pytest
 from pydantic import ValidationError
 
 from capfilt.errors import CapfiltError, ConfigError
-from flows.jobs import run_job, validate_stage_args
-from flows.params import CurateParams, options_to_argv
+from flows.jobs import run_job
+from flows.params import CurateParams
+from flows.steps import make
 from pipeline.run_store import RunStore
 
 
@@ -25,9 +26,7 @@ def prefect_harness():
         yield
 
 
-def test_options_to_argv_and_params_validation():
-    assert options_to_argv({"shard-size": 5, "allow_private_addresses": True, "x": False}) == [
-        "--shard-size", "5", "--allow-private-addresses"]
+def test_params_validation():
     with pytest.raises(ValidationError, match="run"):
         CurateParams(source="s", run="../escape")
     with pytest.raises(ValidationError, match="ray_address"):
@@ -37,39 +36,52 @@ def test_options_to_argv_and_params_validation():
 
 
 def test_stage_options_are_checked_before_any_work(tmp_path):
-    with pytest.raises(ConfigError, match="stage ingest: .*shard-size"):
-        validate_stage_args("ingest", ["--source", "s", "--root", "r", "--run", "x", "--shard-size", "many"])
-    with pytest.raises(ConfigError, match="No such option"):
-        validate_stage_args("ingest", ["--source", "s", "--root", "r", "--run", "x", "--bogus", "1"])
+    with pytest.raises(ConfigError, match="^stage ingest: shard-size='many' is not an integer"):
+        make("ingest", {"source": "s", "root": "r", "run": "x", "shard-size": "many"})
+    with pytest.raises(ConfigError, match="^stage ingest: unknown field 'bogus'; known fields: .*shard-size"):
+        make("ingest", {"source": "s", "root": "r", "run": "x", "bogus": 1})
 
 
-BASE = {"ingest": ["--source", "s", "--root", "r", "--run", "x"], "caption": ["--root", "r", "--run", "x"],
-        "filter": ["--root", "r", "--run", "x", "--clip", "ViT-B-32"], "eval": ["--root", "r", "--run", "x"],
-        "train stage1": ["stage1", "--root", "r", "--run", "x", "--vision", "v", "--out", "o"],
-        "train stage2": ["stage2", "--root", "r", "--run", "x", "--stage1", ".", "--llm", "l", "--out", "o"]}
+BASE = {"ingest": {"source": "s", "root": "r", "run": "x"}, "caption": {"root": "r", "run": "x"},
+        "filter": {"root": "r", "run": "x", "clip": "ViT-B-32"}, "eval": {"root": "r", "run": "x"},
+        "train stage1": {"root": "r", "run": "x", "vision": "v", "out": "o"},
+        "train stage2": {"root": "r", "run": "x", "stage1": ".", "llm": "l", "out": "o"}}
 
 
 @pytest.mark.parametrize("stage, extra, message", [
-    ("filter", ["--top-k", "0"], "--top-k must be >= 1"),
-    ("filter", ["--policy", "bogus"], "--policy 'bogus': choose from"),
-    ("filter", ["--policy", "blip"], "--policy blip needs --itm"),
-    ("train stage1", ["--cache-features"], "--cache-features needs --no-augment"),
-    ("train stage1", ["--model-config", "[1]"], "--model-config: must be a JSON object"),
-    ("train stage2", ["--min-lr", "1"], "--min-lr must be in"),
-    ("ingest", ["--resize-mode", "stretch"], "--resize-mode 'stretch' is not one of"),
-    ("ingest", ["--url-blocklist", "/nonexistent/list.txt"], "blocklist file /nonexistent/list.txt does not exist"),
-    ("ingest", ["--from-run", "r0"], "give either --source .* or --from-run"),
-    ("caption", ["--captioner", "c", "--top-p", "0"], "--top-p must be in"),
-    ("caption", ["--captioner", "c", "--num-beams", "2", "--num-captions", "4"], "raise --num-beams"),
-    ("eval", ["--out", "o.json"], "nothing to evaluate"),
+    ("filter", {"top-k": 0}, "--top-k must be >= 1"),
+    ("filter", {"policy": "bogus"}, "--policy 'bogus': choose from"),
+    ("filter", {"policy": "blip"}, "--policy blip needs --itm"),
+    ("train stage1", {"cache-features": True}, "--cache-features needs --no-augment"),
+    ("train stage1", {"model-config": "[1]"}, "--model-config: must be a JSON object"),
+    ("train stage2", {"min-lr": 1}, "--min-lr must be in"),
+    ("ingest", {"resize-mode": "stretch"}, "--resize-mode 'stretch' is not one of"),
+    ("ingest", {"url-blocklist": "/nonexistent/list.txt"}, "blocklist file /nonexistent/list.txt does not exist"),
+    ("ingest", {"from-run": "r0"}, "give either --source .* or --from-run"),
+    ("caption", {"captioner": "c", "top-p": 0}, "--top-p must be in"),
+    ("caption", {"captioner": "c", "num-beams": 2, "num-captions": 4}, "raise --num-beams"),
+    ("eval", {"out": "o.json"}, "nothing to evaluate"),
 ])
 def test_every_stage_builds_its_typed_config_before_any_work(stage, extra, message):
     # What the stage itself would refuse hours later (after ingest and captioning) is refused up front.
-    command, _, sub = stage.partition(" ")
     with pytest.raises(ConfigError, match=f"^stage {stage}: .*{message}"):
-        validate_stage_args(command, BASE[stage] + extra)
-    validate_stage_args(command, BASE[stage] + (["--captioner", "c"] if command == "caption" else [])
-                        + (["--out", "o.json", "--stage1", "."] if command == "eval" else []))  # the defaults pass
+        make(stage, {**BASE[stage], **extra})
+    make(stage, {**BASE[stage], **({"captioner": "c"} if stage == "caption" else {}),
+                 **({"out": "o.json", "stage1": "."} if stage == "eval" else {})})  # the defaults pass
+
+
+def test_a_step_travels_to_a_ray_job_as_json_and_comes_back_equal():
+    import json
+
+    from flows.jobs import job_entrypoint
+    from flows.steps import step_data, step_from_data
+
+    step = make("filter", {**BASE["filter"], "no-semantic-dedup": True, "top-k": 1, "policy": "blip2,clip-threshold",
+                           "max-aspect-ratio": float("inf")})
+    assert step.dedup.semantic is False and step.select["top_k"] == 1
+    assert step.select["policies"] == ("blip2", "clip-threshold")
+    assert step_from_data(json.loads(json.dumps(step_data(step)))) == step
+    assert job_entrypoint(step).startswith("python -m flows.stage_job '{")
 
 
 def test_bootstrap_refuses_a_bad_override_before_prefect_or_ray_start(tmp_path):
@@ -81,8 +93,8 @@ def test_bootstrap_refuses_a_bad_override_before_prefect_or_ray_start(tmp_path):
     done = subprocess.run([sys.executable, "-m", "capfilt.cli", "bootstrap", "--source", str(tmp_path), "--root",
                            str(tmp_path), "--set", "stage1.stepz=5"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stdout == "", done.stdout + done.stderr
-    assert done.stderr.startswith("capfilt: error: stage train stage1: No such option '--stepz'") and \
-        "--steps" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert done.stderr.startswith("capfilt: error: stage train stage1: unknown field 'stepz' (did you mean 'steps'?); known fields:") and \
+        " steps," in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
 
 @pytest.fixture(scope="module")
@@ -201,33 +213,38 @@ def ray_head(tmp_path_factory):
 
 @pytest.mark.slow
 def test_ray_job_submit_runs_a_stage_and_a_retry_reattaches(ray_head, small_world, tmp_path):
+    import json
+    from dataclasses import replace
+
     from ray.job_submission import JobSubmissionClient
+
+    from flows.jobs import job_entrypoint
+    from flows.steps import step_data
 
     world = small_world["world"]
     root = str(tmp_path / "root")
-    argv = ["--source", world["source"], "--root", root, "--run", "job", "--allow-private-addresses",
-            "--timeout", "2", "--image-size", "64", "--no-progress"]
-    # A stage runs directly under `ray job submit` through the one entrypoint, the CLI.
+    step = make("ingest", {"source": world["source"], "root": root, "run": "job", "allow-private-addresses": True,
+                           "timeout": 2, "image-size": 64, "progress": False})
+    # A step runs under `ray job submit` from its typed config as JSON: the flows' job entrypoint.
     submitted = subprocess.run(
-        [ray_head["bin"], "job", "submit", "--address", ray_head["address"], "--submission-id", "cli-ingest",
-         "--", "python", "-m", "capfilt.cli", "ingest", *argv],
+        [ray_head["bin"], "job", "submit", "--address", ray_head["address"], "--submission-id", "json-ingest",
+         "--", "python", "-m", "flows.stage_job", json.dumps(step_data(step))],
         env=ray_head["env"], capture_output=True, text=True, timeout=300)
     assert submitted.returncode == 0, submitted.stdout[-2000:] + submitted.stderr[-2000:]
     assert f"ingest job: {world['rows']} rows in" in submitted.stdout
     # A job already running under the flow's submission id is re-attached, not submitted twice.
     client = JobSubmissionClient(ray_head["address"])
     base = "capfilt-ingest-flowrun123"
-    client.submit_job(entrypoint="python -m capfilt.cli ingest " + " ".join(argv).replace("--run job", "--run job2"),
-                      submission_id=base + "-a1",
+    client.submit_job(entrypoint=job_entrypoint(replace(step, run="job2")), submission_id=base + "-a1",
                       runtime_env={"env_vars": {"RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}})
     lines = []
-    sid = run_job(ray_head["address"], "ingest", argv, base_id=base, log=lines.append, client=client)
+    sid = run_job(ray_head["address"], "ingest", step, base_id=base, log=lines.append, client=client)
     assert sid == base + "-a1"
     assert any("re-attaching" in line for line in lines)
     assert any("rows in" in line for line in lines)  # the job's log was streamed
     # Once it succeeded, a further retry does nothing.
     lines.clear()
-    assert run_job(ray_head["address"], "ingest", argv, base_id=base, log=lines.append, client=client) == sid
+    assert run_job(ray_head["address"], "ingest", step, base_id=base, log=lines.append, client=client) == sid
     assert "already succeeded" in lines[0]
     assert [j.submission_id for j in client.list_jobs() if j.submission_id.startswith(base)] == [base + "-a1"]
 
@@ -250,12 +267,9 @@ def tiny_train_params(tmp_path, **stage1):
 
 
 def test_train_flow_checks_trainer_options_before_any_work(tmp_path):
-    from flows.jobs import validate_stage_args
-
     params = tiny_train_params(tmp_path, steps="many")
-    with pytest.raises(ConfigError, match="stage train stage1: .*steps"):
-        for argv in params.stage_argv().values():
-            validate_stage_args(argv[0], argv[1:])
+    with pytest.raises(ConfigError, match="^stage train stage1: steps='many' is not an integer"):
+        params.steps()
     assert not (tmp_path / "data" / "models").exists()
 
 
@@ -285,41 +299,68 @@ def test_bootstrap_rounds_use_the_previous_rounds_models_and_presets_can_be_over
     curate2, filter2, train2 = params.round_params(2)
     assert curate2.caption["captioner"] == "/d/models/b-r1/stage2" and filter2["itm"] == "/d/models/b-r1/stage1"
     assert filter2["top-k"] == 1 and train2.stage1["steps"] == 7 and train2.models == "/d/models/b-r2"
-    assert curate0.stage_argv()["ingest"][:2] == ["--source", "src"]  # round 0 downloads,
-    assert curate2.stage_argv()["ingest"][:2] == ["--from-run", "b-r0"]  # later rounds reuse its images
-    assert params.pretrain_argv()[:2] == ["toy", "pretrain"]
+    assert curate0.steps()["ingest"].source == "src"  # round 0 downloads,
+    assert curate2.steps()["ingest"].from_run == "b-r0"  # later rounds reuse its images
+    assert curate2.steps()["caption"].config.decoding.top_p == 0.9  # typed, from the preset
+    assert train2.steps()["stage1"].config.steps == 7 and params.filter_step(2).select["top_k"] == 1
+    assert params.pretrain_step().COMMAND == "toy pretrain"
     with pytest.raises(Exception, match="STAGE.OPTION"):
         parse_sets(("steps=3",))
 
 
+@pytest.mark.parametrize("preset, quick", [("toy", True), ("toy", False), ("blip2", False), ("none", False)])
+def test_every_presets_options_build_each_stages_typed_config(preset, quick):
+    from flows.bootstrap import planned_steps
+    from flows.params import BootstrapParams
+    from model.train_stage1 import Stage1Config
+    from pipeline.caption import CaptionConfig
+    from pipeline.ingest import IngestConfig
+
+    params = BootstrapParams(source="src", root="/d", run="b", rounds=1, preset=preset, quick=quick,
+                             annotated="/a/ann.parquet", truth="/w/truth.parquet", ablation=True,
+                             stage1={} if preset != "none" else {"vision": "v"},
+                             stage2={} if preset != "none" else {"llm": "l"},
+                             round0_caption={} if preset != "none" else {"captioner": "none"},
+                             round0_filter={} if preset != "none" else {"clip": "ViT-B-32"},
+                             filter={} if preset != "none" else {"clip": "ViT-B-32"})
+    steps = dict(planned_steps(params))  # every option of the preset names a field of its stage's config
+    assert isinstance(steps["ingest-r0"].config, IngestConfig) and isinstance(steps["caption-r1"].config, CaptionConfig)
+    assert isinstance(steps["stage1-r1"].config, Stage1Config)
+    if preset == "toy":
+        assert steps["ingest-r0"].config.allow_private_addresses and steps["filter-r0"].dedup.semantic is False
+        assert steps["stage1-r0"].config.model["hidden_size"] == 64 and steps["stage1-r0"].config.augment is False
+        assert steps["toy-pretrain"].quick is quick
+
+
 def test_with_an_annotated_set_rounds_finetune_first_and_filter_every_caption_by_calibrated_itm(tmp_path):
     from capfilt.commands.bootstrap import parse_sets
-    from flows.bootstrap import _all_steps, check
+    from flows.bootstrap import check, planned_steps
     from flows.params import BootstrapParams
 
     params = BootstrapParams(source="src", root="/d", run="b", rounds=2, preset="toy", annotated="/a/ann.parquet",
                              **parse_sets(("finetune_filter.steps=5", "finetune_captioner.lr=1e-5")))
-    assert params.finetune_argv(0) == {}
-    steps = params.finetune_argv(2)  # round 1's models, finetuned into its models folder
-    assert steps["finetune-filter-r2"][:8] == ["finetune", "filter", "--annotated", "/a/ann.parquet", "--stage1",
-                                               "/d/models/b-r1/stage1", "--out", "/d/models/b-r1/filter"]
-    # the toy preset's (its CLIP calibrated beside the ITM), then --set
-    assert steps["finetune-filter-r2"][8:] == ["--batch-size", "16", "--clip", "local-dir:/d/models/b-toy/clip", "--steps", "5"]
-    assert steps["finetune-captioner-r2"][4:8] == ["--stage2", "/d/models/b-r1/stage2", "--out", "/d/models/b-r1/captioner"]
+    assert params.finetune_steps(0) == {}
+    steps = params.finetune_steps(2)  # round 1's models, finetuned into its models folder
+    ft = steps["finetune-filter-r2"]
+    assert (ft.annotated, ft.stage1, ft.settings.out) == ("/a/ann.parquet", "/d/models/b-r1/stage1", "/d/models/b-r1/filter")
+    assert (ft.settings.batch_size, ft.settings.steps) == (16, 5)  # the toy preset's, then --set
+    assert (ft.clip, ft.filter_score) == ("local-dir:/d/models/b-toy/clip", "best")  # its CLIP calibrated beside the ITM
+    ftc = steps["finetune-captioner-r2"]
+    assert (ftc.stage2, ftc.settings.out, ftc.settings.lr) == ("/d/models/b-r1/stage2", "/d/models/b-r1/captioner", 1e-5)
     curate2, filter2, _ = params.round_params(2)
     assert curate2.caption["captioner"] == "/d/models/b-r1/captioner"
     assert filter2["policy"] == "calibrated" and filter2["itm"] == "/d/models/b-r1/filter"
     assert "top-k" not in filter2 and "rank-by" not in filter2  # a per-caption decision, not a ranking
-    order = list(_all_steps(params))
+    order = [label for label, _ in planned_steps(params)]
     assert order.index("finetune-filter-r1") < order.index("ingest-r1") < order.index("filter-r1")
     without = BootstrapParams(source="src", root="/d", run="b", rounds=1, preset="toy")
-    assert without.finetune_argv(1) == {} and without.round_params(1)[1]["policy"] == "blip2"
+    assert without.finetune_steps(1) == {} and without.round_params(1)[1]["policy"] == "blip2"
     # the early check parses the finetune steps as the CLI would: a bad option fails before any work
     source = tmp_path / "src.parquet"
     source.write_bytes(b"")
     bad = BootstrapParams(source=str(source), root=str(tmp_path), run="b", rounds=1, preset="toy",
                           annotated="/a/ann.parquet", **parse_sets(("finetune_filter.batch-size=many",)))
-    with pytest.raises(ConfigError, match="stage finetune filter: .*--batch-size"):
+    with pytest.raises(ConfigError, match="^stage finetune filter: batch-size='many' is not an integer"):
         check(bad)
     # the calibrated filter's calibration.json is written by the finetune step: read when it runs
     check(BootstrapParams(source=str(source), root=str(tmp_path), run="b", rounds=1, preset="toy",
@@ -327,20 +368,22 @@ def test_with_an_annotated_set_rounds_finetune_first_and_filter_every_caption_by
 
 
 def test_the_ablation_trains_blips_table_1_arms_from_round_1s_captions_and_scores(tmp_path):
-    from flows.bootstrap import _all_steps, model_labels, planned_steps
+    from dataclasses import replace
+
+    from flows.bootstrap import model_labels, planned_steps
     from flows.params import BootstrapParams
 
     params = BootstrapParams(source="src", root="/d", run="b", rounds=1, preset="toy", annotated="/a/ann.parquet",
                              truth="/w/truth.parquet", ablation=True)
     assert list(model_labels(params).values()) == ["raw", "captioner", "filter", "capfilt", "oracle"]
-    steps = _all_steps(params)
-    assert steps["ingest-captioner"][:4] == ["ingest", "--from-run", "b-r0", "--root"]  # round 0's images again
-    for arm, selection in (("captioner", ["--policy", "none"]), ("filter", ["--caption-sources", "web"])):
-        argv = steps[f"filter-{arm}"]
-        assert argv[:7] == ["filter", "--root", "/d", "--run", f"b-{arm}", "--from-run", "b-r1"]
-        assert " ".join(selection) in " ".join(argv) and "/d/models/b-r0/filter" in argv  # round 1's finetuned filter
-    assert steps["stage1-filter"] == [*steps["stage1-r1"][:5], "b-filter", "--out", "/d/models/b-filter/stage1",
-                                      *steps["stage1-r1"][8:]]  # the same budget as every arm
+    steps = dict(planned_steps(params))
+    assert steps["ingest-captioner"].from_run == "b-r0"  # round 0's images again
+    for arm, selection in (("captioner", {"policies": ("none",)}), ("filter", {"caption_sources": ("web",)})):
+        step = steps[f"filter-{arm}"]
+        assert (step.root, step.run, step.from_run) == ("/d", f"b-{arm}", "b-r1")
+        assert selection.items() <= step.select.items() and step.score.itm == "/d/models/b-r0/filter"  # round 1's finetuned filter
+    arm, capfilt = steps["stage1-filter"].config, steps["stage1-r1"].config
+    assert arm == replace(capfilt, run="b-filter", out="/d/models/b-filter/stage1")  # the same budget as every arm
     labels = [label for label, _ in planned_steps(params)]
     assert labels.index("filter-r1") < labels.index("filter-captioner") < labels.index("oracle")
     assert labels[-5:] == ["eval-raw", "eval-captioner", "eval-filter", "eval-capfilt", "eval-oracle"]
@@ -383,19 +426,29 @@ def test_a_prefect_server_that_does_not_start_is_one_clear_line(tmp_path):
 
 def test_a_planned_flow_says_step_k_of_n_and_the_time_left(prefect_harness, tmp_path):
     """What bootstrap and demo print: run_step counts against the flow's plan (flows/progress.py)."""
+    from dataclasses import dataclass
+
     from prefect import flow
 
     from flows.params import Execution
     from flows.progress import step_clock
     from flows.tasks import run_step
+    from pipeline.synth import WorldConfig, make_world
+
+    @dataclass(frozen=True)
+    class WorldStep:  # any step: a command name and the work, as flows/steps/ holds them
+        COMMAND = "synth"
+        out: str
+
+        def execute(self, say):
+            make_world(self.out, WorldConfig(images=4, bad_urls_per_kind=0, duplicates=0, annotated=0))
 
     @flow(name="two-worlds")
     def two_worlds():
         with step_clock(["synth", "synth"]):
             for i in range(2):
-                run_step.with_options(task_run_name=f"world{i}")(
-                    f"world{i}", ["synth", "--out", str(tmp_path / f"w{i}"), "--images", "4", "--bad-urls-per-kind",
-                                  "0", "--duplicates", "0", "--annotated-fraction", "0"], Execution())
+                run_step.with_options(task_run_name=f"world{i}")(f"world{i}", WorldStep(str(tmp_path / f"w{i}")),
+                                                                  Execution())
 
     class Lines(logging.Handler):  # on Prefect's task run logger itself: Prefect's config may not propagate
         def __init__(self):

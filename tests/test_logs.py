@@ -150,17 +150,20 @@ def test_step_clock_counts_against_the_plan():
 def test_bootstrap_plans_every_step_it_runs(extra):
     """"step k of N" counts planned_steps: it must hold every step the flow runs (incl. curate's and
     train's, the finetune steps of an annotated set, the oracle and its training)."""
-    from flows.bootstrap import _all_steps, planned_steps
+    from flows.bootstrap import planned_steps
     from flows.params import BootstrapParams
 
     params = BootstrapParams(source="src", root="/d", run="b", rounds=2, preset="toy", quick=True, **extra)
-    planned = [argv for _, argv in planned_steps(params)]
-    for argv in _all_steps(params).values():
-        assert argv in planned
-    trained = [argv[argv.index("--run") + 1] for argv in planned if argv[:2] == ["train", "stage1"]]
+    planned = [step for _, step in planned_steps(params)]
+    for k in range(3):  # what the flow runs, round by round
+        curate, _, train = params.round_params(k)
+        for step in [*params.finetune_steps(k).values(), *curate.steps(params.will_exist).values(),
+                     params.filter_step(k), *train.steps().values()]:
+            assert step in planned
+    trained = [step.config.run for step in planned if step.COMMAND == "train stage1"]
     assert trained == ["b-r0", "b-r1", "b-r2"] + ([params.oracle_run] if extra else [])
-    assert [argv[0] for argv in planned].count("finetune") == (4 if extra else 0)  # rounds 1 and 2: filter, captioner
-    assert planned[-1][0] == "eval"
+    assert [step.COMMAND.split()[0] for step in planned].count("finetune") == (4 if extra else 0)  # rounds 1 and 2
+    assert planned[-1].COMMAND == "eval"
 
 
 def _jpeg(colour) -> bytes:

@@ -471,11 +471,11 @@ def test_cli_recipe_and_row_options_reach_the_trainers(monkeypatch):
             return {"step": 0, "checkpoint": None, "metrics": []}
         return fake_train
 
-    import capfilt.commands.train as commands
+    import pipeline.lineage as lineage
 
     monkeypatch.setattr(stage1, "train", capture("stage1"))
     monkeypatch.setattr(stage2, "train", capture("stage2"))
-    monkeypatch.setattr(commands, "require_curated", lambda root, run: None)  # no data: the config is the point
+    monkeypatch.setattr(lineage, "curated_lineage", lambda root, run: None)  # no data: the config is the point
     monkeypatch.setattr(stage2, "stage1_info", lambda stage1: None)  # nor a Stage 1 checkpoint
     common = ["--root", "r", "--run", "x", "--out", "o", "--recipe", "lavis", "--beta2", "0.98"]
     cli_main(["train", "stage1", *common, "--vision", "v", "--itc-gather-grad", "local"])

@@ -29,23 +29,8 @@ _DEFAULTS = Decoding()
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Images per generate call.")
 @click.option("--actors", type=int, default=None, help="Captioner actors (default: one per GPU, else one).")
 @click.option("--cpus-per-actor", type=int, default=1, show_default=True, help="CPU cores (torch threads on CPU) per actor.")
-def caption(root, run_id, **options):
+def caption(**options):
     """Write captions/<shard>.parquet: each image's web caption plus N synthetic ones."""
-    from pipeline.caption import run_caption
-    from pipeline.run_store import RunStore
+    from flows.steps import make
 
-    summary = run_caption(RunStore(root, run_id), caption_config(options))
-    click.echo(summary.line())
-
-
-def caption_config(options: dict):
-    """The caption stage's typed config from the command's options (checks every value)."""
-    from pipeline.caption import CaptionConfig
-
-    o = {k: v for k, v in options.items() if k not in ("root", "run_id")}
-    decoding = Decoding(**{k: o.pop(k) for k in ("num_captions", "top_p", "max_length", "min_length",
-                                                  "repetition_penalty", "prompt", "num_beams", "seed")})
-    return CaptionConfig(decoding=decoding, **o)
-
-
-caption.validate_params = caption_config
+    return make("caption", options, where="").execute(say=click.echo)

@@ -25,29 +25,27 @@ from capfilt.commands.options import root_option
               help="Clean annotated set (Parquet/JSONL: image_id, image|image_path|url, captions): the --itm model's "
                    "threshold is calibrated on it (matched vs mismatched pairs, hard negatives included) to "
                    "--target-precision, and the filter keeps every caption whose ITM probability reaches it "
-                   "(BLIP's filter, --policy itm-calibrated).")
+                   "(BLIP's filter, --policy calibrated).")
 @filter_options
 def curate(source, root, run_id, shard_size, allow_private_addresses, image_size, timeout, captioner, num_captions,
            top_p, prompt, seed, annotated, **filter_opts):
     """Curate a source into <root>/runs/<run>/curated: every stage's options are checked before any
     work, and every stage skips shards it already finished (rerunning resumes)."""
-    from flows.jobs import run_embedded, validate_stage_args
-    from flows.params import options_to_argv
+    from flows.steps import make
 
-    common = ["--root", root, "--run", run_id]
+    where = {"root": root, "run": run_id}
     calibration = None
     if annotated:
         calibration = annotated_filter(click.get_current_context(), root, run_id, filter_opts)
-    stages = {
-        "ingest": ["--source", source, *common, "--no-progress", *options_to_argv({
-            "shard-size": shard_size, "allow-private-addresses": allow_private_addresses,
-            "image-size": image_size, "timeout": timeout})],
-        "caption": [*common, *options_to_argv({"captioner": captioner, "num-captions": num_captions,
-                                               "top-p": top_p, "prompt": prompt or None, "seed": seed})],
-        "filter": [*common, *options_to_argv(filter_opts)],
+    will_exist = (calibration,) if calibration else ()
+    steps = {  # every stage's typed config, checked before any work
+        "ingest": make("ingest", {"source": source, **where, "progress": False, "shard_size": shard_size,
+                                  "allow_private_addresses": allow_private_addresses, "image_size": image_size,
+                                  "timeout": timeout}),
+        "caption": make("caption", {**where, "captioner": captioner, "num_captions": num_captions, "top_p": top_p,
+                                    "prompt": prompt, "seed": seed}),
+        "filter": make("filter", {**filter_opts, **where}, will_exist),
     }
-    for stage, argv in stages.items():
-        validate_stage_args(stage, argv, will_exist=(calibration,) if calibration else ())
     if annotated:  # before any download: a set that cannot reach the precision fails here
         from pipeline.calibrate import DEFAULT_MATCH_PRIOR, DEFAULT_TARGET_PRECISION, calibrate_on_annotated
 
@@ -57,11 +55,11 @@ def curate(source, root, run_id, shard_size, allow_private_addresses, image_size
         click.echo(f"calibrated {filter_opts['itm']} on {annotated}: ITM threshold {found.threshold:.4f} for precision "
                    f"{found.target_precision} (predicted {found.predicted_precision:.3f}, recall "
                    f"{found.predicted_recall:.3f}); curve in {calibration}")
-    return {stage: run_embedded(stage, argv) for stage, argv in stages.items()}
+    return {stage: step.execute(say=click.echo) for stage, step in steps.items()}
 
 
 def annotated_filter(ctx: click.Context, root: str, run_id: str, filter_opts: dict) -> str:
-    """With --annotated the filter is BLIP's: --policy itm-calibrated with the calibration this
+    """With --annotated the filter is BLIP's: --policy calibrated with the calibration this
     command writes to <root>/runs/<run>/calibration.json. Returns that path."""
     import os
 
@@ -71,11 +69,13 @@ def annotated_filter(ctx: click.Context, root: str, run_id: str, filter_opts: di
         raise click.UsageError("--annotated needs a local --root (the calibration is a local file); calibrate with "
                                "`capfilt finetune filter` and pass --calibration instead.")
     policies = [p.strip() for p in filter_opts["policy"].split(",") if p.strip()]
-    if "itm-calibrated" not in policies:
+    from pipeline.select import CALIBRATED
+
+    if not CALIBRATED & set(policies):
         if ctx.get_parameter_source("policy") != click.core.ParameterSource.DEFAULT:
             raise click.UsageError(f"--annotated calibrates the ITM threshold, but --policy {filter_opts['policy']} does "
-                                   "not use it: add itm-calibrated (e.g. --policy itm-calibrated).")
-        filter_opts["policy"] = "itm-calibrated"
+                                   "not use it: add calibrated (e.g. --policy calibrated).")
+        filter_opts["policy"] = "calibrated"
     if filter_opts.get("calibration"):
         raise click.UsageError("give either --annotated (calibrate here) or --calibration (an existing one), not both.")
     filter_opts["calibration"] = os.path.join(root, "runs", run_id, "calibration.json")

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import click
 
 from capfilt.commands.options import NEW_TOKENS, Command, root_option
 
-METRICS_FILE = "eval.json"
+from flows.steps.evaluate import METRICS_FILE, metrics_path  # noqa: F401 - metrics_path: the CLI's rule too
 
 
 @click.command("eval", cls=Command, renamed=NEW_TOKENS)
@@ -37,36 +34,6 @@ METRICS_FILE = "eval.json"
               help=f"Folder to write the metrics to ({METRICS_FILE}); a path ending in .json (the old form) is the file itself.")
 def eval_command(out, **options):
     """Measure a run: retrieval (--stage1), captions (--captioner) and, on a synthetic world (--truth), filter quality."""
-    from pipeline.evaluate import run_eval, summary_lines
+    from flows.steps import make
 
-    path = metrics_path(out)
-    result = run_eval(eval_config(options))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1, sort_keys=True))
-    for line in summary_lines(result):
-        click.echo(line)
-    click.echo(f"metrics: {path}")
-
-
-def metrics_path(out: str) -> Path:
-    """--out DIR -> DIR/eval.json; --out FILE.json (what --out meant before every --out was a folder) -> FILE.json."""
-    if out.endswith(".json"):
-        click.echo(f"capfilt: warning: eval --out {out}: --out is a folder now; the metrics go to "
-                   f"--out/{METRICS_FILE} (a .json path still names the file)", err=True)
-        return Path(out)
-    return Path(out) / METRICS_FILE
-
-
-def eval_config(options: dict):
-    """The evaluation's typed config from the command's options (checks every value; --preset fills the rest)."""
-    from model.recipes import EVAL_PRESETS, preset_values
-    from pipeline.evaluate import EvalConfig
-
-    o = {k: v for k, v in options.items() if k != "out"}
-    names = ("rerank_k", "rerank_score", "num_beams", "max_length", "min_length")
-    given = {k: o.pop(k) for k in names}
-    defaults = dict(rerank_k=16, rerank_score="itm+itc", num_beams=3, max_length=30, min_length=1)
-    return EvalConfig(**preset_values(EVAL_PRESETS, o.pop("preset"), given, defaults), **o)
-
-
-eval_command.validate_params = eval_config
+    make("eval", {**options, "out": out}, where="").execute(say=click.echo)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import click
 
 from capfilt.commands.options import root_option
@@ -52,57 +50,6 @@ def filter_options(f):
     return f
 
 
-def configs_from_options(o: dict, will_exist: tuple[str, ...] = ()):
-    """(ScoreConfig, DedupConfig, SelectConfig) from the filter options; every value is checked.
-
-    `will_exist`: folders an earlier step of the same flow writes (a flow's early check); a
-    calibration that will be written there is read when the filter runs, not now (SelectConfig None).
-    """
-    from pipeline.dedup import DedupConfig
-    from pipeline.score import ScoreConfig
-    from pipeline.select import CALIBRATED, SelectConfig
-
-    score = ScoreConfig(clip=o["clip"], clip_pretrained=o["clip_pretrained"], clip_config=o["clip_config"],
-                        itm=o["itm"], batch_size=o["score_batch_size"], actors=o["score_actors"])
-    dedup = DedupConfig(eps=o["dedup_eps"], cluster_size=o["dedup_cluster_size"], semantic=not o["no_semantic_dedup"])
-    policies = tuple(p.strip() for p in o["policy"].split(",") if p.strip())
-    calibration = None
-    calibrated = [p for p in policies if p in CALIBRATED]
-    if calibrated:
-        if not score.itm:
-            raise click.UsageError(f"--policy {calibrated[0]} needs --itm (the finetuned filter)")
-        from pipeline.calibrate import load_calibration
-
-        source = o.get("calibration") or score.itm
-        if not os.path.exists(source) and any(_under(source, folder) for folder in will_exist):
-            return score, dedup, None
-        calibration = load_calibration(source, "--calibration" if o.get("calibration") else "--itm")
-        calibration = calibration.at(o.get("target_precision"), o.get("match_prior"))
-    select = SelectConfig(
-        policies=policies, top_k=o["top_k"], rank_by=o["rank_by"], itm_threshold=o["itm_threshold"], clip_threshold=o["clip_threshold"],
-        clip_top_fraction=o["clip_top_fraction"], min_image_size=o["min_image_size"], max_aspect_ratio=o["max_aspect_ratio"],
-        max_punsafe=o["max_punsafe"], max_pwatermark=o["max_pwatermark"], min_caption_words=o["min_caption_words"],
-        max_caption_words=o["max_caption_words"], drop_degenerate=not o["keep_degenerate"], calibration=calibration,
-        caption_sources=tuple(c.strip() for c in (o.get("caption_sources") or "web,synthetic").split(",") if c.strip()),
-    )
-    if "blip" in policies and not score.itm:
-        raise click.UsageError("--policy blip needs --itm (an ITM model)")
-    if select.rank_by == "itm" and not score.itm:
-        raise click.UsageError("--rank-by itm needs --itm (an ITM model)")
-    return score, dedup, select
-
-
-def _under(path: str, folder: str) -> bool:
-    path, folder = os.path.abspath(path), os.path.abspath(folder)
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
-def run_filter(store, options: dict, from_run: str | None = None) -> dict:
-    from pipeline.filtering import run_filter as run
-
-    return run(store, *configs_from_options(options), from_run=from_run, say=click.echo)
-
-
 @click.command(name="filter")
 @root_option()
 @click.option("--run", "run_id", required=True, help="Run id.")
@@ -110,15 +57,12 @@ def run_filter(store, options: dict, from_run: str | None = None) -> dict:
               help="Take this run's captions and scores (same images, e.g. both ingested --from-run of one round 0) "
                    "and only dedup and select: an ablation arm that differs in its selection alone.")
 @filter_options
-def filter_command(root, run_id, from_run, **options):
+def filter_command(**options):
     """Score (CLIP + ITM), dedup (sha256 + SemDeDup with faiss) and select a captioned run.
 
     Writes scores/, dedup/, curated/ and rejected/ (every dropped caption with its reason) and the
     report (histograms, reasons, sample grid). Each step skips work already done with the same settings.
     """
-    from pipeline.run_store import RunStore
+    from flows.steps import make
 
-    return run_filter(RunStore(root, run_id), options, from_run)
-
-
-filter_command.validate_params = configs_from_options
+    return make("filter", options, where="").execute(say=click.echo)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import click
 
 
@@ -24,12 +22,6 @@ def common_options(f):
     for option in reversed(options):
         f = option(f)
     return f
-
-
-def _settings(out, steps, lr, batch_size, seed, device):
-    from model.finetune import FinetuneSettings
-
-    return FinetuneSettings(out=out, steps=steps, lr=lr, batch_size=batch_size, seed=seed, device=device)
 
 
 @click.group()
@@ -53,44 +45,26 @@ def finetune():
 @click.option("--filter-score", type=click.Choice(["best", "itm", "clip"]), default="best", show_default=True,
               help="The score the calibrated filter thresholds: the finetuned ITM, the CLIP, or (best) whichever "
                    "reaches --target-precision with more recall on the held-out pairs (ITM without --clip).")
-def filter_command(annotated, out, steps, lr, batch_size, seed, holdout_fraction, device, stage1, vision,
-                   target_precision, match_prior, no_calibrate, clip, clip_pretrained, clip_config, filter_score):
+def filter_command(**options):
     """Finetune BLIP's filter (ITC + ITM) from a Stage 1 checkpoint, then calibrate its ITM threshold
     (and with --clip the CLIP's) on the held-out part.
 
     DIR loads as `capfilt filter --itm DIR --policy calibrated` (DIR/calibration.json holds the threshold).
     """
-    from pipeline.finetune import ClipSpec, run_finetune_filter
+    from flows.steps import make
 
-    spec = ClipSpec(clip, clip_pretrained, clip_config) if clip else None
-    result = run_finetune_filter(annotated, stage1, _settings(out, steps, lr, batch_size, seed, device), holdout_fraction,
-                                 None if no_calibrate else target_precision, match_prior, vision, spec, filter_score)
-    click.echo(f"finetuned filter: {result['step']} steps -> {result['checkpoint']}")
-    cal = result["calibration"]
-    if cal is not None:
-        click.echo(f"calibrated: keep {cal.score.upper()} >= {cal.threshold:.4f} (predicted precision "
-                   f"{cal.predicted_precision:.3f}, recall {cal.predicted_recall:.3f}, prior {cal.match_prior}) -> "
-                   f"{out}/calibration.json")
-    return result
+    return make("finetune filter", options, where="").execute(say=click.echo)
 
 
 @finetune.command(name="captioner")
 @common_options
 @click.option("--stage2", required=True, help="Stage 2 checkpoint to start from (trainer --out or step-*).")
-def captioner_command(annotated, out, steps, lr, batch_size, seed, holdout_fraction, device, stage2):
+def captioner_command(**options):
     """Finetune BLIP's captioner (LM loss) from a Stage 2 checkpoint.
 
     DIR loads as `capfilt caption --captioner DIR`: the finetuned model, or its parent where
     finetuning lowered CIDEr on the held-out part (model selection, DIR/selected).
     """
-    from pipeline.finetune import run_finetune_captioner
+    from flows.steps import make
 
-    result = run_finetune_captioner(annotated, stage2, _settings(out, steps, lr, batch_size, seed, device), holdout_fraction)
-    click.echo(f"finetuned captioner: {result['step']} steps -> {result['checkpoint']}")
-    if result["heldout"]:
-        h = result["heldout"]
-        click.echo(f"held-out annotated images ({h['images']}): CIDEr {h['parent']['cider']:.3f} (parent) -> "
-                   f"{h['finetuned']['cider']:.3f}, BLEU-4 {h['parent']['bleu4']:.3f} -> {h['finetuned']['bleu4']:.3f} "
-                   f"-> {out}/heldout.json; {out} loads as the {h['selected']} captioner")
-    click.echo(json.dumps(result["lineage"]["split"]))
-    return result
+    return make("finetune captioner", options, where="").execute(say=click.echo)

@@ -6,8 +6,6 @@ import click
 
 from capfilt.commands.options import root_option
 
-from capfilt.errors import CapfiltError
-
 
 @click.command()
 @click.option("--source", help="Parquet/CSV/JSONL file or folder of them (local path or fsspec URI).")
@@ -39,42 +37,12 @@ from capfilt.errors import CapfiltError
 @click.option("--url-col", default="URL", show_default=True, help="Source column holding the URL.")
 @click.option("--caption-col", default="TEXT", show_default=True, help="Source column holding the caption.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def ingest_command(source, from_run, root, run_id, retry_failed, no_progress, **options):
+def ingest_command(**options):
     """Download a URL source with img2dataset into <root>/runs/<run>/images, one Ray task per shard.
 
     Every source row ends in images/ or in rejected/ingest/ with a reason. Rerunning skips shards
     already done with the same settings. --from-run takes another run's downloads instead.
     """
-    from pipeline.ingest import ingest, reuse_ingest
+    from flows.steps import make
 
-    config = ingest_config({"source": source, "from_run": from_run, **options})
-    if from_run:
-        summary = reuse_ingest(root, run_id, from_run)
-    else:
-        summary = ingest(source, root, run_id, config, retry_failed=retry_failed, progress=not no_progress)
-    click.echo(summary.line())
-    problem = summary.problem(source or f"run {from_run}")
-    if problem and summary.kept == 0:
-        raise CapfiltError(f"ingest {run_id}: {problem}")
-    if problem:
-        click.echo(f"capfilt: warning: ingest {run_id}: {problem}", err=True)
-    return summary
-
-
-def ingest_config(options: dict):
-    """The ingest stage's typed config from the command's options (checks every value, reads blocklists)."""
-    from pipeline.ingest import IngestConfig, read_blocklist
-    from schemas import SourceColumns
-
-    if bool(options.get("source")) == bool(options.get("from_run")):
-        raise click.UsageError("give either --source (download a URL source) or --from-run (reuse a run's downloads)")
-    o = {k: v for k, v in options.items()
-         if k not in ("source", "from_run", "root", "run_id", "retry_failed", "no_progress")}
-    return IngestConfig(
-        respect_opt_out=not o.pop("ignore_opt_out"), url_blocklist=read_blocklist(o.pop("url_blocklist"), "--url-blocklist"),
-        hash_blocklist=read_blocklist(o.pop("hash_blocklist"), "--hash-blocklist"),
-        columns=SourceColumns(URL=o.pop("url_col"), TEXT=o.pop("caption_col")), **o,
-    )
-
-
-ingest_command.validate_params = ingest_config
+    return make("ingest", options, where="").execute(say=click.echo)

@@ -86,8 +86,7 @@ def info(directory):
 @click.option("--run", "run_id", required=True, help="Run to write: curated/ with the true captions.")
 def oracle(truth, root, from_run, run_id):
     """Curate a run from ingested images and their TRUE captions (an upper bound for training)."""
-    from pipeline.synth import write_oracle_run
+    from flows.steps import make
 
-    totals = write_oracle_run(truth, root, from_run, run_id)
-    click.echo(f"oracle run {run_id}: {totals['images']} images = {totals['kept']} with true captions + "
-               f"{totals['dropped']} dropped (no ground truth)")
+    step = make("synth oracle", {"truth": truth, "root": root, "from_run": from_run, "run": run_id}, where="")
+    step.execute(say=click.echo)

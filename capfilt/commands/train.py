@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import click
 
 from capfilt.commands.options import Command, root_option
@@ -47,47 +45,9 @@ def recipe_options(f):
     return f
 
 
-RECIPE_OPTIONS = ("recipe", "min_lr", "warmup_steps", "warmup_lr", "lr_schedule", "beta2", "grad_clip",
-                  "text_processing")
-
-
-def recipe_settings(recipe, min_lr, warmup_steps, warmup_lr, lr_schedule, beta2, grad_clip, text_processing) -> dict:
-    return dict(recipe=recipe, min_lr=min_lr, warmup_steps=warmup_steps, warmup_lr=warmup_lr, lr_schedule=lr_schedule,
-                betas=None if beta2 is None else (0.9, beta2), grad_clip=grad_clip, text_processing=text_processing)
-
-
 @click.group()
 def train():
     """Train capfilt's models on a curated run."""
-
-
-def require_curated(root: str, run: str) -> None:
-    """The run to train on exists and has curated data: checked before any model or hub is touched,
-    so a typo costs a second, not minutes of download retries and an empty --out folder."""
-    from pipeline.lineage import curated_lineage
-
-    curated_lineage(root, run)
-
-
-def stage1_config(params: dict):
-    """The Stage 1 trainer's typed config from the command's options (checks every value)."""
-    from model.train_stage1 import Stage1Config
-
-    p = dict(params)
-    p.pop("workers", None)
-    model_config = p.pop("model_config")
-    try:
-        overrides = json.loads(model_config) if model_config else {}
-    except json.JSONDecodeError as exc:
-        raise click.BadParameter(f"not JSON ({exc})", param_hint="--model-config") from exc
-    if not isinstance(overrides, dict):
-        raise click.BadParameter("must be a JSON object", param_hint="--model-config")
-    bert = p.pop("bert")
-    p.update(recipe_settings(*(p.pop(k) for k in RECIPE_OPTIONS)))
-    return Stage1Config(
-        root=p.pop("root"), run=p.pop("run_id"), bert=None if bert.lower() == "none" else bert, model=overrides,
-        num_data_workers=p.pop("data_workers"), **p,
-    )
 
 
 @train.command(cls=Command, renamed={"--from-run": "--run"})
@@ -120,32 +80,9 @@ def stage1_config(params: dict):
 @run_options
 def stage1(**params):
     """Train Stage 1 (ITC + ITM + ITG) against a frozen image encoder; checkpoints and metrics go to --out."""
-    from model.train_stage1 import train_distributed
-    from model.train_stage1 import train as train_local
+    from flows.steps import make
 
-    require_curated(params["root"], params["run_id"])
-    config = stage1_config(params)
-    workers, out = params["workers"], config.out
-    if workers > 1:
-        result = train_distributed(config, workers)
-        click.echo(f"trained to step {result['step']} on {workers} workers; checkpoints in {out}")
-        return
-    result = train_local(config)
-    last = result["metrics"][-1] if result["metrics"] else {}
-    click.echo(
-        f"trained to step {result['step']}; last loss {last.get('loss')} (itc {last.get('itc')}, itm {last.get('itm')}, "
-        f"itg {last.get('itg')}); checkpoint {result['checkpoint']}; metrics {out}/metrics.jsonl"
-    )
-
-
-def stage2_config(params: dict):
-    """The Stage 2 trainer's typed config from the command's options (checks every value)."""
-    from model.stage2 import Stage2Config
-
-    p = dict(params)
-    p.pop("workers", None)
-    p.update(recipe_settings(*(p.pop(k) for k in RECIPE_OPTIONS)))
-    return Stage2Config(root=p.pop("root"), run=p.pop("run_id"), num_data_workers=p.pop("data_workers"), **p)
+    return make("train stage1", params, where="").execute(say=click.echo)
 
 
 @train.command(cls=Command)
@@ -179,23 +116,6 @@ def stage2_config(params: dict):
 @run_options
 def stage2(**params):
     """Train Stage 2: the Stage 1 Q-Former and a projection in front of a frozen LLM; checkpoints go to --out."""
-    from model.stage2 import train_distributed
-    from model.stage2 import stage1_info
-    from model.stage2 import train as train_local
+    from flows.steps import make
 
-    require_curated(params["root"], params["run_id"])
-    config = stage2_config(params)
-    stage1_info(config.stage1)  # not a Stage 1 checkpoint: say so before --out is created
-    workers, out = params["workers"], config.out
-    result = train_distributed(config, workers) if workers > 1 else train_local(config)
-    metrics = result["metrics"]
-    first, last = (metrics[0], metrics[-1]) if metrics else ({}, {})
-    click.echo(
-        f"trained to step {result['step']}{f' on {workers} workers' if workers > 1 else ''}; loss "
-        f"{first.get('loss')} (step {first.get('step')}) -> {last.get('loss')} (step {last.get('step')}); "
-        f"checkpoint {result['checkpoint']}; metrics {out}/metrics.jsonl"
-    )
-
-
-stage1.validate_params = stage1_config
-stage2.validate_params = stage2_config
+    return make("train stage2", params, where="").execute(say=click.echo)

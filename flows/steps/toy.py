@@ -1,0 +1,84 @@
+"""The synthetic world's steps: the toy preset's frozen pieces, and the oracle run of true captions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from capfilt.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ToyPretrainStep:
+    COMMAND: ClassVar[str] = "toy pretrain"
+
+    root: str
+    run: str  # an ingested run: its (image, web caption) pairs, unless world_images
+    out: str  # tokenizer/, bert/, clip/ (open_clip local-dir:) and lm/
+    quick: bool = False
+    seed: int = 0
+    world_images: int = 0  # > 0: pretrain on a separate synthetic world of this many images instead
+    world_noise: float = 0.4
+    world_seed: int = 104729
+
+    def check(self, will_exist: tuple[str, ...] = ()) -> None:
+        if self.world_images < 0:
+            raise ConfigError(f"--world-images must be >= 0, got {self.world_images}.")
+
+    def execute(self, say=print) -> dict:
+        from model.toy import ToyPreset, pretrain_toy, pretrain_toy_pairs
+
+        world_images = self.world_images
+        preset = (ToyPreset.quick(seed=self.seed) if self.quick else ToyPreset.world(seed=self.seed) if world_images
+                  else ToyPreset(seed=self.seed))
+        if world_images:
+            from pathlib import Path
+
+            from pipeline.synth import pretraining_world, world_pairs
+
+            world = pretraining_world(Path(self.root) / "worlds" / f"toy-pretrain-{world_images}-noise{self.world_noise}"
+                                      f"-seed{self.world_seed}", world_images, self.world_seed, self.world_noise)
+            pairs = world_pairs(world)
+            info = pretrain_toy_pairs(pairs, self.out, preset, about={"world": str(world), "counts": {"pairs": len(pairs)}})
+            what = f"pretraining world {world}"
+        else:
+            info = pretrain_toy(self.root, self.run, self.out, preset)
+            what = f"run '{self.run}'"
+        if info["reused"]:
+            say(f"{self.out} already holds the toy models for {what} (same preset): nothing to do")
+            return info
+        c = info["counts"]
+        if world_images:
+            say(f"trained on {c['pairs']} pairs of the {what} (not on run '{self.run}')")
+        else:
+            say(f"trained on {c['pairs']} pairs of run '{self.run}' ({c['duplicates']} duplicate images, "
+                f"{c['empty_caption']} empty captions, {c['undecodable']} undecodable images left out)")
+        say(f"bert: masked-LM loss {info['bert']['loss_first']:.3f} -> {info['bert']['loss_last']:.3f} "
+            f"({info['bert']['seconds']:.0f} s)")
+        say(f"clip: loss {info['clip']['loss_first']:.3f} -> {info['clip']['loss_last']:.3f} "
+            f"({info['clip']['seconds']:.0f} s); lm: loss {info['lm']['loss_first']:.3f} -> "
+            f"{info['lm']['loss_last']:.3f} ({info['lm']['seconds']:.0f} s)")
+        say(f"tokenizer: {self.out}/tokenizer  bert: {self.out}/bert  clip: local-dir:{self.out}/clip  lm: {self.out}/lm")
+        return info
+
+
+@dataclass(frozen=True)
+class OracleStep:
+    COMMAND: ClassVar[str] = "synth oracle"
+    OPTIONS: ClassVar[dict] = {}
+
+    truth: str  # the world's ground_truth.parquet
+    root: str
+    from_run: str  # whose ingested images
+    run: str  # written: curated/ with the true captions
+
+    def check(self, will_exist: tuple[str, ...] = ()) -> None:
+        pass  # the ground truth is read when the step runs (the CLI's --truth must exist)
+
+    def execute(self, say=print) -> dict:
+        from pipeline.synth import write_oracle_run
+
+        totals = write_oracle_run(self.truth, self.root, self.from_run, self.run)
+        say(f"oracle run {self.run}: {totals['images']} images = {totals['kept']} with true captions + "
+            f"{totals['dropped']} dropped (no ground truth)")
+        return totals
