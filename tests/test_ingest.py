@@ -237,7 +237,15 @@ def test_resume_after_killed_run_gives_the_same_rows(ray_local, small_world, tmp
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)  # kill the process (and its local Ray), not a flag
     proc.wait()
-    done_before = {r.shard for r in store.records("ingest") if r.status == "done"}
+    # A shard's commit runs in a Ray worker, which may outlive its killed driver by a moment: a
+    # shard it commits then is done, and the resumed run must skip it too. Wait until the records
+    # stop changing, so the shards counted here are all the kill left done.
+    done_before, stable_since = set(), time.time()
+    while time.time() - stable_since < 3 and time.time() < deadline + 30:
+        now = {r.shard for r in store.records("ingest") if r.status == "done"}
+        if now != done_before:
+            done_before, stable_since = now, time.time()
+        time.sleep(0.2)
     assert done_before, "the run was killed before any shard finished"
     assert len(done_before) < len(plan_shards(world["source"], 6, IngestConfig().columns)), "killed too late"
     config = IngestConfig(**FAST, shard_size=6)
