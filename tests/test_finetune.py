@@ -270,14 +270,19 @@ def test_curate_annotated_calibrates_an_itm_model_as_it_is_on_the_whole_set(tmp_
     from model.scorers import save_random_itm
     from pipeline.calibrate import calibrate_on_annotated, load_calibration
 
-    # Seeded: a random model's ranking depends on its draw, and the check below needs one whose
-    # top-scored pair is not a match (otherwise a precision of 1.0 at one pair is reachable).
-    torch.manual_seed(0)
+    # An ITM head of zeros scores every pair alike (precision = the 0.5 prior at any threshold), so the
+    # unreachable target below does not hang on a random draw (a draw whose top-scored pair is a match
+    # reaches any precision at one pair, and draws differ across CPUs).
+    from transformers import BlipForImageTextRetrieval
+
     itm = save_random_itm(str(tmp_path / "itm"))
-    cal = calibrate_on_annotated(itm, annotated["path"], tmp_path / "run" / "calibration.json", target_precision=0.5)
+    model = BlipForImageTextRetrieval.from_pretrained(itm)
+    torch.nn.init.zeros_(model.itm_head.weight), torch.nn.init.zeros_(model.itm_head.bias)
+    model.save_pretrained(itm)
+    cal = calibrate_on_annotated(itm, annotated["path"], tmp_path / "run" / "calibration.json", target_precision=0.4)
     assert cal.positives == sum(len(im.captions) for im in annotated["images"])  # the whole set: nothing held out
     assert cal.negatives["random"] > 0 and cal.negatives["hard"] > 0 and cal.scorer == itm
     assert load_calibration(tmp_path / "run" / "calibration.json").threshold == cal.threshold
-    with pytest.raises(ConfigError, match="precision"):  # a random ITM cannot reach 0.999: said, the curve kept
+    with pytest.raises(ConfigError, match="precision"):  # an uninformed ITM cannot reach 0.999: said, the curve kept
         calibrate_on_annotated(itm, annotated["path"], tmp_path / "hard.json", target_precision=0.999)
     assert (tmp_path / "hard.json").exists()
