@@ -92,7 +92,10 @@ class ClipScorer:
         return (self.embed_images(images) * self.embed_texts(texts)).sum(axis=1)
 
 
-def load_clip(name: str, pretrained: str | None = None, device: str = "auto") -> ClipScorer:
+def load_clip(name: str, pretrained: str | None = None, device: str = "auto", config: str | None = None) -> ClipScorer:
+    """An open_clip model by name and pretrained tag/file; `config` registers model configs first."""
+    if config:
+        register_clip_config(config)
     return ClipScorer(name, pretrained, device)
 
 

@@ -338,10 +338,9 @@ class ToyClip:
 
     def load_scorer(self, device: str = "cpu"):
         """The Filter stage's CLIP scorer, through the same calls as a real name."""
-        from model.scorers import load_clip, register_clip_config
+        from model.scorers import load_clip
 
-        register_clip_config(self.config)
-        return load_clip(self.name, self.checkpoint, device)
+        return load_clip(self.name, self.checkpoint, device, self.config)
 
 
 def clip_model_config(preset: ToyPreset, tokenizer_folder: str | Path, vocab_size: int, eos_id: int) -> dict:

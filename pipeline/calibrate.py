@@ -233,15 +233,20 @@ SCORES = ("itm", "clip")
 CHOICES = ("best", *SCORES)
 
 
+def check_filter_score(prefer: str, has_clip: bool) -> None:
+    """ConfigError unless `prefer` (--filter-score) is a choice the given scorers can satisfy."""
+    if prefer not in CHOICES:
+        raise ConfigError(f"--filter-score {prefer!r}: choose from {', '.join(CHOICES)}.")
+    if prefer == "clip" and not has_clip:
+        raise ConfigError("--filter-score clip needs --clip (the CLIP the filter stage scores with).")
+
+
 def choose(calibrations: dict[str, Calibration], prefer: str = "best") -> Calibration:
     """The calibration the filter uses: `prefer` (itm / clip), or with `best` the one reaching the
     target precision with the most recall (ITM, BLIP's filter, on a tie or when neither reaches
     it). The others' figures travel in its `extra['alternatives']`."""
-    if prefer not in CHOICES:
-        raise ConfigError(f"--filter-score {prefer!r}: choose from {', '.join(CHOICES)}.")
+    check_filter_score(prefer, "clip" in calibrations)
     if prefer != "best":
-        if prefer not in calibrations:
-            raise ConfigError(f"--filter-score {prefer}: no {prefer} calibration (give --clip for clip).")
         chosen = calibrations[prefer]
     else:
         order = sorted(calibrations, key=lambda k: (calibrations[k].predicted_recall or -1.0, k == "itm"), reverse=True)

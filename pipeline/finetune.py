@@ -20,8 +20,8 @@ from pathlib import Path
 from model.finetune import FinetuneSettings, finetune_captioner, finetune_filter
 from pipeline.annotated import DEFAULT_HOLDOUT_FRACTION, read_annotated, split_annotated
 from capfilt.errors import ConfigError
-from pipeline.calibrate import (CHOICES, DEFAULT_MATCH_PRIOR, DEFAULT_TARGET_PRECISION, calibrate_clip, calibrate_itm,
-                               choose, write_calibration)
+from pipeline.calibrate import (DEFAULT_MATCH_PRIOR, DEFAULT_TARGET_PRECISION, calibrate_clip, calibrate_itm,
+                               check_filter_score, choose, write_calibration)
 
 log = logging.getLogger(__name__)
 HELDOUT_NAME = "heldout.json"
@@ -36,11 +36,9 @@ class ClipSpec:
     config: str | None = None  # open_clip model config(s) to register first
 
     def load(self, device: str = "auto"):
-        from model.scorers import load_clip, register_clip_config
+        from model.scorers import load_clip
 
-        if self.config:
-            register_clip_config(self.config)
-        return load_clip(self.name, self.pretrained, device)
+        return load_clip(self.name, self.pretrained, device, self.config)
 
 
 def run_finetune_filter(annotated: str, stage1: str, settings: FinetuneSettings,
@@ -54,10 +52,7 @@ def run_finetune_filter(annotated: str, stage1: str, settings: FinetuneSettings,
     calibration-clip.json each scorer's. Returns {'step', 'checkpoint', 'metrics', 'lineage',
     'calibration' (a Calibration or None)}; raises ConfigError, after writing the curves, when the
     target precision is out of reach."""
-    if filter_score not in CHOICES:
-        raise ConfigError(f"--filter-score {filter_score!r}: choose from {', '.join(CHOICES)}.")
-    if filter_score == "clip" and clip is None:
-        raise ConfigError("--filter-score clip needs --clip (the CLIP the filter stage scores with).")
+    check_filter_score(filter_score, clip is not None)  # before any training
     data = read_annotated(annotated)
     split = split_annotated(data.images, holdout_fraction, settings.seed)
     result = finetune_filter(stage1, split.finetune, settings, data.describe(), split.describe(), vision)

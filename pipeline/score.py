@@ -55,11 +55,9 @@ class ScoreConfig:
         return config_hash({"clip": self.clip, "pretrained": self.clip_pretrained, "itm": self.itm})
 
     def load(self):
-        from model.scorers import load_clip, load_itm, register_clip_config
+        from model.scorers import load_clip, load_itm
 
-        if self.clip_config:
-            register_clip_config(self.clip_config)
-        clip = load_clip(self.clip, self.clip_pretrained, self.device)
+        clip = load_clip(self.clip, self.clip_pretrained, self.device, self.clip_config)
         itm = load_itm(self.itm, self.device) if self.itm else None
         return clip, itm
 

@@ -221,7 +221,7 @@ def test_the_filter_score_is_the_one_reaching_the_precision_with_more_recall():
     assert chosen.extra["alternatives"]["itm"]["predicted_recall"] == weak.predicted_recall
     assert choose({"itm": weak, "clip": strong}, "itm").score == "itm"
     assert choose({"itm": replace(strong, score="itm"), "clip": strong}).score == "itm"  # a tie: BLIP's ITM
-    with pytest.raises(ConfigError, match="no clip calibration"):
+    with pytest.raises(ConfigError, match="needs --clip"):
         choose({"itm": weak}, "clip")
 
 

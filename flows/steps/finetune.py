@@ -7,7 +7,6 @@ import json
 from dataclasses import dataclass
 from typing import ClassVar
 
-from capfilt.errors import ConfigError
 from model.finetune import FinetuneSettings
 from pipeline.configs import Option, negate
 
@@ -31,13 +30,10 @@ class FinetuneFilterStep:
     filter_score: str = "best"  # itm, clip, or the one reaching the precision with more recall
 
     def check(self, will_exist: tuple[str, ...] = ()) -> None:
-        from pipeline.calibrate import CHOICES
+        from pipeline.calibrate import check_filter_score
 
         # FinetuneSettings checked its values; the annotated set is read when the step runs
-        if self.filter_score not in CHOICES:
-            raise ConfigError(f"--filter-score {self.filter_score!r}: choose from {', '.join(CHOICES)}.")
-        if self.filter_score == "clip" and not self.clip:
-            raise ConfigError("--filter-score clip needs --clip (the CLIP the filter stage scores with).")
+        check_filter_score(self.filter_score, bool(self.clip))
 
     def execute(self, say=print) -> dict:
         from pipeline.finetune import ClipSpec, run_finetune_filter
