@@ -105,7 +105,7 @@ class LegacyStage2Batches(stage2_module.Stage2Batches, LegacyStage1Batches):
 
 
 def legacy_stage1_losses(model, image_features, input_ids, attention_mask, image_ids, itc_label_smoothing=0.1,
-                         itg_label_smoothing=0.1, generator=None, hard_negatives=True):
+                         itg_label_smoothing=0.1, generator=None, hard_negatives=True, itc_local_grad=False):
     """The old composition: a query-only pass for ITC, ITM over 3B image copies, then ITG's own
     [queries ; text] pass recomputing the queries."""
     from model.losses import Stage1Losses, gather_no_grad, itc_loss, itg_loss, sample_hard_negatives

@@ -236,19 +236,24 @@ class Stage1Batches(torch.utils.data.Dataset):
         return indices, list(captions), torch.stack(pixels)
 
     def tokens(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(input_ids, attention_mask), padded to max_text_length (so rows never depend on the batch)."""
+        """(input_ids, attention_mask), padded to the batch's longest text (at most max_text_length)."""
         def tokenize(texts):
             text = self.tokenizer(texts, padding="max_length", truncation=True,
                                   max_length=self.config.max_text_length, return_tensors="pt")
             return text.input_ids, text.attention_mask
 
         if self.token_cache is None:
-            return tokenize(captions)
-        missing = [c for c in dict.fromkeys(captions) if c not in self.token_cache]
-        if missing:
-            self.token_cache.update(zip(missing, zip(*tokenize(missing))))
-        rows = [self.token_cache[c] for c in captions]
-        return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+            input_ids, attention_mask = tokenize(captions)
+        else:
+            missing = [c for c in dict.fromkeys(captions) if c not in self.token_cache]
+            if missing:
+                self.token_cache.update(zip(missing, zip(*tokenize(missing))))
+            rows = [self.token_cache[c] for c in captions]
+            input_ids, attention_mask = torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+        # Padding columns are masked out of every attention and loss, so cutting them changes only
+        # the cost: web captions are often far shorter than max_text_length (the toy's ~12 of 32).
+        width = max(int(attention_mask.sum(dim=1).max()), 1)
+        return input_ids[:, :width], attention_mask[:, :width]
 
     def __getitem__(self, micro: int) -> dict:
         indices, captions, pixels = self.samples(micro)

@@ -43,6 +43,22 @@ def gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
+def gather_rows_no_grad(tensor: torch.Tensor, pad_value: int = 0) -> torch.Tensor:
+    """`gather_no_grad` of (B, L) rows whose L may differ across workers (token ids and masks of
+    batches padded to their own longest text): each worker's rows are right-padded to the longest."""
+    rank, size = world()
+    if size == 1:
+        return tensor.detach()
+    width = torch.tensor([tensor.shape[1]], device=tensor.device)
+    dist.all_reduce(width, op=dist.ReduceOp.MAX)
+    return gather_no_grad(pad_columns(tensor, int(width), pad_value))
+
+
+def pad_columns(tensor: torch.Tensor, width: int, pad_value: int = 0) -> torch.Tensor:
+    """(B, L) right-padded with `pad_value` to (B, width)."""
+    return torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]), value=pad_value)
+
+
 def gather_with_local_grad(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate from every worker; the local slice is `tensor` itself, so it keeps its gradient.
 
@@ -138,8 +154,11 @@ def itm_loss(
     LAVIS: gathers the ln_vision'ed tokens with gradient; the frozen features need none, so we
     gather those and apply ln_vision here: the same values, a cheaper all-gather.
     """
-    ids_all = gather_no_grad(input_ids)
-    mask_all = gather_no_grad(attention_mask)
+    # Each worker's texts are padded to its own longest (model/data.py): gathered rows to the
+    # longest of all, and this worker's rows to that width (padding is masked out, so only the
+    # shapes change).
+    ids_all, mask_all = gather_rows_no_grad(input_ids), gather_rows_no_grad(attention_mask)
+    input_ids, attention_mask = pad_columns(input_ids, ids_all.shape[1]), pad_columns(attention_mask, ids_all.shape[1])
     image_ids_all = gather_no_grad(image_ids)
     positive = image_ids[:, None] == image_ids_all[None, :]  # same image id = positive
     with torch.no_grad():

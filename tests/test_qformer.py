@@ -205,6 +205,30 @@ def test_shared_query_pass_and_itm_images_give_the_same_losses_and_gradients(tok
         assert torch.allclose(grad, new_grads[name], atol=1e-6, rtol=1e-4), name
 
 
+def test_padding_to_the_longest_text_gives_the_losses_and_gradients_of_padding_to_max_length(tokenizer):
+    """The trainer pads a batch's texts to its longest (model/data.py): padding is masked out of
+    every attention and loss, so cutting it changes the cost, not the losses or the gradients."""
+    model = tiny(tokenizer, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, cross_attention_frequency=1)
+    torch.manual_seed(2)
+    features = torch.randn(4, 5, VISION_WIDTH)
+    padded = tokenizer(CAPTIONS, padding="max_length", truncation=True, max_length=32, return_tensors="pt")
+    trimmed = tokenizer(CAPTIONS, padding="longest", return_tensors="pt")
+    assert trimmed.input_ids.shape[1] < padded.input_ids.shape[1] == 32
+
+    def run(ids, mask):
+        model.zero_grad()
+        out = stage1_losses(model, features, ids, mask, torch.arange(4), generator=torch.Generator().manual_seed(0))
+        out.total.backward()
+        return out, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    full, full_grads = run(padded.input_ids, padded.attention_mask)
+    short, short_grads = run(trimmed.input_ids, trimmed.attention_mask)
+    for name in ("itc", "itm", "itg", "total"):
+        assert torch.allclose(getattr(full, name), getattr(short, name), atol=1e-6), name
+    for name, grad in full_grads.items():
+        assert torch.allclose(grad, short_grads[name], atol=1e-6, rtol=1e-4), name
+
+
 # -- persistence --------------------------------------------------------------------------------
 
 def test_save_and_load_round_trip(tokenizer, tmp_path):

@@ -115,6 +115,8 @@ def test_cached_features_batches_carry_no_pixels_and_crops_follow_torchvision(wo
     data = Stage1Batches(load_curated_images(cfg.root, cfg.run), tokenizer, encoder.preprocess, cfg)
     batch = data[4]
     assert "pixels" not in batch and batch["input_ids"].shape[0] == cfg.batch_size  # nothing decoded
+    # texts padded to the batch's longest, not to max_text_length
+    assert batch["input_ids"].shape[1] == int(batch["attention_mask"].sum(dim=1).max()) < cfg.max_text_length
     assert data.plain_pixels([0, 1]).shape == (2, 3, encoder.preprocess.image_size, encoder.preprocess.image_size)
     # The explicit generator draws what torchvision draws from a globally seeded one.
     for seed, size in ((0, (32, 32)), (1, (64, 20)), (2, (20, 64))):
