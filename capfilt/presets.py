@@ -19,7 +19,7 @@ from capfilt.errors import ConfigError
 
 Options = dict[str, str | int | float | bool | None]
 
-# Layout written by `capfilt toy pretrain --out DIR` (model/toy.py): the preset refers to it.
+# Layout written by `capfilt toy pretrain --out DIR` (model/toy/pretrain.py): the preset refers to it.
 TOY_TOKENIZER = "tokenizer"
 TOY_BERT = "bert"  # masked-LM BERT of the Q-Former's sizes: Stage 1 starts from it (BLIP-2: bert-base)
 TOY_CLIP = "clip"  # an open_clip local-dir: open_clip_config.json + weights
@@ -74,7 +74,7 @@ def toy_preset(toy_dir: str, quick: bool = False) -> Preset:
     # 1000 steps, not 600, let data quality show (testbed: +4.5 points vs +2.3).
     # Cross-attention in both layers (BLIP-2 has it every other layer of 12): with 2 layers and
     # the default every-other, ITM learned nothing in 600 steps on a 240-image world.
-    # Sizes of the toy BERT too (model/toy.py ToyPreset.bert_*): Stage 1 initialises from it.
+    # Sizes of the toy BERT too (model/toy/preset.py ToyPreset.bert_*): Stage 1 initialises from it.
     qformer = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
                "num_query_tokens": 8, "embed_dim": 32, "max_position_embeddings": 64, "cross_attention_frequency": 1}
     stage1_steps, stage2_steps = (100, 80) if quick else (1000, 400)
