@@ -50,10 +50,9 @@ def test_tokenizer_loads_as_the_qformer_tokenizer_with_dec(tmp_path, pairs):
 def test_bert_learns_masked_words_and_initialises_the_toy_presets_qformer(tmp_path, pairs):
     """The toy's bert-base: masked-LM loss falls, and the toy preset's Stage 1 loads it as BLIP-2
     loads bert-base-uncased (every self-attention and feed-forward weight copied, sizes equal)."""
-    import json
-
     from capfilt.presets import toy_preset
-    from model.qformer import QFormer, config_for_tokenizer, init_from_bert, load_tokenizer
+    from model.factory import create
+    from model.qformer import init_from_bert, load_tokenizer, tokenizer_fields
     from model.toy.bert import pretrain_bert
 
     texts = [text for _, text in pairs["train"]]
@@ -62,7 +61,7 @@ def test_bert_learns_masked_words_and_initialises_the_toy_presets_qformer(tmp_pa
     assert metrics["loss_last"] < 0.6 * metrics["loss_first"], metrics
     stage1 = toy_preset(str(tmp_path)).stage1
     assert stage1["bert"] == f"{tmp_path}/bert"
-    model = QFormer(config_for_tokenizer(load_tokenizer(tok), **json.loads(stage1["model-config"]), vision_width=64))
+    model = create(stage1["model-config"], **tokenizer_fields(load_tokenizer(tok)), vision_width=64)
     before = model.qformer.encoder.layer[0].attention.attention.query.weight.clone()
     missing = init_from_bert(model, tmp_path / "bert")
     assert not torch.equal(before, model.qformer.encoder.layer[0].attention.attention.query.weight)

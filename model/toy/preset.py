@@ -25,8 +25,10 @@ from pathlib import Path
 
 from capfilt.errors import ConfigError
 
+from ..factory import architecture
 
 TOY_INFO = "toy.json"
+_QFORMER = architecture("qformer-toy")  # the Q-Former the toy preset trains (capfilt/presets.py)
 
 
 @dataclass(frozen=True)
@@ -38,13 +40,13 @@ class ToyPreset:
     bert_vocab_size: int = 1000
     # A small BERT pretrained with masked-LM on the captions, the toy's bert-base-uncased: BLIP-2
     # initialises the Q-Former's self-attention and feed-forward layers from BERT. Its sizes are
-    # the toy Q-Former's (capfilt/presets.py TOY_QFORMER; init_from_bert refuses a mismatch).
+    # the toy Q-Former's (model/configs/qformer-toy.json; init_from_bert refuses a mismatch).
     # Measured on a 600-image world (seed 0, oracle captions, 1000 Stage 1 steps): held-out
     # text->image ITC R@1 0.175 with this init vs 0.055 from random init (0.105 vs 0.050 at 500).
-    bert_width: int = 64
-    bert_layers: int = 2
-    bert_heads: int = 4
-    bert_intermediate: int = 128
+    bert_width: int = _QFORMER["hidden_size"]
+    bert_layers: int = _QFORMER["num_hidden_layers"]
+    bert_heads: int = _QFORMER["num_attention_heads"]
+    bert_intermediate: int = _QFORMER["intermediate_size"]
     bert_max_length: int = 32
     bert_steps: int = 600
     bert_batch_size: int = 64
