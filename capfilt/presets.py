@@ -58,7 +58,8 @@ def blip2_preset() -> Preset:
         # the finetuned ITM and the CLIP calibrated on the same held-out pairs; the filter thresholds
         # whichever reaches the target precision with more recall (pipeline/calibrate.py choose)
         finetune_filter={**clip},
-        stage1={"vision": "open_clip:EVA01-g-14@laion400m_s11b_b41k", "steps": 250_000, "batch-size": 64},
+        stage1={"vision": "open_clip:EVA01-g-14@laion400m_s11b_b41k", "model-config": "qformer-base", "steps": 250_000,
+                "batch-size": 64},
         stage2={"llm": "facebook/opt-2.7b", "steps": 80_000, "batch-size": 64},
     )
 

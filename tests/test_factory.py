@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from capfilt.errors import ConfigError
+from capfilt.presets import get_preset
 from flows.steps import make
 from model.factory import architecture, architectures, create, qformer_config
 from model.qformer import QFormerConfig
@@ -68,3 +69,11 @@ def test_train_stage1_takes_a_name_a_file_or_fields(tmp_path):
     assert make("train stage1", base).config.model == {}  # qformer-base
     with pytest.raises(ConfigError, match="^stage train stage1: --model-config 'qformer-xl': not a known architecture"):
         make("train stage1", {**base, "model-config": "qformer-xl"})
+
+
+@pytest.mark.parametrize("preset, name", [("blip2", "qformer-base"), ("toy", "qformer-toy")])
+def test_the_presets_name_their_qformer(preset, name):
+    stage1 = get_preset(preset, "toy-dir").stage1
+    assert stage1["model-config"] == name
+    step = make("train stage1", {"root": "r", "run": "x", "out": "o", **stage1})
+    assert qformer_config(step.config.model) == qformer_config(name)
