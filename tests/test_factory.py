@@ -32,7 +32,8 @@ def test_each_named_architecture_builds_a_qformer_of_its_sizes(name):
 
 def test_qformer_base_is_blip2s_and_the_configs_defaults():
     base = qformer_config("qformer-base")
-    assert (base.hidden_size, base.num_hidden_layers, base.num_query_tokens, base.cross_attention_frequency) == (768, 12, 32, 2)
+    sizes = (base.hidden_size, base.num_hidden_layers, base.num_query_tokens, base.cross_attention_frequency)
+    assert sizes == (768, 12, 32, 2)
     assert base == QFormerConfig()  # a run that names no architecture gets qformer-base
     with torch.device("meta"):
         parameters = sum(p.numel() for p in create("qformer-base", vision_width=1408).parameters())
@@ -65,7 +66,8 @@ def test_train_stage1_takes_a_name_a_file_or_fields(tmp_path):
     assert by_name == architecture("qformer-toy")
     (tmp_path / "toy.json").write_text(json.dumps(by_name))
     assert make("train stage1", {**base, "model-config": str(tmp_path / "toy.json")}).config.model == by_name
-    assert make("train stage1", {**base, "model-config": '{"num_hidden_layers": 2}'}).config.model == {"num_hidden_layers": 2}
+    fields = make("train stage1", {**base, "model-config": '{"num_hidden_layers": 2}'}).config.model
+    assert fields == {"num_hidden_layers": 2}
     assert make("train stage1", base).config.model == {}  # qformer-base
     with pytest.raises(ConfigError, match="^stage train stage1: --model-config 'qformer-xl': not a known architecture"):
         make("train stage1", {**base, "model-config": "qformer-xl"})

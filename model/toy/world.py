@@ -25,8 +25,15 @@ from PIL import Image
 from capfilt.errors import ConfigError
 from schemas import SOURCE
 
-from .scenes import ANNOTATION_TEMPLATES, ATTRIBUTE_VALUES, ATTRIBUTES, annotation_captions, render, true_caption, web_caption
-
+from .scenes import (
+    ANNOTATION_TEMPLATES,
+    ATTRIBUTE_VALUES,
+    ATTRIBUTES,
+    annotation_captions,
+    render,
+    true_caption,
+    web_caption,
+)
 
 NOISE_KINDS = ("swap", "attribute", "junk", "empty")
 # What ingest should record for each bad-URL kind (rejected.reason).
