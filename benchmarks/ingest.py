@@ -22,7 +22,8 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.synth import WorldConfig, WorldServer, make_world  # noqa: E402
+from model.toy.server import WorldServer  # noqa: E402
+from model.toy.world import WorldConfig, make_world  # noqa: E402
 
 
 def timed(cmd: list[str], env: dict) -> float:

@@ -98,8 +98,9 @@ def main() -> None:
     args = ap.parse_args()
 
     from capfilt.presets import toy_preset
-    from model.toy import ToyPreset, pretrain_toy_pairs
-    from pipeline.synth import NOISE_KINDS, WorldConfig, make_world
+    from model.toy.preset import ToyPreset
+    from model.toy.pretrain import pretrain_toy_pairs
+    from model.toy.world import NOISE_KINDS, WorldConfig, make_world
 
     root = Path(args.root)
     overrides = {}

@@ -17,7 +17,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from model.toy import ToyPreset, pretrain_clip, pretrain_lm, train_text_tokenizer
+from model.toy.clip import pretrain_clip
+from model.toy.lm import pretrain_lm
+from model.toy.preset import ToyPreset
+from model.toy.tokenizer import train_text_tokenizer
 
 
 def world_pairs(world: str | Path) -> list[dict]:

@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from model import stage2 as stage2_module  # noqa: E402
 from model import train_stage1 as stage1_module  # noqa: E402
+from model.factory import architecture  # noqa: E402
 from model.stage2 import Stage2Config, Stage2Objective, split_point  # noqa: E402
 from model.train_stage1 import (  # noqa: E402
     Stage1Config,
@@ -47,8 +48,7 @@ from model.train_stage1 import (  # noqa: E402
     swap_left_right,
 )
 
-TOY_QFORMER = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
-               "num_query_tokens": 8, "embed_dim": 32, "max_position_embeddings": 64, "cross_attention_frequency": 1}
+TOY_QFORMER = architecture("qformer-toy")  # the demo's Q-Former
 TOY_CLIP_NAME = "capfilt-bench-toy-clip"
 
 

@@ -12,14 +12,13 @@ pairs), into `<root>/models/<run>-toy/`, and every later stage points there.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
 from capfilt.errors import ConfigError
 
 Options = dict[str, str | int | float | bool | None]
 
-# Layout written by `capfilt toy pretrain --out DIR` (model/toy.py): the preset refers to it.
+# Layout written by `capfilt toy pretrain --out DIR` (model/toy/pretrain.py): the preset refers to it.
 TOY_TOKENIZER = "tokenizer"
 TOY_BERT = "bert"  # masked-LM BERT of the Q-Former's sizes: Stage 1 starts from it (BLIP-2: bert-base)
 TOY_CLIP = "clip"  # an open_clip local-dir: open_clip_config.json + weights
@@ -59,7 +58,8 @@ def blip2_preset() -> Preset:
         # the finetuned ITM and the CLIP calibrated on the same held-out pairs; the filter thresholds
         # whichever reaches the target precision with more recall (pipeline/calibrate.py choose)
         finetune_filter={**clip},
-        stage1={"vision": "open_clip:EVA01-g-14@laion400m_s11b_b41k", "steps": 250_000, "batch-size": 64},
+        stage1={"vision": "open_clip:EVA01-g-14@laion400m_s11b_b41k", "model-config": "qformer-base", "steps": 250_000,
+                "batch-size": 64},
         stage2={"llm": "facebook/opt-2.7b", "steps": 80_000, "batch-size": 64},
     )
 
@@ -72,11 +72,9 @@ def toy_preset(toy_dir: str, quick: bool = False) -> Preset:
     # they left ITM at its prior (accuracy 0.667 with 2 negatives a positive): round 0's model is the
     # next round's filter, and finetuned on the annotated set it reached precision 0.68, not 0.9.
     # 1000 steps, not 600, let data quality show (testbed: +4.5 points vs +2.3).
-    # Cross-attention in both layers (BLIP-2 has it every other layer of 12): with 2 layers and
-    # the default every-other, ITM learned nothing in 600 steps on a 240-image world.
-    # Sizes of the toy BERT too (model/toy.py ToyPreset.bert_*): Stage 1 initialises from it.
-    qformer = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
-               "num_query_tokens": 8, "embed_dim": 32, "max_position_embeddings": 64, "cross_attention_frequency": 1}
+    # The Q-Former is qformer-toy (model/configs/): cross-attention in both of its 2 layers (BLIP-2
+    # has it every other layer of 12): with the default every-other, ITM learned nothing in 600
+    # steps on a 240-image world. The toy BERT has its sizes (ToyPreset.bert_*): Stage 1 starts from it.
     stage1_steps, stage2_steps = (100, 80) if quick else (1000, 400)
     return Preset(
         name="toy",
@@ -99,7 +97,7 @@ def toy_preset(toy_dir: str, quick: bool = False) -> Preset:
         finetune_filter={"batch-size": 16, "clip": clip_spec},
         finetune_captioner={"batch-size": 16},
         stage1={"vision": f"open_clip:{clip_spec}", "tokenizer": f"{toy_dir}/{TOY_TOKENIZER}", "bert": f"{toy_dir}/{TOY_BERT}",
-                "model-config": json.dumps(qformer), "steps": stage1_steps, "batch-size": 32, "lr": 2e-3,
+                "model-config": "qformer-toy", "steps": stage1_steps, "batch-size": 32, "lr": 2e-3,
                 "warmup-steps": 20, "itm-random-negative-steps": stage1_steps, "no-augment": True,
                 "cache-features": True, "log-every": 10, "checkpoint-every": 100},
         stage2={"llm": f"{toy_dir}/{TOY_LM}", "steps": stage2_steps, "batch-size": 32, "lr": 2e-3,

@@ -247,7 +247,7 @@ def save_random_captioner(
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import BlipImageProcessor
 
-    from pipeline.synth import ATTRIBUTE_VALUES, true_caption
+    from model.toy.scenes import ATTRIBUTE_VALUES, true_caption
 
     corpus = [true_caption(dict(zip(ATTRIBUTE_VALUES, v))) for v in itertools.product(*ATTRIBUTE_VALUES.values())]
     image_processor = BlipImageProcessor(size={"height": image_size, "width": image_size})

@@ -415,15 +415,15 @@ def load_tokenizer(path: str | Path):
     return tokenizer
 
 
+def tokenizer_fields(tokenizer) -> dict:
+    """The QFormerConfig fields a tokenizer decides: its vocabulary and special ids."""
+    return {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
+            "cls_token_id": tokenizer.cls_token_id, "dec_token_id": tokenizer.convert_tokens_to_ids(DEC_TOKEN)}
+
+
 def config_for_tokenizer(tokenizer, **overrides) -> QFormerConfig:
     """A QFormerConfig whose vocabulary and special ids match this tokenizer."""
-    return QFormerConfig(
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        cls_token_id=tokenizer.cls_token_id,
-        dec_token_id=tokenizer.convert_tokens_to_ids(DEC_TOKEN),
-        **overrides,
-    )
+    return QFormerConfig(**tokenizer_fields(tokenizer), **overrides)
 
 
 # -- initialisation from a BERT checkpoint ------------------------------------------------------

@@ -39,8 +39,9 @@ from .data import (  # noqa: F401  (tests and benchmarks import some from here)
     swap_left_right,
     training_images,
 )
+from .factory import create
 from .losses import stage1_losses, world
-from .qformer import QFormer, config_for_tokenizer, init_from_bert, load_tokenizer
+from .qformer import QFormer, init_from_bert, load_tokenizer, tokenizer_fields
 from .recipes import STAGE1 as STAGE1_RECIPES
 from .recipes import lr_factor  # noqa: F401  (tests read it here)
 from .recipes import resolve as resolve_recipe
@@ -70,7 +71,7 @@ class Stage1Config(TrainingConfig):
     bert: str | None = "bert-base-uncased"  # initialise the Q-Former from it; None = random init
     init_from: str | None = None  # a Stage 1 checkpoint to start from instead (finetuning); wins over bert
     itg_weight: float = 1.0  # BLIP finetunes its filter with ITC + ITM only (model/finetune.py sets 0)
-    model: dict = field(default_factory=dict)  # QFormerConfig overrides (tiny models in tests)
+    model: dict = field(default_factory=dict)  # the architecture's QFormerConfig fields (model/factory.py); {}: qformer-base
     itc_gather_grad: str | None = None  # local | none: gradient through ITC's gathered batch
     itc_label_smoothing: float = 0.1
     itg_label_smoothing: float = 0.1
@@ -109,9 +110,10 @@ class Stage1Objective(nn.Module):
 def build_model(config: Stage1Config, tokenizer, vision_width: int) -> QFormer:
     if config.init_from:
         return _model_from_checkpoint(config, vision_width)
-    settings = {"max_text_length": config.max_text_length, **config.model, "vision_width": vision_width}
+    # config.model: the architecture's fields (--model-config, resolved by model/factory.py)
+    architecture = {"max_text_length": config.max_text_length, **config.model}
     torch.manual_seed(config.seed)
-    model = QFormer(config_for_tokenizer(tokenizer, **settings))
+    model = create(architecture, **tokenizer_fields(tokenizer), vision_width=vision_width)
     if config.bert:
         init_from_bert(model, config.bert)
     model.set_gradient_checkpointing(config.activation_checkpointing)

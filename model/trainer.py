@@ -3,7 +3,7 @@
 Read top to bottom: the `Objective` a model plugs in -> optimizer and LR schedule -> checkpoints
 and the "latest" pointer -> the loop -> several workers with Ray Train. Stage 1, Stage 2, their
 finetuning (model/train_stage1.py, model/stage2.py, model/finetune.py) and the toy pieces'
-pretraining (model/toy.py) are objectives; the loop knows nothing of Q-Formers or LLMs.
+pretraining (model/toy/training.py) are objectives; the loop knows nothing of Q-Formers or LLMs.
 
 The loop: per optimizer step, `grad_accumulation` micro-batches, each run forward under autocast
 (bf16/fp16 on GPU, nothing on CPU) and backward through a GradScaler (active for fp16 only);
@@ -48,7 +48,7 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 class LoopConfig:
     """What the loop reads of a config; Stage1Config and Stage2Config have these fields too.
 
-    `out` None writes nothing (no log, no checkpoints, no resume): the toy pieces (model/toy.py)
+    `out` None writes nothing (no log, no checkpoints, no resume): the toy pieces (model/toy/)
     train in seconds and write their folders once, complete."""
 
     steps: int

@@ -29,7 +29,7 @@ from typing import Sequence
 import numpy as np
 
 from capfilt.errors import ConfigError
-from pipeline.synth import ATTRIBUTE_VALUES, ATTRIBUTES
+from model.toy.scenes import ATTRIBUTE_VALUES, ATTRIBUTES
 
 RECALL_KS = (1, 5, 10)
 
@@ -167,7 +167,7 @@ def generate_captions(captioner, images: list[bytes], decoding, seed: int = 0, b
 
 # -- attributes (synthetic worlds) --------------------------------------------------------------
 
-# Words of the world's phrasings that name a value under another word (pipeline/synth.py's
+# Words of the world's phrasings that name a value under another word (model/toy/scenes.py's
 # _POSITION_PHRASES: "in the middle", "in the upper part", ...).
 _SYNONYMS = {"middle": ("position", "center"), "upper": ("position", "top"), "lower": ("position", "bottom")}
 _WORD_VALUE = {value: (name, value) for name, values in ATTRIBUTE_VALUES.items() for value in values} | _SYNONYMS

@@ -7,8 +7,8 @@ import io
 
 import numpy as np
 
+from model.toy.scenes import ATTRIBUTE_VALUES, render, true_caption
 from pipeline.run_store import RunStore, ShardCounts
-from pipeline.synth import ATTRIBUTE_VALUES, render, true_caption
 from schemas import IMAGES
 
 

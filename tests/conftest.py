@@ -40,7 +40,8 @@ def ray_local():
 @pytest.fixture(scope="session")
 def small_world(tmp_path_factory):
     """A 40-image world with every bad-URL kind, served on 127.0.0.1 for the whole session."""
-    from pipeline.synth import WorldConfig, WorldServer, make_world
+    from model.toy.server import WorldServer
+    from model.toy.world import WorldConfig, make_world
 
     directory = tmp_path_factory.mktemp("world")
     world = make_world(directory, WorldConfig(images=40, seed=7, slow_seconds=8.0, huge_side=9000))

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from model.toy.scenes import ATTRIBUTE_VALUES, render, true_caption
 from pipeline.run_store import RunStore, ShardCounts
-from pipeline.synth import ATTRIBUTE_VALUES, render, true_caption
 from schemas import curated_outputs
 
 TINY_OPEN_CLIP = "capfilt-test-ViT-tiny"

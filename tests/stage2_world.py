@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from stage1_world import IMAGE_SIZE, make_tokenizer
 
-from pipeline.synth import ATTRIBUTE_VALUES, true_caption
+from model.toy.scenes import ATTRIBUTE_VALUES, true_caption
 
 TINY_QFORMER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                     num_query_tokens=4, embed_dim=16, max_position_embeddings=64)

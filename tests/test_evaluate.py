@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from capfilt.errors import ConfigError
+from model.toy.scenes import render, true_caption
 from pipeline.evaluate import (
     EvalConfig,
     attribute_accuracy,
@@ -26,7 +27,6 @@ from pipeline.evaluate import (
     score_auc,
 )
 from pipeline.run_store import RunStore, ShardCounts
-from pipeline.synth import render, true_caption
 from schemas import IMAGES, SCORES, curated_outputs
 from stage1_world import jpeg
 
@@ -215,8 +215,8 @@ def test_retrieval_and_captioning_on_the_stage1_holdout(tmp_path):
 
 
 def test_a_heldout_world_is_the_clean_evaluation_set(tmp_path):
+    from model.toy.world import WorldConfig, make_world
     from pipeline.evaluate import evaluation_set, world_images
-    from pipeline.synth import WorldConfig, make_world
 
     make_world(tmp_path / "w", WorldConfig(images=6, seed=3, noise=0.0, bad_urls_per_kind=0, duplicates=0))
     images = world_images(str(tmp_path / "w"))

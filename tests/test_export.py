@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from capfilt.cli import main
+from model.toy.scenes import ATTRIBUTE_VALUES, render, true_caption
 from pipeline.run_store import RunStore, ShardCounts
-from pipeline.synth import ATTRIBUTE_VALUES, render, true_caption
 from schemas import curated_outputs
 
 

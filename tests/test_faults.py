@@ -41,7 +41,8 @@ SCORE_ACTOR = "MapBatches(ScoreActor)"
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A small served world: 24 images, 2 duplicates, 3 bad URLs (404, truncated, not an image)."""
-    from pipeline.synth import WorldConfig, WorldServer, make_world
+    from model.toy.server import WorldServer
+    from model.toy.world import WorldConfig, make_world
 
     directory = tmp_path_factory.mktemp("fault-world")
     world = make_world(directory, WorldConfig(images=24, seed=SEED, duplicates=2, annotated=0,

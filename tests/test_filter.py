@@ -8,10 +8,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from capfilt.errors import ConfigError
+from model.toy.world import WorldConfig, make_world
 from pipeline.dedup import DedupConfig, brute_force_duplicates, find_duplicates, semantic_duplicates
 from pipeline.run_store import RunStore, ShardCounts
 from pipeline.select import SelectConfig, clip_cut, select_pairs
-from pipeline.synth import WorldConfig, make_world
 from schemas import CAPTIONS, CURATED, IMAGES, SCORES
 from tests.caption_helpers import commit_image_shards
 

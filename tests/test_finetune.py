@@ -18,8 +18,8 @@ from stage2_world import make_opt, make_stage1_checkpoint
 
 from capfilt.cli import main as cli_main
 from capfilt.errors import ConfigError
+from model.toy.scenes import render, true_caption, web_caption
 from pipeline.annotated import AnnotatedImage, read_annotated, split_annotated, write_annotated
-from pipeline.synth import render, true_caption, web_caption
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -433,7 +433,7 @@ def test_a_planned_flow_says_step_k_of_n_and_the_time_left(prefect_harness, tmp_
     from flows.params import Execution
     from flows.progress import step_clock
     from flows.tasks import run_step
-    from pipeline.synth import WorldConfig, make_world
+    from model.toy.world import WorldConfig, make_world
 
     @dataclass(frozen=True)
     class WorldStep:  # any step: a command name and the work, as flows/steps/ holds them

@@ -12,6 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from capfilt.errors import ConfigError
+from model.toy.server import WorldServer
+from model.toy.world import WorldConfig, make_world
 from pipeline.ingest import (
     IngestConfig,
     ShardSpec,
@@ -24,7 +26,6 @@ from pipeline.ingest import (
     reuse_ingest,
 )
 from pipeline.run_store import RunStore
-from pipeline.synth import WorldConfig, WorldServer, make_world
 from schemas import IMAGES, REJECTED
 
 # The default two retry passes (a short backoff): a good image that times out once on a loaded
@@ -155,7 +156,7 @@ def test_transient_failures_are_retried_in_the_run_after_a_backoff(tmp_path):
     # times and fails, the 404 (not transient) is asked once.
     directory = tmp_path / "world"
     make_world(directory, WorldConfig(images=4, seed=5, bad_url_kinds=("http_500", "http_404"), duplicates=0))
-    world = __import__("pipeline.synth", fromlist=["load_world"]).load_world(directory)
+    world = __import__("model.toy.world", fromlist=["load_world"]).load_world(directory)
     config = IngestConfig(timeout=2.0, image_size=64, allow_private_addresses=True, retry_backoff=0.2)
     assert config.retries == 2  # the default
     with WorldServer(directory) as server:
@@ -177,7 +178,7 @@ def test_transient_failures_are_retried_in_the_run_after_a_backoff(tmp_path):
 def test_retry_failed_requeues_retryable_rows_and_keeps_history(ray_local, tmp_path):
     directory = tmp_path / "world"
     make_world(directory, WorldConfig(images=6, seed=3, bad_url_kinds=("http_500", "http_404"), duplicates=0))
-    world = __import__("pipeline.synth", fromlist=["load_world"]).load_world(directory)
+    world = __import__("model.toy.world", fromlist=["load_world"]).load_world(directory)
     config = IngestConfig(**FAST, shard_size=4)
     with WorldServer(directory) as server:
         first = ingest(world["source"], str(tmp_path / "root"), "r", config, progress=False)

@@ -175,7 +175,8 @@ def _jpeg(colour) -> bytes:
 def test_toy_clip_is_built_and_loaded_without_a_warning(tmp_path, caplog):
     """open_clip warns "initialized randomly" for a model built without weights: for the toy CLIP
     that is the plan (it is trained next), so it must not reach the user as a warning."""
-    from model.toy import ToyPreset, pretrain_clip
+    from model.toy.clip import pretrain_clip
+    from model.toy.preset import ToyPreset
     from model.vision import load_vision_encoder
 
     caplog.set_level(logging.WARNING)

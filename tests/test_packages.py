@@ -23,6 +23,28 @@ def test_the_wheel_ships_exactly_capfilts_own_packages():
     assert sorted(wheel["packages"]) == sorted(OWN_PACKAGES)
 
 
+def test_the_built_wheel_holds_the_packages_and_their_data_files(tmp_path):
+    """What a pip install gets: every package, and the files code reads next to it (the named
+    Q-Former architectures model/factory.py lists, the report templates)."""
+    import shutil
+    import zipfile
+
+    from model.factory import architectures
+
+    uv = shutil.which("uv")
+    if uv is None:
+        pytest.skip("uv builds the wheel (hatchling); not on PATH here")
+    out = subprocess.run([uv, "build", "--wheel", "--out-dir", str(tmp_path), str(ROOT)], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    (wheel,) = tmp_path.glob("capfilt-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {name.split("/")[0] for name in names if "/" in name and ".dist-info" not in name} == set(OWN_PACKAGES)
+    assert {f"model/configs/{name}.json" for name in architectures()} <= names
+    assert architectures() and "pipeline/templates/filter.html" in names
+    assert "model/toy/__init__.py" in names
+
+
 def test_no_other_installed_distribution_declares_one_of_the_names():
     owners = {}
     for dist in importlib.metadata.distributions():

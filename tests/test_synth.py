@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from capfilt.errors import ConfigError
-from pipeline.synth import BAD_URL_KINDS, WorldConfig, make_world, noise_ratio
+from model.toy.world import BAD_URL_KINDS, WorldConfig, make_world, noise_ratio
 from schemas import SOURCE
 
 
@@ -110,7 +110,8 @@ def test_annotated_set_follows_the_contract(tmp_path):
 
     from PIL import Image
 
-    from pipeline.synth import ATTRIBUTE_VALUES, load_world
+    from model.toy.scenes import ATTRIBUTE_VALUES
+    from model.toy.world import load_world
 
     config = WorldConfig(images=60, seed=3, huge_side=2000)
     make_world(tmp_path / "a", config)

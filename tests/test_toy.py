@@ -9,8 +9,11 @@ import pytest
 import torch
 
 from capfilt.errors import ConfigError
-from model.toy import ToyPreset, pretrain_clip, pretrain_lm, train_text_tokenizer
-from pipeline.synth import ATTRIBUTE_VALUES, render, true_caption, web_caption
+from model.toy.clip import pretrain_clip
+from model.toy.lm import pretrain_lm
+from model.toy.preset import ToyPreset
+from model.toy.scenes import ATTRIBUTE_VALUES, render, true_caption, web_caption
+from model.toy.tokenizer import train_text_tokenizer
 from stage1_world import jpeg, scenes
 
 # Few steps: enough to show learning in seconds, not the demo's quality.
@@ -47,11 +50,10 @@ def test_tokenizer_loads_as_the_qformer_tokenizer_with_dec(tmp_path, pairs):
 def test_bert_learns_masked_words_and_initialises_the_toy_presets_qformer(tmp_path, pairs):
     """The toy's bert-base: masked-LM loss falls, and the toy preset's Stage 1 loads it as BLIP-2
     loads bert-base-uncased (every self-attention and feed-forward weight copied, sizes equal)."""
-    import json
-
     from capfilt.presets import toy_preset
-    from model.qformer import QFormer, config_for_tokenizer, init_from_bert, load_tokenizer
-    from model.toy import pretrain_bert
+    from model.factory import create
+    from model.qformer import init_from_bert, load_tokenizer, tokenizer_fields
+    from model.toy.bert import pretrain_bert
 
     texts = [text for _, text in pairs["train"]]
     tok = train_text_tokenizer(texts, tmp_path / "tok")
@@ -59,7 +61,7 @@ def test_bert_learns_masked_words_and_initialises_the_toy_presets_qformer(tmp_pa
     assert metrics["loss_last"] < 0.6 * metrics["loss_first"], metrics
     stage1 = toy_preset(str(tmp_path)).stage1
     assert stage1["bert"] == f"{tmp_path}/bert"
-    model = QFormer(config_for_tokenizer(load_tokenizer(tok), **json.loads(stage1["model-config"]), vision_width=64))
+    model = create(stage1["model-config"], **tokenizer_fields(load_tokenizer(tok)), vision_width=64)
     before = model.qformer.encoder.layer[0].attention.attention.query.weight.clone()
     missing = init_from_bert(model, tmp_path / "bert")
     assert not torch.equal(before, model.qformer.encoder.layer[0].attention.attention.query.weight)
@@ -151,7 +153,7 @@ def write_images_run(root, run: str, rows: list[dict]) -> None:
 
 
 def test_pretrain_toy_reads_an_ingested_run_counts_what_it_leaves_out_and_resumes(tmp_path, pairs):
-    from model.toy import TOY_DONE, pretrain_toy
+    from model.toy.pretrain import TOY_DONE, pretrain_toy
 
     rows = [{"image": img, "caption": cap, "sha256": f"h{i}"} for i, (img, cap) in enumerate(pairs["train"][:40])]
     rows += [{"image": rows[0]["image"], "caption": "same bytes", "sha256": "h0"},  # exact duplicate
@@ -198,9 +200,9 @@ def test_toy_pretrain_on_a_separate_world_never_reads_the_run(tmp_path, monkeypa
     """--world-images: the frozen pieces learn from a pretraining world made once under the root."""
     import json
 
-    import model.toy as toy
+    import model.toy.preset as toy
     from capfilt.cli import main
-    from model.toy import TOY_DONE
+    from model.toy.pretrain import TOY_DONE
 
     small = ToyPreset(clip_steps=3, lm_steps=3, bert_steps=3, clip_batch_size=8, lm_batch_size=8)
     monkeypatch.setattr(toy.ToyPreset, "quick", classmethod(lambda cls, **kw: small))

@@ -39,7 +39,8 @@ def demo(root, quick, images, noise, seed, blip, ablation, sets):
     from flows.bootstrap import bootstrap as bootstrap_flow
     from flows.bootstrap import check
     from flows.server import ensure_prefect_api
-    from pipeline.synth import WorldConfig, WorldServer, free_port, load_world, make_world
+    from model.toy.server import WorldServer
+    from model.toy.world import WorldConfig, free_port, load_world, make_world
 
     say = (lambda line: None) if is_quiet() else click.echo  # what it is doing; --quiet keeps only the result
     started = time.perf_counter()

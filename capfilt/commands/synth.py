@@ -7,7 +7,8 @@ import json
 import click
 
 from capfilt.commands.options import root_option
-from pipeline.synth import BAD_URL_KINDS, NOISE_KINDS, WorldConfig, WorldServer, load_world, make_world
+from model.toy.server import WorldServer
+from model.toy.world import BAD_URL_KINDS, NOISE_KINDS, WorldConfig, load_world, make_world
 
 
 @click.group(invoke_without_command=True)

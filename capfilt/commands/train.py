@@ -59,7 +59,8 @@ def train():
 @click.option("--tokenizer", default="bert-base-uncased", show_default=True, help="BERT tokenizer id or folder.")
 @click.option("--bert", default="bert-base-uncased", show_default=True, help="BERT checkpoint to initialise from; 'none' for random init.")
 @click.option("--model-config", default=None,
-              help="JSON object of Q-Former config overrides, e.g. '{\"num_hidden_layers\": 2}'; default: none.")
+              help="Q-Former architecture: a name (qformer-base, qformer-toy), a JSON file, or a JSON object of "
+                   "config fields, e.g. '{\"num_hidden_layers\": 2}'; default: qformer-base (BLIP-2's).")
 @click.option("--steps", type=int, default=10_000, show_default=True, help="Optimizer steps in all (the LR schedule spans them).")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Image-text pairs per worker and micro-step.")
 @click.option("--grad-accumulation", type=int, default=1, show_default=True, help="Micro-steps per optimizer step.")

@@ -26,7 +26,8 @@ class ToyPretrainStep:
             raise ConfigError(f"--world-images must be >= 0, got {self.world_images}.")
 
     def execute(self, say=print) -> dict:
-        from model.toy import ToyPreset, pretrain_toy, pretrain_toy_pairs
+        from model.toy.preset import ToyPreset
+        from model.toy.pretrain import pretrain_toy, pretrain_toy_pairs
 
         world_images = self.world_images
         preset = (ToyPreset.quick(seed=self.seed) if self.quick else ToyPreset.world(seed=self.seed) if world_images
@@ -34,7 +35,7 @@ class ToyPretrainStep:
         if world_images:
             from pathlib import Path
 
-            from pipeline.synth import pretraining_world, world_pairs
+            from model.toy.world import pretraining_world, world_pairs
 
             world = pretraining_world(Path(self.root) / "worlds" / f"toy-pretrain-{world_images}-noise{self.world_noise}"
                                       f"-seed{self.world_seed}", world_images, self.world_seed, self.world_noise)
@@ -76,7 +77,7 @@ class OracleStep:
         pass  # the ground truth is read when the step runs (the CLI's --truth must exist)
 
     def execute(self, say=print) -> dict:
-        from pipeline.synth import write_oracle_run
+        from model.toy.oracle import write_oracle_run
 
         totals = write_oracle_run(self.truth, self.root, self.from_run, self.run)
         say(f"oracle run {self.run}: {totals['images']} images = {totals['kept']} with true captions + "

@@ -2,28 +2,21 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import ClassVar
 
 from capfilt.errors import ConfigError
 from flows.steps import require_paths
+from model.factory import architecture
 from model.stage2 import Stage2Config
 from model.train_stage1 import Stage1Config
 from pipeline.configs import Option
 
 
-def _model_overrides(text):
-    """--model-config: a JSON object of Q-Former config overrides (text from the CLI, a dict from a flow)."""
-    if text is None or isinstance(text, dict):
-        return text or {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"--model-config: not JSON ({exc})") from None
-    if not isinstance(value, dict):
-        raise ConfigError("--model-config: must be a JSON object")
-    return value
+def _model_config(value):
+    """--model-config: a named architecture (qformer-base, qformer-toy: model/configs/), a JSON file
+    of one, or a JSON object of Q-Former config fields (text from the CLI, a dict from a flow)."""
+    return {} if value is None else architecture(value, where="--model-config")
 
 
 def _betas(beta2):
@@ -38,7 +31,7 @@ TRAINER_OPTIONS = {"run_id": Option("config.run"), "data_workers": Option("confi
 @dataclass(frozen=True)
 class Stage1Step:
     COMMAND: ClassVar[str] = "train stage1"
-    OPTIONS: ClassVar[dict] = {**TRAINER_OPTIONS, "model_config": Option("config.model", _model_overrides),
+    OPTIONS: ClassVar[dict] = {**TRAINER_OPTIONS, "model_config": Option("config.model", _model_config),
                                "bert": Option("config.bert", lambda b: None if b is None or b.lower() == "none" else b)}
 
     config: Stage1Config

@@ -1,10 +1,10 @@
-"""A synthetic LAION-like world: images with known content, noisy web captions, a misbehaving server.
+"""A synthetic LAION-like world on disk: images with known content, noisy web captions, bad URLs.
 
-`make_world` renders small compositional scenes (a shape of some color and size at a position on a
-background), writes a LAION-style source Parquet whose URLs point at 127.0.0.1:<port>, the image
-files and a routes table for `WorldServer`, and a ground-truth sidecar saying what each image
-shows, which web captions were corrupted and how, and what ingest should do with each bad URL.
-Everything is a function of the config: the same seed gives the same bytes.
+`make_world` renders scenes (scenes.py), writes a LAION-style source Parquet whose URLs point at
+127.0.0.1:<port>, the image files and a routes table for `WorldServer` (server.py), and a
+ground-truth sidecar saying what each image shows, which web captions were corrupted and how, and
+what ingest should do with each bad URL. Everything is a function of the config: the same seed
+gives the same bytes.
 """
 
 from __future__ import annotations
@@ -13,41 +13,27 @@ import io
 import json
 import socket
 import struct
-import threading
-import time
 import zlib
 from dataclasses import asdict, dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from capfilt.errors import ConfigError
 from schemas import SOURCE
 
-SHAPES = ("circle", "square", "triangle", "diamond", "cross")
-COLORS = {
-    "red": (220, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 70, 220),
-    "yellow": (235, 215, 40),
-    "purple": (140, 50, 170),
-    "orange": (245, 140, 30),
-}
-BACKGROUNDS = {"black": (15, 15, 15), "white": (245, 245, 245), "gray": (128, 128, 128)}
-SIZES = ("small", "large")
-POSITIONS = ("left", "right", "top", "bottom", "center")
-ATTRIBUTES = ("shape", "color", "size", "position", "background")
-ATTRIBUTE_VALUES = {
-    "shape": SHAPES,
-    "color": tuple(COLORS),
-    "size": SIZES,
-    "position": POSITIONS,
-    "background": tuple(BACKGROUNDS),
-}
+from .scenes import (
+    ANNOTATION_TEMPLATES,
+    ATTRIBUTE_VALUES,
+    ATTRIBUTES,
+    annotation_captions,
+    render,
+    true_caption,
+    web_caption,
+)
 
 NOISE_KINDS = ("swap", "attribute", "junk", "empty")
 # What ingest should record for each bad-URL kind (rejected.reason).
@@ -83,90 +69,6 @@ JUNK_ALT_TEXTS = (
     "Buy now! Free shipping",
     "photo {n}",
 )
-
-_POSITION_PHRASES = {
-    "left": ("on the left", "at the left", "to the left"),
-    "right": ("on the right", "at the right", "to the right"),
-    "top": ("at the top", "near the top", "in the upper part"),
-    "bottom": ("at the bottom", "near the bottom", "in the lower part"),
-    "center": ("in the center", "in the middle", "at the center"),
-}
-_TEMPLATES = (
-    "a {size} {color} {shape} {pos} of a {background} background",
-    "a {size} {color} {shape} {pos}, {background} background",
-    "{size} {color} {shape} {pos} on {background}",
-    "photo of a {size} {color} {shape} {pos} on a {background} background",
-)
-
-
-# Clean human-style captions of the annotated set (COCO-like: several per image, each naming every
-# attribute correctly, in different words and orders), deliberately not the web templates above.
-_ANNOTATION_TEMPLATES = (
-    "a {size} {color} {shape} {pos} of a {background} background",
-    "a {background} background with a {size} {color} {shape} {pos}",
-    "there is a {size} {color} {shape} {pos}, on {background}",
-    "{pos} sits a {size} {shape} in {color} against a {background} backdrop",
-    "a {color} {shape}, {size}, placed {pos} on a plain {background} background",
-    "on a {background} background, a {size} {shape} colored {color} appears {pos}",
-    "a simple image: {size} {color} {shape} {pos}, {background} background",
-    "the picture shows a {color} {shape} {pos}; it is {size} and the background is {background}",
-)
-
-
-def annotation_captions(attrs: dict[str, str], rng: np.random.Generator, n: int = 5) -> list[str]:
-    """`n` distinct correct captions of a scene, as several annotators would write them."""
-    picks = rng.permutation(len(_ANNOTATION_TEMPLATES))[:n]
-    phrases = _POSITION_PHRASES[attrs["position"]]
-    return [_ANNOTATION_TEMPLATES[i].format(pos=phrases[rng.integers(len(phrases))], **attrs) for i in picks]
-
-
-def true_caption(attrs: dict[str, str]) -> str:
-    """The canonical caption of a scene (the oracle caption)."""
-    return (
-        f"a {attrs['size']} {attrs['color']} {attrs['shape']} "
-        f"{_POSITION_PHRASES[attrs['position']][0]} of a {attrs['background']} background"
-    )
-
-
-def web_caption(attrs: dict[str, str], rng: np.random.Generator) -> str:
-    """A correct caption in one of several phrasings, as web alt-text would vary."""
-    template = _TEMPLATES[rng.integers(len(_TEMPLATES))]
-    phrases = _POSITION_PHRASES[attrs["position"]]
-    return template.format(pos=phrases[rng.integers(len(phrases))], **attrs)
-
-
-def render(attrs: dict[str, str], size: int, rng: np.random.Generator) -> Image.Image:
-    """Draw one scene with a little jitter and pixel noise so no two images are identical."""
-    img = Image.new("RGB", (size, size), BACKGROUNDS[attrs["background"]])
-    draw = ImageDraw.Draw(img)
-    radius = size * (0.14 if attrs["size"] == "small" else 0.3) * rng.uniform(0.9, 1.1)
-    centers = {
-        "left": (0.25, 0.5),
-        "right": (0.75, 0.5),
-        "top": (0.5, 0.25),
-        "bottom": (0.5, 0.75),
-        "center": (0.5, 0.5),
-    }
-    cx, cy = centers[attrs["position"]]
-    cx = size * cx + rng.uniform(-0.04, 0.04) * size
-    cy = size * cy + rng.uniform(-0.04, 0.04) * size
-    color = tuple(int(np.clip(c + rng.integers(-20, 21), 0, 255)) for c in COLORS[attrs["color"]])
-    shape = attrs["shape"]
-    if shape == "circle":
-        draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=color)
-    elif shape == "square":
-        draw.rectangle([cx - radius, cy - radius, cx + radius, cy + radius], fill=color)
-    elif shape == "triangle":
-        draw.polygon([(cx, cy - radius), (cx - radius, cy + radius), (cx + radius, cy + radius)], fill=color)
-    elif shape == "diamond":
-        draw.polygon([(cx, cy - radius), (cx + radius, cy), (cx, cy + radius), (cx - radius, cy)], fill=color)
-    elif shape == "cross":
-        w = radius * 0.35
-        draw.rectangle([cx - radius, cy - w, cx + radius, cy + w], fill=color)
-        draw.rectangle([cx - w, cy - radius, cx + w, cy + radius], fill=color)
-    pixels = np.asarray(img, dtype=np.int16)
-    pixels = pixels + rng.integers(-8, 9, size=pixels.shape)
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
 def _jpeg_bytes(img: Image.Image) -> bytes:
@@ -237,8 +139,8 @@ class WorldConfig:
             raise ConfigError(f"--duplicates ({self.duplicates}) cannot exceed --images ({self.images}).")
         if not 0.0 <= self.annotated <= 10.0:
             raise ConfigError(f"--annotated must be in [0, 10] (a fraction of --images), got {self.annotated}.")
-        if not 1 <= self.captions_per_image <= len(_ANNOTATION_TEMPLATES):
-            raise ConfigError(f"--captions-per-image must be in [1, {len(_ANNOTATION_TEMPLATES)}], "
+        if not 1 <= self.captions_per_image <= len(ANNOTATION_TEMPLATES):
+            raise ConfigError(f"--captions-per-image must be in [1, {len(ANNOTATION_TEMPLATES)}], "
                               f"got {self.captions_per_image}.")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"--port must be in [0, 65535], got {self.port}.")
@@ -438,112 +340,6 @@ def load_world(directory: str | Path) -> dict:
     return world
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server_version = "capfilt-synth/1"
-    world_dir: Path
-    routes: dict
-
-    def log_message(self, format, *args):  # noqa: A002 - silence per-request logging
-        pass
-
-    def do_HEAD(self):  # noqa: N802
-        self._serve(body=False)
-
-    def do_GET(self):  # noqa: N802
-        self._serve(body=True)
-
-    def _serve(self, body: bool) -> None:
-        route = self.routes.get(self.path.split("?", 1)[0])
-        if route is None:
-            self.send_error(404)
-            return
-        kind = route["kind"]
-        if kind == "status":
-            self.send_error(route["code"])
-            return
-        if kind == "flaky":  # a server that fails its first `failures` requests, then serves the file
-            route["requests"] = route.get("requests", 0) + 1
-            if route["requests"] <= route["failures"]:
-                self.send_error(route["code"])
-                return
-        if kind == "redirect":
-            self.send_response(302)
-            self.send_header("Location", route["location"])
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        if kind == "slow":
-            # Sleep in small steps so a stopping server is not held up for the whole delay.
-            deadline = time.monotonic() + route["seconds"]
-            while time.monotonic() < deadline and not getattr(self.server, "stopping", False):
-                time.sleep(0.1)
-        data = (self.world_dir / "files" / route["file"]).read_bytes()
-        try:
-            self.send_response(200)
-            self.send_header("Content-Type", route.get("content_type", "application/octet-stream"))
-            self.send_header("Content-Length", str(len(data)))
-            for key, value in route.get("headers", {}).items():
-                self.send_header(key, value)
-            self.end_headers()
-            if body:
-                self.wfile.write(data)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client gave up (e.g. timed out on a slow route)
-
-
-class WorldServer:
-    """Serves a world's routes on its recorded host and port, in a background thread.
-
-    Use as a context manager in tests and the demo; `serve_forever` for `capfilt synth serve`.
-    """
-
-    def __init__(self, world_dir: str | Path, port: int | None = None):
-        self.world_dir = Path(world_dir)
-        world = load_world(self.world_dir)
-        self.host = world["host"]
-        self.port = port if port is not None else world["port"]
-        routes = json.loads((self.world_dir / "routes.json").read_text())
-        handler = type("WorldHandler", (_Handler,), {"world_dir": self.world_dir, "routes": routes})
-        try:
-            self.httpd = ThreadingHTTPServer((self.host, self.port), handler)
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot serve the world on {self.host}:{self.port} ({exc.strerror}); stop whatever "
-                f"uses that port, or create the world again with another --port."
-            ) from exc
-        self.httpd.daemon_threads = True
-        self.httpd.stopping = False
-        self._thread: threading.Thread | None = None
-
-    @property
-    def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def start(self) -> "WorldServer":
-        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True, name="capfilt-world")
-        self._thread.start()
-        return self
-
-    def serve_forever(self) -> None:
-        try:
-            self.httpd.serve_forever()
-        finally:
-            self.httpd.server_close()
-
-    def stop(self) -> None:
-        self.httpd.stopping = True
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def __enter__(self) -> "WorldServer":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
 def world_pairs(directory: str | Path) -> list[tuple[bytes, str]]:
     """(image bytes, web caption) of a world's distinct images with a non-empty caption, in image order:
     what an ingest of its source would give, read straight from its files (no server, no Ray)."""
@@ -568,67 +364,3 @@ def noise_ratio(ground_truth: pa.Table) -> float:
     """Fraction of real (non-duplicate, non-bad-URL) images whose web caption was corrupted."""
     rows = [r for r in ground_truth.to_pylist() if r["kind"] == "image"]
     return sum(r["corrupted"] for r in rows) / max(1, len(rows))
-
-
-__all__ = [
-    "ANNOTATED_DIR",
-    "ATTRIBUTES",
-    "ATTRIBUTE_VALUES",
-    "BAD_URL_KINDS",
-    "EXPECTED_INGEST_REASON",
-    "NOISE_KINDS",
-    "WorldConfig",
-    "WorldServer",
-    "annotation_captions",
-    "load_world",
-    "make_world",
-    "noise_ratio",
-    "pretraining_world",
-    "render",
-    "true_caption",
-    "world_pairs",
-    "write_annotated",
-]
-
-
-# -- the oracle: what training would get with perfect captions ----------------------------------
-def write_oracle_run(ground_truth: str | Path, root: str, from_run: str, run: str) -> dict:
-    """Curate `run` from `from_run`'s ingested images with their TRUE captions (synthetic worlds).
-
-    One curated row per image whose URL the ground truth knows (caption_source 'oracle'); an
-    image it does not know is dropped with reason `no_ground_truth`. Returns the counts.
-    """
-    from pipeline.run_store import RunStore, ShardCounts
-    from schemas import IMAGES, REJECTED, curated_outputs
-    from schemas.curated import IMAGE_METADATA
-
-    truth = pq.read_table(ground_truth, columns=["url", "true_caption", "kind"])
-    caption_of = {u: c for u, c, k in zip(*(truth.column(n).to_pylist() for n in ("url", "true_caption", "kind")))
-                  if k == "image" and c}
-    source, target = RunStore(root, from_run), RunStore(root, run)
-    shards = [r.shard for r in source.records("ingest") if r.status == "done"]
-    if not shards:
-        raise ConfigError(f"run '{from_run}' under {root} has no ingested images; run `capfilt ingest` first.")
-    provenance = json.dumps({"run_id": run, "oracle": True, "ground_truth": str(ground_truth), "images_from": from_run})
-    totals = {"images": 0, "kept": 0, "dropped": 0}
-    for shard in shards:
-        images = source.read_shard("images", shard, IMAGES)
-        kept, dropped = [], []
-        for row in images.select(["sample_id", "image", "image_format", *IMAGE_METADATA]).to_pylist():
-            caption = caption_of.get(row["url"])
-            if caption is None:
-                dropped.append(dict(stage="select", shard=shard, sample_id=row["sample_id"], url=row["url"],
-                                    outcome="dropped", reason="no_ground_truth",
-                                    error_message=f"{ground_truth} has no true caption for this URL"))
-                continue
-            kept.append({**row, "caption_id": f"{row['sample_id']}#oracle", "caption": caption,
-                         "caption_source": "oracle", "rank": 0, "run_id": run, "provenance": provenance})
-        target.commit_shard(
-            "select", shard, "oracle", outputs=curated_outputs(kept),
-            counts=ShardCounts(rows_in=images.num_rows, kept=len(kept), rejected=len(dropped), rows_out=len(kept)),
-            rejected=REJECTED.from_pylist(dropped) if dropped else None,
-        )
-        totals["images"] += images.num_rows
-        totals["kept"] += len(kept)
-        totals["dropped"] += len(dropped)
-    return totals

@@ -1,0 +1,122 @@
+"""All the toy pieces (tokenizer, BERT, CLIP, LM) from an ingested run's or a world's pairs, in one folder."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Sequence
+
+from capfilt.errors import ConfigError
+
+from .bert import pretrain_bert
+from .clip import pretrain_clip
+from .lm import pretrain_lm
+from .preset import ToyPreset
+from .tokenizer import train_text_tokenizer
+
+
+TOY_DONE = "toy_pretrain.json"  # written last: its presence means the folder is complete
+
+
+def run_pairs(root: str, run: str) -> tuple[list[tuple[bytes, str]], dict]:
+    """(image bytes, web caption) of a run's distinct images that decode and have a caption, and counts
+    of what was left out (exact duplicate bytes, empty captions, undecodable images)."""
+    from PIL import Image
+
+    from pipeline.run_store import RunStore
+    from schemas import IMAGES
+
+    store = RunStore(root, run)
+    if not store.shards("images"):
+        raise ConfigError(f"run '{run}' under {root} has no images/; run `capfilt ingest` for it first.")
+    table = store.read("images", IMAGES).select(["sample_id", "image", "caption", "sha256"])
+    pairs, seen = [], set()
+    counts = {"images": table.num_rows, "duplicates": 0, "empty_caption": 0, "undecodable": 0}
+    for row in table.to_pylist():
+        key = row["sha256"] or row["sample_id"]
+        if key in seen:
+            counts["duplicates"] += 1
+            continue
+        seen.add(key)
+        caption = (row["caption"] or "").strip()
+        if not caption:
+            counts["empty_caption"] += 1
+            continue
+        try:
+            Image.open(io.BytesIO(row["image"])).convert("RGB")
+        except Exception:  # noqa: BLE001 - PIL raises many types; such rows are counted, not trained on
+            counts["undecodable"] += 1
+            continue
+        pairs.append((row["image"], caption))
+    counts["pairs"] = len(pairs)
+    return pairs, counts
+
+
+def pretrain_toy(root: str, run: str, out: str | Path, preset: ToyPreset = ToyPreset()) -> dict:
+    """Train the toy preset's frozen pieces on a run's raw web pairs into `out`:
+    `tokenizer/` (Q-Former WordPiece), `bert/` (masked-LM BERT the Q-Former starts from), `clip/`
+    (open_clip local-dir) and `lm/` (causal LM).
+
+    A folder already complete for the same run and preset is reused (a rerun of a flow resumes).
+    """
+    out = Path(out)
+    done = out / TOY_DONE
+    if done.exists():
+        info = json.loads(done.read_text())
+        if info.get("run") == run and info.get("preset") == asdict(preset):
+            return {**info, "reused": True}
+    pairs, counts = run_pairs(root, run)
+    if len(pairs) < 2:
+        raise ConfigError(f"run '{run}' under {root} has {len(pairs)} usable (image, caption) pairs ({counts}); "
+                          f"the toy preset needs at least 2 to pretrain on.")
+    return pretrain_toy_pairs(pairs, out, preset, about={"root": str(root), "run": run, "counts": counts})
+
+
+def _lm_settings(preset: ToyPreset) -> dict:
+    """What the LM depends on: its own fields and the seed (its tokenizer is its own)."""
+    return {k: v for k, v in asdict(preset).items() if k.startswith("lm_") or k in ("seed", "threads")}
+
+
+def _vision_settings(preset: ToyPreset) -> dict:
+    """What the tokenizer, BERT and CLIP depend on: everything but the LM's fields."""
+    return {k: v for k, v in asdict(preset).items() if not k.startswith("lm_")}
+
+
+def pretrain_toy_pairs(pairs: Sequence[tuple[bytes, str]], out: str | Path, preset: ToyPreset = ToyPreset(),
+                       about: dict | None = None, lm: bool = True,
+                       eval_pairs: Sequence[tuple[bytes, str]] | None = None) -> dict:
+    """The toy pieces from (image bytes, caption) pairs into `out`; `about` says where the pairs came
+    from and is what a rerun must match (with the preset) to reuse a complete folder. A folder made
+    from the same pairs with other LM settings keeps its tokenizer, BERT and CLIP (minutes of
+    training) and trains the LM anew; and the other way round."""
+    out = Path(out)
+    about = dict(about or {})
+    done = out / TOY_DONE
+    before = json.loads(done.read_text()) if done.exists() else None
+    same_pairs = before is not None and all(before.get(k) == v for k, v in about.items())
+    if same_pairs and before.get("preset") == asdict(preset) and (before.get("lm") is not None or not lm):
+        return {**before, "reused": True}
+    keep_vision = same_pairs and _vision_settings(ToyPreset(**before["preset"])) == _vision_settings(preset)
+    keep_lm = (same_pairs and lm and before.get("lm") is not None
+               and _lm_settings(ToyPreset(**before["preset"])) == _lm_settings(preset))
+    started = time.perf_counter()
+    texts = [caption for _, caption in pairs]
+    if keep_vision:
+        bert, clip_metrics = before["bert"], before["clip"]
+    else:
+        train_text_tokenizer(texts, out / "tokenizer", preset)
+        bert = pretrain_bert(texts, out / "bert", out / "tokenizer", preset)
+        clip_metrics = pretrain_clip(pairs, out / "clip", preset, eval_pairs=eval_pairs).metrics
+    if keep_lm:
+        lm_metrics = before["lm"]
+    else:
+        lm_metrics = pretrain_lm(texts, out / "lm", preset).metrics if lm else None
+    info = {**about, "preset": asdict(preset), "bert": bert, "clip": clip_metrics, "lm": lm_metrics,
+            "seconds": time.perf_counter() - started,
+            "kept": [piece for piece, kept in (("tokenizer+bert+clip", keep_vision), ("lm", keep_lm)) if kept]}
+    out.mkdir(parents=True, exist_ok=True)
+    done.write_text(json.dumps(info, indent=1, sort_keys=True))
+    return {**info, "reused": False}
