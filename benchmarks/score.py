@@ -148,8 +148,9 @@ def bench_score(args) -> dict:
     # hits both sides alike instead of one.
     bare = stage_fn = math.inf
     for _ in range(args.repeats):
-        bare = min(bare, timed(bare_forward, clip, itm, batches))
         stage_fn = min(stage_fn, timed(batch_fn))
+        last_bare = timed(bare_forward, clip, itm, batches)
+        bare = min(bare, last_bare)
     print(f"  one batch of {args.batch_size} pairs through score_pairs: {batch_fn_warm:.3f} s")
     print(f"  (a) bare batched forward          {n / bare:9.1f} pairs/s")
     print(f"  (b) score_pairs (stage batch fn)  {n / stage_fn:9.1f} pairs/s   b/a = {bare / stage_fn:.2f} (target >= 0.85)")
@@ -167,15 +168,20 @@ def bench_score(args) -> dict:
         summary = run_score(store, config)
         total = time.perf_counter() - started
         assert summary.scored == n, summary.line()
+        # the stage against the bare loop just before and just after it: a shared machine's speed drifts
+        before, last_bare = last_bare, timed(bare_forward, clip, itm, batches)
+        around = (before + last_bare) / 2
         steady = summary.seconds - summary.startup_s
         label = "(c) " if executor == "auto" else "(c')"
         print(f"  {label} run_score, executor {executor} -> {summary.executor:5} {n / total:9.1f} pairs/s end to end "
               f"({total:.1f} s{f'; Ray init before it {ray_start:.1f} s, not included' if ray_start else ''})")
-        print(f"      start-up until the first batch {total - summary.seconds + summary.startup_s:.1f} s; after it "
-              f"{n / steady:.1f} pairs/s, after/a = {bare / steady:.2f}; end to end/a = {bare / total:.2f}"
-              + (" (target >= 0.85)" if executor == "auto" else ""))
+        print(f"      bare forward before and after it {n / before:.1f} and {n / last_bare:.1f} pairs/s; start-up until the "
+              f"first batch {total - summary.seconds + summary.startup_s:.1f} s; after it {n / steady:.1f} pairs/s, "
+              f"after/a = {around / steady:.2f}; end to end/a = {around / total:.2f}" + (" (target >= 0.85)" if executor == "auto" else ""))
         key = "stage" if executor == "auto" else "ray"
-        result.update({key: n / total, f"{key}_steady": n / steady, f"{key}_startup_s": total - summary.seconds + summary.startup_s})
+        result[f"{key}_executor"] = summary.executor
+        result.update({key: n / total, f"{key}_steady": n / steady, f"{key}_bare": n / around,
+                       f"{key}_startup_s": total - summary.seconds + summary.startup_s})
         if ray_start:
             result["ray_init_s"] = ray_start
     return result
