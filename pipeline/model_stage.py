@@ -23,6 +23,7 @@ larger run goes to Ray.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,9 +35,10 @@ from capfilt.errors import CapfiltError, ConfigError
 from pipeline.run_store import RunStore
 
 EXECUTORS = ("auto", "ray", "local")
-# A run of at most this many batches for one actor is small: on a 2-core machine starting Ray, an
-# actor process and its torch/transformers imports took 15-25 s, as long as that many batches of
-# the benchmarks' models, and a pool of one actor computes nothing a driver process could not.
+# A run of at most this many batches for one actor is small: on a 2-core machine the actor's start
+# (its process importing torch, transformers, open_clip, then loading the model) took 12-21 s
+# before its first batch, a third or more of 64 batches of the benchmarks' models (0.7-0.9 s each;
+# less on a GPU), and a pool of one actor computes nothing the driver process could not.
 SMALL_RUN_BATCHES = 64
 
 
@@ -84,8 +86,8 @@ class ModelStage:
     rows: dict[str, int]  # pending shard -> rows the actors will see (0: committed empty, no work)
     read: Callable[..., pa.Table]  # (table of shard ids, root=, run_id=) -> those shards' rows + `shard`
     actor: type[ShardActor]
+    commit: Callable[[str, pa.Table | None], None]  # (shard, its results in any order; None: an empty shard)
     actor_kwargs: dict = field(default_factory=dict)  # besides batch_size and torch_threads
-    commit: Callable[[str, pa.Table | None], None] = None  # (shard, its results in any order, None if empty)
     check: Callable[[], object] | None = None  # driver-side model check before Ray starts (local builds the actor)
     batch_size: int = 16
     actors: int | None = None  # default: one per GPU, else one
@@ -115,11 +117,9 @@ def local_reason(stage: ModelStage) -> str | None:
     no cluster address, no pool of more than one actor, at most SMALL_RUN_BATCHES batches."""
     if stage.executor != "auto":
         return "executor local" if stage.executor == "local" else None
-    if os.environ.get("RAY_ADDRESS", "local") != "local" or (stage.actors or 1) > 1:
+    if (os.environ.get("RAY_ADDRESS") or "local") != "local" or (stage.actors or 1) > 1:
         return None
-    import sys
-
-    ray = sys.modules.get("ray")
+    ray = sys.modules.get("ray")  # already started (a flow, a test): is it a cluster?
     if ray is not None and ray.is_initialized() and len([n for n in ray.nodes() if n.get("Alive")]) > 1:
         return None
     import torch
