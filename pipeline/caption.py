@@ -27,7 +27,7 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 from PIL import Image
 
-from capfilt.errors import CapfiltError, ConfigError, SchemaError
+from capfilt.errors import ConfigError, SchemaError
 from model.captioners import Captioner, Decoding, caption_seed, captioner_model_type, load_captioner
 from pipeline.model_stage import ModelStage, ShardActor, StageRun, check_executor, run_model_stage
 from pipeline.run_store import RunStore, ShardCounts, config_hash
