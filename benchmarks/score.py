@@ -10,9 +10,12 @@ a CPU machine):
       batch), text encoder and the ITM model's forward; no decode, no Arrow. The ceiling.
   (b) `score_pairs`, the stage's pure batch function, in this process: decode + preprocess +
       tokenize + forward + Arrow columns. (b)/(a) is the target ratio (>= 0.85).
-  (c) `run_score`, the whole stage on Ray Data with one actor, reported twice: end to end, and
-      after its fixed startup (driver model check, Ray job, actor process, model load: until the
-      actor starts its first batch, `ScoreSummary.startup_s`).
+  (c) `run_score`, the whole stage as a user runs it (executor "auto": a run this small goes to
+      the driver process, pipeline/model_stage.py), reported twice: end to end, and after its
+      fixed start-up (model load until the first batch, `ScoreSummary.startup_s`).
+  (c') `run_score` on Ray Data with one actor ("ray"), the same two ways; its start-up is the
+      driver's model check, the Ray job, the actor process and its model load (Ray itself is
+      started before, its time printed apart).
 The models are randomly initialised open_clip and BLIP ITM configs registered from JSON (no
 downloads): `small` is big enough that the forward pass, not bookkeeping, is most of a batch,
 as with real models; `tiny` is the test suite's size, where decode and preprocessing dominate.
@@ -126,8 +129,9 @@ def bench_score(args) -> dict:
     itm = load_itm(itm_folder) if itm_folder else None
 
     images = args.pairs // args.captions
-    store = build_run(str(work / "root"), "bench", images, args.captions, args.shards)
-    pairs = run_pairs(store)
+    stores = {executor: build_run(str(work / "root"), f"bench-{executor}", images, args.captions, args.shards)
+              for executor in ("auto", "ray")}
+    pairs = run_pairs(stores["auto"])
     n = pairs.num_rows
     batches = bare_inputs(clip, itm, pairs, args.batch_size)
     print(f"score: {images} images x {args.captions} captions = {n} pairs in {args.shards} shards; batch {args.batch_size} "
@@ -144,28 +148,43 @@ def bench_score(args) -> dict:
     # hits both sides alike instead of one.
     bare = stage_fn = math.inf
     for _ in range(args.repeats):
-        bare = min(bare, timed(bare_forward, clip, itm, batches))
         stage_fn = min(stage_fn, timed(batch_fn))
+        last_bare = timed(bare_forward, clip, itm, batches)
+        bare = min(bare, last_bare)
     print(f"  one batch of {args.batch_size} pairs through score_pairs: {batch_fn_warm:.3f} s")
     print(f"  (a) bare batched forward          {n / bare:9.1f} pairs/s")
     print(f"  (b) score_pairs (stage batch fn)  {n / stage_fn:9.1f} pairs/s   b/a = {bare / stage_fn:.2f} (target >= 0.85)")
 
-    started = time.perf_counter()
-    ray_env.ensure_ray(address="local", num_cpus=args.ray_cpus)
-    ray_start = time.perf_counter() - started
-    config = ScoreConfig(clip=clip_name, clip_pretrained=clip_checkpoint, clip_config=clip_config, itm=itm_folder,
-                         batch_size=args.batch_size, actors=1, cpus_per_actor=args.threads)
-    started = time.perf_counter()
-    summary = run_score(store, config)
-    total = time.perf_counter() - started
-    assert summary.scored == n, summary.line()
-    steady = summary.seconds - summary.startup_s
-    print(f"  (c) run_score on Ray, 1 actor      {n / total:9.1f} pairs/s end to end ({total:.1f} s; Ray init before "
-          f"it {ray_start:.1f} s, not included)")
-    print(f"      startup (driver model check, Ray job, actor start, model load) "
-          f"{total - summary.seconds + summary.startup_s:.1f} s; after it {n / steady:.1f} pairs/s, c/a = {bare / steady:.2f}")
-    return {"pairs": n, "bare": n / bare, "batch_fn": n / stage_fn, "stage": n / total, "steady": n / steady,
-            "ray_init_s": ray_start}
+    result = {"pairs": n, "bare": n / bare, "batch_fn": n / stage_fn}
+    for executor, store in stores.items():
+        ray_start = 0.0
+        if executor == "ray":
+            started = time.perf_counter()
+            ray_env.ensure_ray(address="local", num_cpus=args.ray_cpus)
+            ray_start = time.perf_counter() - started
+        config = ScoreConfig(clip=clip_name, clip_pretrained=clip_checkpoint, clip_config=clip_config, itm=itm_folder,
+                             batch_size=args.batch_size, actors=1, cpus_per_actor=args.threads, executor=executor)
+        started = time.perf_counter()
+        summary = run_score(store, config)
+        total = time.perf_counter() - started
+        assert summary.scored == n, summary.line()
+        # the stage against the bare loop just before and just after it: a shared machine's speed drifts
+        before, last_bare = last_bare, timed(bare_forward, clip, itm, batches)
+        around = (before + last_bare) / 2
+        steady = summary.seconds - summary.startup_s
+        label = "(c) " if executor == "auto" else "(c')"
+        print(f"  {label} run_score, executor {executor} -> {summary.executor:5} {n / total:9.1f} pairs/s end to end "
+              f"({total:.1f} s{f'; Ray init before it {ray_start:.1f} s, not included' if ray_start else ''})")
+        print(f"      bare forward before and after it {n / before:.1f} and {n / last_bare:.1f} pairs/s; start-up until the "
+              f"first batch {total - summary.seconds + summary.startup_s:.1f} s; after it {n / steady:.1f} pairs/s, "
+              f"after/a = {around / steady:.2f}; end to end/a = {around / total:.2f}" + (" (target >= 0.85)" if executor == "auto" else ""))
+        key = "stage" if executor == "auto" else "ray"
+        result[f"{key}_executor"] = summary.executor
+        result.update({key: n / total, f"{key}_steady": n / steady, f"{key}_bare": n / around,
+                       f"{key}_startup_s": total - summary.seconds + summary.startup_s})
+        if ray_start:
+            result["ray_init_s"] = ray_start
+    return result
 
 
 def exact_greedy_blocked(ids: list[str], x: np.ndarray, eps: float, block: int = 4096) -> dict[str, str]:

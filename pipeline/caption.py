@@ -6,14 +6,12 @@
 
 Pure parts (testable without Ray): `decode_image`, `degenerate_reason`, `caption_batch` (one
 batch of images through a captioner) and `assemble_shard` (per-image results -> caption rows,
-rejected rows and counts). `CaptionActor` is the thin Ray wrapper; `run_caption` drives a run.
-
-Why one dataset over all pending shards (rather than one dataset per shard): the model is loaded
-once per actor for the whole run and the actors never idle between shards. Results stream back
-to the driver, which commits a shard through the run store as soon as all its images are in, so
-a killed run keeps every shard committed before the kill. Output rows do not depend on Ray's
-batching (see `model.captioners.SeededNucleusSampler`), so neither the streaming order nor a
-resume changes what is written: rows are put back in the shard's order before they are written.
+rejected rows and counts). `CaptionActor` holds the captioner; `run_caption` hands the pending
+shards, the reader, the actor and the per-shard commit to the driver every model-holding stage
+shares (`pipeline.model_stage`: one dataset over all pending shards, each shard committed as soon
+as all its images are in). Output rows do not depend on Ray's batching (see
+`model.captioners.SeededNucleusSampler`), so neither the streaming order nor a resume changes
+what is written: rows are put back in the shard's order before they are written.
 """
 
 from __future__ import annotations
@@ -21,7 +19,6 @@ from __future__ import annotations
 import io
 import json
 import re
-import time
 import unicodedata
 from dataclasses import dataclass, field
 
@@ -30,8 +27,9 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 from PIL import Image
 
-from capfilt.errors import CapfiltError, ConfigError, SchemaError
+from capfilt.errors import ConfigError, SchemaError
 from model.captioners import Captioner, Decoding, caption_seed, captioner_model_type, load_captioner
+from pipeline.model_stage import ModelStage, ShardActor, StageRun, check_executor, run_model_stage
 from pipeline.run_store import RunStore, ShardCounts, config_hash
 from schemas import CAPTIONS, IMAGES, REJECTED
 
@@ -62,6 +60,7 @@ class CaptionConfig:
     actors: int | None = None  # default: one per GPU, else one
     cpus_per_actor: int = 1  # CPU cores (= torch threads on CPU) each actor reserves
     device: str = "auto"
+    executor: str = "auto"  # "ray", "local" (the driver process) or "auto": pipeline/model_stage.py
 
     def __post_init__(self):
         if not self.captioner:
@@ -72,6 +71,7 @@ class CaptionConfig:
             raise ConfigError(f"--actors must be >= 1 (got {self.actors}).")
         if self.cpus_per_actor < 1:
             raise ConfigError(f"--cpus-per-actor must be >= 1 (got {self.cpus_per_actor}).")
+        check_executor(self.executor)
 
     @property
     def web_only(self) -> bool:
@@ -217,41 +217,22 @@ def read_image_shards(batch: pa.Table, root: str, run_id: str) -> pa.Table:
     return pa.concat_tables(tables)
 
 
-class CaptionActor:
-    """Loads the captioner once per actor; captions one shard per call, `batch_size` images per
-    generate call."""
+class CaptionActor(ShardActor):
+    """Loads the captioner once per actor (none for --captioner none); captions `batch_size` images
+    per generate call."""
 
-    def __init__(self, captioner: str, decoding: Decoding, device: str = "auto", torch_threads: int | None = None,
-                 batch_size: int = 16):
-        if torch_threads:
-            import torch
-
-            # as many threads as cores reserved: more threads than cores makes torch's OpenMP
-            # workers spin against the read tasks and other actors (10x slower on a busy 2-core box)
-            torch.set_num_threads(torch_threads)
-        self.captioner = load_captioner(captioner, device)
+    def __init__(self, captioner: str, decoding: Decoding, device: str = "auto", **shard_actor):
+        super().__init__(**shard_actor)
+        self.captioner = None if captioner.lower() == WEB_ONLY else load_captioner(captioner, device)
         self.decoding = decoding
-        self.batch_size = batch_size
 
-    def __call__(self, shard: pa.Table) -> pa.Table:
-        return in_batches(shard, self.batch_size, lambda batch: caption_batch(batch, self.captioner, self.decoding))
-
-
-def in_batches(shard: pa.Table, batch_size: int, fn) -> pa.Table:
-    """`fn` over one shard's rows, `batch_size` at a time (the caption and score actors): each
-    batch's output keeps the shard column and the time the batch started (for the driver's timing)."""
-    parts = []
-    for start in range(0, shard.num_rows, batch_size):  # the driver sends no empty shard
-        batch = shard.slice(start, batch_size)
-        began = time.time()
-        parts.append(fn(batch).append_column("shard", batch.column("shard")).append_column(
-            "batch_started_at", pa.array([began] * batch.num_rows, pa.float64())))
-    return pa.concat_tables(parts)
+    def batch(self, rows: pa.Table) -> pa.Table:
+        return caption_batch(rows, self.captioner, self.decoding)
 
 
 # -- driver ------------------------------------------------------------------------------------------
 @dataclass
-class CaptionSummary:
+class CaptionSummary(StageRun):  # + how the driver ran it (seconds, start-up, where)
     shards_done: int = 0
     shards_skipped: int = 0
     shards_not_ingested: int = 0
@@ -261,8 +242,6 @@ class CaptionSummary:
     web_captions: int = 0
     synthetic_captions: int = 0
     degenerate: int = 0
-    captioning_s: float = 0.0  # wall time of the Ray job, actor start and model load included
-    startup_s: float | None = None  # until an actor, its model loaded, started its first batch
 
     def line(self) -> str:
         return (
@@ -270,7 +249,7 @@ class CaptionSummary:
             + (f", {self.shards_not_ingested} not yet ingested" if self.shards_not_ingested else "")
             + f": {self.images} images = {self.captioned} captioned + {self.failed} failed; "
             f"{self.web_captions + self.synthetic_captions} caption rows = {self.web_captions} web + "
-            f"{self.synthetic_captions} synthetic ({self.degenerate} degenerate)"
+            f"{self.synthetic_captions} synthetic ({self.degenerate} degenerate)" + self.note()
         )
 
 
@@ -293,8 +272,11 @@ def _read_columns(store: RunStore, shard: str, columns: list[str]) -> pa.Table:
         return pq.read_table(handle, columns=columns)
 
 
-def _commit(store: RunStore, cfg: CaptionConfig, shard: str, results: pa.Table, summary: CaptionSummary) -> None:
+def _commit(store: RunStore, cfg: CaptionConfig, shard: str, results: pa.Table | None, summary: CaptionSummary) -> None:
     images = _read_columns(store, shard, ["sample_id", "url", "caption"])
+    if results is None:
+        results = RESULT_SCHEMA.empty_table()
+    results = results.select(RESULT_SCHEMA.names)
     captions, rejected, counts = assemble_shard(shard, images, results, cfg.captioner, cfg.decoding)
     decoding = None if cfg.web_only else json.loads(cfg.decoding.to_json())
     store.commit_shard(
@@ -313,9 +295,6 @@ def _commit(store: RunStore, cfg: CaptionConfig, shard: str, results: pa.Table, 
 
 def run_caption(store: RunStore, cfg: CaptionConfig) -> CaptionSummary:
     """Caption every ingested image shard of a run not already captioned with this config."""
-    import pipeline.ray_env as ray_env  # sets the Ray env before ray is imported
-    import ray
-
     if not cfg.web_only:
         captioner_model_type(cfg.captioner)  # a bad --captioner fails here, before Ray starts
     todo, done, not_ready = pending_shards(store, cfg)
@@ -336,76 +315,12 @@ def run_caption(store: RunStore, cfg: CaptionConfig) -> CaptionSummary:
                 f"{store.uri(store.shard_path('images', shard))}: sample_id is not unique within the "
                 f"shard; re-run `capfilt ingest` for this run."
             )
-        store.start_shard(STAGE, shard, cfg.output_hash)
-    for shard in [s for s in todo if expected[s] == 0]:
-        _commit(store, cfg, shard, pa.Table.from_pylist([], schema=RESULT_SCHEMA), summary)
-    working = [s for s in todo if expected[s] > 0]
-    if cfg.web_only:  # no model to spread over Ray: decode-check and pass the web captions through here
-        for shard in working:
-            images = _read_columns(store, shard, ["sample_id", "image"])
-            _commit(store, cfg, shard, caption_batch(images, None, cfg.decoding), summary)
-        return summary
-    if not working:
-        return summary
-
-    ray_env.ensure_ray()
-    gpus = ray_env.gpus_available()
-    actors = cfg.actors or max(1, int(gpus))
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    if actors * cfg.cpus_per_actor > cpus:
-        raise ConfigError(
-            f"--actors {actors} x --cpus-per-actor {cfg.cpus_per_actor} needs more than the "
-            f"{cpus} CPU(s) Ray has; lower one of them."
-        )
-    # Shards are read inside Ray tasks through the run store (any fsspec root), not with
-    # ray.data.read_parquet: that keeps the driver's memory flat and, with ray 2.60 and the locked
-    # fsspec, read_parquet fails on an import of fsspec's HTTPFileSystem.
-    ds = ray.data.from_items([{"shard": s} for s in working], override_num_blocks=len(working)).map_batches(
-        read_image_shards,
-        fn_kwargs=dict(root=store.root, run_id=store.run_id),
-        batch_size=1,
-        batch_format="pyarrow",
-    ).map_batches(
-        CaptionActor,
-        fn_constructor_kwargs=dict(
-            captioner=cfg.captioner, decoding=cfg.decoding, device=cfg.device,
-            torch_threads=None if gpus else cfg.cpus_per_actor, batch_size=cfg.batch_size,
-        ),
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        num_gpus=1 if gpus else 0,
-        num_cpus=cfg.cpus_per_actor,
-        # One shard per call, batched inside the actor. Ray Data fuses the reader into this
-        # operator and then bundles `batch_size` of its *input* rows, the shard ids, per task: a
-        # batch size of 16 put 16 shards in one task, so the driver could commit none of them
-        # before all were captioned, a killed actor redid all 16, and with fewer tasks than
-        # actors some actors idled.
-        batch_size=None,
-        batch_format="pyarrow",
-    )
-    arrived: dict[str, list[pa.Table]] = {s: [] for s in working}
-    counts = dict.fromkeys(working, 0)
-    started = time.time()  # wall clock: compared with the actors' batch start times
-    try:
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            first_batch = pa.compute.min(batch.column("batch_started_at")).as_py() - started
-            summary.startup_s = min(summary.startup_s or first_batch, first_batch)
-            shard_of = batch.column("shard").to_pylist()
-            for shard in set(shard_of):
-                part = batch.filter(pa.array([s == shard for s in shard_of])).drop_columns(["shard", "batch_started_at"])
-                arrived[shard].append(part)
-                counts[shard] += part.num_rows
-                if counts[shard] == expected[shard]:
-                    _commit(store, cfg, shard, pa.concat_tables(arrived.pop(shard)), summary)
-    except Exception as exc:
-        for shard in arrived:  # shards committed above are no longer in `arrived`
-            store.fail_shard(STAGE, shard, cfg.output_hash, f"{type(exc).__name__}: {exc}"[:2000])
-        cause: BaseException | None = exc  # Ray wraps an actor's error; surface a user error as one line
-        while cause is not None and not isinstance(cause, CapfiltError):
-            cause = cause.__cause__
-        if cause is not None and cause is not exc:
-            raise cause from exc
-        raise
-    summary.captioning_s = time.time() - started
-    if arrived:
-        raise RuntimeError(f"caption: shards {sorted(arrived)} did not receive all their images")
+    run_model_stage(store, ModelStage(
+        name=STAGE, output_hash=cfg.output_hash, rows=expected, read=read_image_shards, actor=CaptionActor,
+        actor_kwargs=dict(captioner=cfg.captioner, decoding=cfg.decoding, device=cfg.device),
+        commit=lambda shard, results: _commit(store, cfg, shard, results, summary),
+        batch_size=cfg.batch_size, actors=cfg.actors, cpus_per_actor=cfg.cpus_per_actor,
+        # no model to spread over Ray: the driver decode-checks and passes the web captions through
+        executor="local" if cfg.web_only else cfg.executor,
+    ), run=summary)
     return summary

@@ -5,24 +5,24 @@
                                                    └─► rejected/score/<shard>.parquet
 
 Pure parts: `shard_pairs` (join a shard's captions with its images) and `score_pairs` (one batch
-of pairs through a CLIP scorer and an optional ITM scorer). `ScoreActor` is the Ray wrapper
-(models load once per actor); `run_score` drives a run, with the same streaming design as the
-caption stage: one dataset over all pending shards, each shard committed through the run store
-as soon as all its pairs are back. Accounting is per caption row: rows in = captions, kept =
-scored pairs, failed = pairs whose image could not be decoded.
+of pairs through a CLIP scorer and an optional ITM scorer). `ScoreActor` holds the models
+(loaded once per actor); `run_score` hands the pending shards, the reader, the actor and the
+per-shard commit to the driver every model-holding stage shares (`pipeline.model_stage`, as the
+caption stage does). Accounting is per caption row: rows in = captions, kept = scored pairs,
+failed = pairs whose image could not be decoded.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 
-from capfilt.errors import CapfiltError, ConfigError
-from pipeline.caption import decode_image, in_batches
+from capfilt.errors import ConfigError
+from pipeline.caption import decode_image
+from pipeline.model_stage import ModelStage, ShardActor, StageRun, check_executor, run_model_stage
 from pipeline.run_store import RunStore, ShardCounts, config_hash
 from schemas import CAPTIONS, IMAGES, SCORES
 
@@ -41,6 +41,7 @@ class ScoreConfig:
     actors: int | None = None
     cpus_per_actor: int = 1
     device: str = "auto"
+    executor: str = "auto"  # "ray", "local" (the driver process) or "auto": pipeline/model_stage.py
 
     def __post_init__(self):
         if not self.clip:
@@ -49,6 +50,9 @@ class ScoreConfig:
             raise ConfigError(f"--batch-size must be >= 1 (got {self.batch_size}).")
         if self.actors is not None and self.actors < 1:
             raise ConfigError(f"--actors must be >= 1 (got {self.actors}).")
+        if self.cpus_per_actor < 1:
+            raise ConfigError(f"score cpus_per_actor must be >= 1 (got {self.cpus_per_actor}).")
+        check_executor(self.executor)
 
     @property
     def output_hash(self) -> str:
@@ -137,43 +141,32 @@ def read_pair_shards(batch: pa.Table, root: str, run_id: str) -> pa.Table:
     return pa.concat_tables(tables)
 
 
-class ScoreActor:
-    """Holds the CLIP and ITM models (loaded once per actor) and scores one shard's pairs per call,
-    `batch_size` pairs per forward pass."""
+class ScoreActor(ShardActor):
+    """Holds the CLIP and ITM models (loaded once per actor); scores `batch_size` pairs per forward pass."""
 
-    def __init__(self, config: ScoreConfig, torch_threads: int | None = None):
-        import torch
-
-        if torch_threads:
-            torch.set_num_threads(torch_threads)
+    def __init__(self, config: ScoreConfig, **shard_actor):
+        super().__init__(**shard_actor)
         self.clip, self.itm = config.load()
-        self.batch_size = config.batch_size
 
-    def __call__(self, shard: pa.Table) -> pa.Table:
-        return in_batches(shard, self.batch_size,
-                          lambda batch: score_pairs(batch.drop_columns(["shard"]), self.clip, self.itm))
+    def batch(self, rows: pa.Table) -> pa.Table:
+        return score_pairs(rows, self.clip, self.itm)
 
 
 @dataclass
-class ScoreSummary:
+class ScoreSummary(StageRun):  # + how the driver ran it (seconds, start-up, where)
     shards_done: int = 0
     shards_skipped: int = 0
     pairs: int = 0
     scored: int = 0
     failed: int = 0
-    seconds: float = 0.0  # wall time of the Ray job, actor start and model load included
-    startup_s: float | None = None  # until an actor, its models loaded, started its first batch
 
     def line(self) -> str:
         return (f"scored {self.shards_done} shard(s), skipped {self.shards_skipped} already done: "
-                f"{self.pairs} pairs = {self.scored} scored + {self.failed} failed")
+                f"{self.pairs} pairs = {self.scored} scored + {self.failed} failed" + self.note())
 
 
 def run_score(store: RunStore, cfg: ScoreConfig) -> ScoreSummary:
     """Score every captioned shard of a run not already scored with this config."""
-    import pipeline.ray_env as ray_env
-    import ray
-
     captioned = [r.shard for r in store.records("caption") if r.status == "done"]
     if not captioned:
         raise ConfigError(
@@ -183,64 +176,19 @@ def run_score(store: RunStore, cfg: ScoreConfig) -> ScoreSummary:
     summary = ScoreSummary(shards_skipped=len(captioned) - len(todo))
     if not todo:
         return summary
-    cfg.load()  # a bad --clip/--itm fails here, in one line, before Ray starts
-    expected = {}
-    for shard in todo:
-        expected[shard] = store.read_shard("captions", shard, CAPTIONS).num_rows
-        store.start_shard(STAGE, shard, cfg.output_hash)
-    started = time.time()
-    for shard in [s for s in todo if expected[s] == 0]:
-        _commit(store, cfg, shard, [], summary)
-    working = [s for s in todo if expected[s] > 0]
-    if working:
-        ray_env.ensure_ray()
-        gpus = ray_env.gpus_available()
-        actors = cfg.actors or max(1, int(gpus))
-        ds = ray.data.from_items([{"shard": s} for s in working], override_num_blocks=len(working)).map_batches(
-            read_pair_shards, fn_kwargs=dict(root=store.root, run_id=store.run_id), batch_size=1, batch_format="pyarrow",
-        ).map_batches(
-            ScoreActor,
-            fn_constructor_kwargs=dict(config=cfg, torch_threads=None if gpus else cfg.cpus_per_actor),
-            compute=ray.data.ActorPoolStrategy(size=actors),
-            num_gpus=1 if gpus else 0,
-            num_cpus=cfg.cpus_per_actor,
-            # One shard per call, batched inside the actor (why: pipeline/caption.py, run_caption).
-            # A pair's batch is then set by its shard's rows, not by which shards Ray bundled
-            # together, so a rerun or a retry after a lost actor gives the same float scores.
-            batch_size=None,
-            batch_format="pyarrow",
-        )
-        arrived: dict[str, list[pa.Table]] = {s: [] for s in working}
-        counts = dict.fromkeys(working, 0)
-        try:
-            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-                first_batch = pa.compute.min(batch.column("batch_started_at")).as_py() - started
-                summary.startup_s = min(summary.startup_s or first_batch, first_batch)
-                shard_of = batch.column("shard").to_pylist()
-                for shard in set(shard_of):
-                    part = batch.filter(pa.array([s == shard for s in shard_of])).drop_columns(["shard", "batch_started_at"])
-                    arrived[shard].append(part)
-                    counts[shard] += part.num_rows
-                    if counts[shard] == expected[shard]:
-                        _commit(store, cfg, shard, arrived.pop(shard), summary)
-        except Exception as exc:
-            for shard in arrived:
-                store.fail_shard(STAGE, shard, cfg.output_hash, f"{type(exc).__name__}: {exc}"[:2000])
-            cause: BaseException | None = exc
-            while cause is not None and not isinstance(cause, CapfiltError):
-                cause = cause.__cause__
-            if cause is not None and cause is not exc:
-                raise cause from exc
-            raise
-        if arrived:
-            raise RuntimeError(f"score: shards {sorted(arrived)} did not receive all their pairs")
-    summary.seconds = time.time() - started
+    run_model_stage(store, ModelStage(
+        name=STAGE, output_hash=cfg.output_hash,
+        rows={shard: store.read_shard("captions", shard, CAPTIONS).num_rows for shard in todo},
+        read=read_pair_shards, actor=ScoreActor, actor_kwargs=dict(config=cfg),
+        commit=lambda shard, scored: _commit(store, cfg, shard, scored, summary),
+        check=cfg.load,  # a bad --clip/--itm fails here, in one line, before Ray starts
+        batch_size=cfg.batch_size, actors=cfg.actors, cpus_per_actor=cfg.cpus_per_actor, executor=cfg.executor,
+    ), run=summary)
     return summary
 
 
-def _commit(store: RunStore, cfg: ScoreConfig, shard: str, parts: list[pa.Table], summary: ScoreSummary) -> None:
-    if parts:
-        scored = pa.concat_tables(parts)
+def _commit(store: RunStore, cfg: ScoreConfig, shard: str, scored: pa.Table | None, summary: ScoreSummary) -> None:
+    if scored is not None:
         # Back to the captions' order: the output does not depend on how Ray streamed batches.
         order = {cid: i for i, cid in enumerate(store.read_shard("captions", shard, CAPTIONS).column("caption_id").to_pylist())}
         ids = scored.column("caption_id").to_pylist()

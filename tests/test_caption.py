@@ -1,4 +1,5 @@
-"""The caption stage: N synthetic captions per image from tiny BLIP / BLIP-2 models, on Ray actors."""
+"""The caption stage: N synthetic captions per image from tiny BLIP / BLIP-2 models, on Ray actors
+(or, for a small local run, in the driver process: the same rows)."""
 
 from __future__ import annotations
 
@@ -132,10 +133,12 @@ def test_stage_captions_every_ingested_shard_accounts_for_every_image_and_rerun_
 ):
     store = RunStore(str(tmp_path), "r")
     commit_image_shards(store, {"a": 5, "b": 4, "empty": 0}, corrupt={"b": (0,)})
-    cfg = CaptionConfig(captioner=tiny_folders["blip-2"], decoding=DECODING, batch_size=3)
+    # executor "ray": a run this small would otherwise go to the driver process (next test)
+    cfg = CaptionConfig(captioner=tiny_folders["blip-2"], decoding=DECODING, batch_size=3, executor="ray")
 
     summary = run_caption(store, cfg)
 
+    assert summary.executor == "ray" and "driver process" not in summary.line()
     assert (summary.shards_done, summary.images, summary.captioned, summary.failed) == (3, 9, 8, 1)
     assert summary.web_captions == 8 and summary.synthetic_captions == 8 * 3
     captions = store.read("captions", CAPTIONS)
@@ -153,6 +156,30 @@ def test_stage_captions_every_ingested_shard_accounts_for_every_image_and_rerun_
     again = run_caption(store, CaptionConfig(captioner=cfg.captioner, decoding=DECODING, batch_size=2, actors=1))
     assert (again.shards_done, again.shards_skipped) == (0, 3)
     assert store.read("captions", CAPTIONS).equals(captions)
+
+
+def test_a_small_local_run_captions_in_the_driver_process_says_so_and_writes_what_ray_actors_write(
+    tmp_path, ray_local, tiny_folders
+):
+    runs = {executor: RunStore(str(tmp_path / executor), "r") for executor in ("ray", "auto")}
+    summaries = {}
+    for executor, store in runs.items():
+        commit_image_shards(store, {"a": 5, "b": 4}, corrupt={"b": (0,)})
+        summaries[executor] = run_caption(store, CaptionConfig(captioner=tiny_folders["blip"], decoding=DECODING,
+                                                               batch_size=3, executor=executor))
+
+    assert summaries["ray"].executor == "ray"
+    assert summaries["auto"].executor == "local"  # 4 batches: far below the small-run bound
+    assert "ran in the driver process, not on Ray actors (small run: 4 batch(es)" in summaries["auto"].line()
+    assert runs["auto"].read("captions", CAPTIONS).equals(runs["ray"].read("captions", CAPTIONS))
+    assert runs["auto"].read_rejected("caption").equals(runs["ray"].read_rejected("caption"))
+    assert [(r.shard, r.rows_in, r.kept, r.failed, r.rows_out) for r in runs["auto"].records("caption")] == \
+        [(r.shard, r.rows_in, r.kept, r.failed, r.rows_out) for r in runs["ray"].records("caption")]
+
+
+def test_a_bad_executor_is_a_config_error():
+    with pytest.raises(ConfigError, match="executor must be one of auto, ray, local"):
+        CaptionConfig(captioner="none", executor="threads")
 
 
 def test_captioner_none_passes_web_captions_through_and_still_fails_undecodable_images(tmp_path):

@@ -72,15 +72,19 @@ def curate_argv(world, models, root: str, run: str) -> list[str]:
             "--itm", models["itm"], "--policy", "blip2", "--top-k", "1", "--no-semantic-dedup"]
 
 
+# The kill needs Ray actors, so the stages below run on Ray ("ray"); `capfilt curate` ran the
+# reference's small shards in its driver process (pipeline/model_stage.py, "auto"), so the
+# equalities below also hold across the two executors.
 def caption_config(models) -> CaptionConfig:
     """What `capfilt curate --captioner C --num-captions 2 --seed 3` captions with (batch size 16)."""
-    return CaptionConfig(captioner=models["captioner"], decoding=Decoding(num_captions=NUM_CAPTIONS, seed=SEED))
+    return CaptionConfig(captioner=models["captioner"], decoding=Decoding(num_captions=NUM_CAPTIONS, seed=SEED),
+                         executor="ray")
 
 
 def score_config(models) -> ScoreConfig:
     """What `capfilt curate --clip ... --itm ...` scores with (batch size 64)."""
     return ScoreConfig(clip=models["clip"], clip_pretrained=models["clip_pretrained"], clip_config=models["clip_config"],
-                       itm=models["itm"])
+                       itm=models["itm"], executor="ray")
 
 
 @pytest.fixture(scope="module")

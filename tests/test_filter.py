@@ -187,6 +187,28 @@ def test_tiny_open_clip_loads_through_the_named_path(tiny_scorers):
         load_itm("/nonexistent/folder")
 
 
+def test_a_small_local_run_scores_in_the_driver_process_and_writes_what_ray_actors_write(ray_local, tiny_scorers, tmp_path):
+    from pipeline.score import ScoreConfig, run_score
+
+    runs, summaries = {}, {}
+    for executor in ("ray", "auto"):
+        runs[executor] = store = RunStore(str(tmp_path / executor), "f")
+        commit_image_shards(store, {"s0": 3, "s1": 2}, corrupt={"s1": (1,)})
+        commit_caption_shards(store, ["s0", "s1"])
+        summaries[executor] = run_score(store, ScoreConfig(
+            clip=tiny_scorers["clip"], clip_pretrained=tiny_scorers["clip_pretrained"], clip_config=tiny_scorers["clip_config"],
+            itm=tiny_scorers["itm"], batch_size=4, executor=executor))
+
+    assert summaries["ray"].executor == "ray" and "driver process" not in summaries["ray"].line()
+    assert summaries["auto"].executor == "local"  # 5 batches: far below the small-run bound
+    assert "ran in the driver process, not on Ray actors (small run: 5 batch(es)" in summaries["auto"].line()
+    for summary in summaries.values():
+        assert (summary.shards_done, summary.pairs, summary.scored, summary.failed) == (2, 20, 16, 4)
+    # bit for bit: the same batches through the same models, in a Ray actor or in this process
+    assert runs["auto"].read("scores", SCORES).equals(runs["ray"].read("scores", SCORES))
+    assert runs["auto"].read_rejected("score").equals(runs["ray"].read_rejected("score"))
+
+
 @pytest.mark.slow
 def test_filter_command_end_to_end(ray_local, tiny_scorers, tmp_path):
     import duckdb

@@ -1,0 +1,242 @@
+"""The driver every model-holding stage shares (caption, score): pending shards in, one commit per shard out.
+
+    pending shards ──► read (shard ids -> rows) ──► map_batches(the stage's actor, actor pool, GPU per
+    actor when present) ──► driver groups results by shard ──► the stage's commit(shard, results)
+
+A stage hands `run_model_stage` a `ModelStage`: its reader, its actor class (a `ShardActor`: loads
+its model(s) once in `__init__`, runs one batch through the stage's pure batch function in
+`batch`) and its commit. Everything else is here, once: the start records, the CPU budget of the
+pool, one Ray Data job for all pending shards, a shard committed as soon as all its rows are back
+(so a killed run keeps every shard committed before the kill; the run store's records make the
+resume), the failure records, and the start-up timing.
+
+Why one dataset over all pending shards (rather than one per shard): the model is loaded once
+per actor for the whole run and the actors never idle between shards.
+
+Where the batches run (`executor`): "ray" is the actor pool above, the way every real run goes.
+"local" runs the same actor class in the driver process, shard by shard: no Ray, no actor process.
+"auto" (the default) picks "local" only for a small run on a local machine, `local_reason` says
+when, and the stage's summary line says so; any cluster, any pool of more than one actor or any
+larger run goes to Ray.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
+
+from capfilt.errors import CapfiltError, ConfigError
+from pipeline.run_store import RunStore
+
+EXECUTORS = ("auto", "ray", "local")
+# A run of at most this many batches for one actor is small: on a 2-core machine the actor's start
+# (its process importing torch, transformers, open_clip, then loading the model) took 12-21 s
+# before its first batch, a third or more of 64 batches of the benchmarks' models (0.7-0.9 s each;
+# less on a GPU), and a pool of one actor computes nothing the driver process could not.
+SMALL_RUN_BATCHES = 64
+
+
+def check_executor(executor: str) -> None:
+    if executor not in EXECUTORS:
+        raise ConfigError(f"executor must be one of {', '.join(EXECUTORS)} (got {executor!r}).")
+
+
+class ShardActor:
+    """Base of a stage's model-holding callable class: the subclass loads its model(s) in `__init__`
+    (after this one's) and runs one batch in `batch`; a call does one shard, `batch_size` rows at a
+    time. One shard per call: a row's batch is then set by its shard's rows, not by which shards
+    Ray bundled together, so a rerun or a retry after a lost actor writes the same rows."""
+
+    def __init__(self, batch_size: int, torch_threads: int | None = None):
+        if torch_threads:
+            import torch
+
+            # as many threads as cores reserved: more threads than cores makes torch's OpenMP
+            # workers spin against the read tasks and other actors (10x slower on a busy 2-core box)
+            torch.set_num_threads(torch_threads)
+        self.batch_size = batch_size
+
+    def batch(self, rows: pa.Table) -> pa.Table:
+        raise NotImplementedError
+
+    def __call__(self, shard: pa.Table) -> pa.Table:
+        """One shard's rows (with a `shard` column) -> results, each batch's keeping the shard
+        column and the time the batch started (for the driver's start-up timing)."""
+        parts = []
+        for start in range(0, shard.num_rows, self.batch_size):  # the driver sends no empty shard
+            rows = shard.slice(start, self.batch_size)
+            began = time.time()
+            parts.append(self.batch(rows.drop_columns(["shard"])).append_column("shard", rows.column("shard")).append_column(
+                "batch_started_at", pa.array([began] * rows.num_rows, pa.float64())))
+        return pa.concat_tables(parts)
+
+
+@dataclass(frozen=True)
+class ModelStage:
+    """What a model-holding stage tells the driver; the reader and actor must pickle (Ray ships them)."""
+
+    name: str  # the stage, as the run store records it
+    output_hash: str
+    rows: dict[str, int]  # pending shard -> rows the actors will see (0: committed empty, no work)
+    read: Callable[..., pa.Table]  # (table of shard ids, root=, run_id=) -> those shards' rows + `shard`
+    actor: type[ShardActor]
+    commit: Callable[[str, pa.Table | None], None]  # (shard, its results in any order; None: an empty shard)
+    actor_kwargs: dict = field(default_factory=dict)  # besides batch_size and torch_threads
+    check: Callable[[], object] | None = None  # driver-side model check before Ray starts (local builds the actor)
+    batch_size: int = 16
+    actors: int | None = None  # default: one per GPU, else one
+    cpus_per_actor: int = 1
+    executor: str = "auto"
+
+
+@dataclass
+class StageRun:
+    """How the driver ran a stage: wall time, start-up, and where the batches ran and why."""
+
+    seconds: float = 0.0  # wall time: the Ray job (actor start and model load included) or the local loop
+    startup_s: float | None = None  # until an actor (or the driver), its model loaded, started its first batch
+    executor: str = ""  # "ray" or "local"; "" when there was nothing to run
+    reason: str = ""
+
+    def note(self) -> str:
+        return f"; ran in the driver process, not on Ray actors ({self.reason})" if self.executor == "local" else ""
+
+
+def batches(rows: dict[str, int], batch_size: int) -> int:
+    return sum(-(-n // batch_size) for n in rows.values())
+
+
+def local_reason(stage: ModelStage) -> str | None:
+    """Why an "auto" stage runs in the driver process, or None for Ray. Small and local only:
+    no cluster address, no pool of more than one actor, at most SMALL_RUN_BATCHES batches."""
+    if stage.executor != "auto":
+        return "executor local" if stage.executor == "local" else None
+    if (os.environ.get("RAY_ADDRESS") or "local") != "local" or (stage.actors or 1) > 1:
+        return None
+    ray = sys.modules.get("ray")  # already started (a flow, a test): is it a cluster?
+    if ray is not None and ray.is_initialized() and len([n for n in ray.nodes() if n.get("Alive")]) > 1:
+        return None
+    import torch
+
+    if torch.cuda.device_count() > 1:  # one actor per GPU would run in parallel
+        return None
+    n = batches(stage.rows, stage.batch_size)
+    if n > SMALL_RUN_BATCHES:
+        return None
+    return f"small run: {n} batch(es) <= {SMALL_RUN_BATCHES}"
+
+
+def run_model_stage(store: RunStore, stage: ModelStage, run: StageRun | None = None) -> StageRun:
+    """Run `stage` over its pending shards, committing each through `stage.commit` once all its rows
+    are back; the shards are recorded started first, and failed if the run breaks. Fills in and
+    returns `run` (the stage's summary is one)."""
+    started = time.time()  # wall clock: compared with the batches' start times
+    reason = local_reason(stage)
+    working = [s for s, n in stage.rows.items() if n > 0]
+    local_actor, driver_threads = None, None
+    if working and reason is not None:
+        import torch
+
+        driver_threads = torch.get_num_threads()  # put back once the run is done: the driver goes on with its own
+        # the compute one actor would reserve; a bad model fails here, in one line, before any shard starts
+        try:
+            local_actor = stage.actor(**stage.actor_kwargs, batch_size=stage.batch_size,
+                                      torch_threads=_torch_threads(stage, torch.cuda.device_count()))
+        except BaseException:
+            torch.set_num_threads(driver_threads)
+            raise
+    elif working and stage.check is not None:
+        stage.check()  # the same, before Ray starts
+    for shard in stage.rows:
+        store.start_shard(stage.name, shard, stage.output_hash)
+    run = StageRun() if run is None else run
+    for shard in [s for s in stage.rows if stage.rows[s] == 0]:
+        stage.commit(shard, None)
+    if not working:
+        return run
+    run.executor, run.reason = ("local", reason) if local_actor is not None else ("ray", "")
+    arrived: dict[str, list[pa.Table]] = {s: [] for s in working}
+    counts = dict.fromkeys(working, 0)
+    try:
+        results = (_local_results(store, stage, working, local_actor) if local_actor is not None
+                   else _ray_results(store, stage, working))
+        for batch in results:
+            first_batch = pa.compute.min(batch.column("batch_started_at")).as_py() - started
+            run.startup_s = min(run.startup_s or first_batch, first_batch)
+            shard_of = batch.column("shard").to_pylist()
+            for shard in set(shard_of):
+                part = batch.filter(pa.array([s == shard for s in shard_of])).drop_columns(["shard", "batch_started_at"])
+                arrived[shard].append(part)
+                counts[shard] += part.num_rows
+                if counts[shard] == stage.rows[shard]:
+                    stage.commit(shard, pa.concat_tables(arrived.pop(shard)))
+    except Exception as exc:
+        for shard in arrived:  # shards committed above are no longer in `arrived`
+            store.fail_shard(stage.name, shard, stage.output_hash, f"{type(exc).__name__}: {exc}"[:2000])
+        cause: BaseException | None = exc  # Ray wraps an actor's error; surface a user error as one line
+        while cause is not None and not isinstance(cause, CapfiltError):
+            cause = cause.__cause__
+        if cause is not None and cause is not exc:
+            raise cause from exc
+        raise
+    finally:
+        if driver_threads is not None:
+            import torch
+
+            torch.set_num_threads(driver_threads)
+    run.seconds = time.time() - started
+    if arrived:
+        raise RuntimeError(f"{stage.name}: shards {sorted(arrived)} did not receive all their rows")
+    return run
+
+
+def _torch_threads(stage: ModelStage, gpus: float) -> int | None:
+    return None if gpus else stage.cpus_per_actor
+
+
+def _local_results(store: RunStore, stage: ModelStage, working: list[str], actor: ShardActor):
+    for shard in working:
+        yield actor(stage.read(pa.table({"shard": [shard]}), root=store.root, run_id=store.run_id))
+
+
+def _ray_results(store: RunStore, stage: ModelStage, working: list[str]):
+    import pipeline.ray_env as ray_env  # sets the Ray env before ray is imported
+    import ray
+
+    ray_env.ensure_ray()
+    gpus = ray_env.gpus_available()
+    actors = stage.actors or max(1, int(gpus))
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    if actors * stage.cpus_per_actor > cpus:
+        raise ConfigError(
+            f"{stage.name}: {actors} actor(s) x {stage.cpus_per_actor} CPU(s) per actor needs more than the "
+            f"{cpus} CPU(s) Ray has; lower the actors or the CPUs per actor (capfilt caption: --actors, "
+            f"--cpus-per-actor; capfilt filter: --score-actors)."
+        )
+    # Shards are read inside Ray tasks through the run store (any fsspec root), not with
+    # ray.data.read_parquet: that keeps the driver's memory flat and, with ray 2.60 and the locked
+    # fsspec, read_parquet fails on an import of fsspec's HTTPFileSystem.
+    ds = ray.data.from_items([{"shard": s} for s in working], override_num_blocks=len(working)).map_batches(
+        stage.read, fn_kwargs=dict(root=store.root, run_id=store.run_id), batch_size=1, batch_format="pyarrow",
+    ).map_batches(
+        stage.actor,
+        fn_constructor_kwargs=dict(stage.actor_kwargs, batch_size=stage.batch_size,
+                                   torch_threads=_torch_threads(stage, gpus)),
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_gpus=1 if gpus else 0,
+        num_cpus=stage.cpus_per_actor,
+        # One shard per call, batched inside the actor (ShardActor). Ray Data fuses the reader into
+        # this operator and then bundles `batch_size` of its *input* rows, the shard ids, per task:
+        # a batch size of 16 put 16 shards in one task, so the driver could commit none of them
+        # before all were done, a killed actor redid all 16, and with fewer tasks than actors some
+        # actors idled.
+        batch_size=None,
+        batch_format="pyarrow",
+    )
+    yield from ds.iter_batches(batch_format="pyarrow", batch_size=None)
