@@ -142,6 +142,41 @@ def calibrate(positive, negative, target_precision: float = DEFAULT_TARGET_PRECI
     return base.at()
 
 
+def estimate_prior(calibration: Calibration, scores) -> float | None:
+    """The share of `scores` (one caption source's scores of a run, in the calibration's column) that
+    match, estimated from the held-out curve: the mixture weight p that best explains the share of
+    scores passing each threshold t as p * recall(t) + (1 - p) * fpr(t) (least squares over the
+    curve's thresholds; mixture-proportion estimation). None without scores or a curve.
+
+    Captions of one source need not match as often as another's: most web alt-text may match while a
+    captioner's nucleus samples rarely get every detail right. A threshold picked with one stated
+    prior would then promise a precision the other source never reaches."""
+    values = np.sort(np.asarray([s for s in scores if s is not None], np.float64))
+    if not len(values) or not calibration.curve:
+        return None
+    thresholds = np.asarray([r["threshold"] for r in calibration.curve])
+    recall = np.asarray([r["recall"] for r in calibration.curve])
+    fpr = np.asarray([r["fpr"] for r in calibration.curve])
+    passing = (len(values) - np.searchsorted(values, thresholds, side="left")) / len(values)
+    gap = recall - fpr
+    if not np.any(gap > 0):
+        return None
+    prior = float(np.dot(passing - fpr, gap) / np.dot(gap, gap))
+    bound = 1.0 / (len(values) + 1)  # never certain either way from a finite sample
+    return min(max(prior, bound), 1.0 - bound)
+
+
+def per_source(calibration: Calibration, scores_by_source: dict[str, list]) -> dict[str, Calibration]:
+    """One Calibration per caption source, each at its own estimated prior (same curve, same
+    target precision): a threshold per source. A source whose prior cannot be estimated keeps the
+    calibration's stated prior."""
+    out = {}
+    for source, scores in sorted(scores_by_source.items()):
+        prior = estimate_prior(calibration, scores)
+        out[source] = calibration.at(None, prior) if prior is not None else calibration
+    return out
+
+
 # -- pairs from held-out annotated images ---------------------------------------------------------
 
 def _norm(text: str) -> str:
