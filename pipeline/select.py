@@ -323,7 +323,8 @@ def run_select(store: RunStore, cfg: SelectConfig, extra_provenance: dict | None
     if by_source:  # each source's estimated prior and the threshold it gets
         prov["calibration_by_source"] = {k: {"match_prior": c.match_prior, "threshold": c.threshold,
                                              "predicted_precision": c.predicted_precision,
-                                             "predicted_recall": c.predicted_recall} for k, c in by_source.items()}
+                                             "predicted_recall": c.predicted_recall,
+                                             "mismatch_mix": c.extra.get("mismatch_mix")} for k, c in by_source.items()}
     prov["root"] = store.root
     prov = _located(prov)
     prov_json = json.dumps(prov, sort_keys=True)

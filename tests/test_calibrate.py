@@ -248,7 +248,7 @@ def test_each_sources_share_of_matches_is_estimated_from_its_own_scores():
     for share in (0.05, 0.3, 0.8):  # a source's scores: that share drawn like matches, the rest like mismatches
         matches = int(share * 1000)
         scores = np.concatenate([rng.normal(1.0, 0.5, matches), rng.normal(-1.0, 0.5, 1000 - matches)])
-        assert estimate_prior(cal, scores) == pytest.approx(share, abs=0.03)
+        assert estimate_prior(cal, scores)[0] == pytest.approx(share, abs=0.03)
     assert estimate_prior(cal, [None]) is None
     # a source that rarely matches needs a higher threshold for the same precision
     rare = np.concatenate([rng.normal(1.0, 0.5, 50), rng.normal(-1.0, 0.5, 950)])
@@ -256,6 +256,26 @@ def test_each_sources_share_of_matches_is_estimated_from_its_own_scores():
     by_source = per_source(cal, {"synthetic": rare, "web": common})
     assert by_source["synthetic"].threshold > cal.threshold > by_source["web"].threshold
     assert by_source["synthetic"].match_prior < 0.1 and by_source["synthetic"].predicted_precision >= 0.9
+
+
+def test_a_sources_mismatches_may_be_mostly_near_misses_or_mostly_unrelated():
+    from pipeline.calibrate import estimate_prior, per_source
+
+    rng = np.random.default_rng(2)
+    positive, random, hard = rng.normal(2.0, 0.5, 2000), rng.normal(-2.0, 0.5, 2000), rng.normal(0.5, 0.5, 2000)
+    two_kinds = calibrate(positive, np.concatenate([random, hard]), kinds={"random": random, "hard": hard})
+    assert {"fpr_random", "fpr_hard"} <= set(two_kinds.curve[0])
+    near_misses = np.concatenate([rng.normal(2.0, 0.5, 100), rng.normal(0.5, 0.5, 900)])  # 10% match, the rest near
+    unrelated = np.concatenate([rng.normal(2.0, 0.5, 600), rng.normal(-2.0, 0.5, 400)])
+    prior, _, mix = estimate_prior(two_kinds, near_misses)
+    assert prior == pytest.approx(0.1, abs=0.03) and mix["hard"] > 0.95
+    prior, _, mix = estimate_prior(two_kinds, unrelated)
+    assert prior == pytest.approx(0.6, abs=0.03) and mix["random"] > 0.95
+    # near-misses need a higher threshold than the held-out half-and-half mix would suggest
+    by_source = per_source(two_kinds, {"synthetic": near_misses})
+    same_prior = two_kinds.at(None, by_source["synthetic"].match_prior)
+    assert by_source["synthetic"].threshold > same_prior.threshold
+    assert by_source["synthetic"].extra["mismatch_mix"]["hard"] > 0.95
 
 
 def test_a_threshold_per_caption_source_and_a_source_out_of_reach_keeps_none():
