@@ -44,6 +44,7 @@ import pipeline.ray_env  # noqa: F401  (sets RAY_ENABLE_UV_RUN_RUNTIME_ENV befor
 from capfilt.errors import CapfiltError, ConfigError
 from capfilt.logs import is_quiet
 from pipeline.run_store import RunStore, ShardCounts, config_hash
+from pipeline.summary import StageSummary
 from schemas import IMAGES, REJECTED, SOURCE, SourceColumns, to_canonical
 
 STAGE = "ingest"
@@ -688,17 +689,26 @@ def run_shard(root: str, run_id: str, spec: ShardSpec, config: IngestConfig, cfg
 
 # -- the driver -----------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class IngestRequest:
+    """What one ingest takes besides the run: a URL source downloaded with `config`, or another
+    run whose downloads this run takes (`from_run`: nothing is downloaded again)."""
+
+    source: str | None = None
+    from_run: str | None = None
+    config: IngestConfig = field(default_factory=IngestConfig)
+    retry_failed: bool = False  # also download again the rows whose latest attempt failed transiently
+    progress: bool = True
+
+    def __post_init__(self):
+        if bool(self.source) == bool(self.from_run):
+            raise ConfigError("give either --source (download a URL source) or --from-run (reuse a run's downloads)")
+
+
 @dataclass
-class IngestSummary:
-    run_id: str
-    shards: int
-    skipped: int
-    rows_in: int = 0
-    kept: int = 0
-    rejected: int = 0
-    failed: int = 0
-    reasons: dict = field(default_factory=dict)
-    seconds: float = 0.0
+class IngestSummary(StageSummary):  # rows: source rows; kept: images downloaded
+    run_id: str = ""
+    shards: int = 0  # planned (retry shards included); shards_skipped of them were already done
     images_per_s: float = 0.0
     failed_shards: list = field(default_factory=list)
 
@@ -709,19 +719,13 @@ class IngestSummary:
         if self.kept * 2 >= self.rows_in:
             return None
         lost = self.rows_in - self.kept
-        top = sorted(self.reasons.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
+        top = sorted({**self.dropped, **self.failed}.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
         causes = "; ".join(f"{n} of {self.rows_in} {reason}: {reason_fix(reason)}" for reason, n in top)
         return f"{'nothing' if self.kept == 0 else f'only {self.kept}'} of {self.rows_in} rows kept ({lost} lost): {causes}"
 
     def line(self) -> str:
-        text = (
-            f"ingest {self.run_id}: {self.rows_in} rows in = {self.kept} kept + {self.rejected} rejected + "
-            f"{self.failed} failed; {self.shards} shards ({self.skipped} already done, skipped); "
-            f"{self.images_per_s:.1f} images/s"
-        )
-        if self.reasons:
-            text += "; reasons: " + ", ".join(f"{k} {v}" for k, v in sorted(self.reasons.items()))
-        return text
+        return (f"ingest {self.run_id}: {self.counts()}; {self.shards} shards ({self.shards_skipped} already "
+                f"done, skipped); {self.images_per_s:.1f} images/s")
 
 
 def _retry_specs(store: RunStore, specs: list[ShardSpec]) -> list[ShardSpec]:
@@ -761,18 +765,26 @@ def final_rejected(store: RunStore) -> pa.Table:
     ])
 
 
-def ingest(source: str, root: str, run_id: str, config: IngestConfig, retry_failed: bool = False,
-           progress: bool = True) -> IngestSummary:
+def run(store: RunStore, request: IngestRequest) -> IngestSummary:
+    """Ingest into a run: a source's pending shards downloaded as Ray tasks, or another run's
+    downloads taken (`request.from_run`); report/ingest_stats.json written."""
+    if request.from_run:
+        return reuse(store, request.from_run)
+    return download(store, request.source, request.config, request.retry_failed, request.progress)
+
+
+def download(store: RunStore, source: str, config: IngestConfig, retry_failed: bool = False,
+             progress: bool = True) -> IngestSummary:
     """Ingest a source into a run: plan shards, download the pending ones as Ray tasks, report."""
     import ray
     from tqdm import tqdm
 
     from pipeline.ray_env import ensure_ray
 
-    store = RunStore(root, run_id)
+    root, run_id = store.root, store.run_id
     specs = plan_shards(source, config.shard_size, config.columns)
     if not specs and not store.records(STAGE):  # refused before the run folder exists
-        raise CapfiltError(f"ingest {run_id}: {IngestSummary(run_id=run_id, shards=0, skipped=0).problem(source)}")
+        raise CapfiltError(f"ingest {run_id}: {IngestSummary(run_id=run_id).problem(source)}")
     cfg_hash = config_hash(config)
     if retry_failed:
         specs_to_run = [s for s in _retry_specs(store, specs) if not store.is_done(STAGE, s.shard, cfg_hash)]
@@ -783,7 +795,7 @@ def ingest(source: str, root: str, run_id: str, config: IngestConfig, retry_fail
             marked = {s.shard: s for s in mark_cross_shard_duplicates(specs, config.columns)}
             specs_to_run = [marked[s.shard] for s in specs_to_run]
         all_specs = specs
-    summary = IngestSummary(run_id=run_id, shards=len(all_specs), skipped=len(all_specs) - len(specs_to_run))
+    summary = IngestSummary(run_id=run_id, shards=len(all_specs), shards_skipped=len(all_specs) - len(specs_to_run))
     started = time.time()
     if specs_to_run:
         ensure_ray()
@@ -828,7 +840,7 @@ def ingest(source: str, root: str, run_id: str, config: IngestConfig, retry_fail
     return summary
 
 
-def reuse_ingest(root: str, run_id: str, from_run: str) -> IngestSummary:
+def reuse(store: RunStore, from_run: str) -> IngestSummary:
     """Ingest by reusing another run's downloads: nothing is downloaded twice.
 
     A bootstrap round k >= 1 curates round 0's images again; every finished ingest shard of
@@ -836,7 +848,8 @@ def reuse_ingest(root: str, run_id: str, from_run: str) -> IngestSummary:
     rather than copied on a local disk. Rerunning skips shards already taken with the same
     source shard; a shard `from_run` redid since is taken again.
     """
-    store, source = RunStore(root, run_id), RunStore(root, from_run)
+    root, run_id = store.root, store.run_id
+    source = RunStore(root, from_run)
     done = [r for r in source.records(STAGE) if r.status == "done"]
     if not done:
         raise ConfigError(f"--from-run {from_run}: run '{from_run}' under {root} has no finished ingest shards; "
@@ -846,11 +859,11 @@ def reuse_ingest(root: str, run_id: str, from_run: str) -> IngestSummary:
         raise ConfigError(f"--from-run {from_run}: ingest shard(s) {', '.join(unfinished[:3])} of run '{from_run}' "
                           "did not finish; rerun its ingest first so every source row is accounted for.")
     started = time.time()
-    summary = IngestSummary(run_id=run_id, shards=len(done), skipped=0)
+    summary = IngestSummary(run_id=run_id, shards=len(done))
     for record in done:
         cfg_hash = config_hash({"from_run": from_run, "shard_config": record.config_hash})
         if store.is_done(STAGE, record.shard, cfg_hash):
-            summary.skipped += 1
+            summary.shards_skipped += 1
             continue
         store.adopt_shard(source, STAGE, record.shard, ("images",), cfg_hash, extra={"images_from": from_run})
     summary.seconds = time.time() - started
@@ -865,10 +878,10 @@ def _summarize(store: RunStore, summary: IngestSummary, shards: list[str]) -> No
     originals = [s for s in shards if ".retry" not in s]
     summary.rows_in = sum(records[s].rows_in or 0 for s in originals if s in records)
     summary.kept = sum(records[s].kept or 0 for s in shards if s in records)
-    final = final_rejected(store).to_pylist()
-    summary.rejected = sum(1 for r in final if r["outcome"] == "dropped")
-    summary.failed = sum(1 for r in final if r["outcome"] == "failed")
-    summary.reasons = dict(sorted(Counter(r["reason"] for r in final).items()))
+    summary.shards_done = len(shards) - summary.shards_skipped
+    final = final_rejected(store)
+    summary.dropped, summary.failed = {}, {}
+    summary.tally(zip(final.column("outcome").to_pylist(), final.column("reason").to_pylist()) if final.num_rows else ())
 
 
 def write_report(store: RunStore, summary: IngestSummary) -> None:
@@ -892,13 +905,13 @@ def write_report(store: RunStore, summary: IngestSummary) -> None:
 
 __all__ = [
     "IngestConfig",
+    "IngestRequest",
     "IngestSummary",
     "ShardSpec",
     "classify_error",
     "download_shard",
     "final_rejected",
-    "ingest",
     "plan_shards",
     "read_blocklist",
-    "reuse_ingest",
+    "run",
 ]

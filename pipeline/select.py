@@ -33,6 +33,7 @@ import pyarrow as pa
 import capfilt
 from capfilt.errors import ConfigError
 from pipeline.run_store import RunStore, ShardCounts, config_hash
+from pipeline.summary import StageSummary
 from schemas import DEDUP, IMAGES, SCORES, curated_outputs
 from schemas.curated import IMAGE_METADATA
 
@@ -197,15 +198,36 @@ def select_pairs(scores: pa.Table, images: pa.Table, duplicate_of: dict[str, str
             kept_by_image.setdefault(sid, []).append(row)
 
     kept: list[dict] = []
-    for sid, rows in kept_by_image.items():
-        column = f"{cfg.rank_by}_score"
-        rows.sort(key=lambda r: (-(r[column] if r[column] is not None else -np.inf), r["caption_id"]))
-        for rank, row in enumerate(rows):
-            if "blip2" in cfg.policies and rank >= cfg.top_k:
-                drop(row, "not_top_k", f"{cfg.rank_by.upper()} rank {rank} of the image's captions (--top-k {cfg.top_k})")
+    top_k = TopK(cfg.top_k, cfg.rank_by) if "blip2" in cfg.policies else None
+    for rows in kept_by_image.values():
+        rows = TopK.ranked(rows, cfg.rank_by)
+        for rank, (row, verdict) in enumerate(zip(rows, top_k.decide(rows) if top_k else [None] * len(rows))):
+            if verdict:
+                drop(row, *verdict)
             else:
                 kept.append({**row, "rank": rank})
     return kept, dropped
+
+
+@dataclass(frozen=True)
+class TopK:
+    """blip2's per-image policy: of an image's captions that passed every per-caption policy, keep
+    the `k` best by `rank_by` score; `decide(ranked rows)` is None (keep) or (reason, message) each."""
+
+    k: int
+    rank_by: str = "clip"
+    reason: str = "not_top_k"
+
+    @staticmethod
+    def ranked(rows: list[dict], rank_by: str) -> list[dict]:
+        """Best first; a missing score last; ties by caption_id, so the order is the same every run."""
+        column = f"{rank_by}_score"
+        return sorted(rows, key=lambda r: (-(r[column] if r[column] is not None else -np.inf), r["caption_id"]))
+
+    def decide(self, ranked: list[dict]) -> list[tuple[str, str] | None]:
+        return [None if rank < self.k else
+                (self.reason, f"{self.rank_by.upper()} rank {rank} of the image's captions (--top-k {self.k})")
+                for rank in range(len(ranked))]
 
 
 def provenance(store: RunStore, cfg: SelectConfig, score_hashes: list[str]) -> str:
@@ -238,28 +260,25 @@ def _located(value):
 
 
 @dataclass
-class SelectSummary:
-    shards_done: int = 0
-    shards_skipped: int = 0
-    captions: int = 0
-    kept: int = 0
-    dropped: int = 0
+class SelectSummary(StageSummary):  # rows: caption rows of scores/; kept: pairs curated
     images: int = 0
     images_kept: int = 0
 
     def line(self) -> str:
-        return (f"selected {self.shards_done} shard(s), skipped {self.shards_skipped}: {self.captions} captions = "
-                f"{self.kept} kept + {self.dropped} dropped; {self.images_kept} of {self.images} images keep a caption")
+        return (f"selected {self.shards_done} shard(s), skipped {self.shards_skipped}: {self.counts('captions')}; "
+                f"{self.images_kept} of {self.images} images keep a caption")
 
 
-def run_select(store: RunStore, cfg: SelectConfig, extra_provenance: dict | None = None) -> SelectSummary:
-    """Select every scored shard of a run (after dedup); writes curated/ and rejected/select/."""
+def run(store: RunStore, cfg: SelectConfig, upstream: dict | None = None) -> SelectSummary:
+    """Select every scored shard of a run (after dedup); writes curated/ and rejected/select/.
+    `upstream`: what the score and dedup stages ran with, recorded in each curated row's provenance
+    (and part of the config hash)."""
     scored = sorted(r.shard for r in store.records("score") if r.status == "done")
     if not scored:
         raise ConfigError(f"run '{store.run_id}' has no scored shards; run the score step first.")
     dedup = store.record("dedup", "all")
     score_hashes = [store.record("score", s).config_hash for s in scored]
-    cfg_hash = config_hash({"select": cfg, "dedup": dedup.config_hash if dedup else None, "extra": extra_provenance})
+    cfg_hash = config_hash({"select": cfg, "dedup": dedup.config_hash if dedup else None, "extra": upstream})
     cut = None
     if "clip-top-fraction" in cfg.policies:
         cut = clip_cut(store.read("scores", SCORES, scored).column("clip_score").to_pylist(), cfg.clip_top_fraction)
@@ -269,7 +288,7 @@ def run_select(store: RunStore, cfg: SelectConfig, extra_provenance: dict | None
         table = store.read_shard("dedup", "all", DEDUP)
         duplicate_of = dict(zip(table.column("sample_id").to_pylist(), table.column("duplicate_of").to_pylist()))
     prov = json.loads(provenance(store, cfg, score_hashes))
-    prov.update(extra_provenance or {})
+    prov.update(upstream or {})
     prov["root"] = store.root
     prov = _located(prov)
     prov_json = json.dumps(prov, sort_keys=True)
@@ -304,10 +323,8 @@ def run_select(store: RunStore, cfg: SelectConfig, extra_provenance: dict | None
         store.commit_shard(STAGE, shard, cfg_hash, outputs=curated_outputs(curated),
                            counts=counts, rejected=pa.Table.from_pylist(rejected) if rejected else None,
                            extra={"images_in": images_in, "images_kept": images_kept})
-        summary.shards_done += 1
-        summary.captions += counts.rows_in
-        summary.kept += counts.kept
-        summary.dropped += counts.rejected
+        summary.add(counts)
+        summary.tally(("dropped", r["reason"]) for r in dropped)
         summary.images += images_in
         summary.images_kept += images_kept
     return summary

@@ -171,7 +171,7 @@ def test_select_stage_accounts_for_every_row_and_reports_the_calibration(tmp_pat
     from caption_helpers import commit_image_shards
 
     from pipeline.run_store import RunStore, ShardCounts
-    from pipeline.select import run_select
+    from pipeline import select
     from schemas import CURATED
 
     store = RunStore(str(tmp_path), "r")
@@ -183,8 +183,8 @@ def test_select_stage_accounts_for_every_row_and_reports_the_calibration(tmp_pat
     table = SCORES.conform(pa.Table.from_pylist([dict(zip(keys, r)) for r in rows]))
     store.commit_shard("score", "s0", "h", outputs={"scores": (SCORES, table)}, counts=ShardCounts(rows_in=4, kept=4))
 
-    summary = run_select(store, SelectConfig(policies=("itm-calibrated",), calibration=calibration_at_080()))
-    assert (summary.captions, summary.kept, summary.dropped) == (4, 2, 2)
+    summary = select.run(store, SelectConfig(policies=("itm-calibrated",), calibration=calibration_at_080()))
+    assert (summary.rows_in, summary.kept, summary.dropped) == (4, 2, {"itm_below_calibrated_threshold": 2})
     curated = store.read("curated", CURATED)
     assert sorted(curated.column("caption_id").to_pylist()) == ["s0/0#web", "s0/2#web"]
     provenance = json.loads(curated.column("provenance")[0].as_py())
