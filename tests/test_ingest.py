@@ -14,16 +14,10 @@ from capfilt.errors import ConfigError
 from model.toy.server import WorldServer
 from model.toy.world import WorldConfig, make_world
 from pipeline import ingest
-from pipeline.ingest import (
-    IngestConfig,
-    IngestRequest,
-    ShardSpec,
-    classify_error,
-    download_shard,
-    final_rejected,
-    mark_cross_shard_duplicates,
-    plan_shards,
-)
+from pipeline.ingest import IngestConfig, IngestRequest, final_rejected
+from pipeline.ingest_download import download_shard
+from pipeline.ingest_policy import classify_error
+from pipeline.ingest_source import mark_cross_shard_duplicates, plan_shards
 from pipeline.run_store import RunStore
 from schemas import IMAGES, REJECTED
 

@@ -8,7 +8,8 @@ from typing import ClassVar
 from capfilt.errors import CapfiltError
 from flows.steps import warn
 from pipeline.configs import Option, negate
-from pipeline.ingest import IngestConfig, IngestRequest, read_blocklist
+from pipeline.ingest import IngestConfig, IngestRequest
+from pipeline.ingest_policy import read_blocklist
 
 
 @dataclass(frozen=True)
