@@ -136,6 +136,18 @@ def clip_cut(scores: list[float], fraction: float) -> float:
     return float(np.quantile(values, 1.0 - fraction)) if len(values) else float("inf")
 
 
+def _duplicate_reason(sample_id: str, duplicate_of: dict[str, str]) -> tuple[str, str] | None:
+    if sample_id in duplicate_of:
+        return "duplicate", f"image is a duplicate of {duplicate_of[sample_id]}"
+    return None
+
+
+def _source_reason(row: dict, cfg: SelectConfig) -> tuple[str, str] | None:
+    if row["caption_source"] not in cfg.caption_sources:
+        return "caption_source_excluded", f"{row['caption_source']} caption; --caption-sources {','.join(cfg.caption_sources)}"
+    return None
+
+
 def _metadata_reason(image: dict, cfg: SelectConfig) -> tuple[str, str] | None:
     w, h = image.get("original_width") or image.get("width"), image.get("original_height") or image.get("height")
     if w and h:
@@ -171,37 +183,34 @@ def select_pairs(scores: pa.Table, images: pa.Table, duplicate_of: dict[str, str
     Pure: no I/O. `top_fraction_cut` is the run-wide CLIP cut for clip-top-fraction.
     """
     image_of = {r["sample_id"]: r for r in images.to_pylist()}
-    policies = caption_policies(cfg, top_fraction_cut)
+    # each check: row -> None (keep) or (reason, message); the first that drops a caption names why
+    checks = [
+        lambda row: _duplicate_reason(row["sample_id"], duplicate_of),
+        lambda row: _source_reason(row, cfg),
+        lambda row: _metadata_reason(image_of.get(row["sample_id"], {}), cfg),
+        lambda row: _caption_reason(row, cfg),
+        *(policy.decide for policy in caption_policies(cfg, top_fraction_cut)),
+    ]
     kept_by_image: dict[str, list[dict]] = {}
     dropped: list[dict] = []
 
-    def drop(row, reason, message, duplicate=None):
-        dropped.append({**row, "reason": reason, "error_message": message, "duplicate_of": duplicate})
+    def drop(row, reason, message):
+        dropped.append({**row, "reason": reason, "error_message": message,
+                        "duplicate_of": duplicate_of.get(row["sample_id"]) if reason == "duplicate" else None})
 
     for row in scores.to_pylist():
-        sid = row["sample_id"]
-        if sid in duplicate_of:
-            drop(row, "duplicate", f"image is a duplicate of {duplicate_of[sid]}", duplicate_of[sid])
-            continue
-        if row["caption_source"] not in cfg.caption_sources:
-            drop(row, "caption_source_excluded",
-                 f"{row['caption_source']} caption; --caption-sources {','.join(cfg.caption_sources)}")
-            continue
-        verdict = _metadata_reason(image_of.get(sid, {}), cfg) or _caption_reason(row, cfg)
-        for policy in policies:
-            if verdict:
-                break
-            verdict = policy.decide(row)
+        verdict = next(filter(None, (check(row) for check in checks)), None)
         if verdict:
             drop(row, *verdict)
         else:
-            kept_by_image.setdefault(sid, []).append(row)
+            kept_by_image.setdefault(row["sample_id"], []).append(row)
 
     kept: list[dict] = []
     top_k = TopK(cfg.top_k, cfg.rank_by) if "blip2" in cfg.policies else None
     for rows in kept_by_image.values():
-        rows = TopK.ranked(rows, cfg.rank_by)
-        for rank, (row, verdict) in enumerate(zip(rows, top_k.decide(rows) if top_k else [None] * len(rows))):
+        rows = TopK.ranked(rows, cfg.rank_by)  # a kept caption's rank: its place among the image's kept ones
+        verdicts = top_k.decide(rows) if top_k else [None] * len(rows)
+        for rank, (row, verdict) in enumerate(zip(rows, verdicts)):
             if verdict:
                 drop(row, *verdict)
             else:
