@@ -40,8 +40,9 @@ class FilterConfig:
 
 @dataclass
 class FilterSummary(StageSummary):
-    """Caption rows through the filter: failed at scoring, else dropped (with select's reason,
-    `duplicate` among them) or kept by select; plus each stage's own summary."""
+    """Caption rows through the filter this time: failed at scoring, else dropped (with select's
+    reason, `duplicate` among them) or kept by select; shards are select's. Plus each stage's own
+    summary (a stage that skipped its shards, done before with the same settings, counts none)."""
 
     taken: int = 0  # caption/score shards taken from `from_run`
     score: ScoreSummary | None = None
