@@ -6,7 +6,7 @@ All use the same compute (--threads torch threads; the stage one actor with that
 the same model, images and batch size, measured in one run. Builds a randomly initialised BLIP
 big enough that one batch takes >= 0.2 s on CPU, writes a run with `images/` shards of rendered
 scenes, then measures images/s of
-  (a) the stage: `run_caption` end to end as a user runs it (executor "auto": a run this small
+  (a) the stage: `caption.run` end to end as a user runs it (executor "auto": a run this small
       goes to the driver process, pipeline/model_stage.py; model load, decode, generate, commit),
   (a') the stage on Ray ("ray"): the same end to end on one Ray actor (actor start, its imports
       and model load included; Ray itself is started before, and its time printed apart),
@@ -33,7 +33,8 @@ import torch  # noqa: E402
 from caption_helpers import commit_image_shards  # noqa: E402
 
 from model.captioners import Decoding, load_captioner, save_random_captioner  # noqa: E402
-from pipeline.caption import CaptionConfig, decode_image, run_caption  # noqa: E402
+from pipeline import caption  # noqa: E402
+from pipeline.caption import CaptionConfig, decode_image  # noqa: E402
 from pipeline.run_store import RunStore  # noqa: E402
 
 
@@ -105,10 +106,10 @@ def run(args) -> dict:
             ray_env.ensure_ray(address="local")
             ray_start = time.perf_counter() - started
         start = time.perf_counter()
-        summary = run_caption(store, CaptionConfig(captioner=folder, decoding=decoding, batch_size=args.batch_size,
+        summary = caption.run(store, CaptionConfig(captioner=folder, decoding=decoding, batch_size=args.batch_size,
                                                    actors=1, cpus_per_actor=args.threads, executor=executor))
         total = time.perf_counter() - start
-        assert summary.captioned == n_images, summary.line()
+        assert summary.kept == n_images, summary.line()
         bares.append(bare_s())
         stage[executor] = {"end_to_end": n_images / total, "startup_s": total - summary.seconds + summary.startup_s,
                            "steady": n_images / (summary.seconds - summary.startup_s), "executor": summary.executor,

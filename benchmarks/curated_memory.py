@@ -87,13 +87,14 @@ def measure(root: str, tokenizer: str) -> dict:
     from pipeline.filter_report import write_filter_report
     from pipeline.lineage import curated_lineage
     from pipeline.run_store import RunStore
-    from pipeline.select import SelectConfig, run_select
+    from pipeline import select
+    from pipeline.select import SelectConfig
 
     import transformers  # noqa: F401 - imported before the baseline reading, as training imports it
 
     baseline = rss_mb()
     store = RunStore(root, "bench")
-    selected = run_select(store, SelectConfig(policies=("blip2",), top_k=2))
+    selected = select.run(store, SelectConfig(policies=("blip2",), top_k=2))
     write_filter_report(store)
     lineage = curated_lineage(root, "bench")
     after_filter = rss_mb()

@@ -10,10 +10,10 @@ a CPU machine):
       batch), text encoder and the ITM model's forward; no decode, no Arrow. The ceiling.
   (b) `score_pairs`, the stage's pure batch function, in this process: decode + preprocess +
       tokenize + forward + Arrow columns. (b)/(a) is the target ratio (>= 0.85).
-  (c) `run_score`, the whole stage as a user runs it (executor "auto": a run this small goes to
+  (c) `score.run`, the whole stage as a user runs it (executor "auto": a run this small goes to
       the driver process, pipeline/model_stage.py), reported twice: end to end, and after its
       fixed start-up (model load until the first batch, `ScoreSummary.startup_s`).
-  (c') `run_score` on Ray Data with one actor ("ray"), the same two ways; its start-up is the
+  (c') `score.run` on Ray Data with one actor ("ray"), the same two ways; its start-up is the
       driver's model check, the Ray job, the actor process and its model load (Ray itself is
       started before, its time printed apart).
 The models are randomly initialised open_clip and BLIP ITM configs registered from JSON (no
@@ -48,7 +48,8 @@ from caption_helpers import commit_image_shards  # noqa: E402
 
 from pipeline.caption import decode_image  # noqa: E402
 from pipeline.run_store import RunStore, ShardCounts  # noqa: E402
-from pipeline.score import ScoreConfig, run_score, score_pairs, shard_pairs  # noqa: E402
+from pipeline import score  # noqa: E402
+from pipeline.score import ScoreConfig, score_pairs, shard_pairs  # noqa: E402
 from schemas import CAPTIONS, IMAGES  # noqa: E402
 
 MODELS = {  # (clip width, clip image size, itm width, itm image size)
@@ -165,15 +166,15 @@ def bench_score(args) -> dict:
         config = ScoreConfig(clip=clip_name, clip_pretrained=clip_checkpoint, clip_config=clip_config, itm=itm_folder,
                              batch_size=args.batch_size, actors=1, cpus_per_actor=args.threads, executor=executor)
         started = time.perf_counter()
-        summary = run_score(store, config)
+        summary = score.run(store, config)
         total = time.perf_counter() - started
-        assert summary.scored == n, summary.line()
+        assert summary.kept == n, summary.line()
         # the stage against the bare loop just before and just after it: a shared machine's speed drifts
         before, last_bare = last_bare, timed(bare_forward, clip, itm, batches)
         around = (before + last_bare) / 2
         steady = summary.seconds - summary.startup_s
         label = "(c) " if executor == "auto" else "(c')"
-        print(f"  {label} run_score, executor {executor} -> {summary.executor:5} {n / total:9.1f} pairs/s end to end "
+        print(f"  {label} score.run, executor {executor} -> {summary.executor:5} {n / total:9.1f} pairs/s end to end "
               f"({total:.1f} s{f'; Ray init before it {ray_start:.1f} s, not included' if ray_start else ''})")
         print(f"      bare forward before and after it {n / before:.1f} and {n / last_bare:.1f} pairs/s; start-up until the "
               f"first batch {total - summary.seconds + summary.startup_s:.1f} s; after it {n / steady:.1f} pairs/s, "

@@ -61,7 +61,7 @@ def check(params: BootstrapParams) -> list[tuple[str, object]]:
     steps = planned_steps(params)
     if params.execution.mode == "embedded":  # on a cluster the source may be where only the cluster sees it
         from capfilt.errors import CapfiltError, ConfigError
-        from pipeline.ingest import list_source_files
+        from pipeline.ingest_source import list_source_files
 
         # Ingest reads the source only when it runs, after Prefect and Ray started: a typo fails here.
         for _, step in steps:

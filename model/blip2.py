@@ -16,7 +16,7 @@ A model folder is `save_pretrained`-style: config.json (model_type "capfilt-blip
 Q-Former config, LLM id/folder, vision spec), model.safetensors (the trained Q-Former and
 projection only; the frozen LLM is referenced, not copied), and the two tokenizers.
 Generation with a frozen encoder: model/blip2_generate.py; to and from transformers'
-Blip2ForConditionalGeneration: model/blip2_hf.py.
+Blip2ForConditionalGeneration: model/convert.py.
 """
 
 from __future__ import annotations
@@ -261,8 +261,8 @@ class Blip2Stage2(nn.Module):
     @classmethod
     def from_blip2(cls, id_or_path: str, device: str | torch.device = "cpu") -> tuple["Blip2Stage2", FrozenImageEncoder]:
         """(model, frozen encoder) from a transformers Blip2ForConditionalGeneration checkpoint
-        (model/blip2_hf.py `load_blip2`)."""
-        from .blip2_hf import load_blip2
+        (model/convert.py `load_blip2`)."""
+        from .convert import load_blip2
 
         return load_blip2(id_or_path, device)
 

@@ -10,7 +10,7 @@ Parameter names follow transformers' `Blip2ForImageTextRetrieval` (`query_tokens
 `qformer`, `vision_projection`, `text_projection`, `itm_head`), so Salesforce's HF weights load
 by name; `ln_vision` is LAVIS's LayerNorm on the frozen image tokens (HF stores it as
 `vision_model.post_layernorm`), `lm_head` is the BERT prediction head LAVIS calls
-`Qformer.cls.predictions`. See `model/weights.py` for the key mappings.
+`Qformer.cls.predictions`. See `model/convert.py` for the key mappings.
 
 How text goes through the same layers: `Blip2QFormerModel` takes the concatenation
 [queries ; text] and `query_length`; only the first `query_length` positions cross-attend to the

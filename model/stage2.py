@@ -28,7 +28,6 @@ from .blip2 import (  # noqa: F401  (also imported from here by callers)
     resolve_checkpoint,
 )
 from .blip2_generate import VQA_PROMPT, Stage2Captioner, Stage2Generator, load_stage2_captioner, pixels_of  # noqa: F401
-from .blip2_hf import export_blip2  # noqa: F401
 from .data import Stage1Batches, TrainingConfig, feature_cache, image_features, training_images
 from .llm import TextLayout, load_llm, split_point  # noqa: F401
 from .losses import world

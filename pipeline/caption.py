@@ -6,7 +6,7 @@
 
 Pure parts (testable without Ray): `decode_image`, `degenerate_reason`, `caption_batch` (one
 batch of images through a captioner) and `assemble_shard` (per-image results -> caption rows,
-rejected rows and counts). `CaptionActor` holds the captioner; `run_caption` hands the pending
+rejected rows and counts). `CaptionActor` holds the captioner; `run` hands the pending
 shards, the reader, the actor and the per-shard commit to the driver every model-holding stage
 shares (`pipeline.model_stage`: one dataset over all pending shards, each shard committed as soon
 as all its images are in). Output rows do not depend on Ray's batching (see
@@ -29,8 +29,9 @@ from PIL import Image
 
 from capfilt.errors import ConfigError, SchemaError
 from model.captioners import Captioner, Decoding, caption_seed, captioner_model_type, load_captioner
-from pipeline.model_stage import ModelStage, ShardActor, StageRun, check_executor, run_model_stage
+from pipeline.model_stage import ModelStage, ShardActor, check_executor, run_model_stage
 from pipeline.run_store import RunStore, ShardCounts, config_hash
+from pipeline.summary import StageSummary
 from schemas import CAPTIONS, IMAGES, REJECTED
 
 STAGE = "caption"
@@ -232,13 +233,8 @@ class CaptionActor(ShardActor):
 
 # -- driver ------------------------------------------------------------------------------------------
 @dataclass
-class CaptionSummary(StageRun):  # + how the driver ran it (seconds, start-up, where)
-    shards_done: int = 0
-    shards_skipped: int = 0
+class CaptionSummary(StageSummary):  # rows: images; kept: images captioned
     shards_not_ingested: int = 0
-    images: int = 0
-    captioned: int = 0
-    failed: int = 0
     web_captions: int = 0
     synthetic_captions: int = 0
     degenerate: int = 0
@@ -247,7 +243,7 @@ class CaptionSummary(StageRun):  # + how the driver ran it (seconds, start-up, w
         return (
             f"captioned {self.shards_done} shard(s), skipped {self.shards_skipped} already done"
             + (f", {self.shards_not_ingested} not yet ingested" if self.shards_not_ingested else "")
-            + f": {self.images} images = {self.captioned} captioned + {self.failed} failed; "
+            + f": {self.counts('images', 'captioned')}; "
             f"{self.web_captions + self.synthetic_captions} caption rows = {self.web_captions} web + "
             f"{self.synthetic_captions} synthetic ({self.degenerate} degenerate)" + self.note()
         )
@@ -283,17 +279,14 @@ def _commit(store: RunStore, cfg: CaptionConfig, shard: str, results: pa.Table |
         STAGE, shard, cfg.output_hash, outputs={"captions": (CAPTIONS, captions)}, counts=counts,
         rejected=rejected, extra={"captioner": cfg.captioner, "decoding": decoding},
     )
-    summary.shards_done += 1
-    summary.images += counts.rows_in
-    summary.captioned += counts.kept
-    summary.failed += counts.failed
+    summary.add(counts, rejected)
     sources = captions.column("caption_source").to_pylist()
     summary.web_captions += sources.count("web")
     summary.synthetic_captions += sources.count("synthetic")
     summary.degenerate += captions.num_rows - captions.column("degenerate").null_count
 
 
-def run_caption(store: RunStore, cfg: CaptionConfig) -> CaptionSummary:
+def run(store: RunStore, cfg: CaptionConfig) -> CaptionSummary:
     """Caption every ingested image shard of a run not already captioned with this config."""
     if not cfg.web_only:
         captioner_model_type(cfg.captioner)  # a bad --captioner fails here, before Ray starts

@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from capfilt.errors import ConfigError
 from pipeline.run_store import RunStore, ShardCounts, config_hash
+from pipeline.summary import StageSummary
 from schemas import DEDUP, IMAGES, SCORES
 
 STAGE = "dedup"
@@ -119,13 +120,27 @@ def find_duplicates(sample_ids: list[str], sha256s: list[str | None], embeddings
     return DEDUP.from_pylist(rows)
 
 
-def run_dedup(store: RunStore, cfg: DedupConfig) -> pa.Table:
-    """Dedup a scored run (all shards together); skipped when done with the same inputs."""
+@dataclass
+class DedupSummary(StageSummary):  # rows: the run's scored images; dropped: {"duplicate": n}
+    exact: int = 0
+    semantic: int = 0
+
+    def line(self) -> str:
+        done = "done" if self.shards_done else "already done, skipped"
+        return f"dedup ({done}): {self.counts('images')}; {self.exact} exact, {self.semantic} semantic duplicate(s)"
+
+
+def run(store: RunStore, cfg: DedupConfig) -> DedupSummary:
+    """Dedup a scored run (all shards together); skipped when done with the same inputs. The
+    duplicates are the run's dedup/ table (and rejected/dedup/)."""
     scored = sorted(r.shard for r in store.records("score") if r.status == "done")
     upstream = [store.record("score", s).config_hash for s in scored]
     cfg_hash = config_hash({"dedup": cfg, "score_shards": scored, "score_hashes": upstream})
+    summary = DedupSummary()
     if store.is_done(STAGE, SHARD, cfg_hash):
-        return store.read_shard("dedup", SHARD, DEDUP)
+        record = store.record(STAGE, SHARD)
+        summary.shards_skipped, summary.rows_in, summary.kept = 1, record.rows_in or 0, record.kept or 0
+        return _tally(summary, store.read_shard("dedup", SHARD, DEDUP))
     store.start_shard(STAGE, SHARD, cfg_hash)
     sample_ids, sha256s, vectors = [], [], []
     for shard in scored:
@@ -149,4 +164,13 @@ def run_dedup(store: RunStore, cfg: DedupConfig) -> pa.Table:
     ]) if table.num_rows else None
     counts = ShardCounts(rows_in=len(sample_ids), kept=len(sample_ids) - table.num_rows, rejected=table.num_rows)
     store.commit_shard(STAGE, SHARD, cfg_hash, outputs={"dedup": (DEDUP, table)}, counts=counts, rejected=rejected)
-    return table
+    summary.shards_done, summary.rows_in, summary.kept = 1, counts.rows_in, counts.kept
+    return _tally(summary, table)
+
+
+def _tally(summary: DedupSummary, table: pa.Table) -> DedupSummary:
+    kinds = table.column("kind").to_pylist()
+    summary.exact, summary.semantic = kinds.count("exact"), kinds.count("semantic")
+    if kinds:
+        summary.dropped["duplicate"] = len(kinds)
+    return summary

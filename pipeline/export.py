@@ -24,14 +24,16 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import fsspec
 
 from capfilt.errors import ConfigError, SchemaError
 from pipeline.run_store import RunStore
+from pipeline.summary import StageSummary
 
 JSON_FIELDS = ("sample_id", "caption_ids", "caption_sources", "url", "width", "height", "original_width",
                "original_height", "license", "punsafe", "pwatermark", "similarity", "sha256", "run_id")
@@ -40,7 +42,7 @@ _JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 @dataclass(frozen=True)
-class WebDatasetExport:
+class ExportConfig:
     out: str  # folder (local path or fsspec URI) for the tars
     shard_size: int = 10_000  # samples per tar; open_clip's and img2dataset's usual size
     prefix: str = "curated"
@@ -55,13 +57,13 @@ class WebDatasetExport:
 
 
 @dataclass
-class ExportSummary:
-    tars: list[str]
-    samples: int
-    reencoded: int
+class ExportSummary(StageSummary):  # rows: curated images; kept: samples written (one per image)
+    out: str = ""
+    tars: list[str] = field(default_factory=list)
+    reencoded: int = 0
 
-    def line(self, out: str) -> str:
-        return (f"wrote {self.samples} sample(s) in {len(self.tars)} tar(s) to {out}"
+    def line(self) -> str:
+        return (f"wrote {self.kept} sample(s) in {len(self.tars)} tar(s) to {self.out}"
                 f" ({self.reencoded} image(s) re-encoded to JPEG)")
 
 
@@ -109,7 +111,7 @@ def sample_members(key: str, row: dict, quality: int, where: str) -> tuple[dict[
             f"{key}.json": json.dumps(meta, ensure_ascii=False).encode()}, reencoded
 
 
-def export_webdataset(store: RunStore, config: WebDatasetExport) -> ExportSummary:
+def run(store: RunStore, config: ExportConfig) -> ExportSummary:
     """Write the run's curated pairs as tars of `config.shard_size` samples; returns what was written."""
     if not store.shards("curated_images"):
         raise ConfigError(f"run '{store.run_id}' under {store.root} has no curated/ shards (no curated_images/); "
@@ -129,19 +131,23 @@ def export_webdataset(store: RunStore, config: WebDatasetExport) -> ExportSummar
     for path in stale:
         fs.rm(path)
 
-    summary = ExportSummary(tars=[], samples=0, reencoded=0)
+    started = time.time()
+    summary = ExportSummary(out=config.out)
+    shards_read: set[str] = set()
     writer: _TarWriter | None = None
     try:
         for shard, row in curated_rows(store):
-            if summary.samples % config.shard_size == 0:
+            if summary.kept % config.shard_size == 0:
                 if writer is not None:
                     summary.tars.append(writer.commit())
                 writer = _TarWriter(fs, f"{folder}/{config.prefix}-{len(summary.tars):06d}.tar")
             where = f"curated_images/{shard}.parquet image {row['sample_id']}"
-            members, reencoded = sample_members(f"{summary.samples:09d}", row, config.jpeg_quality, where)
+            members, reencoded = sample_members(f"{summary.kept:09d}", row, config.jpeg_quality, where)
             for name, data in members.items():
                 writer.add(name, data)
-            summary.samples += 1
+            shards_read.add(shard)
+            summary.rows_in += 1
+            summary.kept += 1
             summary.reencoded += int(reencoded)
         if writer is not None:
             summary.tars.append(writer.commit())
@@ -152,6 +158,7 @@ def export_webdataset(store: RunStore, config: WebDatasetExport) -> ExportSummar
         if created and not fs.ls(folder):  # no empty --out left behind to look like an export
             fs.rmdir(folder)
         raise
+    summary.shards_done, summary.seconds = len(shards_read), time.time() - started
     return summary
 
 

@@ -123,7 +123,8 @@ def heldout_captioning(captioners: dict[str, str], images: list, seed: int, devi
     """BLEU-4 and CIDEr of each named captioner on annotated `images` (their captions are the
     references), one beam-search caption per image, as `capfilt eval` decodes."""
     from model.captioners import Decoding, load_captioner
-    from pipeline.evaluate import EvalConfig, caption_scores, generate_captions
+    from pipeline.evaluate import EvalConfig, generate_captions
+    from pipeline.metrics import caption_scores
 
     decoding = Decoding(num_captions=1, num_beams=EvalConfig.num_beams, max_length=EvalConfig.max_length,
                         min_length=EvalConfig.min_length, seed=seed)

@@ -33,6 +33,7 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from capfilt.errors import CapfiltError, ConfigError
 from pipeline.run_store import RunStore
+from pipeline.summary import StageSummary
 
 EXECUTORS = ("auto", "ray", "local")
 # A run of at most this many batches for one actor is small: on a 2-core machine the actor's start
@@ -95,19 +96,6 @@ class ModelStage:
     executor: str = "auto"
 
 
-@dataclass
-class StageRun:
-    """How the driver ran a stage: wall time, start-up, and where the batches ran and why."""
-
-    seconds: float = 0.0  # wall time: the Ray job (actor start and model load included) or the local loop
-    startup_s: float | None = None  # until an actor (or the driver), its model loaded, started its first batch
-    executor: str = ""  # "ray" or "local"; "" when there was nothing to run
-    reason: str = ""
-
-    def note(self) -> str:
-        return f"; ran in the driver process, not on Ray actors ({self.reason})" if self.executor == "local" else ""
-
-
 def batches(rows: dict[str, int], batch_size: int) -> int:
     return sum(-(-n // batch_size) for n in rows.values())
 
@@ -132,10 +120,10 @@ def local_reason(stage: ModelStage) -> str | None:
     return f"small run: {n} batch(es) <= {SMALL_RUN_BATCHES}"
 
 
-def run_model_stage(store: RunStore, stage: ModelStage, run: StageRun | None = None) -> StageRun:
+def run_model_stage(store: RunStore, stage: ModelStage, run: StageSummary) -> StageSummary:
     """Run `stage` over its pending shards, committing each through `stage.commit` once all its rows
     are back; the shards are recorded started first, and failed if the run breaks. Fills in and
-    returns `run` (the stage's summary is one)."""
+    returns the driver fields of `run`, the stage's summary (wall time, start-up, executor)."""
     started = time.time()  # wall clock: compared with the batches' start times
     reason = local_reason(stage)
     working = [s for s, n in stage.rows.items() if n > 0]
@@ -155,12 +143,11 @@ def run_model_stage(store: RunStore, stage: ModelStage, run: StageRun | None = N
         stage.check()  # the same, before Ray starts
     for shard in stage.rows:
         store.start_shard(stage.name, shard, stage.output_hash)
-    run = StageRun() if run is None else run
     for shard in [s for s in stage.rows if stage.rows[s] == 0]:
         stage.commit(shard, None)
     if not working:
         return run
-    run.executor, run.reason = ("local", reason) if local_actor is not None else ("ray", "")
+    run.executor, run.executor_reason = ("local", reason) if local_actor is not None else ("ray", "")
     arrived: dict[str, list[pa.Table]] = {s: [] for s in working}
     counts = dict.fromkeys(working, 0)
     try:

@@ -6,7 +6,7 @@
 
 Pure parts: `shard_pairs` (join a shard's captions with its images) and `score_pairs` (one batch
 of pairs through a CLIP scorer and an optional ITM scorer). `ScoreActor` holds the models
-(loaded once per actor); `run_score` hands the pending shards, the reader, the actor and the
+(loaded once per actor); `run` hands the pending shards, the reader, the actor and the
 per-shard commit to the driver every model-holding stage shares (`pipeline.model_stage`, as the
 caption stage does). Accounting is per caption row: rows in = captions, kept = scored pairs,
 failed = pairs whose image could not be decoded.
@@ -22,8 +22,9 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from capfilt.errors import ConfigError
 from pipeline.caption import decode_image
-from pipeline.model_stage import ModelStage, ShardActor, StageRun, check_executor, run_model_stage
+from pipeline.model_stage import ModelStage, ShardActor, check_executor, run_model_stage
 from pipeline.run_store import RunStore, ShardCounts, config_hash
+from pipeline.summary import StageSummary
 from schemas import CAPTIONS, IMAGES, SCORES
 
 STAGE = "score"
@@ -153,19 +154,13 @@ class ScoreActor(ShardActor):
 
 
 @dataclass
-class ScoreSummary(StageRun):  # + how the driver ran it (seconds, start-up, where)
-    shards_done: int = 0
-    shards_skipped: int = 0
-    pairs: int = 0
-    scored: int = 0
-    failed: int = 0
-
+class ScoreSummary(StageSummary):  # rows: (image, caption) pairs; kept: pairs scored
     def line(self) -> str:
         return (f"scored {self.shards_done} shard(s), skipped {self.shards_skipped} already done: "
-                f"{self.pairs} pairs = {self.scored} scored + {self.failed} failed" + self.note())
+                f"{self.counts('pairs', 'scored')}" + self.note())
 
 
-def run_score(store: RunStore, cfg: ScoreConfig) -> ScoreSummary:
+def run(store: RunStore, cfg: ScoreConfig) -> ScoreSummary:
     """Score every captioned shard of a run not already scored with this config."""
     captioned = [r.shard for r in store.records("caption") if r.status == "done"]
     if not captioned:
@@ -197,10 +192,7 @@ def _commit(store: RunStore, cfg: ScoreConfig, shard: str, scored: pa.Table | No
     else:
         scores, rejected, counts = SCORES.empty(), None, ShardCounts(rows_in=0, kept=0)
     store.commit_shard(STAGE, shard, cfg.output_hash, outputs={"scores": (SCORES, scores)}, counts=counts, rejected=rejected)
-    summary.shards_done += 1
-    summary.pairs += counts.rows_in
-    summary.scored += counts.kept
-    summary.failed += counts.failed
+    summary.add(counts, rejected)
 
 
 def adopt_scores(store: RunStore, from_run: str) -> int:

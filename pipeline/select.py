@@ -36,6 +36,7 @@ import pyarrow as pa
 import capfilt
 from capfilt.errors import ConfigError
 from pipeline.run_store import RunStore, ShardCounts, config_hash
+from pipeline.summary import StageSummary
 from schemas import DEDUP, IMAGES, SCORES, curated_outputs
 from schemas.curated import IMAGE_METADATA
 
@@ -165,6 +166,18 @@ def clip_cut(scores: list[float], fraction: float) -> float:
     return float(np.quantile(values, 1.0 - fraction)) if len(values) else float("inf")
 
 
+def _duplicate_reason(sample_id: str, duplicate_of: dict[str, str]) -> tuple[str, str] | None:
+    if sample_id in duplicate_of:
+        return "duplicate", f"image is a duplicate of {duplicate_of[sample_id]}"
+    return None
+
+
+def _source_reason(row: dict, cfg: SelectConfig) -> tuple[str, str] | None:
+    if row["caption_source"] not in cfg.caption_sources:
+        return "caption_source_excluded", f"{row['caption_source']} caption; --caption-sources {','.join(cfg.caption_sources)}"
+    return None
+
+
 def _metadata_reason(image: dict, cfg: SelectConfig) -> tuple[str, str] | None:
     w, h = image.get("original_width") or image.get("width"), image.get("original_height") or image.get("height")
     if w and h:
@@ -201,39 +214,36 @@ def select_pairs(scores: pa.Table, images: pa.Table, duplicate_of: dict[str, str
     run-wide per-source calibrations (`source_calibrations`).
     """
     image_of = {r["sample_id"]: r for r in images.to_pylist()}
-    policies = caption_policies(cfg, top_fraction_cut, by_source)
+    # each check: row -> None (keep) or (reason, message); the first that drops a caption names why
+    checks = [
+        lambda row: _duplicate_reason(row["sample_id"], duplicate_of),
+        lambda row: _source_reason(row, cfg),
+        lambda row: _metadata_reason(image_of.get(row["sample_id"], {}), cfg),
+        lambda row: _caption_reason(row, cfg),
+        *(policy.decide for policy in caption_policies(cfg, top_fraction_cut, by_source)),
+    ]
     kept_by_image: dict[str, list[dict]] = {}
     dropped: list[dict] = []
 
-    def drop(row, reason, message, duplicate=None):
-        dropped.append({**row, "reason": reason, "error_message": message, "duplicate_of": duplicate})
+    def drop(row, reason, message):
+        dropped.append({**row, "reason": reason, "error_message": message,
+                        "duplicate_of": duplicate_of.get(row["sample_id"]) if reason == "duplicate" else None})
 
     for row in scores.to_pylist():
-        sid = row["sample_id"]
-        if sid in duplicate_of:
-            drop(row, "duplicate", f"image is a duplicate of {duplicate_of[sid]}", duplicate_of[sid])
-            continue
-        if row["caption_source"] not in cfg.caption_sources:
-            drop(row, "caption_source_excluded",
-                 f"{row['caption_source']} caption; --caption-sources {','.join(cfg.caption_sources)}")
-            continue
-        verdict = _metadata_reason(image_of.get(sid, {}), cfg) or _caption_reason(row, cfg)
-        for policy in policies:
-            if verdict:
-                break
-            verdict = policy.decide(row)
+        verdict = next(filter(None, (check(row) for check in checks)), None)
         if verdict:
             drop(row, *verdict)
         else:
-            kept_by_image.setdefault(sid, []).append(row)
+            kept_by_image.setdefault(row["sample_id"], []).append(row)
 
     kept: list[dict] = []
-    for sid, rows in kept_by_image.items():
-        column = f"{cfg.rank_by}_score"
-        rows.sort(key=lambda r: (-(r[column] if r[column] is not None else -np.inf), r["caption_id"]))
-        for rank, row in enumerate(rows):
-            if "blip2" in cfg.policies and rank >= cfg.top_k:
-                drop(row, "not_top_k", f"{cfg.rank_by.upper()} rank {rank} of the image's captions (--top-k {cfg.top_k})")
+    top_k = TopK(cfg.top_k, cfg.rank_by) if "blip2" in cfg.policies else None
+    for rows in kept_by_image.values():
+        rows = TopK.ranked(rows, cfg.rank_by)  # a kept caption's rank: its place among the image's kept ones
+        verdicts = top_k.decide(rows) if top_k else [None] * len(rows)
+        for rank, (row, verdict) in enumerate(zip(rows, verdicts)):
+            if verdict:
+                drop(row, *verdict)
             else:
                 kept.append({**row, "rank": rank})
     return kept, dropped
@@ -253,6 +263,27 @@ def source_calibrations(store: RunStore, cfg: SelectConfig, shards: list[str]) -
         if source in cfg.caption_sources:
             by_source.setdefault(source, []).append(score)
     return per_source(cfg.calibration, by_source)
+
+
+@dataclass(frozen=True)
+class TopK:
+    """blip2's per-image policy: of an image's captions that passed every per-caption policy, keep
+    the `k` best by `rank_by` score; `decide(ranked rows)` is None (keep) or (reason, message) each."""
+
+    k: int
+    rank_by: str = "clip"
+    reason: str = "not_top_k"
+
+    @staticmethod
+    def ranked(rows: list[dict], rank_by: str) -> list[dict]:
+        """Best first; a missing score last; ties by caption_id, so the order is the same every run."""
+        column = f"{rank_by}_score"
+        return sorted(rows, key=lambda r: (-(r[column] if r[column] is not None else -np.inf), r["caption_id"]))
+
+    def decide(self, ranked: list[dict]) -> list[tuple[str, str] | None]:
+        return [None if rank < self.k else
+                (self.reason, f"{self.rank_by.upper()} rank {rank} of the image's captions (--top-k {self.k})")
+                for rank in range(len(ranked))]
 
 
 def provenance(store: RunStore, cfg: SelectConfig, score_hashes: list[str]) -> str:
@@ -285,28 +316,25 @@ def _located(value):
 
 
 @dataclass
-class SelectSummary:
-    shards_done: int = 0
-    shards_skipped: int = 0
-    captions: int = 0
-    kept: int = 0
-    dropped: int = 0
+class SelectSummary(StageSummary):  # rows: caption rows of scores/; kept: pairs curated
     images: int = 0
     images_kept: int = 0
 
     def line(self) -> str:
-        return (f"selected {self.shards_done} shard(s), skipped {self.shards_skipped}: {self.captions} captions = "
-                f"{self.kept} kept + {self.dropped} dropped; {self.images_kept} of {self.images} images keep a caption")
+        return (f"selected {self.shards_done} shard(s), skipped {self.shards_skipped}: {self.counts('captions')}; "
+                f"{self.images_kept} of {self.images} images keep a caption")
 
 
-def run_select(store: RunStore, cfg: SelectConfig, extra_provenance: dict | None = None) -> SelectSummary:
-    """Select every scored shard of a run (after dedup); writes curated/ and rejected/select/."""
+def run(store: RunStore, cfg: SelectConfig, upstream: dict | None = None) -> SelectSummary:
+    """Select every scored shard of a run (after dedup); writes curated/ and rejected/select/.
+    `upstream`: what the score and dedup stages ran with, recorded in each curated row's provenance
+    (and part of the config hash)."""
     scored = sorted(r.shard for r in store.records("score") if r.status == "done")
     if not scored:
         raise ConfigError(f"run '{store.run_id}' has no scored shards; run the score step first.")
     dedup = store.record("dedup", "all")
     score_hashes = [store.record("score", s).config_hash for s in scored]
-    cfg_hash = config_hash({"select": cfg, "dedup": dedup.config_hash if dedup else None, "extra": extra_provenance})
+    cfg_hash = config_hash({"select": cfg, "dedup": dedup.config_hash if dedup else None, "extra": upstream})
     cut = None
     if "clip-top-fraction" in cfg.policies:
         cut = clip_cut(store.read("scores", SCORES, scored).column("clip_score").to_pylist(), cfg.clip_top_fraction)
@@ -319,7 +347,7 @@ def run_select(store: RunStore, cfg: SelectConfig, extra_provenance: dict | None
         table = store.read_shard("dedup", "all", DEDUP)
         duplicate_of = dict(zip(table.column("sample_id").to_pylist(), table.column("duplicate_of").to_pylist()))
     prov = json.loads(provenance(store, cfg, score_hashes))
-    prov.update(extra_provenance or {})
+    prov.update(upstream or {})
     if by_source:  # each source's estimated prior and the threshold it gets
         prov["calibration_by_source"] = {k: {"match_prior": c.match_prior, "threshold": c.threshold,
                                              "predicted_precision": c.predicted_precision,
@@ -359,10 +387,8 @@ def run_select(store: RunStore, cfg: SelectConfig, extra_provenance: dict | None
         store.commit_shard(STAGE, shard, cfg_hash, outputs=curated_outputs(curated),
                            counts=counts, rejected=pa.Table.from_pylist(rejected) if rejected else None,
                            extra={"images_in": images_in, "images_kept": images_kept})
-        summary.shards_done += 1
-        summary.captions += counts.rows_in
-        summary.kept += counts.kept
-        summary.dropped += counts.rejected
+        summary.add(counts)
+        summary.tally(("dropped", r["reason"]) for r in dropped)
         summary.images += images_in
         summary.images_kept += images_kept
     return summary

@@ -16,7 +16,8 @@ import pyarrow as pa
 from pipeline.bootstrap_report import write_bootstrap_report
 from pipeline.filter_report import write_filter_report
 from pipeline.run_store import RunStore, ShardCounts
-from pipeline.select import SelectConfig, run_select
+from pipeline import select
+from pipeline.select import SelectConfig
 from schemas import IMAGES, SCORES
 from tests.caption_helpers import commit_image_shards
 
@@ -49,7 +50,7 @@ def make_round(root: Path, run: str, with_itm: bool) -> RunStore:
     store = RunStore(str(root), run)
     commit_image_shards(store, {"s0": 5, "s1": 4})
     commit_scores(store, with_itm)
-    run_select(store, SelectConfig(policies=("blip2",), top_k=1))
+    select.run(store, SelectConfig(policies=("blip2",), top_k=1))
     write_filter_report(store, samples=3)
     return store
 

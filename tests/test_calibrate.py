@@ -174,7 +174,7 @@ def test_select_stage_accounts_for_every_row_and_reports_the_calibration(tmp_pat
     from caption_helpers import commit_image_shards
 
     from pipeline.run_store import RunStore, ShardCounts
-    from pipeline.select import run_select
+    from pipeline import select
     from schemas import CURATED
 
     store = RunStore(str(tmp_path), "r")
@@ -186,8 +186,8 @@ def test_select_stage_accounts_for_every_row_and_reports_the_calibration(tmp_pat
     table = SCORES.conform(pa.Table.from_pylist([dict(zip(keys, r)) for r in rows]))
     store.commit_shard("score", "s0", "h", outputs={"scores": (SCORES, table)}, counts=ShardCounts(rows_in=4, kept=4))
 
-    summary = run_select(store, SelectConfig(policies=("itm-calibrated",), calibration=calibration_at_080()))
-    assert (summary.captions, summary.kept, summary.dropped) == (4, 2, 2)
+    summary = select.run(store, SelectConfig(policies=("itm-calibrated",), calibration=calibration_at_080()))
+    assert (summary.rows_in, summary.kept, summary.dropped) == (4, 2, {"itm_below_calibrated_threshold": 2})
     curated = store.read("curated", CURATED)
     assert sorted(curated.column("caption_id").to_pylist()) == ["s0/0#web", "s0/2#web"]
     provenance = json.loads(curated.column("provenance")[0].as_py())
@@ -295,7 +295,7 @@ def test_the_select_stage_estimates_each_sources_prior_from_the_run(tmp_path):
     from caption_helpers import commit_image_shards
 
     from pipeline.run_store import RunStore, ShardCounts
-    from pipeline.select import run_select
+    from pipeline.select import run
     from schemas import CURATED
 
     rng = np.random.default_rng(1)
@@ -310,8 +310,8 @@ def test_the_select_stage_estimates_each_sources_prior_from_the_run(tmp_path):
     table = SCORES.conform(pa.Table.from_pylist([dict(zip(keys, r)) for r in rows]))
     store.commit_shard("score", "s0", "h", outputs={"scores": (SCORES, table)}, counts=ShardCounts(rows_in=400, kept=400))
 
-    summary = run_select(store, SelectConfig(policies=("calibrated",), calibration=cal, estimate_prior=True))
-    assert summary.captions == 400 and summary.kept + summary.dropped == 400
+    summary = run(store, SelectConfig(policies=("calibrated",), calibration=cal, estimate_prior=True))
+    assert summary.rows_in == 400 and summary.kept + sum(summary.dropped.values()) == 400
     provenance = json.loads(store.read("curated", CURATED).column("provenance")[0].as_py())
     priors = {k: v["match_prior"] for k, v in provenance["calibration_by_source"].items()}
     assert priors["web"] == pytest.approx(0.8, abs=0.1) and priors["synthetic"] == pytest.approx(0.05, abs=0.05)

@@ -17,7 +17,8 @@ from caption_helpers import commit_image_shards, image_rows
 from capfilt.cli import main as cli_main
 from capfilt.errors import ConfigError
 from model.captioners import Decoding, caption_seed, load_captioner, save_random_captioner
-from pipeline.caption import CaptionConfig, assemble_shard, caption_batch, degenerate_reason, run_caption
+from pipeline import caption as caption_stage
+from pipeline.caption import CaptionConfig, assemble_shard, caption_batch, degenerate_reason
 from pipeline.run_store import RunStore
 from schemas import CAPTIONS, REJECTED
 
@@ -136,10 +137,10 @@ def test_stage_captions_every_ingested_shard_accounts_for_every_image_and_rerun_
     # executor "ray": a run this small would otherwise go to the driver process (next test)
     cfg = CaptionConfig(captioner=tiny_folders["blip-2"], decoding=DECODING, batch_size=3, executor="ray")
 
-    summary = run_caption(store, cfg)
+    summary = caption_stage.run(store, cfg)
 
     assert summary.executor == "ray" and "driver process" not in summary.line()
-    assert (summary.shards_done, summary.images, summary.captioned, summary.failed) == (3, 9, 8, 1)
+    assert (summary.shards_done, summary.rows_in, summary.kept, summary.failed) == (3, 9, 8, {"undecodable_image": 1})
     assert summary.web_captions == 8 and summary.synthetic_captions == 8 * 3
     captions = store.read("captions", CAPTIONS)
     assert captions.num_rows == 8 * (1 + 3)
@@ -153,7 +154,7 @@ def test_stage_captions_every_ingested_shard_accounts_for_every_image_and_rerun_
     assert [(r["sample_id"], r["outcome"], r["reason"]) for r in rejected] == [("b/0", "failed", "undecodable_image")]
 
     # another batch size or pool does not change what is written: nothing to redo
-    again = run_caption(store, CaptionConfig(captioner=cfg.captioner, decoding=DECODING, batch_size=2, actors=1))
+    again = caption_stage.run(store, CaptionConfig(captioner=cfg.captioner, decoding=DECODING, batch_size=2, actors=1))
     assert (again.shards_done, again.shards_skipped) == (0, 3)
     assert store.read("captions", CAPTIONS).equals(captions)
 
@@ -165,7 +166,7 @@ def test_a_small_local_run_captions_in_the_driver_process_says_so_and_writes_wha
     summaries = {}
     for executor, store in runs.items():
         commit_image_shards(store, {"a": 5, "b": 4}, corrupt={"b": (0,)})
-        summaries[executor] = run_caption(store, CaptionConfig(captioner=tiny_folders["blip"], decoding=DECODING,
+        summaries[executor] = caption_stage.run(store, CaptionConfig(captioner=tiny_folders["blip"], decoding=DECODING,
                                                                batch_size=3, executor=executor))
 
     assert summaries["ray"].executor == "ray"
@@ -186,20 +187,20 @@ def test_captioner_none_passes_web_captions_through_and_still_fails_undecodable_
     store = RunStore(str(tmp_path), "r")
     commit_image_shards(store, {"a": 3, "b": 2}, corrupt={"b": (1,)})
 
-    summary = run_caption(store, CaptionConfig(captioner="none"))
+    summary = caption_stage.run(store, CaptionConfig(captioner="none"))
 
-    assert (summary.images, summary.captioned, summary.failed, summary.synthetic_captions) == (5, 4, 1, 0)
+    assert (summary.rows_in, summary.kept, summary.rows_failed, summary.synthetic_captions) == (5, 4, 1, 0)
     captions = store.read("captions", CAPTIONS)
     assert captions.column("caption_source").to_pylist() == ["web"] * 4
     assert [r["reason"] for r in store.read_rejected("caption").to_pylist()] == ["undecodable_image"]
-    assert run_caption(store, CaptionConfig(captioner="none")).shards_skipped == 2
+    assert caption_stage.run(store, CaptionConfig(captioner="none")).shards_skipped == 2
 
 
 def test_stage_skips_image_shards_whose_ingest_is_not_done(tmp_path, ray_local, tiny_folders):
     store = RunStore(str(tmp_path), "r")
     commit_image_shards(store, {"a": 2, "late": 2})
     store.start_shard("ingest", "late", "test-ingest")  # being re-ingested
-    summary = run_caption(store, CaptionConfig(captioner=tiny_folders["blip"], decoding=DECODING))
+    summary = caption_stage.run(store, CaptionConfig(captioner=tiny_folders["blip"], decoding=DECODING))
     assert (summary.shards_done, summary.shards_not_ingested) == (1, 1)
     assert store.shards("captions") == ["a"]
 
@@ -230,13 +231,13 @@ def test_a_killed_run_resumes_to_the_same_rows_as_an_uninterrupted_one(tmp_path,
     done_before = {r.shard for r in killed.records("caption") if r.status == "done"}
     assert 0 < len(done_before) < len(shards), "the kill must land between the first and the last shard"
 
-    resumed = run_caption(killed, CaptionConfig(captioner=tiny_folders["blip"], decoding=decoding))
+    resumed = caption_stage.run(killed, CaptionConfig(captioner=tiny_folders["blip"], decoding=decoding))
     assert resumed.shards_skipped == len(done_before)
     assert resumed.shards_done == len(shards) - len(done_before)
 
     straight = RunStore(str(tmp_path / "straight"), "r")
     commit_image_shards(straight, shards, corrupt={"s3": (2,)})
-    run_caption(straight, CaptionConfig(captioner=tiny_folders["blip"], decoding=decoding, batch_size=5))
+    caption_stage.run(straight, CaptionConfig(captioner=tiny_folders["blip"], decoding=decoding, batch_size=5))
     after_resume = killed.read("captions", CAPTIONS)
     assert after_resume.equals(straight.read("captions", CAPTIONS))
     assert len(set(after_resume.column("caption_id").to_pylist())) == after_resume.num_rows
@@ -271,5 +272,5 @@ def test_cli_prints_a_summary_whose_counts_add_up(tmp_path, capsys, ray_local, t
     commit_image_shards(store, {"a": 3}, corrupt={"a": (1,)})
     cli_main(["caption", "--root", str(tmp_path), "--run", "demo", "--captioner", tiny_folders["blip"], "--num-captions", "4"])
     line = capsys.readouterr().out.strip()
-    assert "3 images = 2 captioned + 1 failed" in line
+    assert "3 images = 2 captioned + 0 dropped + 1 failed (undecodable_image 1)" in line
     assert "10 caption rows = 2 web + 8 synthetic" in line

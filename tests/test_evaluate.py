@@ -12,8 +12,8 @@ import torch
 
 from capfilt.errors import ConfigError
 from model.toy.scenes import render, true_caption
-from pipeline.evaluate import (
-    EvalConfig,
+from pipeline.evaluate import EvalConfig, run_eval
+from pipeline.metrics import (
     attribute_accuracy,
     caption_correct,
     caption_scores,
@@ -23,7 +23,6 @@ from pipeline.evaluate import (
     recall_at_k,
     relevance,
     rerank,
-    run_eval,
     score_auc,
 )
 from pipeline.run_store import RunStore, ShardCounts

@@ -22,9 +22,10 @@ import pytest
 
 from capfilt.cli import cli
 from model.captioners import Decoding, save_random_captioner
-from pipeline.caption import CaptionConfig, run_caption
+from pipeline import caption, score
+from pipeline.caption import CaptionConfig
 from pipeline.run_store import RunStore
-from pipeline.score import ScoreConfig, run_score
+from pipeline.score import ScoreConfig
 from schemas import CAPTIONS, CURATED, IMAGES, SCORES
 
 SHARD_SIZE = 6  # 29 source rows: 5 shards, enough for a kill to land between the first and the last
@@ -208,9 +209,9 @@ def test_a_caption_actor_killed_mid_run_is_restarted_and_the_captions_equal_an_u
     # actor task and commit one by one, or the kill cannot land between them.
     cfg = caption_config(models)
 
-    summary = run_with_actor_killed(lambda: run_caption(store, cfg), store, "caption", CAPTION_ACTOR, shards)
+    summary = run_with_actor_killed(lambda: caption.run(store, cfg), store, "caption", CAPTION_ACTOR, shards)
 
-    assert summary.shards_done == shards and summary.images == summary.captioned + summary.failed
+    assert summary.shards_done == shards and summary.rows_in == summary.kept + summary.rows_failed
     assert_stage_done_and_adds_up(store, "caption", shards)
     captions = store.read("captions", CAPTIONS)
     web = captions.filter(captions.column("caption_source").to_numpy(zero_copy_only=False) == "web")
@@ -226,9 +227,9 @@ def test_a_score_actor_killed_mid_run_is_restarted_and_the_scores_equal_an_unint
     store = copy_of(straight, "score-actor-killed", {"ingest": ("images",), "caption": ("captions",)})
     shards = len(store.shards("captions"))
 
-    summary = run_with_actor_killed(lambda: run_score(store, score_config(models)), store, "score", SCORE_ACTOR, shards)
+    summary = run_with_actor_killed(lambda: score.run(store, score_config(models)), store, "score", SCORE_ACTOR, shards)
 
-    assert summary.shards_done == shards and summary.pairs == summary.scored + summary.failed
+    assert summary.shards_done == shards and summary.rows_in == summary.kept + summary.rows_failed
     assert_stage_done_and_adds_up(store, "score", shards)
     scores = store.read("scores", SCORES)
     assert_partition(column(store.read("captions", CAPTIONS), "caption_id"), column(scores, "caption_id"),

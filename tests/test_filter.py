@@ -188,14 +188,15 @@ def test_tiny_open_clip_loads_through_the_named_path(tiny_scorers):
 
 
 def test_a_small_local_run_scores_in_the_driver_process_and_writes_what_ray_actors_write(ray_local, tiny_scorers, tmp_path):
-    from pipeline.score import ScoreConfig, run_score
+    from pipeline import score
+    from pipeline.score import ScoreConfig
 
     runs, summaries = {}, {}
     for executor in ("ray", "auto"):
         runs[executor] = store = RunStore(str(tmp_path / executor), "f")
         commit_image_shards(store, {"s0": 3, "s1": 2}, corrupt={"s1": (1,)})
         commit_caption_shards(store, ["s0", "s1"])
-        summaries[executor] = run_score(store, ScoreConfig(
+        summaries[executor] = score.run(store, ScoreConfig(
             clip=tiny_scorers["clip"], clip_pretrained=tiny_scorers["clip_pretrained"], clip_config=tiny_scorers["clip_config"],
             itm=tiny_scorers["itm"], batch_size=4, executor=executor))
 
@@ -203,7 +204,7 @@ def test_a_small_local_run_scores_in_the_driver_process_and_writes_what_ray_acto
     assert summaries["auto"].executor == "local"  # 5 batches: far below the small-run bound
     assert "ran in the driver process, not on Ray actors (small run: 5 batch(es)" in summaries["auto"].line()
     for summary in summaries.values():
-        assert (summary.shards_done, summary.pairs, summary.scored, summary.failed) == (2, 20, 16, 4)
+        assert (summary.shards_done, summary.rows_in, summary.kept, summary.failed) == (2, 20, 16, {"undecodable_image": 4})
     # bit for bit: the same batches through the same models, in a Ray actor or in this process
     assert runs["auto"].read("scores", SCORES).equals(runs["ray"].read("scores", SCORES))
     assert runs["auto"].read_rejected("score").equals(runs["ray"].read_rejected("score"))
@@ -249,10 +250,11 @@ def test_filter_command_end_to_end(ray_local, tiny_scorers, tmp_path):
     images = duckdb.sql(f"select count(*), count(distinct sample_id), sum(len(captions)) "
                         f"from read_parquet('{root}/runs/f/curated_images/*.parquet')").fetchall()[0]
     assert images == (10, 10, curated.num_rows)
-    assert result["select"]["captions"] == scored
+    assert result.select.rows_in == scored and result.rows_in == captions
+    assert result.kept + result.rows_dropped + result.rows_failed == result.rows_in
     # A rerun does no work.
     again = cli.main(args=argv, prog_name="capfilt", standalone_mode=False)
-    assert again["score"]["shards_skipped"] == 2 and again["select"]["shards_skipped"] == 2
+    assert again.score.shards_skipped == 2 and again.select.shards_skipped == 2
     # An ablation arm: the same images, run f's captions and scores taken (nothing scored again),
     # only the selection differs (web captions only, no model judging).
     arm = RunStore(root, "arm")
@@ -260,7 +262,7 @@ def test_filter_command_end_to_end(ray_local, tiny_scorers, tmp_path):
     arm_argv = ["filter", "--root", root, "--run", "arm", "--from-run", "f", *argv[5:], "--policy", "none",
                 "--caption-sources", "web"]
     taken = cli.main(args=arm_argv, prog_name="capfilt", standalone_mode=False)
-    assert taken["score"]["shards_done"] == 0 and taken["score"]["shards_skipped"] == 2
+    assert taken.score.shards_done == 0 and taken.score.shards_skipped == 2
     assert arm.read("scores", SCORES).equals(store.read("scores", SCORES))
     kept = arm.read("curated", CURATED)
     assert set(kept.column("caption_source").to_pylist()) == {"web"} and kept.num_rows == 10  # every decodable web caption

@@ -5,7 +5,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections import Counter
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -14,17 +13,11 @@ import pytest
 from capfilt.errors import ConfigError
 from model.toy.server import WorldServer
 from model.toy.world import WorldConfig, make_world
-from pipeline.ingest import (
-    IngestConfig,
-    ShardSpec,
-    classify_error,
-    download_shard,
-    final_rejected,
-    ingest,
-    mark_cross_shard_duplicates,
-    plan_shards,
-    reuse_ingest,
-)
+from pipeline import ingest
+from pipeline.ingest import IngestConfig, IngestRequest, final_rejected
+from pipeline.ingest_download import download_shard
+from pipeline.ingest_policy import classify_error
+from pipeline.ingest_source import mark_cross_shard_duplicates, plan_shards
 from pipeline.run_store import RunStore
 from schemas import IMAGES, REJECTED
 
@@ -181,16 +174,17 @@ def test_retry_failed_requeues_retryable_rows_and_keeps_history(ray_local, tmp_p
     world = __import__("model.toy.world", fromlist=["load_world"]).load_world(directory)
     config = IngestConfig(**FAST, shard_size=4)
     with WorldServer(directory) as server:
-        first = ingest(world["source"], str(tmp_path / "root"), "r", config, progress=False)
-        assert first.reasons == {"http_404": 1, "http_500": 1}
+        first = ingest.run(RunStore(str(tmp_path / "root"), "r"), IngestRequest(world["source"], config=config, progress=False))
+        assert first.failed == {"http_404": 1, "http_500": 1}
         # The server recovers: the 500 route now serves an image.
         routes = server.httpd.RequestHandlerClass.routes
         bad = next(p for p, r in routes.items() if r.get("code") == 500)
         routes[bad] = {"kind": "file", "file": "000000.jpg", "content_type": "image/jpeg"}
-        second = ingest(world["source"], str(tmp_path / "root"), "r", config, retry_failed=True, progress=False)
+        second = ingest.run(RunStore(str(tmp_path / "root"), "r"),
+                            IngestRequest(world["source"], config=config, retry_failed=True, progress=False))
     assert second.kept == first.kept + 1
-    assert second.reasons == {"http_404": 1}  # 404 is not retryable
-    assert second.rows_in == first.rows_in == second.kept + second.rejected + second.failed
+    assert second.failed == {"http_404": 1}  # 404 is not retryable
+    assert second.rows_in == first.rows_in == second.kept + second.rows_dropped + second.rows_failed
     store = RunStore(str(tmp_path / "root"), "r")
     history = store.read_rejected("ingest").to_pylist()
     assert sorted(r["reason"] for r in history) == ["http_404", "http_500"]  # attempt 1 kept on record
@@ -202,20 +196,21 @@ def test_a_later_round_reuses_the_downloads_of_round_0(ray_local, tmp_path):
     world = make_world(directory, WorldConfig(images=6, seed=4, bad_url_kinds=("http_404",), duplicates=0))
     root = str(tmp_path / "root")
     with WorldServer(directory):
-        first = ingest(world["source"], root, "r0", IngestConfig(**FAST, shard_size=4), progress=False)
+        first = ingest.run(RunStore(root, "r0"), IngestRequest(world["source"], config=IngestConfig(**FAST, shard_size=4),
+                                                             progress=False))
     # The server is gone: round 1 could not download anything, and needs not.
-    reused = reuse_ingest(root, "r1", "r0")
-    assert (reused.rows_in, reused.kept, reused.rejected, reused.failed, reused.reasons) == (
-        first.rows_in, first.kept, first.rejected, first.failed, first.reasons)
+    reused = ingest.run(RunStore(root, "r1"), IngestRequest(from_run="r0"))
+    assert (reused.rows_in, reused.kept, reused.dropped, reused.failed) == (
+        first.rows_in, first.kept, first.dropped, first.failed)
     assert _images_rows(root, "r1") == _images_rows(root, "r0")
     r0, r1 = RunStore(root, "r0"), RunStore(root, "r1")
     for shard in r0.shards("images"):  # the same bytes on disk, not a second copy
         assert os.stat(r0.shard_path("images", shard)).st_ino == os.stat(r1.shard_path("images", shard)).st_ino
     assert all(r.status == "done" and r.extra["images_from"] == "r0" for r in r1.records("ingest"))
-    again = reuse_ingest(root, "r1", "r0")
-    assert again.skipped == again.shards == len(r0.records("ingest"))
+    again = ingest.run(RunStore(root, "r1"), IngestRequest(from_run="r0"))
+    assert again.shards_skipped == again.shards == len(r0.records("ingest"))
     with pytest.raises(ConfigError, match="run 'nothing' under .* has no finished ingest shards"):
-        reuse_ingest(root, "r2", "nothing")
+        ingest.run(RunStore(root, "r2"), IngestRequest(from_run="nothing"))
 
 
 def _images_rows(root, run):
@@ -250,17 +245,17 @@ def test_resume_after_killed_run_gives_the_same_rows(ray_local, small_world, tmp
     assert done_before, "the run was killed before any shard finished"
     assert len(done_before) < len(plan_shards(world["source"], 6, IngestConfig().columns)), "killed too late"
     config = IngestConfig(**FAST, shard_size=6)
-    resumed = ingest(world["source"], root, "killed", config, progress=False)
-    assert resumed.skipped == len(done_before)
-    ingest(world["source"], root, "straight", config, progress=False)
+    resumed = ingest.run(RunStore(root, "killed"), IngestRequest(world["source"], config=config, progress=False))
+    assert resumed.shards_skipped == len(done_before)
+    ingest.run(RunStore(root, "straight"), IngestRequest(world["source"], config=config, progress=False))
     assert _images_rows(root, "killed") == _images_rows(root, "straight")
     ids = [r[0] for r in _images_rows(root, "killed")] + RunStore(root, "killed").read_rejected("ingest").column("sample_id").to_pylist()
     assert len(ids) == len(set(ids)) == world["rows"]
     for record in RunStore(root, "killed").records("ingest"):
         assert record.status == "done" and record.rows_in == record.kept + record.rejected + record.failed
     # A rerun does no work.
-    again = ingest(world["source"], root, "killed", config, progress=False)
-    assert again.skipped == again.shards and Counter(again.reasons) == Counter(resumed.reasons)
+    again = ingest.run(RunStore(root, "killed"), IngestRequest(world["source"], config=config, progress=False))
+    assert again.shards_skipped == again.shards and (again.dropped, again.failed) == (resumed.dropped, resumed.failed)
 
 
 def _capfilt(*args):
@@ -284,12 +279,10 @@ def test_a_source_with_nothing_to_download_is_an_error_that_says_why(tmp_path):
 def test_a_run_that_keeps_little_names_its_top_reasons_and_their_fixes():
     from pipeline.ingest import IngestSummary
 
-    refused = IngestSummary(run_id="r", shards=1, skipped=0, rows_in=315, kept=0, rejected=315,
-                            reasons={"private_address": 315})
+    refused = IngestSummary(run_id="r", shards=1, rows_in=315, kept=0, dropped={"private_address": 315})
     assert refused.problem("s") == ("nothing of 315 rows kept (315 lost): 315 of 315 private_address: pass "
                                     "--allow-private-addresses to download from a local or private server")
-    mostly = IngestSummary(run_id="r", shards=1, skipped=0, rows_in=10, kept=3, failed=7,
-                           reasons={"timeout": 5, "http_503": 2})
+    mostly = IngestSummary(run_id="r", shards=1, rows_in=10, kept=3, failed={"timeout": 5, "http_503": 2})
     assert mostly.problem("s").startswith("only 3 of 10 rows kept (7 lost): 5 of 10 timeout: raise --timeout")
     assert "2 of 10 http_503: the server failed; rerun with --retry-failed" in mostly.problem("s")
-    assert IngestSummary(run_id="r", shards=1, skipped=0, rows_in=10, kept=9, failed=1).problem("s") is None
+    assert IngestSummary(run_id="r", shards=1, rows_in=10, kept=9, failed={"timeout": 1}).problem("s") is None

@@ -13,7 +13,8 @@ SCRIPT = textwrap.dedent("""
     import pipeline.ray_env  # noqa: F401
     import ray
     from ray.cluster_utils import Cluster
-    from pipeline.ingest import IngestConfig, ingest
+    from pipeline import ingest
+    from pipeline.ingest import IngestConfig, IngestRequest
     from pipeline.run_store import RunStore
 
     source, root = sys.argv[1], sys.argv[2]
@@ -32,7 +33,7 @@ SCRIPT = textwrap.dedent("""
 
     threading.Thread(target=remove_worker_after_first_shard, daemon=True).start()
     config = IngestConfig(shard_size=5, timeout=2.0, image_size=64, allow_private_addresses=True)
-    summary = ingest(source, root, "cluster", config, progress=False)
+    summary = ingest.run(store, IngestRequest(source, config=config, progress=False))
     records = [r.__dict__ for r in store.records("ingest")]
     print("RESULT " + json.dumps({"summary": summary.__dict__, "records": records, "removed": removed,
                                   "nodes_alive": sum(n["Alive"] for n in ray.nodes())}))
@@ -53,7 +54,7 @@ def test_node_removed_mid_stage_still_completes_with_exact_accounting(small_worl
     assert data["removed"], "the worker node was never removed"
     assert data["nodes_alive"] == 1
     summary = data["summary"]
-    assert summary["rows_in"] == world["rows"] == summary["kept"] + summary["rejected"] + summary["failed"]
+    assert summary["rows_in"] == world["rows"] == summary["kept"] + sum(summary["dropped"].values()) + sum(summary["failed"].values())
     assert summary["failed_shards"] == []
     for record in data["records"]:
         assert record["status"] == "done"

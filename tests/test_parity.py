@@ -408,7 +408,7 @@ def test_generate_presets_are_lavis_decoding_and_explicit_options_win(official, 
 
 def test_eval_preset_lavis_and_the_rerank_score():
     from model.recipes import EVAL_PRESETS, preset_values
-    from pipeline.evaluate import rerank
+    from pipeline.metrics import rerank
 
     defaults = dict(rerank_k=16, rerank_score="itm+itc", num_beams=3, max_length=30, min_length=1)
     none = dict.fromkeys(defaults)

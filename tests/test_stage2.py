@@ -18,6 +18,7 @@ from stage2_world import make_blip2_vision, make_gpt2_without_pad, make_opt, mak
 from capfilt.cli import main as cli_main
 from capfilt.errors import ConfigError
 from model.captioners import Decoding, load_captioner
+from model.convert import export_blip2
 from model.stage2 import (
     Blip2Stage2,
     Stage2Batches,
@@ -26,7 +27,6 @@ from model.stage2 import (
     Stage2Objective,
     TextLayout,
     build_model,
-    export_blip2,
     split_point,
     train,
 )

@@ -7,7 +7,7 @@ import torch
 
 from capfilt.errors import ConfigError
 from model.qformer import QFormer, QFormerConfig
-from model.weights import capfilt_to_hf_retrieval, capfilt_to_lavis, hf_retrieval_to_capfilt, lavis_to_capfilt, load_into
+from model.convert import capfilt_to_hf_retrieval, capfilt_to_lavis, hf_retrieval_to_capfilt, lavis_to_capfilt, load_into
 
 VISION_WIDTH = 48
 

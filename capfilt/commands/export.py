@@ -21,10 +21,10 @@ def export():
 @click.option("--overwrite", is_flag=True, help="Replace <prefix>-*.tar files already in --out.")
 def webdataset(root, run_id, out, shard_size, prefix, overwrite):
     """Write <key>.jpg, <key>.txt (best caption) and <key>.json ({"caption": ..., "captions": [...]}) per curated image."""
-    from pipeline.export import WebDatasetExport, export_webdataset
+    from pipeline import export as export_stage
     from pipeline.run_store import RunStore
 
-    config = WebDatasetExport(out=out, shard_size=shard_size, prefix=prefix, overwrite=overwrite)
-    summary = export_webdataset(RunStore(root, run_id), config)
-    click.echo(summary.line(out))
+    config = export_stage.ExportConfig(out=out, shard_size=shard_size, prefix=prefix, overwrite=overwrite)
+    summary = export_stage.run(RunStore(root, run_id), config)
+    click.echo(summary.line())
     return summary

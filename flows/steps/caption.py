@@ -23,9 +23,9 @@ class CaptionStep:
         pass  # CaptionConfig checked its values; the captioner loads when the step runs
 
     def execute(self, say=print):
-        from pipeline.caption import run_caption
+        from pipeline import caption
         from pipeline.run_store import RunStore
 
-        summary = run_caption(RunStore(self.root, self.run), self.config)
+        summary = caption.run(RunStore(self.root, self.run), self.config)
         say(summary.line())
         return summary

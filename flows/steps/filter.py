@@ -69,9 +69,9 @@ class FilterStep:
             raise ConfigError("--rank-by itm needs --itm (an ITM model)")
         return select
 
-    def execute(self, say=print) -> dict:
-        from pipeline.filtering import run_filter
+    def execute(self, say=print):
+        from pipeline import filtering
         from pipeline.run_store import RunStore
 
-        return run_filter(RunStore(self.root, self.run), self.score, self.dedup, self.select_config(),
-                          from_run=self.from_run, say=say)
+        config = filtering.FilterConfig(self.score, self.dedup, self.select_config(), from_run=self.from_run)
+        return filtering.run(RunStore(self.root, self.run), config, say=say)

@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from capfilt.errors import CapfiltError, ConfigError
+from capfilt.errors import CapfiltError
 from flows.steps import warn
 from pipeline.configs import Option, negate
-from pipeline.ingest import IngestConfig, read_blocklist
+from pipeline.ingest import IngestConfig, IngestRequest
+from pipeline.ingest_policy import read_blocklist
 
 
 @dataclass(frozen=True)
@@ -34,20 +35,20 @@ class IngestStep:
     progress: bool = True
 
     def __post_init__(self):
-        if bool(self.source) == bool(self.from_run):
-            raise ConfigError("give either --source (download a URL source) or --from-run (reuse a run's downloads)")
+        self.request()  # either a source or a run to reuse
+
+    def request(self) -> IngestRequest:
+        return IngestRequest(source=self.source, from_run=self.from_run, config=self.config,
+                             retry_failed=self.retry_failed, progress=self.progress)
 
     def check(self, will_exist: tuple[str, ...] = ()) -> None:
         pass  # the source is listed when the step runs (it may be where only a cluster sees it)
 
     def execute(self, say=print):
-        from pipeline.ingest import ingest, reuse_ingest
+        from pipeline import ingest
+        from pipeline.run_store import RunStore
 
-        if self.from_run:
-            summary = reuse_ingest(self.root, self.run, self.from_run)
-        else:
-            summary = ingest(self.source, self.root, self.run, self.config, retry_failed=self.retry_failed,
-                             progress=self.progress)
+        summary = ingest.run(RunStore(self.root, self.run), self.request())
         say(summary.line())
         problem = summary.problem(self.source or f"run {self.from_run}")
         if problem and summary.kept == 0:
