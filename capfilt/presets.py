@@ -54,7 +54,7 @@ def blip2_preset() -> Preset:
         round0_filter={**clip, "itm": "Salesforce/blip2-itm-vit-g", "policy": "blip2", "top-k": 2},
         caption={"num-captions": 10, "prompt": "a photo of"},
         filter={**clip, "policy": "blip2", "top-k": 2},
-        calibrated_filter={**clip, "policy": "calibrated", "estimate-prior": True},
+        calibrated_filter={**clip, "policy": "calibrated"},
         # the finetuned ITM and the CLIP calibrated on the same held-out pairs; the filter thresholds
         # whichever reaches the target precision with more recall (pipeline/calibrate.py choose)
         finetune_filter={**clip},
@@ -90,9 +90,7 @@ def toy_preset(toy_dir: str, quick: bool = False) -> Preset:
         # duplicates by design, and dropping them would make the rounds' training sets differ.
         filter={"clip": clip_spec, "policy": "blip2", "rank-by": "itm", "top-k": 1 if quick else 2,
                 "no-semantic-dedup": True},
-        # A threshold per caption source at its own estimated share of matches: a captioner's nucleus
-        # samples match less often than the web's alt-text (pipeline/calibrate.py estimate_prior).
-        calibrated_filter={"clip": clip_spec, "policy": "calibrated", "estimate-prior": True, "no-semantic-dedup": True},
+        calibrated_filter={"clip": clip_spec, "policy": "calibrated", "no-semantic-dedup": True},
         # a synthetic world's annotated set is 10% of it: 16 finetuning images in the --quick world.
         # The finetuned ITM and the frozen CLIP are calibrated on the same held-out pairs and the
         # filter uses whichever reaches the precision with more recall (--filter-score best).

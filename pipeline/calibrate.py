@@ -121,106 +121,25 @@ def _pick(curve, target: float) -> tuple[float | None, float | None, float | Non
     return best["threshold"], best["precision"], best["recall"]
 
 
-def _share_at_or_above(values: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    values = np.sort(np.asarray(values, np.float64))
-    return (len(values) - np.searchsorted(values, thresholds, side="left")) / len(values)
-
-
-def curve_of(positive: np.ndarray, negative: np.ndarray, kinds: dict | None = None) -> tuple:
-    """(threshold, recall, fpr) at every distinct score, thresholds descending; keep = score >= threshold.
-    `kinds` ({kind: mismatched scores}) adds each kind's own rate as `fpr_<kind>`."""
-    positive, negative = np.asarray(positive, np.float64), np.asarray(negative, np.float64)
+def curve_of(positive: np.ndarray, negative: np.ndarray) -> tuple:
+    """(threshold, recall, fpr) at every distinct score, thresholds descending; keep = score >= threshold."""
+    positive, negative = np.sort(np.asarray(positive, np.float64)), np.sort(np.asarray(negative, np.float64))
     if len(positive) == 0 or len(negative) == 0:
         raise ConfigError("calibration needs matched and mismatched pairs; the held-out part is too small "
                           "(raise --holdout-fraction or give more annotated images).")
     thresholds = np.unique(np.concatenate([positive, negative]))[::-1]
-    columns = {"recall": _share_at_or_above(positive, thresholds), "fpr": _share_at_or_above(negative, thresholds)}
-    columns.update({f"fpr_{kind}": _share_at_or_above(v, thresholds) for kind, v in (kinds or {}).items() if len(v)})
-    return tuple({"threshold": float(t), **{k: float(v[i]) for k, v in columns.items()}} for i, t in enumerate(thresholds))
+    recall = (len(positive) - np.searchsorted(positive, thresholds, side="left")) / len(positive)
+    fpr = (len(negative) - np.searchsorted(negative, thresholds, side="left")) / len(negative)
+    return tuple({"threshold": float(t), "recall": float(r), "fpr": float(f)} for t, r, f in zip(thresholds, recall, fpr))
 
 
 def calibrate(positive, negative, target_precision: float = DEFAULT_TARGET_PRECISION,
-              match_prior: float = DEFAULT_MATCH_PRIOR, negatives: dict | None = None,
-              kinds: dict | None = None, **about) -> Calibration:
+              match_prior: float = DEFAULT_MATCH_PRIOR, negatives: dict | None = None, **about) -> Calibration:
     """A Calibration from matched (`positive`) and mismatched (`negative`) ITM scores; its threshold
-    is None when the target is out of reach (call `.check()` to raise the explaining error).
-    `kinds`: the mismatched scores by kind (random, hard), whose rates the curve also keeps."""
+    is None when the target is out of reach (call `.check()` to raise the explaining error)."""
     base = Calibration(None, target_precision, None, None, match_prior, len(positive),
-                       negatives or {"all": len(negative)}, curve_of(positive, negative, kinds), **about)
+                       negatives or {"all": len(negative)}, curve_of(positive, negative), **about)
     return base.at()
-
-
-def _mixture_weights(passing: np.ndarray, components: list[np.ndarray]) -> np.ndarray:
-    """Non-negative weights summing to 1 whose mixture of the components' pass rates is closest (least
-    squares) to `passing`: the best over every face of the simplex (few components, so exhaustively)."""
-    from itertools import combinations
-
-    best, best_error = None, np.inf
-    n = len(components)
-    for size in range(1, n + 1):
-        for chosen in combinations(range(n), size):
-            base = components[chosen[-1]]  # weights of the others free, the last one 1 - their sum
-            if size == 1:
-                w = np.zeros(0)
-            else:
-                design = np.stack([components[i] - base for i in chosen[:-1]], axis=1)
-                w, *_ = np.linalg.lstsq(design, passing - base, rcond=None)
-            weights = np.zeros(n)
-            weights[list(chosen[:-1])] = w
-            weights[chosen[-1]] = 1.0 - w.sum()
-            if np.any(weights < -1e-12):
-                continue
-            error = float(np.sum((passing - sum(weights[i] * components[i] for i in range(n))) ** 2))
-            if error < best_error:
-                best, best_error = np.clip(weights, 0.0, 1.0), error
-    return best
-
-
-def estimate_prior(calibration: Calibration, scores) -> tuple[float, tuple, dict] | None:
-    """(the share of `scores` that match, the curve with the false-positive rate of their mismatches,
-    the mix of mismatch kinds) for `scores`, one caption source's scores of a run in the calibration's column; None without
-    scores or a curve.
-
-    The share of scores passing each threshold t is modelled as a mixture of the held-out pass
-    rates: p * recall(t) + (the rest) * fpr(t), where a curve that keeps each kind of mismatch apart
-    (random other captions, hard near-misses) lets the source's mismatches be any mix of the two: a
-    captioner's wrong samples are mostly near-misses, the web's noise often unrelated text. Weights
-    by least squares over the curve's thresholds (mixture-proportion estimation).
-
-    Captions of one source need not match as often as another's: most web alt-text may match while a
-    captioner's nucleus samples rarely get every detail right. A threshold picked with one stated
-    prior would then promise a precision the other source never reaches."""
-    values = np.asarray([s for s in scores if s is not None], np.float64)
-    if not len(values) or not calibration.curve:
-        return None
-    curve = calibration.curve
-    thresholds = np.asarray([r["threshold"] for r in curve])
-    kinds = sorted(k for k in curve[0] if k.startswith("fpr_")) or ["fpr"]
-    recall = np.asarray([r["recall"] for r in curve])
-    rates = [np.asarray([r[k] for r in curve]) for k in kinds]
-    weights = _mixture_weights(_share_at_or_above(values, thresholds), [recall, *rates])
-    bound = 1.0 / (len(values) + 1)  # never certain either way from a finite sample
-    prior = min(max(float(weights[0]), bound), 1.0 - bound)
-    rest = weights[1:].sum()
-    mix = weights[1:] / rest if rest > 0 else np.full(len(kinds), 1.0 / len(kinds))
-    fpr = sum(m * rate for m, rate in zip(mix, rates))
-    return prior, tuple({**r, "fpr": float(f)} for r, f in zip(curve, fpr)), {k[4:] if k != "fpr" else "all": float(m) for k, m in zip(kinds, mix)}
-
-
-def per_source(calibration: Calibration, scores_by_source: dict[str, list]) -> dict[str, Calibration]:
-    """One Calibration per caption source, each at its own estimated prior and mix of mismatches
-    (same held-out measurements, same target precision): a threshold per source. A source whose
-    prior cannot be estimated keeps the calibration as it is."""
-    out = {}
-    for source, scores in sorted(scores_by_source.items()):
-        found = estimate_prior(calibration, scores)
-        if found is None:
-            out[source] = calibration
-        else:
-            prior, curve, mix = found
-            extra = {**calibration.extra, "mismatch_mix": mix, "captions": len(scores)}
-            out[source] = replace(calibration, curve=curve, extra=extra).at(None, prior)
-    return out
 
 
 # -- pairs from held-out annotated images ---------------------------------------------------------
@@ -295,7 +214,6 @@ def calibrate_scores(score_fn, images, target_precision: float = DEFAULT_TARGET_
     extra["roc_auc_hard"] = roc_auc(scores["positive"], scores["hard"])
     return calibrate(scores["positive"], negative, target_precision, match_prior,
                      negatives={"random": len(scores["random"]), "hard": len(scores["hard"])},
-                     kinds={"random": scores["random"], "hard": scores["hard"]},
                      extra=extra, score=score, **about)
 
 

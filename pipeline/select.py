@@ -9,10 +9,7 @@ Per caption, checks run in this order and the first that fails is the reason it 
   blip               ITM match probability >= itm_threshold (a fixed number)   -> itm_below_threshold
   calibrated         the calibration's score (ITM match probability, or CLIP similarity where it
                      measured better) >= the threshold calibrated on a held-out clean set to a target
-                     precision (BLIP's filter, pipeline/calibrate.py) -> <itm|clip>_below_calibrated_threshold;
-                     with estimate_prior, a threshold per caption source at the share of matching
-                     captions estimated from the run's scores of that source (a source that cannot
-                     reach the precision -> <itm|clip>_precision_out_of_reach)
+                     precision (BLIP's filter, pipeline/calibrate.py) -> <itm|clip>_below_calibrated_threshold
                      (itm-calibrated: the same policy's earlier name)
   clip-threshold     CLIP score >= clip_threshold (DataComp)                   -> clip_below_threshold
   clip-top-fraction  CLIP score within the run's top fraction (DataComp)       -> clip_not_top_fraction
@@ -64,9 +61,6 @@ class SelectConfig:
     drop_degenerate: bool = True
     calibration: object | None = None  # pipeline.calibrate.Calibration, for calibrated
     caption_sources: tuple[str, ...] = CAPTION_SOURCES  # captions of other sources are dropped (ablation arms)
-    # calibrated: a threshold per caption source, each at the share of matching captions estimated
-    # from the run's own scores of that source (pipeline/calibrate.py estimate_prior)
-    estimate_prior: bool = False
 
     def __post_init__(self):
         unknown = [p for p in self.policies if p not in POLICIES]
@@ -90,8 +84,7 @@ class SelectConfig:
             if self.calibration is None:
                 raise ConfigError("--policy calibrated needs a calibration: --calibration PATH, or an --itm folder "
                                   "written by `capfilt finetune filter` (it holds calibration.json).")
-            if not self.estimate_prior:  # with it, a source out of reach keeps none (its own reason)
-                self.calibration.check()
+            self.calibration.check()
 
 
 # -- per-caption policies: small objects that keep (None) or drop with (reason, message) -----------
@@ -101,54 +94,31 @@ class CaptionPolicy:
     """One per-caption decision, DataTrove style: `decide(row)` is None (keep) or (reason, message)."""
 
     name: str
-    reason: str | Callable[[dict], str]  # a reason, or the row's reason
+    reason: str
     test: Callable[[dict], bool]  # True = keep
     message: Callable[[dict], str]
 
     def decide(self, row: dict) -> tuple[str, str] | None:
-        if self.test(row):
-            return None
-        return (self.reason(row) if callable(self.reason) else self.reason), self.message(row)
+        return None if self.test(row) else (self.reason, self.message(row))
 
 
 def _at_least(value, bound) -> bool:
     return value is not None and value >= bound
 
 
-def _calibrated_policy(name: str, default, by_source: dict) -> CaptionPolicy:
-    """BLIP's filter: the calibrated score at or above the threshold of the caption's source (its own
-    estimated prior) or, without one, the calibration's threshold. A source whose captions cannot reach
-    the target precision at any threshold keeps none."""
-    column = f"{default.score}_score"
-
-    def threshold(row):
-        return by_source.get(row.get("caption_source"), default).threshold
-
-    def message(row):
-        c = by_source.get(row.get("caption_source"), default)
-        prior = f"prior {c.match_prior:.3f}" + (f" estimated for {row['caption_source']} captions" if row.get("caption_source") in by_source else "")
-        if c.threshold is None:
-            return (f"no {c.score.upper()} threshold reaches precision {c.target_precision} with a {prior}; "
-                    f"lower --target-precision or improve the filter")
-        return (f"{c.score.upper()} {row[column]} < {c.threshold:.4f}, the threshold calibrated for precision "
-                f"{c.target_precision} (predicted {c.predicted_precision:.3f}, {prior})")
-
-    def reason(row):
-        return f"{default.score}_below_calibrated_threshold" if threshold(row) is not None else f"{default.score}_precision_out_of_reach"
-
-    return CaptionPolicy(name, reason, lambda r: threshold(r) is not None and _at_least(r[column], threshold(r)), message)
-
-
-def caption_policies(cfg: SelectConfig, top_fraction_cut: float | None = None, by_source: dict | None = None) -> list[CaptionPolicy]:
-    """The per-caption policies of `cfg`, in order (blip2's per-image top-k is applied after them);
-    `by_source`: calibrated's per-source calibrations (`estimate_prior`)."""
+def caption_policies(cfg: SelectConfig, top_fraction_cut: float | None = None) -> list[CaptionPolicy]:
+    """The per-caption policies of `cfg`, in order (blip2's per-image top-k is applied after them)."""
     out = []
     for policy in cfg.policies:
         if policy == "blip":
             out.append(CaptionPolicy(policy, "itm_below_threshold", lambda r: _at_least(r["itm_score"], cfg.itm_threshold),
                                      lambda r: f"ITM {r['itm_score']} < --itm-threshold {cfg.itm_threshold}"))
         elif policy in CALIBRATED:
-            out.append(_calibrated_policy(policy, cfg.calibration, by_source or {}))
+            cal, column = cfg.calibration, f"{cfg.calibration.score}_score"
+            out.append(CaptionPolicy(
+                policy, f"{cal.score}_below_calibrated_threshold", lambda r, t=cal.threshold: _at_least(r[column], t),
+                lambda r, c=cal: (f"{c.score.upper()} {r[column]} < {c.threshold:.4f}, the threshold calibrated for "
+                                  f"precision {c.target_precision} (predicted {c.predicted_precision:.3f}, prior {c.match_prior})")))
         elif policy == "clip-threshold":
             out.append(CaptionPolicy(policy, "clip_below_threshold", lambda r: _at_least(r["clip_score"], cfg.clip_threshold),
                                      lambda r: f"CLIP {r['clip_score']:.4f} < --clip-threshold {cfg.clip_threshold}"))
@@ -207,11 +177,10 @@ def _caption_reason(row: dict, cfg: SelectConfig) -> tuple[str, str] | None:
 
 
 def select_pairs(scores: pa.Table, images: pa.Table, duplicate_of: dict[str, str], cfg: SelectConfig,
-                 top_fraction_cut: float | None = None, by_source: dict | None = None) -> tuple[list[dict], list[dict]]:
+                 top_fraction_cut: float | None = None) -> tuple[list[dict], list[dict]]:
     """Decide every caption row of `scores`: (kept rows with rank, dropped rows with reason).
 
-    Pure: no I/O. `top_fraction_cut` is the run-wide CLIP cut for clip-top-fraction; `by_source` the
-    run-wide per-source calibrations (`source_calibrations`).
+    Pure: no I/O. `top_fraction_cut` is the run-wide CLIP cut for clip-top-fraction.
     """
     image_of = {r["sample_id"]: r for r in images.to_pylist()}
     # each check: row -> None (keep) or (reason, message); the first that drops a caption names why
@@ -220,7 +189,7 @@ def select_pairs(scores: pa.Table, images: pa.Table, duplicate_of: dict[str, str
         lambda row: _source_reason(row, cfg),
         lambda row: _metadata_reason(image_of.get(row["sample_id"], {}), cfg),
         lambda row: _caption_reason(row, cfg),
-        *(policy.decide for policy in caption_policies(cfg, top_fraction_cut, by_source)),
+        *(policy.decide for policy in caption_policies(cfg, top_fraction_cut)),
     ]
     kept_by_image: dict[str, list[dict]] = {}
     dropped: list[dict] = []
@@ -247,22 +216,6 @@ def select_pairs(scores: pa.Table, images: pa.Table, duplicate_of: dict[str, str
             else:
                 kept.append({**row, "rank": rank})
     return kept, dropped
-
-
-def source_calibrations(store: RunStore, cfg: SelectConfig, shards: list[str]) -> dict | None:
-    """calibrated + estimate_prior: {caption source: its Calibration at the prior estimated from
-    the run's own scores of that source}, over every scored shard (None otherwise)."""
-    if not (cfg.estimate_prior and cfg.calibration is not None and CALIBRATED & set(cfg.policies)):
-        return None
-    from pipeline.calibrate import per_source
-
-    column = f"{cfg.calibration.score}_score"
-    table = store.read("scores", SCORES, shards)
-    by_source: dict[str, list] = {}
-    for source, score in zip(table.column("caption_source").to_pylist(), table.column(column).to_pylist()):
-        if source in cfg.caption_sources:
-            by_source.setdefault(source, []).append(score)
-    return per_source(cfg.calibration, by_source)
 
 
 @dataclass(frozen=True)
@@ -339,20 +292,12 @@ def run(store: RunStore, cfg: SelectConfig, upstream: dict | None = None) -> Sel
     if "clip-top-fraction" in cfg.policies:
         cut = clip_cut(store.read("scores", SCORES, scored).column("clip_score").to_pylist(), cfg.clip_top_fraction)
         cfg_hash = config_hash({"hash": cfg_hash, "cut": cut})
-    by_source = source_calibrations(store, cfg, scored)
-    if by_source:
-        cfg_hash = config_hash({"hash": cfg_hash, "thresholds": {k: c.threshold for k, c in by_source.items()}})
     duplicate_of = {}
     if dedup is not None and dedup.status == "done":
         table = store.read_shard("dedup", "all", DEDUP)
         duplicate_of = dict(zip(table.column("sample_id").to_pylist(), table.column("duplicate_of").to_pylist()))
     prov = json.loads(provenance(store, cfg, score_hashes))
     prov.update(upstream or {})
-    if by_source:  # each source's estimated prior and the threshold it gets
-        prov["calibration_by_source"] = {k: {"match_prior": c.match_prior, "threshold": c.threshold,
-                                             "predicted_precision": c.predicted_precision,
-                                             "predicted_recall": c.predicted_recall,
-                                             "mismatch_mix": c.extra.get("mismatch_mix")} for k, c in by_source.items()}
     prov["root"] = store.root
     prov = _located(prov)
     prov_json = json.dumps(prov, sort_keys=True)
@@ -367,7 +312,7 @@ def run(store: RunStore, cfg: SelectConfig, upstream: dict | None = None) -> Sel
         store.start_shard(STAGE, shard, cfg_hash)
         scores = store.read_shard("scores", shard, SCORES)
         images = store.read_shard("images", shard, IMAGES)
-        kept, dropped = select_pairs(scores, images.drop_columns(["image"]), duplicate_of, cfg, cut, by_source)
+        kept, dropped = select_pairs(scores, images.drop_columns(["image"]), duplicate_of, cfg, cut)
         image_of = {r["sample_id"]: r for r in images.to_pylist()}
         # Each kept caption keeps its image's source metadata (licence, safety, size); the bytes
         # go once per image to curated_images/ (see schemas/curated.py).

@@ -157,9 +157,6 @@ def test_the_filter_command_reads_the_calibration_and_can_repick_the_precision(t
     assert looser.calibration.threshold == 0.5 and looser.calibration.target_precision == 0.7
     with pytest.raises(ConfigError, match="--itm some-itm: no calibration.json"):
         make("filter", {**options, "calibration": None})
-    assert make("filter", {**options, "estimate_prior": True}).select_config().estimate_prior
-    with pytest.raises(ConfigError, match="--estimate-prior and --match-prior"):
-        make("filter", {**options, "estimate_prior": True, "match_prior": 0.5}).select_config()
 
 
 def test_provenance_carries_the_threshold_and_a_sampled_curve():
@@ -237,83 +234,3 @@ def test_a_clip_calibration_thresholds_the_clip_score():
     assert policy.decide({"clip_score": 0.45, "itm_score": 0.0}) is None
     reason, message = policy.decide({"clip_score": 0.3, "itm_score": 1.0})
     assert reason == "clip_below_calibrated_threshold" and "CLIP 0.3 <" in message
-
-
-def test_each_sources_share_of_matches_is_estimated_from_its_own_scores():
-    from pipeline.calibrate import estimate_prior, per_source
-
-    rng = np.random.default_rng(0)
-    positive, negative = rng.normal(1.0, 0.5, 2000), rng.normal(-1.0, 0.5, 2000)
-    cal = calibrate(positive, negative, target_precision=0.9, match_prior=0.5)
-    for share in (0.05, 0.3, 0.8):  # a source's scores: that share drawn like matches, the rest like mismatches
-        matches = int(share * 1000)
-        scores = np.concatenate([rng.normal(1.0, 0.5, matches), rng.normal(-1.0, 0.5, 1000 - matches)])
-        assert estimate_prior(cal, scores)[0] == pytest.approx(share, abs=0.03)
-    assert estimate_prior(cal, [None]) is None
-    # a source that rarely matches needs a higher threshold for the same precision
-    rare = np.concatenate([rng.normal(1.0, 0.5, 50), rng.normal(-1.0, 0.5, 950)])
-    common = np.concatenate([rng.normal(1.0, 0.5, 700), rng.normal(-1.0, 0.5, 300)])
-    by_source = per_source(cal, {"synthetic": rare, "web": common})
-    assert by_source["synthetic"].threshold > cal.threshold > by_source["web"].threshold
-    assert by_source["synthetic"].match_prior < 0.1 and by_source["synthetic"].predicted_precision >= 0.9
-
-
-def test_a_sources_mismatches_may_be_mostly_near_misses_or_mostly_unrelated():
-    from pipeline.calibrate import estimate_prior, per_source
-
-    rng = np.random.default_rng(2)
-    positive, random, hard = rng.normal(2.0, 0.5, 2000), rng.normal(-2.0, 0.5, 2000), rng.normal(0.5, 0.5, 2000)
-    two_kinds = calibrate(positive, np.concatenate([random, hard]), kinds={"random": random, "hard": hard})
-    assert {"fpr_random", "fpr_hard"} <= set(two_kinds.curve[0])
-    near_misses = np.concatenate([rng.normal(2.0, 0.5, 100), rng.normal(0.5, 0.5, 900)])  # 10% match, the rest near
-    unrelated = np.concatenate([rng.normal(2.0, 0.5, 600), rng.normal(-2.0, 0.5, 400)])
-    prior, _, mix = estimate_prior(two_kinds, near_misses)
-    assert prior == pytest.approx(0.1, abs=0.03) and mix["hard"] > 0.95
-    prior, _, mix = estimate_prior(two_kinds, unrelated)
-    assert prior == pytest.approx(0.6, abs=0.03) and mix["random"] > 0.95
-    # near-misses need a higher threshold than the held-out half-and-half mix would suggest
-    by_source = per_source(two_kinds, {"synthetic": near_misses})
-    same_prior = two_kinds.at(None, by_source["synthetic"].match_prior)
-    assert by_source["synthetic"].threshold > same_prior.threshold
-    assert by_source["synthetic"].extra["mismatch_mix"]["hard"] > 0.95
-
-
-def test_a_threshold_per_caption_source_and_a_source_out_of_reach_keeps_none():
-    cal = calibrate([0.95, 0.9, 0.85, 0.8, 0.6], [0.99, 0.5, 0.3, 0.2, 0.1], target_precision=0.9)
-    cfg = SelectConfig(policies=("calibrated",), calibration=cal, estimate_prior=True)
-    by_source = {"web": cal.at(None, 0.9), "synthetic": cal.at(None, 0.1)}
-    assert by_source["web"].threshold == 0.1 and by_source["synthetic"].threshold is None
-    kept, dropped = select_pairs(scores_table(), IMAGES, {}, cfg, by_source=by_source)
-    assert sorted(r["caption_id"] for r in kept) == ["a#web", "b#web"]
-    reasons = {r["caption_id"]: (r["reason"], r["error_message"]) for r in dropped}
-    assert reasons["a#syn0"][0] == "itm_precision_out_of_reach"
-    assert "prior 0.100 estimated for synthetic captions" in reasons["a#syn0"][1]
-    assert len(kept) + len(dropped) == scores_table().num_rows
-
-
-def test_the_select_stage_estimates_each_sources_prior_from_the_run(tmp_path):
-    from caption_helpers import commit_image_shards
-
-    from pipeline.run_store import RunStore, ShardCounts
-    from pipeline.select import run
-    from schemas import CURATED
-
-    rng = np.random.default_rng(1)
-    cal = calibrate(rng.normal(1.0, 0.5, 500), rng.normal(-1.0, 0.5, 500), target_precision=0.9)
-    store = RunStore(str(tmp_path), "r")
-    commit_image_shards(store, {"s0": 200})
-    keys = ["sample_id", "caption_id", "caption_source", "caption", "clip_score", "itm_score"]
-    web = np.concatenate([rng.normal(1.0, 0.5, 160), rng.normal(-1.0, 0.5, 40)])  # 80% match
-    syn = np.concatenate([rng.normal(1.0, 0.5, 10), rng.normal(-1.0, 0.5, 190)])  # 5% match
-    rows = [(f"s0/{i}", f"s0/{i}#{src}", src, f"caption {i} {src}", 0.3, float(v))
-            for src, values in (("web", web), ("synthetic", syn)) for i, v in enumerate(values)]
-    table = SCORES.conform(pa.Table.from_pylist([dict(zip(keys, r)) for r in rows]))
-    store.commit_shard("score", "s0", "h", outputs={"scores": (SCORES, table)}, counts=ShardCounts(rows_in=400, kept=400))
-
-    summary = run(store, SelectConfig(policies=("calibrated",), calibration=cal, estimate_prior=True))
-    assert summary.rows_in == 400 and summary.kept + sum(summary.dropped.values()) == 400
-    provenance = json.loads(store.read("curated", CURATED).column("provenance")[0].as_py())
-    priors = {k: v["match_prior"] for k, v in provenance["calibration_by_source"].items()}
-    assert priors["web"] == pytest.approx(0.8, abs=0.1) and priors["synthetic"] == pytest.approx(0.05, abs=0.05)
-    thresholds = {k: v["threshold"] for k, v in provenance["calibration_by_source"].items()}
-    assert thresholds["synthetic"] is None or thresholds["synthetic"] > thresholds["web"]

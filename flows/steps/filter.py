@@ -50,8 +50,6 @@ class FilterStep:
         policies = self.select.get("policies", SelectConfig.policies)
         calibration = None
         calibrated = [p for p in policies if p in CALIBRATED]
-        if self.select.get("estimate_prior") and self.match_prior is not None:
-            raise ConfigError("--estimate-prior and --match-prior both say how many captions match; give one.")
         if calibrated:
             if not self.score.itm:
                 raise ConfigError(f"--policy {calibrated[0]} needs --itm (the finetuned filter)")
