@@ -210,7 +210,7 @@ def test_a_small_local_run_scores_in_the_driver_process_and_writes_what_ray_acto
 
 
 @pytest.mark.slow
-def test_filter_command_end_to_end(ray_local, tiny_scorers, tmp_path):
+def test_filter_command_end_to_end(ray_local, tiny_scorers, tmp_path, capsys):
     import duckdb
 
     from capfilt.cli import cli
@@ -222,7 +222,8 @@ def test_filter_command_end_to_end(ray_local, tiny_scorers, tmp_path):
     argv = ["filter", "--root", root, "--run", "f", "--clip", tiny_scorers["clip"], "--clip-config", tiny_scorers["clip_config"],
             "--clip-pretrained", tiny_scorers["clip_pretrained"], "--itm", tiny_scorers["itm"], "--policy", "blip2", "--top-k", "2",
             "--dedup-eps", "0.0"]
-    result = cli.main(args=argv, prog_name="capfilt", standalone_mode=False)
+    result = cli.main(args=[*argv, "--executor", "local"], prog_name="capfilt", standalone_mode=False)
+    assert "ran in the driver process, not on Ray actors (executor local)" in capsys.readouterr().out
     captions = store.read("captions", CAPTIONS).num_rows
     scored = store.read("scores", SCORES).num_rows
     failed = store.read_rejected("score").num_rows
