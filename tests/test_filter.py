@@ -187,6 +187,33 @@ def test_tiny_open_clip_loads_through_the_named_path(tiny_scorers):
         load_itm("/nonexistent/folder")
 
 
+def test_a_batch_preprocesses_each_image_once_for_itm_and_scores_as_pair_by_pair(tiny_scorers, tmp_path):
+    from model.scorers import load_clip, load_itm
+    from pipeline.caption import decode_image
+    from pipeline.score import score_pairs, shard_pairs
+
+    store = RunStore(str(tmp_path), "f")
+    commit_image_shards(store, {"s0": 3}, corrupt={"s0": (1,)})
+    commit_caption_shards(store, ["s0"])
+    pairs = shard_pairs(store.read_shard("images", "s0", IMAGES), store.read_shard("captions", "s0", CAPTIONS))
+    clip, itm = load_clip(tiny_scorers["clip"], tiny_scorers["clip_pretrained"]), load_itm(tiny_scorers["itm"])
+    processor, seen = itm.processor, []
+
+    def counting(images, **kwargs):
+        seen.append(len(images))
+        return processor(images=images, **kwargs)
+
+    itm.processor = counting
+    scored = score_pairs(pairs, clip, itm)
+    itm.processor = processor
+    assert seen == [2]  # 8 decodable pairs of 2 images: each image's pixels made once
+    ok = [i for i, e in enumerate(scored.column("error").to_pylist()) if e is None]
+    assert len(ok) == 8
+    blobs, texts = pairs.column("image").to_pylist(), pairs.column("caption").to_pylist()
+    alone = itm.match_probability([decode_image(blobs[i]) for i in ok], [texts[i] or "" for i in ok])
+    np.testing.assert_allclose(np.array(scored.column("itm_score").to_pylist())[ok].astype(np.float32), alone, atol=1e-6)
+
+
 def test_a_small_local_run_scores_in_the_driver_process_and_writes_what_ray_actors_write(ray_local, tiny_scorers, tmp_path):
     from pipeline.score import ScoreConfig, run_score
 
