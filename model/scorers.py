@@ -163,9 +163,8 @@ class HFItmScorer(ItmScorer):
     @torch.no_grad()
     def match_probability_of(self, images, image_of, texts):
         # Each distinct image is resized and normalised once, its pixels then repeated for each of
-        # its captions: BLIP's processor at 384 px takes about 40 ms an image on one core (64 pairs
-        # of 256 px images, 3 captions an image: 2.6 s for every pair's copy, 1.0 s for the 22 images), more
-        # than a GPU's whole ITM forward of the batch.
+        # its captions: BLIP's processor at 384 px takes milliseconds an image on a CPU core, and
+        # with 3 captions an image every pair's copy cost 2.6-7.5x each image once (benchmarks/score.py (d)).
         inputs = self.processor(images=images, text=[t or "" for t in texts], return_tensors="pt",
                                 padding=True, truncation=True, max_length=64)
         inputs["pixel_values"] = inputs["pixel_values"][torch.as_tensor(image_of, dtype=torch.long)]
