@@ -115,7 +115,8 @@ def test_curate_flow_embedded_records_counts_as_artifacts(prefect_harness, ray_l
     captioner = save_random_captioner(str(tmp_path / "captioner"))
     params = CurateParams(
         source=world["source"], root=str(tmp_path), run="flowrun",
-        ingest={"allow-private-addresses": True, "timeout": 2, "image-size": 64, "shard-size": 25},
+        # no retry passes: the world's slow and 500 rows would cost two more timeouts and backoffs
+        ingest={"allow-private-addresses": True, "timeout": 2, "image-size": 64, "shard-size": 25, "retries": 0},
         caption={"captioner": captioner, "num-captions": 2},
         filter={"clip": tiny_scorers["clip"], "clip-config": tiny_scorers["clip_config"],
                 "clip-pretrained": tiny_scorers["clip_pretrained"], "policy": "blip2", "top-k": 1},
