@@ -135,6 +135,12 @@ class ItmScorer(ABC):
     def match_probability(self, images: list[Image.Image], texts: list[str]) -> np.ndarray:
         """One probability per (images[i], texts[i]) pair."""
 
+    def match_probability_of(self, images: list[Image.Image], image_of: list[int], texts: list[str]) -> np.ndarray:
+        """One probability per (images[image_of[i]], texts[i]) pair: a batch whose captions share
+        images names each image once. A family that can prepare an image once for all its captions
+        overrides this."""
+        return self.match_probability([images[i] for i in image_of], texts)
+
 
 class HFItmScorer(ItmScorer):
     """transformers BlipForImageTextRetrieval / Blip2ForImageTextRetrieval with the ITM head."""
@@ -151,10 +157,17 @@ class HFItmScorer(ItmScorer):
         except (OSError, ValueError) as exc:
             raise ConfigError(f"--itm {id_or_path}: cannot load ({_first_line(exc)}).") from exc
 
-    @torch.no_grad()
     def match_probability(self, images, texts):
+        return self.match_probability_of(images, list(range(len(images))), texts)
+
+    @torch.no_grad()
+    def match_probability_of(self, images, image_of, texts):
+        # Each distinct image is resized and normalised once, its pixels then repeated for each of
+        # its captions: BLIP's processor at 384 px takes milliseconds an image on a CPU core, and
+        # with 3 captions an image every pair's copy cost 2.6-7.5x each image once (benchmarks/score.py (d)).
         inputs = self.processor(images=images, text=[t or "" for t in texts], return_tensors="pt",
                                 padding=True, truncation=True, max_length=64)
+        inputs["pixel_values"] = inputs["pixel_values"][torch.as_tensor(image_of, dtype=torch.long)]
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(inference_dtype(self.device))

@@ -86,14 +86,22 @@ class Stage1Scorer(ItmScorer):
         return self.model.text_features(*self._text(texts))
 
     @torch.no_grad()
-    def itm_scores(self, images: list, texts: list[str]) -> torch.Tensor:
-        """(N,) probability that image i (bytes or PIL image) matches text i."""
-        logits = self.model.itm_logits(self._tokens(images), *self._text(texts))
+    def itm_scores(self, images: list, texts: list[str], image_of: list[int] | None = None) -> torch.Tensor:
+        """(N,) probability that image i (bytes or PIL image) matches text i; with `image_of`, text
+        i's image is images[image_of[i]] (each image through the frozen encoder once)."""
+        tokens = self._tokens(images)
+        if image_of is not None:
+            tokens = tokens[torch.as_tensor(image_of, dtype=torch.long, device=tokens.device)]
+        logits = self.model.itm_logits(tokens, *self._text(texts))
         return logits.float().softmax(dim=1)[:, 1]
 
     def match_probability(self, images, texts) -> np.ndarray:
         """ItmScorer: the Filter stage's ITM score of each (images[i], texts[i])."""
         return self.itm_scores(images, [t or "" for t in texts]).cpu().numpy()
+
+    def match_probability_of(self, images, image_of, texts) -> np.ndarray:
+        """ItmScorer: each (images[image_of[i]], texts[i]); an image's captions share its encoding."""
+        return self.itm_scores(images, [t or "" for t in texts], image_of).cpu().numpy()
 
     @torch.no_grad()
     def retrieve_images(self, texts: list[str], images: list[bytes], k: int = 128) -> torch.Tensor:

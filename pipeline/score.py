@@ -76,7 +76,7 @@ def shard_pairs(images: pa.Table, captions: pa.Table) -> pa.Table:
 
 
 def score_pairs(pairs: pa.Table, clip, itm=None) -> pa.Table:
-    """Scores for a batch of pairs; each image is decoded and embedded once.
+    """Scores for a batch of pairs; each image is decoded, preprocessed and CLIP-embedded once.
 
     Returns the pair columns plus clip_score, itm_score, image_embedding and `error` (set, with
     scores null, when the image cannot be decoded).
@@ -106,7 +106,9 @@ def score_pairs(pairs: pa.Table, clip, itm=None) -> pa.Table:
             clip_scores[i] = float(np.dot(emb, text_emb[row]))
             embeddings[i] = emb.astype(np.float16)
         if itm is not None:
-            probs = itm.match_probability([decoded[sample_ids[i]] for i in ok], [texts[i] or "" for i in ok])
+            slot = {s: k for k, s in enumerate(good)}  # each decoded image given once, named by its pairs
+            probs = itm.match_probability_of([decoded[s] for s in good], [slot[sample_ids[i]] for i in ok],
+                                             [texts[i] or "" for i in ok])
             for row, i in enumerate(ok):
                 itm_scores[i] = float(probs[row])
     out = pairs.drop_columns(["image"])

@@ -11,6 +11,7 @@ import sys
 import time
 
 import pyarrow as pa
+import pyarrow.parquet  # noqa: F401  (pa.parquet)
 import pytest
 from caption_helpers import commit_image_shards, image_rows
 
@@ -160,22 +161,38 @@ def test_stage_captions_every_ingested_shard_accounts_for_every_image_and_rerun_
 
 
 def test_a_small_local_run_captions_in_the_driver_process_says_so_and_writes_what_ray_actors_write(
-    tmp_path, ray_local, tiny_folders
+    tmp_path, capsys, ray_local, tiny_folders
 ):
-    runs = {executor: RunStore(str(tmp_path / executor), "r") for executor in ("ray", "auto")}
-    summaries = {}
+    # through the CLI: `--executor ray`, the default (auto) and `--executor local`
+    runs = {executor: RunStore(str(tmp_path / executor), "r") for executor in ("ray", "auto", "local")}
+    lines = {}
     for executor, store in runs.items():
         commit_image_shards(store, {"a": 5, "b": 4}, corrupt={"b": (0,)})
-        summaries[executor] = caption_stage.run(store, CaptionConfig(captioner=tiny_folders["blip"], decoding=DECODING,
-                                                               batch_size=3, executor=executor))
+        chosen = [] if executor == "auto" else ["--executor", executor]
+        cli_main(["caption", "--root", str(tmp_path / executor), "--run", "r", "--captioner", tiny_folders["blip"],
+                  "--num-captions", "3", "--max-new-tokens", "10", "--min-new-tokens", "2", "--seed", "11",
+                  "--batch-size", "3", *chosen])
+        lines[executor] = capsys.readouterr().out.strip()
 
-    assert summaries["ray"].executor == "ray"
-    assert summaries["auto"].executor == "local"  # 4 batches: far below the small-run bound
-    assert "ran in the driver process, not on Ray actors (small run: 4 batch(es)" in summaries["auto"].line()
-    assert runs["auto"].read("captions", CAPTIONS).equals(runs["ray"].read("captions", CAPTIONS))
-    assert runs["auto"].read_rejected("caption").equals(runs["ray"].read_rejected("caption"))
-    assert [(r.shard, r.rows_in, r.kept, r.failed, r.rows_out) for r in runs["auto"].records("caption")] == \
-        [(r.shard, r.rows_in, r.kept, r.failed, r.rows_out) for r in runs["ray"].records("caption")]
+    assert "driver process" not in lines["ray"] and "9 images = 8 captioned + 0 dropped + 1 failed" in lines["ray"]
+    # 4 batches: far below the small-run bound
+    assert "ran in the driver process, not on Ray actors (small run: 4 batch(es)" in lines["auto"]
+    assert "ran in the driver process, not on Ray actors (executor local)" in lines["local"]
+    for executor in ("auto", "local"):
+        assert runs[executor].read("captions", CAPTIONS).equals(runs["ray"].read("captions", CAPTIONS))
+        assert runs[executor].read_rejected("caption").equals(runs["ray"].read_rejected("caption"))
+        assert [(r.shard, r.rows_in, r.kept, r.failed, r.rows_out) for r in runs[executor].records("caption")] == \
+            [(r.shard, r.rows_in, r.kept, r.failed, r.rows_out) for r in runs["ray"].records("caption")]
+
+
+def test_the_cli_refuses_an_unknown_executor_in_one_line(tmp_path, capsys):
+    from capfilt.commands.options import EXECUTORS
+    from pipeline.model_stage import EXECUTORS as STAGE_EXECUTORS
+
+    assert EXECUTORS == STAGE_EXECUTORS  # the CLI's choices are the driver's
+    code, out = run_cli(["caption", "--root", str(tmp_path), "--run", "r", "--captioner", "none", "--executor", "threads"],
+                        capsys)
+    assert code == 2 and "--executor" in out.err and "'threads' is not one of 'auto', 'ray', 'local'" in out.err
 
 
 def test_a_bad_executor_is_a_config_error():
@@ -274,3 +291,30 @@ def test_cli_prints_a_summary_whose_counts_add_up(tmp_path, capsys, ray_local, t
     line = capsys.readouterr().out.strip()
     assert "3 images = 2 captioned + 0 dropped + 1 failed (undecodable_image 1)" in line
     assert "10 caption rows = 2 web + 8 synthetic" in line
+
+
+def test_curate_hands_its_executor_to_the_caption_and_score_stages(tmp_path, monkeypatch):
+    import flows.steps
+    from capfilt.cli import cli
+
+    source = tmp_path / "source.parquet"
+    pa.parquet.write_table(pa.table({"URL": ["http://127.0.0.1:9/a.jpg"], "TEXT": ["a red circle"]}), source)
+    made = {}
+
+    def make(command, values, *args, **kwargs):
+        made[command] = step = real_make(command, values, *args, **kwargs)
+        return step
+
+    class Stop(Exception):
+        pass
+
+    def stop(self, say=print):
+        raise Stop
+
+    real_make = flows.steps.make
+    monkeypatch.setattr(flows.steps, "make", make)
+    monkeypatch.setattr(flows.steps.step_class("ingest"), "execute", stop)
+    with pytest.raises(Stop):
+        cli.main(args=["curate", "--source", str(source), "--root", str(tmp_path), "--run", "r", "--captioner", "none",
+                       "--clip", "ViT-B-32", "--executor", "local"], prog_name="capfilt", standalone_mode=False)
+    assert made["caption"].config.executor == made["filter"].score.executor == "local"

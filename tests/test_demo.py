@@ -25,6 +25,14 @@ SPAWN = re.compile(r'^(\d+)\s+(?:<\.\.\. )?(?:clone3?|fork|vfork)\b.*=\s+(\d+)$'
 # and the DNS lookup of metadata.google.internal. Nothing else may leave loopback.
 RAY_DASHBOARD = "ray/dashboard/dashboard.py"
 METADATA = "169.254.169.254"
+# Shorter than the quick preset's (Stage 1 100 steps and Stage 2 80 for each of round 0, round 1
+# and the oracle: about 6 of the test's 12.6 minutes on this 2-core machine; the evaluation's ITM
+# reranks the top 16 of 200 texts both ways for each of the 3 arms, its largest part): nothing
+# asserted below depends on how far the toy models train or how deep ITM reranks, and every step
+# still runs in the user's environment. Ingest without retry passes: the world's timed-out and
+# 500 rows would each cost two more timeouts and backoffs (about 10 s); test_ingest.py tests retries.
+QUICKER = ("stage1.steps=20", "stage1.itm-random-negative-steps=20", "stage1.warmup-steps=5", "stage2.steps=20",
+           "stage2.warmup-steps=5", "ingest.retries=0", "eval.rerank-k=5")
 
 
 def connections(trace: str) -> list[dict]:
@@ -90,7 +98,8 @@ def test_demo_quick_on_a_fresh_busy_machine_stays_offline_and_writes_the_report(
             demo = subprocess.Popen(["strace", "-f", "-qq", "-s", "256", "--seccomp-bpf", "-o", str(trace),
                                      "-e", "trace=connect,execve,clone,clone3,fork,vfork",
                                      str(Path(sys.executable).parent / "capfilt"), "demo", "--quick", "--root",
-                                     str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
+                                     str(tmp_path), *[a for s in QUICKER for a in ("--set", s)]],
+                                    env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
             for line in demo.stdout:
                 lines.append(line)
                 if line.startswith("Prefect: local server ready") and busy.poll() is None:

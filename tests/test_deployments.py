@@ -45,11 +45,13 @@ def test_prefect_yaml_deploys_and_a_deployment_run_curates_and_trains(small_worl
         assert names["nightly-incremental-curate"]["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
 
         # Run the bootstrap deployment on the synthetic world with a process worker: round 0 only
-        # (curate the raw pairs, pretrain the toy models, filter, train Stage 1 + 2), few steps.
+        # (curate the raw pairs, pretrain the toy models, filter, train Stage 1 + 2), few steps,
+        # ingest without retry passes (the world's slow and 500 rows would cost two more timeouts
+        # and backoffs; test_ingest.py tests retries).
         params = {"params": {
             "source": small_world["world"]["source"], "root": str(tmp_path / "root"), "run": "deployed",
             "rounds": 0, "preset": "toy", "quick": True, "evaluate": False,
-            "ingest": {"timeout": 2}, "stage1": {"steps": 20, "itm-random-negative-steps": 10},
+            "ingest": {"timeout": 2, "retries": 0}, "stage1": {"steps": 20, "itm-random-negative-steps": 10},
             "stage2": {"steps": 10},
         }}
         started = subprocess.run(

@@ -187,6 +187,33 @@ def test_tiny_open_clip_loads_through_the_named_path(tiny_scorers):
         load_itm("/nonexistent/folder")
 
 
+def test_a_batch_preprocesses_each_image_once_for_itm_and_scores_as_pair_by_pair(tiny_scorers, tmp_path):
+    from model.scorers import load_clip, load_itm
+    from pipeline.caption import decode_image
+    from pipeline.score import score_pairs, shard_pairs
+
+    store = RunStore(str(tmp_path), "f")
+    commit_image_shards(store, {"s0": 3}, corrupt={"s0": (1,)})
+    commit_caption_shards(store, ["s0"])
+    pairs = shard_pairs(store.read_shard("images", "s0", IMAGES), store.read_shard("captions", "s0", CAPTIONS))
+    clip, itm = load_clip(tiny_scorers["clip"], tiny_scorers["clip_pretrained"]), load_itm(tiny_scorers["itm"])
+    processor, seen = itm.processor, []
+
+    def counting(images, **kwargs):
+        seen.append(len(images))
+        return processor(images=images, **kwargs)
+
+    itm.processor = counting
+    scored = score_pairs(pairs, clip, itm)
+    itm.processor = processor
+    assert seen == [2]  # 8 decodable pairs of 2 images: each image's pixels made once
+    ok = [i for i, e in enumerate(scored.column("error").to_pylist()) if e is None]
+    assert len(ok) == 8
+    blobs, texts = pairs.column("image").to_pylist(), pairs.column("caption").to_pylist()
+    alone = itm.match_probability([decode_image(blobs[i]) for i in ok], [texts[i] or "" for i in ok])
+    np.testing.assert_allclose(np.array(scored.column("itm_score").to_pylist())[ok].astype(np.float32), alone, atol=1e-6)
+
+
 def test_a_small_local_run_scores_in_the_driver_process_and_writes_what_ray_actors_write(ray_local, tiny_scorers, tmp_path):
     from pipeline import score
     from pipeline.score import ScoreConfig
@@ -211,7 +238,7 @@ def test_a_small_local_run_scores_in_the_driver_process_and_writes_what_ray_acto
 
 
 @pytest.mark.slow
-def test_filter_command_end_to_end(ray_local, tiny_scorers, tmp_path):
+def test_filter_command_end_to_end(ray_local, tiny_scorers, tmp_path, capsys):
     import duckdb
 
     from capfilt.cli import cli
@@ -223,7 +250,8 @@ def test_filter_command_end_to_end(ray_local, tiny_scorers, tmp_path):
     argv = ["filter", "--root", root, "--run", "f", "--clip", tiny_scorers["clip"], "--clip-config", tiny_scorers["clip_config"],
             "--clip-pretrained", tiny_scorers["clip_pretrained"], "--itm", tiny_scorers["itm"], "--policy", "blip2", "--top-k", "2",
             "--dedup-eps", "0.0"]
-    result = cli.main(args=argv, prog_name="capfilt", standalone_mode=False)
+    result = cli.main(args=[*argv, "--executor", "local"], prog_name="capfilt", standalone_mode=False)
+    assert "ran in the driver process, not on Ray actors (executor local)" in capsys.readouterr().out
     captions = store.read("captions", CAPTIONS).num_rows
     scored = store.read("scores", SCORES).num_rows
     failed = store.read_rejected("score").num_rows

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from capfilt.commands.options import NEW_TOKENS, Command, root_option
+from capfilt.commands.options import NEW_TOKENS, Command, executor_option, root_option
 
 from model.decoding import Decoding
 
@@ -29,6 +29,7 @@ _DEFAULTS = Decoding()
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Images per generate call.")
 @click.option("--actors", type=int, default=None, help="Captioner actors (default: one per GPU, else one).")
 @click.option("--cpus-per-actor", type=int, default=1, show_default=True, help="CPU cores (torch threads on CPU) per actor.")
+@executor_option()
 def caption(**options):
     """Write captions/<shard>.parquet: each image's web caption plus N synthetic ones."""
     from flows.steps import make

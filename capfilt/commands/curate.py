@@ -43,7 +43,7 @@ def curate(source, root, run_id, shard_size, allow_private_addresses, image_size
                                   "allow_private_addresses": allow_private_addresses, "image_size": image_size,
                                   "timeout": timeout}),
         "caption": make("caption", {**where, "captioner": captioner, "num_captions": num_captions, "top_p": top_p,
-                                    "prompt": prompt, "seed": seed}),
+                                    "prompt": prompt, "seed": seed, "executor": filter_opts["executor"]}),
         "filter": make("filter", {**filter_opts, **where}, will_exist),
     }
     if annotated:  # before any download: a set that cannot reach the precision fails here

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from capfilt.commands.options import root_option
+from capfilt.commands.options import executor_option, root_option
 
 
 def filter_options(f):
@@ -44,6 +44,7 @@ def filter_options(f):
         click.option("--score-batch-size", type=int, default=64, show_default=True,
                      help="Image-caption pairs per CLIP/ITM forward pass."),
         click.option("--score-actors", type=int, help="Scoring actors (default: one per GPU, else one)."),
+        executor_option(),
     ]
     for option in reversed(options):
         f = option(f)

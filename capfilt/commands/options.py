@@ -7,6 +7,7 @@
 - `--out DIR`: the folder a command writes its outputs to (checkpoints, metrics, tars, a world).
 - `--stage1` / `--stage2 CKPT`: a Stage 1 / Stage 2 checkpoint a command reads.
 - `--max-new-tokens` / `--min-new-tokens`: the most / fewest tokens generated per caption.
+- `--executor auto|ray|local`: where a model-holding stage (caption, score) runs its batches.
 - `--quiet/-q` / `--verbose/-v`: how much a command logs; capfilt/cli.py adds them to every command.
 
 Old spellings keep parsing (scripts written against them still run): a command built with
@@ -21,10 +22,20 @@ import click
 ROOT_DEFAULT = "./data"
 # caption and eval said --max-length / --min-length for what generate (and transformers) call new tokens
 NEW_TOKENS = {"--max-length": "--max-new-tokens", "--min-length": "--min-new-tokens"}
+# pipeline/model_stage.py's EXECUTORS, spelled here so that --help imports no stage (a test keeps them equal)
+EXECUTORS = ("auto", "ray", "local")
 
 
 def root_option(help: str = "Data root (local path or fsspec URI) holding runs/<run>/."):
     return click.option("--root", default=ROOT_DEFAULT, show_default=True, help=help)
+
+
+def executor_option():
+    return click.option(
+        "--executor", type=click.Choice(EXECUTORS), default="auto", show_default=True,
+        help="Where the model runs its batches: ray (an actor pool, one shard per actor call), local (this "
+             "process, no Ray), auto (local for a small run on this machine: one actor, at most 64 batches, "
+             "no cluster; else ray).")
 
 
 def rename_options(args: list[str], renamed: dict[str, str], warn: bool = True) -> list[str]:
