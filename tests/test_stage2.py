@@ -229,8 +229,8 @@ def test_the_soft_prompt_carries_the_image_captions_name_each_images_color_and_s
     frozen LLM says what is in each image, which only the soft prompt can tell it."""
     t5 = make_t5(tmp_path / "t5", width=64, pretrain_steps=400)
     make_curated_run(tmp_path / "data", "r4", images=4, seed=3, captions_per_image=1)
-    cfg = config(world, tmp_path / "out", root=str(tmp_path / "data"), run="r4", llm="t5", steps=600, batch_size=4,
-                 warmup_steps=10, lr=3e-3, checkpoint_every=600)
+    cfg = config(world, tmp_path / "out", root=str(tmp_path / "data"), run="r4", llm="t5", steps=1000, batch_size=4,
+                 warmup_steps=10, lr=3e-3, checkpoint_every=1000)
     cfg.llm = t5
     result = train(cfg)
     gen = Stage2Generator.from_checkpoint(result["checkpoint"], device="cpu")
