@@ -234,3 +234,25 @@ def test_a_clip_calibration_thresholds_the_clip_score():
     assert policy.decide({"clip_score": 0.45, "itm_score": 0.0}) is None
     reason, message = policy.decide({"clip_score": 0.3, "itm_score": 1.0})
     assert reason == "clip_below_calibrated_threshold" and "CLIP 0.3 <" in message
+
+
+def test_swap_negatives_change_one_word_to_one_the_set_uses_in_that_place_and_the_image_never_does():
+    from pipeline.annotated import AnnotatedImage
+    from pipeline.calibrate import calibration_pairs
+
+    images = [AnnotatedImage("a", b"", ("a small red circle", "red circle, small")),
+              AnnotatedImage("b", b"", ("a small blue square", "blue square")),
+              AnnotatedImage("c", b"", ("a big green circle", "green circle"))]
+    pairs = calibration_pairs(images, seed=0)
+    own_words = [{w.strip(",") for c in im.captions for w in c.split()} for im in images]
+    for i, text in pairs["swap"]:
+        changed = [(old, new) for old, new in zip(min(images[i].captions, key=lambda c: sum(
+            a != b for a, b in zip(c.split(), text.split())) + abs(len(c.split()) - len(text.split()))).split(), text.split())
+            if old != new]
+        assert len(changed) == 1 and changed[0][1] not in own_words[i], (i, text)
+        assert text not in images[i].captions
+    swaps = {t for i, t in pairs["swap"] if i == 0}
+    assert swaps <= {"a small blue circle", "a small green circle", "a big red circle", "a small red square",
+                     "blue circle, small", "green circle, small", "red square, small"} and swaps
+    # one word is all there is to swap in a text without spaces: no swap, never an error
+    assert calibration_pairs([AnnotatedImage("x", b"", ("红色圆圈",)), AnnotatedImage("y", b"", ("蓝色方块",))])["swap"] == []
