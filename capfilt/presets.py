@@ -75,7 +75,10 @@ def toy_preset(toy_dir: str, quick: bool = False) -> Preset:
     # The Q-Former is qformer-toy (model/configs/): cross-attention in both of its 2 layers (BLIP-2
     # has it every other layer of 12): with the default every-other, ITM learned nothing in 600
     # steps on a 240-image world. The toy BERT has its sizes (ToyPreset.bert_*): Stage 1 starts from it.
-    stage1_steps, stage2_steps = (100, 80) if quick else (1000, 400)
+    # Stage 2 trains 1200 steps: at 400 the captioner was far from done (seed-0 demo world, 600
+    # held-out images, beam 3: attribute accuracy 0.685 / all five right 0.075 on the true captions,
+    # 0.475 on the raw pairs; at 1200 0.867 / 0.418 and 0.613; at 2400 0.894 / 0.513), about 40 s more.
+    stage1_steps, stage2_steps = (100, 80) if quick else (1000, 1200)
     return Preset(
         name="toy",
         ingest={"image-size": 64, "timeout": 3, "allow-private-addresses": True},

@@ -210,9 +210,14 @@ def test_toy_pretrain_on_a_separate_world_never_reads_the_run(tmp_path, monkeypa
             "--quick", "--world-images", "24"]
     main(argv)
     info = json.loads((tmp_path / "toy" / TOY_DONE).read_text())
-    world = tmp_path / "worlds" / "toy-pretrain-24-noise0.4-seed104729"
+    world = tmp_path / "worlds" / "toy-pretrain-24-noise0.4-seed104729-described"
     assert info["world"] == str(world) and (world / "world.json").exists()
-    assert info["counts"]["pairs"] >= 24 * 0.85  # empty captions left out
+    # the web pairs (empty captions left out) and the described images, once each, for the CLIP;
+    # every wording of the described images for the text pieces
+    assert info["counts"]["pairs"] >= 24 * 0.85 + 2
+    assert info["counts"]["texts"] == info["counts"]["pairs"] + 2 * 4
+    vocab = json.loads((tmp_path / "toy" / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"]
+    assert {"backdrop", "sits", "colored"} & set(vocab)  # words only the described images' captions use
     assert not (tmp_path / "runs").exists()  # the run was never read
     for part in ("tokenizer", "bert", "clip", "lm"):
         assert (tmp_path / "toy" / part).is_dir()

@@ -35,12 +35,17 @@ class ToyPretrainStep:
         if world_images:
             from pathlib import Path
 
-            from model.toy.world import pretraining_world, world_pairs
+            from model.toy.world import described_pairs, pretraining_world, world_pairs
 
             world = pretraining_world(Path(self.root) / "worlds" / f"toy-pretrain-{world_images}-noise{self.world_noise}"
-                                      f"-seed{self.world_seed}", world_images, self.world_seed, self.world_noise)
-            pairs = world_pairs(world)
-            info = pretrain_toy_pairs(pairs, self.out, preset, about={"world": str(world), "counts": {"pairs": len(pairs)}})
+                                      f"-seed{self.world_seed}-described", world_images, self.world_seed, self.world_noise)
+            described = described_pairs(world)
+            # the web pairs, each described image once (with its first wording) for the CLIP, and
+            # every wording for the text pieces
+            pairs = world_pairs(world) + [(image, captions[0]) for image, captions in described]
+            texts = [text for _, captions in described for text in captions[1:]]
+            info = pretrain_toy_pairs(pairs, self.out, preset, extra_texts=texts, about={
+                "world": str(world), "counts": {"pairs": len(pairs), "texts": len(pairs) + len(texts)}})
             what = f"pretraining world {world}"
         else:
             info = pretrain_toy(self.root, self.run, self.out, preset)

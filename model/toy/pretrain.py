@@ -87,7 +87,7 @@ def _vision_settings(preset: ToyPreset) -> dict:
 
 def pretrain_toy_pairs(pairs: Sequence[tuple[bytes, str]], out: str | Path, preset: ToyPreset = ToyPreset(),
                        about: dict | None = None, lm: bool = True,
-                       eval_pairs: Sequence[tuple[bytes, str]] | None = None) -> dict:
+                       eval_pairs: Sequence[tuple[bytes, str]] | None = None, extra_texts: Sequence[str] = ()) -> dict:
     """The toy pieces from (image bytes, caption) pairs into `out`; `about` says where the pairs came
     from and is what a rerun must match (with the preset) to reuse a complete folder. A folder made
     from the same pairs with other LM settings keeps its tokenizer, BERT and CLIP (minutes of
@@ -103,7 +103,7 @@ def pretrain_toy_pairs(pairs: Sequence[tuple[bytes, str]], out: str | Path, pres
     keep_lm = (same_pairs and lm and before.get("lm") is not None
                and _lm_settings(ToyPreset(**before["preset"])) == _lm_settings(preset))
     started = time.perf_counter()
-    texts = [caption for _, caption in pairs]
+    texts = [caption for _, caption in pairs] + list(extra_texts)  # the text pieces also read `extra_texts`
     if keep_vision:
         bert, clip_metrics = before["bert"], before["clip"]
     else:

@@ -350,14 +350,26 @@ def world_pairs(directory: str | Path) -> list[tuple[bytes, str]]:
             for r in truth if (r["web_caption"] or "").strip()]
 
 
-def pretraining_world(directory: str | Path, images: int, seed: int, noise: float = 0.4) -> Path:
+def pretraining_world(directory: str | Path, images: int, seed: int, noise: float = 0.4,
+                      described: float = 0.1) -> Path:
     """A world only the toy preset's frozen pieces pretrain on (the stand-in for the other, larger
-    web data real CLIPs and LLMs saw): made once, reused when already there."""
+    web data real CLIPs and LLMs saw): made once, reused when already there. `described` of its
+    size again are other images with clean captions in several wordings (a world's annotated set):
+    real frozen models read far more than one source's alt-text, and a tokenizer, BERT and LM that
+    never saw "backdrop" or "sits" cannot be finetuned on a human-written set that uses them."""
     directory = Path(directory)
     if not (directory / "world.json").exists():
         make_world(directory, WorldConfig(images=images, seed=seed, noise=noise, bad_urls_per_kind=0, duplicates=0,
-                                          annotated=0))
+                                          annotated=described))
     return directory
+
+
+def described_pairs(directory: str | Path) -> list[tuple[bytes, list[str]]]:
+    """(image bytes, its clean captions) of a world's annotated set; empty when it has none."""
+    path = Path(directory) / ANNOTATED_DIR / "annotated.parquet"
+    if not path.exists():
+        return []
+    return [(r["image"], list(r["captions"])) for r in pq.read_table(path, columns=["image", "captions"]).to_pylist()]
 
 
 def noise_ratio(ground_truth: pa.Table) -> float:
