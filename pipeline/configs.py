@@ -4,12 +4,13 @@ Every stage's settings are a frozen dataclass (IngestConfig, CaptionConfig, Stag
 `__post_init__` checks its values. A preset holds a typed partial config per stage (`field_values`:
 {dotted field path: value of the field's type}, checked when the preset is built); a
 `--set stage.field=value`, a flow's parameters file and the CLI's options replace fields of it by
-name, and `build` / `replace_fields` make the config. A name is a field (`top_k`), a field of a
-nested config found by its unique name (`num_captions` in a CaptionConfig is
-`decoding.num_captions`) or a dotted path (`decoding.seed`); from a user also a command-line
-spelling of it (`top-k`), and an `Option` in the caller's table renames or converts
-(`no-semantic-dedup` -> `dedup.semantic`, negated). An unknown name or a value of the wrong type is
-a ConfigError naming the stage and the field. `to_json` / `from_json` carry a config to a Ray job (flows/stage_job.py) and back, equal.
+name, and `build` / `replace_fields` make the config. A name is a field (`top_k`), a nested config
+or a field of one found by its unique name (`num_captions` in a CaptionConfig is
+`decoding.num_captions`; `decoding={...}` names several) or a dotted path (`decoding.seed`); from a
+user also a command-line spelling of it (`top-k`), and an `Option` in the caller's table renames or
+converts (`no-semantic-dedup` -> `dedup.semantic`, negated). An unknown name or a value of the wrong
+type is a ConfigError naming the stage and the field. `to_json` / `from_json` carry a config to a
+Ray job (flows/stage_job.py) and back, equal.
 
 Imports nothing above the bottom floor, so any floor may use it.
 """

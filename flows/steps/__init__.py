@@ -3,8 +3,9 @@
 A step is a frozen dataclass per command (`ingest`, `caption`, `filter`, `train stage1`, ...) holding
 the stage's own config objects (IngestConfig, CaptionConfig, Stage1Config, ...). `make` builds one
 from values by field name (a preset's `StepFields` with `--set stage.field=value` put over them, a
-flow's parameters, the CLI's options; see pipeline/configs.py), so its checks run before any work. `step.execute(say)` calls the
-stage function in this process; flows/stage_job.py runs the same step from its JSON in a Ray job.
+flow's parameters, the CLI's options; see pipeline/configs.py), so its checks run before any work.
+`step.execute(say)` calls the stage function in this process; flows/stage_job.py runs the same step
+from its JSON in a Ray job.
 
 The step classes live one module per stage and load on first use: a step's module imports its
 stage (and torch), which a `capfilt ingest` should not pay for.
