@@ -7,7 +7,7 @@ For each seed: the demo's world and a clean held-out world, two curated runs wri
 from the world (no ingest, no Ray: the same images the demo would ingest) - `raw` (every image
 with a non-empty web caption, as round 0's top-1 keeps) and `oracle` (true captions) - the toy
 encoder (pretrained on the raw pairs as the toy preset does, or with --pretrain-images N once on a
-separate pretraining world, as `capfilt toy pretrain --world-images N`), then `capfilt train stage1` with the toy preset's options and
+separate pretraining world, as `capfilt toy pretrain --world-images N`), then the `capfilt train stage1` step with the toy preset's fields and
 `capfilt eval --heldout` on each. Set OMP_NUM_THREADS=1 on shared cores. Prints held-out text->image R@1/R@5 (ITM rerank), the standard
 error of R@1 and the wall time of each piece; writes <root>/testbed.json.
 """
@@ -63,18 +63,6 @@ def heldout_pairs(world_dir: Path, n: int = 200) -> list[tuple[bytes, str]]:
     return [((world_dir / "files" / f"{r['image_index']:06d}.jpg").read_bytes(), r["true_caption"]) for r in truth]
 
 
-def cli_flags(options: dict) -> list[str]:
-    """{"steps": 5, "no-augment": True} -> ["--steps", "5", "--no-augment"]: what a user types."""
-    argv: list[str] = []
-    for name, value in options.items():
-        flag = "--" + name.replace("_", "-")
-        if value is True:
-            argv.append(flag)
-        elif value is not False and value is not None:
-            argv += [flag, str(value)]
-    return argv
-
-
 def capfilt(*argv: str) -> float:
     started = time.perf_counter()
     subprocess.run(["capfilt", *argv], check=True, stdout=subprocess.DEVNULL)
@@ -98,6 +86,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from capfilt.presets import toy_preset
+    from flows.steps import make
     from model.toy.preset import ToyPreset
     from model.toy.pretrain import pretrain_toy_pairs
     from model.toy.world import NOISE_KINDS, WorldConfig, make_world
@@ -136,13 +125,11 @@ def main() -> None:
             info = pretrain_toy_pairs(raw_pairs(world_dir), toy_dir, preset, lm=False,
                                       eval_pairs=heldout_pairs(heldout_dir))
         times["toy_pretrain"] = time.perf_counter() - t
-        stage1 = dict(toy_preset(str(toy_dir)).stage1)
         # the preset's rule: uniform ITM negatives all run (--stage1 itm-random-negative-steps=200: hard after 200)
-        stage1.update({"steps": args.stage1_steps, "itm-random-negative-steps": args.stage1_steps})
-        for item in args.stage1_sets:
-            k, v = item.split("=", 1)
-            stage1[k] = v
-        negatives = f"rn{stage1['itm-random-negative-steps']}"
+        stage1 = toy_preset(str(toy_dir)).stage1.replace(
+            {"steps": args.stage1_steps, "itm_random_negative_steps": args.stage1_steps})
+        stage1 = stage1.replace(dict(item.split("=", 1) for item in args.stage1_sets))
+        negatives = f"rn{stage1.values['config.itm_random_negative_steps']}"
         row = {"seed": seed, "toy": str(toy_dir), "clip": {k: v for k, v in info.get("clip", {}).items() if k in ("eval", "loss_last", "seconds")}, "times": times}
         for arm in args.arms.split(","):
             run = f"{arm}-s{seed}-{args.images}-{args.noise}"
@@ -151,8 +138,10 @@ def main() -> None:
             out = root / "models" / (f"{run}-{tag}-st{args.stage1_steps}-{negatives}-"
                                      + "-".join(s.replace("=", "") for s in args.stage1_sets))
             if not (out / "eval.json").exists():
-                times[f"{arm}_stage1"] = capfilt("train", "stage1", "--root", str(root), "--run", run, "--out",
-                                                 str(out / "stage1"), *cli_flags(stage1))
+                t = time.perf_counter()  # the `capfilt train stage1` step, in this process
+                step = make("train stage1", {**stage1.values, "root": str(root), "run": run, "out": str(out / "stage1")})
+                step.execute(say=lambda line: None)
+                times[f"{arm}_stage1"] = time.perf_counter() - t
                 times[f"{arm}_eval"] = capfilt("eval", "--root", str(root), "--run", run, "--stage1", str(out / "stage1"),
                                                "--heldout", str(heldout_dir), "--max-images", str(args.heldout),
                                                "--out", str(out))  # writes out/eval.json

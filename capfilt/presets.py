@@ -1,9 +1,11 @@
-"""Presets: the stage options of a bootstrap, as data.
+"""Presets: the stage settings of a bootstrap, as typed data.
 
-A preset fills every stage's options for `capfilt bootstrap`, by field name or the CLI's option
-name; the flow builds each stage's typed config from them (flows/steps/: IngestConfig,
-CaptionConfig, Stage1Config, ...), and options a user passes (`--set stage.field=value`) override
-it. `blip2` names the real models of the papers (hub ids and open_clip tags).
+A preset holds, per stage, a typed partial config: some fields of the stage's step (flows/steps/:
+its IngestConfig, CaptionConfig, FilterConfig's parts, Stage1Config, ...) by their Python names,
+each name and value checked against the step class when the preset is built (a typo is a
+ConfigError naming the preset, the stage and the field). The flow puts what a user passes
+(`--set stage.field=value`, field name or option spelling) over it and builds each step from it.
+`blip2` names the real models of the papers (hub ids and open_clip tags).
 `toy` is the BLIP-2 recipe in miniature for a laptop without internet: its frozen pieces (text
 tokenizer, a small masked-LM BERT, a small CLIP, a small causal LM) are first trained from scratch by
 `capfilt toy pretrain` on a separate synthetic pretraining world (`--quick`: on the source's raw web
@@ -12,11 +14,12 @@ pairs), into `<root>/models/<run>-toy/`, and every later stage points there.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 
 from capfilt.errors import ConfigError
-
-Options = dict[str, str | int | float | bool | None]
+from flows.steps import StepFields
+from model.factory import architecture
 
 # Layout written by `capfilt toy pretrain --out DIR` (model/toy/pretrain.py): the preset refers to it.
 TOY_TOKENIZER = "tokenizer"
@@ -26,41 +29,58 @@ TOY_LM = "lm"
 TOY_PRETRAIN_WORLD_IMAGES = 3000
 
 
+def _stage(command: str):
+    """A preset field holding some fields of `command`'s step (given as a mapping, checked in __post_init__)."""
+    return field(default_factory=dict, metadata={"command": command})
+
+
 @dataclass(frozen=True)
 class Preset:
+    """Each stage's fields by name, e.g. `filter={"top_k": 2, "dedup": {"semantic": False}}`; built
+    into StepFields, checked against the stage's step class."""
+
     name: str
-    ingest: Options = field(default_factory=dict)
-    round0_caption: Options = field(default_factory=dict)  # round 0: no model of our own yet
-    round0_filter: Options = field(default_factory=dict)
-    caption: Options = field(default_factory=dict)  # rounds >= 1: captioner = previous round's Stage 2
-    filter: Options = field(default_factory=dict)  # rounds >= 1: ITM = previous round's Stage 1
+    ingest: StepFields = _stage("ingest")
+    round0_caption: StepFields = _stage("caption")  # round 0: no model of our own yet
+    round0_filter: StepFields = _stage("filter")
+    caption: StepFields = _stage("caption")  # rounds >= 1: captioner = previous round's Stage 2
+    filter: StepFields = _stage("filter")  # rounds >= 1: ITM = previous round's Stage 1
     # rounds >= 1 with an annotated set (BLIP's recipe): every caption kept when the finetuned
-    # filter's ITM probability reaches its calibrated threshold (--itm is the finetuned filter)
-    calibrated_filter: Options = field(default_factory=dict)
-    finetune_filter: Options = field(default_factory=dict)  # `capfilt finetune filter` options
-    finetune_captioner: Options = field(default_factory=dict)  # `capfilt finetune captioner` options
-    stage1: Options = field(default_factory=dict)
-    stage2: Options = field(default_factory=dict)
-    pretrain: Options | None = None  # `capfilt toy pretrain` options, for presets that need it
+    # filter's ITM probability reaches its calibrated threshold (itm is the finetuned filter)
+    calibrated_filter: StepFields = _stage("filter")
+    finetune_filter: StepFields = _stage("finetune filter")
+    finetune_captioner: StepFields = _stage("finetune captioner")
+    stage1: StepFields = _stage("train stage1")
+    stage2: StepFields = _stage("train stage2")
+    pretrain: StepFields | None = field(default=None, metadata={"command": "toy pretrain"})  # presets that need it
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            command = f.metadata.get("command")
+            if command and isinstance(value, Mapping):
+                object.__setattr__(self, f.name, StepFields.of(command, value, f"preset {self.name}, {f.name}", cli=False))
+            elif command and value is not None and value.command != command:
+                raise ConfigError(f"preset {self.name}, {f.name}: fields of {value.command!r}, not of {command!r}.")
 
 
 def blip2_preset() -> Preset:
     """The papers' models: BLIP-large captioner, ViT-L-14 CLIP, blip2-itm-vit-g, EVA ViT-g, OPT-2.7B."""
-    clip = {"clip": "ViT-L-14", "clip-pretrained": "openai"}
+    clip = {"clip": "ViT-L-14", "clip_pretrained": "openai"}
     return Preset(
         name="blip2",
-        ingest={"image-size": 364, "shard-size": 10_000},
-        round0_caption={"captioner": "Salesforce/blip-image-captioning-large", "num-captions": 10},
-        round0_filter={**clip, "itm": "Salesforce/blip2-itm-vit-g", "policy": "blip2", "top-k": 2},
-        caption={"num-captions": 10, "prompt": "a photo of"},
-        filter={**clip, "policy": "blip2", "top-k": 2},
-        calibrated_filter={**clip, "policy": "calibrated"},
+        ingest={"image_size": 364, "shard_size": 10_000},
+        round0_caption={"captioner": "Salesforce/blip-image-captioning-large", "num_captions": 10},
+        round0_filter={**clip, "itm": "Salesforce/blip2-itm-vit-g", "policies": ("blip2",), "top_k": 2},
+        caption={"num_captions": 10, "prompt": "a photo of"},
+        filter={**clip, "policies": ("blip2",), "top_k": 2},
+        calibrated_filter={**clip, "policies": ("calibrated",)},
         # the finetuned ITM and the CLIP calibrated on the same held-out pairs; the filter thresholds
         # whichever reaches the target precision with more recall (pipeline/calibrate.py choose)
         finetune_filter={**clip},
-        stage1={"vision": "open_clip:EVA01-g-14@laion400m_s11b_b41k", "model-config": "qformer-base", "steps": 250_000,
-                "batch-size": 64},
-        stage2={"llm": "facebook/opt-2.7b", "steps": 80_000, "batch-size": 64},
+        stage1={"vision": "open_clip:EVA01-g-14@laion400m_s11b_b41k", "model": architecture("qformer-base"),
+                "steps": 250_000, "batch_size": 64},
+        stage2={"llm": "facebook/opt-2.7b", "steps": 80_000, "batch_size": 64},
     )
 
 
@@ -79,33 +99,34 @@ def toy_preset(toy_dir: str, quick: bool = False) -> Preset:
     # held-out images, beam 3: attribute accuracy 0.685 / all five right 0.075 on the true captions,
     # 0.475 on the raw pairs; at 1200 0.867 / 0.418 and 0.613; at 2400 0.894 / 0.513), about 40 s more.
     stage1_steps, stage2_steps = (100, 80) if quick else (1000, 1200)
+    no_semantic_dedup = {"semantic": False}
     return Preset(
         name="toy",
-        ingest={"image-size": 64, "timeout": 3, "allow-private-addresses": True},
+        ingest={"image_size": 64, "timeout": 3, "allow_private_addresses": True},
         round0_caption={"captioner": "none"},
         # Raw web pairs: exact duplicates and empty captions go, nothing is judged by a model.
-        round0_filter={"clip": clip_spec, "policy": "blip2", "top-k": 1, "no-semantic-dedup": True},
-        caption={"num-captions": 2 if quick else 4, "top-p": 0.9, "max-new-tokens": 16, "min-new-tokens": 4},
+        round0_filter={"clip": clip_spec, "policies": ("blip2",), "top_k": 1, "dedup": no_semantic_dedup},
+        caption={"num_captions": 2 if quick else 4, "top_p": 0.9, "max_length": 16, "min_length": 4},
         # CapFilt with the previous round's models: an image's web + synthetic captions ranked by
         # that round's Stage 1 ITM, the best kept. Ranking, not an absolute threshold: a young
         # model's ITM probabilities sit near its prior, and a threshold would keep nothing.
         # Semantic dedup off: a synthetic world's scenes with the same attributes are near
         # duplicates by design, and dropping them would make the rounds' training sets differ.
-        filter={"clip": clip_spec, "policy": "blip2", "rank-by": "itm", "top-k": 1 if quick else 2,
-                "no-semantic-dedup": True},
-        calibrated_filter={"clip": clip_spec, "policy": "calibrated", "no-semantic-dedup": True},
+        filter={"clip": clip_spec, "policies": ("blip2",), "rank_by": "itm", "top_k": 1 if quick else 2,
+                "dedup": no_semantic_dedup},
+        calibrated_filter={"clip": clip_spec, "policies": ("calibrated",), "dedup": no_semantic_dedup},
         # a synthetic world's annotated set is 10% of it: 16 finetuning images in the --quick world.
         # The finetuned ITM and the frozen CLIP are calibrated on the same held-out pairs and the
         # filter uses whichever reaches the precision with more recall (--filter-score best).
-        finetune_filter={"batch-size": 16, "clip": clip_spec},
-        finetune_captioner={"batch-size": 16},
+        finetune_filter={"batch_size": 16, "clip": clip_spec},
+        finetune_captioner={"batch_size": 16},
         stage1={"vision": f"open_clip:{clip_spec}", "tokenizer": f"{toy_dir}/{TOY_TOKENIZER}", "bert": f"{toy_dir}/{TOY_BERT}",
-                "model-config": "qformer-toy", "steps": stage1_steps, "batch-size": 32, "lr": 2e-3,
-                "warmup-steps": 20, "itm-random-negative-steps": stage1_steps, "no-augment": True,
-                "cache-features": True, "log-every": 10, "checkpoint-every": 100},
-        stage2={"llm": f"{toy_dir}/{TOY_LM}", "steps": stage2_steps, "batch-size": 32, "lr": 2e-3,
-                "warmup-steps": 20, "no-augment": True, "cache-features": True, "log-every": 10,
-                "checkpoint-every": 100},
+                "model": architecture("qformer-toy"), "steps": stage1_steps, "batch_size": 32, "lr": 2e-3,
+                "warmup_steps": 20, "itm_random_negative_steps": stage1_steps, "augment": False,
+                "cache_features": True, "log_every": 10, "checkpoint_every": 100},
+        stage2={"llm": f"{toy_dir}/{TOY_LM}", "steps": stage2_steps, "batch_size": 32, "lr": 2e-3,
+                "warmup_steps": 20, "augment": False, "cache_features": True, "log_every": 10,
+                "checkpoint_every": 100},
         # Full: the frozen pieces pretrain on a separate 3000-image world (made once under the
         # root, as real frozen models saw other, larger data), with a 256-pair CLIP batch
         # (ToyPreset.world). Testbed, seed 0: raw vs oracle held-out R@1 0.067 vs 0.233, where

@@ -6,17 +6,14 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from flows.steps import StepFields, make
 from pipeline.run_store import _RUN_ID, RUN_ID_RULE
 
-# A stage's options in a parameters file or a preset are {name: value}, by field name (top_k) or
-# the CLI's spelling (top-k); flows/steps/ builds the stage's typed config from them, checked.
-OptionValue = str | int | float | bool | None
-
-
-def _make(command: str, values: dict, will_exist: tuple[str, ...] = ()):
-    from flows.steps import make
-
-    return make(command, values, will_exist)
+# A stage's options in a parameters file are {name: value}, by field name (top_k), dotted field path
+# (select.top_k) or the CLI's spelling (top-k); flows/steps/ builds the stage's typed config from
+# them, checked. A bootstrap hands its curate and train subflows a preset's typed fields by path,
+# whose values may be lists (policies) or objects (a Q-Former architecture).
+OptionValue = str | int | float | bool | None | list | dict
 
 
 class Execution(BaseModel):
@@ -61,13 +58,13 @@ class CurateParams(BaseModel):
         """Each stage's typed step, checked, in the order the flow runs them."""
         where = {"root": self.root, "run": self.run}
         if self.images_from:  # a later bootstrap round: round 0's images, not a second download
-            stages = {"ingest": _make("ingest", {"from_run": self.images_from, **where})}
+            stages = {"ingest": make("ingest", {"from_run": self.images_from, **where})}
         else:
-            stages = {"ingest": _make("ingest", {**self.ingest, "source": self.source, **where, "progress": False})}
+            stages = {"ingest": make("ingest", {**self.ingest, "source": self.source, **where, "progress": False})}
         if self.caption is not None:
-            stages["caption"] = _make("caption", {**self.caption, **where})
+            stages["caption"] = make("caption", {**self.caption, **where})
         if self.filter is not None:
-            stages["filter"] = _make("filter", {**self.filter, **where}, will_exist)
+            stages["filter"] = make("filter", {**self.filter, **where}, will_exist)
         return stages
 
     @property
@@ -120,9 +117,9 @@ class TrainParams(BaseModel):
         this flow trains."""
         stage1_out = _join(self.models, "stage1")
         where = {"root": self.root, "run": self.run}
-        steps = {"stage1": _make("train stage1", {**self.stage1, **where, "out": stage1_out})}
+        steps = {"stage1": make("train stage1", {**self.stage1, **where, "out": stage1_out})}
         if self.stage2 is not None:
-            steps["stage2"] = _make("train stage2", {**self.stage2, **where, "stage1": stage1_out,
+            steps["stage2"] = make("train stage2", {**self.stage2, **where, "stage1": stage1_out,
                                                      "out": _join(self.models, "stage2")}, (self.models,))
         return steps
 
@@ -131,7 +128,8 @@ class BootstrapParams(BaseModel):
     """Parameters of the `bootstrap` flow: round 0 on the raw source, then CapFilt rounds.
 
     Runs are `<run>-r0`, `<run>-r1`, ...; models go to `<root>/models/<run>-r<k>/stage1|stage2`.
-    A preset fills every stage's options; the dicts here override single options of it.
+    A preset gives each stage's typed fields; the dicts here replace single fields of it by name (the field's or
+    the CLI's spelling), checked as typed.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -187,30 +185,28 @@ class BootstrapParams(BaseModel):
 
         return get_preset(self.preset, self.toy_dir, self.quick)
 
-    def round_params(self, k: int) -> tuple[CurateParams, dict[str, OptionValue], TrainParams]:
-        """Round k: (curate params without filter, filter options, train params)."""
+    def round_params(self, k: int) -> tuple[CurateParams, StepFields, TrainParams]:
+        """Round k: (curate params without filter, the filter's fields, train params)."""
         preset = self.preset_options()
         run = self.round_run(k)
         if k == 0:
-            caption = {**preset.round0_caption, **self.round0_caption}
-            filter_options = {**preset.round0_filter, **self.round0_filter}
-        elif self.annotated:  # BLIP: the finetuned captioner and the calibrated, finetuned filter
+            caption = preset.round0_caption.replace(self.round0_caption)
+            filter_fields = preset.round0_filter.replace(self.round0_filter)
+        else:  # BLIP with an annotated set: the finetuned captioner and the calibrated, finetuned filter
             previous = self.models(self.round_run(k - 1))
-            caption = {**preset.caption, "captioner": _join(previous, FINETUNED_CAPTIONER), **self.caption}
-            filter_options = {**preset.calibrated_filter, "itm": _join(previous, FINETUNED_FILTER), **self.filter}
-        else:
-            previous = self.models(self.round_run(k - 1))
-            caption = {**preset.caption, "captioner": _join(previous, "stage2"), **self.caption}
-            filter_options = {**preset.filter, "itm": _join(previous, "stage1"), **self.filter}
-        curate = CurateParams(source=self.source, root=self.root, run=run, ingest={**preset.ingest, **self.ingest},
-                              images_from=self.round_run(0) if k else None, caption=caption, filter=None,
+            captioner, itm = (FINETUNED_CAPTIONER, FINETUNED_FILTER) if self.annotated else ("stage2", "stage1")
+            caption = preset.caption.replace({"captioner": _join(previous, captioner)}).replace(self.caption)
+            filter_fields = (preset.calibrated_filter if self.annotated else preset.filter)
+            filter_fields = filter_fields.replace({"itm": _join(previous, itm)}).replace(self.filter)
+        curate = CurateParams(source=self.source, root=self.root, run=run, ingest=preset.ingest.replace(self.ingest).values,
+                              images_from=self.round_run(0) if k else None, caption=caption.values, filter=None,
                               execution=self.execution)
-        return curate, filter_options, self.train_params(run)
+        return curate, filter_fields, self.train_params(run)
 
     def train_params(self, run: str) -> TrainParams:
         preset = self.preset_options()
-        stage2 = None if self.stage2 is None else {**preset.stage2, **self.stage2}
-        return TrainParams(root=self.root, run=run, out=self.models(run), stage1={**preset.stage1, **self.stage1},
+        stage2 = None if self.stage2 is None else preset.stage2.replace(self.stage2).values
+        return TrainParams(root=self.root, run=run, out=self.models(run), stage1=preset.stage1.replace(self.stage1).values,
                            stage2=stage2, execution=self.execution)
 
     @property
@@ -225,22 +221,22 @@ class BootstrapParams(BaseModel):
             return {}
         preset = self.preset_options()
         previous = self.models(self.round_run(k - 1))
-        steps = {f"finetune-filter-r{k}": _make("finetune filter", {
-            **preset.finetune_filter, **self.finetune_filter, "annotated": self.annotated,
+        steps = {f"finetune-filter-r{k}": make("finetune filter", {
+            **preset.finetune_filter.replace(self.finetune_filter).values, "annotated": self.annotated,
             "stage1": _join(previous, "stage1"), "out": _join(previous, FINETUNED_FILTER)}, self.will_exist)}
         if self.stage2 is not None:
-            steps[f"finetune-captioner-r{k}"] = _make("finetune captioner", {
-                **preset.finetune_captioner, **self.finetune_captioner, "annotated": self.annotated,
+            steps[f"finetune-captioner-r{k}"] = make("finetune captioner", {
+                **preset.finetune_captioner.replace(self.finetune_captioner).values, "annotated": self.annotated,
                 "stage2": _join(previous, "stage2"), "out": _join(previous, FINETUNED_CAPTIONER)}, self.will_exist)
         return steps
 
     def filter_step(self, k: int):
-        _, options, _ = self.round_params(k)
-        return _make("filter", {**options, "root": self.root, "run": self.round_run(k)}, self.will_exist)
+        _, filter_fields, _ = self.round_params(k)
+        return make("filter", {**filter_fields.values, "root": self.root, "run": self.round_run(k)}, self.will_exist)
 
     # BLIP's Table 1 arms besides raw (round 0) and capfilt (round 1): {arm: what round 1's filter becomes}.
     # Each arm takes round 1's captions and scores (`filter --from-run`) and only selects differently.
-    ABLATION_ARMS: ClassVar[dict[str, dict[str, OptionValue]]] = {"captioner": {"policy": "none"}, "filter": {"caption-sources": "web"}}
+    ABLATION_ARMS: ClassVar[dict[str, dict]] = {"captioner": {"policies": ("none",)}, "filter": {"caption_sources": ("web",)}}
 
     def ablation_run(self, arm: str) -> str:
         return f"{self.run}-{arm}"
@@ -249,10 +245,10 @@ class BootstrapParams(BaseModel):
         """An arm's ingest (round 0's images), its filter step (round 1's captions and scores, its own
         selection) and its training (the same budget as every arm)."""
         run = self.ablation_run(arm)
-        _, options, _ = self.round_params(1)
+        _, filter_fields, _ = self.round_params(1)
         curate = CurateParams(source=self.source, root=self.root, run=run, images_from=self.round_run(0),
                               caption=None, filter=None, execution=self.execution)
-        step = _make("filter", {**options, **self.ABLATION_ARMS[arm], "root": self.root, "run": run,
+        step = make("filter", {**filter_fields.replace(self.ABLATION_ARMS[arm]).values, "root": self.root, "run": run,
                                 "from_run": self.round_run(1)}, self.will_exist)
         return curate, step, self.train_params(run)
 
@@ -260,14 +256,14 @@ class BootstrapParams(BaseModel):
         pretrain = self.preset_options().pretrain
         if pretrain is None:
             return None
-        return _make("toy pretrain", {**pretrain, "root": self.root, "run": self.round_run(0)})
+        return make("toy pretrain", {**pretrain.values, "root": self.root, "run": self.round_run(0)})
 
     @property
     def oracle_run(self) -> str:
         return f"{self.run}-oracle"
 
     def oracle_step(self):
-        return _make("synth oracle", {"truth": self.truth, "root": self.root, "from_run": self.round_run(0),
+        return make("synth oracle", {"truth": self.truth, "root": self.root, "from_run": self.round_run(0),
                                       "run": self.oracle_run})
 
     def eval_step(self, run: str):
@@ -282,7 +278,7 @@ class BootstrapParams(BaseModel):
             values["heldout"] = self.heldout
         if self.truth and run != self.oracle_run:  # the oracle run has no scores to judge
             values["truth"] = self.truth
-        return _make("eval", values, self.will_exist)
+        return make("eval", values, self.will_exist)
 
 
 def describe_errors(exc: Exception) -> str:

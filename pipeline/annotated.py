@@ -64,25 +64,6 @@ def fingerprint(images: list[AnnotatedImage]) -> str:
 
 # -- reading -------------------------------------------------------------------------------------
 
-def _files(path: str) -> tuple[object, list[str]]:
-    import fsspec
-
-    try:
-        fs, root = fsspec.core.url_to_fs(path)
-    except (ValueError, ImportError) as exc:
-        raise ConfigError(f"--annotated {path}: cannot open this location ({exc}); give a local path or an fsspec URI.") from exc
-    if not fs.exists(root):
-        raise ConfigError(f"--annotated {path}: no such file or folder; give the annotated Parquet/JSONL file or its folder.")
-    if fs.isdir(root):
-        files = sorted(p for p in fs.find(root) if p.endswith(SUFFIXES) and not p.rsplit("/", 1)[-1].startswith((".", "_")))
-        if not files:
-            raise ConfigError(f"--annotated {path}: a folder without .parquet or .jsonl files; point at the annotated set.")
-        return fs, files
-    if not root.endswith(SUFFIXES):
-        raise ConfigError(f"--annotated {path}: expected a .parquet or .jsonl file (or a folder of them).")
-    return fs, [root]
-
-
 def _rows(fs, file: str) -> list[dict]:
     if file.endswith(".parquet"):
         import pyarrow.parquet as pq
@@ -160,7 +141,9 @@ def _check_decodes(data: bytes, where: str) -> None:
 
 def read_annotated(path: str) -> AnnotatedSet:
     """Read and validate an annotated set; ConfigError (one line: file, row, fix) on bad input."""
-    fs, files = _files(str(path))
+    from pipeline.run_store import list_files
+
+    fs, _, files = list_files(str(path), SUFFIXES, "--annotated", "the annotated Parquet/JSONL file or its folder")
     order: list[str] = []
     images: dict[str, tuple[bytes, list[str], str]] = {}
     for file in files:

@@ -1,13 +1,16 @@
 """Typed configs as data: build one from field values, replace fields by name, and carry it as JSON.
 
 Every stage's settings are a frozen dataclass (IngestConfig, CaptionConfig, Stage1Config, ...) whose
-`__post_init__` checks its values. A preset, a `--set stage.field=value`, a flow's parameters file
-and the CLI's options all reach one through `build` / `replace_fields`: a name is a field (`top_k`),
-a command-line spelling of it (`top-k`), a field of a nested config found by its unique name
-(`num_captions` in a CaptionConfig is `decoding.num_captions`) or a dotted path (`decoding.seed`);
-an `Option` in the caller's table renames or converts (`no-semantic-dedup` -> `dedup.semantic`,
-negated). An unknown name or a value of the wrong type is a ConfigError naming the stage and the
-field. `to_json` / `from_json` carry a config to a Ray job (flows/stage_job.py) and back, equal.
+`__post_init__` checks its values. A preset holds a typed partial config per stage (`field_values`:
+{dotted field path: value of the field's type}, checked when the preset is built); a
+`--set stage.field=value`, a flow's parameters file and the CLI's options replace fields of it by
+name, and `build` / `replace_fields` make the config. A name is a field (`top_k`), a nested config
+or a field of one found by its unique name (`num_captions` in a CaptionConfig is
+`decoding.num_captions`; `decoding={...}` names several) or a dotted path (`decoding.seed`); from a
+user also a command-line spelling of it (`top-k`), and an `Option` in the caller's table renames or
+converts (`no-semantic-dedup` -> `dedup.semantic`, negated). An unknown name or a value of the wrong
+type is a ConfigError naming the stage and the field. `to_json` / `from_json` carry a config to a
+Ray job (flows/stage_job.py) and back, equal.
 
 Imports nothing above the bottom floor, so any floor may use it.
 """
@@ -106,10 +109,41 @@ def field_names(cls: type, options: Mapping[str, Option] | None = None) -> list[
     return sorted(names)
 
 
+def field_values(cls: type, values: Mapping[str, Any], where: str, options: Mapping[str, Option] | None = None,
+                 cli: bool = True) -> dict[str, Any]:
+    """A typed partial `cls`: {dotted field path: value of that field's type} from values by name, each
+    name found in `cls` and each value checked against its field's type; a nested config given as a
+    mapping of its fields is checked field by field. Merge two with `{**a, **b}` (the later wins field
+    by field) and `build` a `cls` from the result. `cli=False` takes only the fields' own names (a
+    preset's, in Python spelling): no `top-k`, no `--no-x`, no entry of `options`."""
+    out: dict[str, Any] = {}
+    for name, path, value in _resolved(cls, values, where, options or {}, cli):
+        hint, sub = _field_at(cls, path)
+        if sub is not None and isinstance(value, Mapping):
+            out |= {f"{path}.{p}": v for p, v in field_values(sub, value, where, cli=cli).items()}
+        else:
+            out[path] = _coerce(value, hint, path.rsplit(".", 1)[-1], where, cli)
+    return out
+
+
 def _tree(cls: type, values: Mapping[str, Any], where: str, options: Mapping[str, Option]) -> dict:
     """{"a.b": 1, "c": 2} by resolved path -> {"a": {"b": 1}, "c": 2}."""
     tree: dict = {}
+    for _, path, value in _resolved(cls, values, where, options, cli=True):
+        node = tree
+        *parents, leaf = path.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def _resolved(cls: type, values: Mapping[str, Any], where: str, options: Mapping[str, Option], cli: bool):
+    """(name, dotted field path, value) of each named value, an option's conversion applied."""
     for name, value in values.items():
+        if not cli:
+            yield name, _resolve(cls, str(name), name, where, {}, cli), value
+            continue
         key = str(name).replace("-", "_").lstrip("_")
         option = options.get(key)
         if option is not None:
@@ -125,25 +159,21 @@ def _tree(cls: type, values: Mapping[str, Any], where: str, options: Mapping[str
             path, value = _resolve(cls, key[3:], name, where, options), negate(value)
         else:
             path = _resolve(cls, key, name, where, options)
-        node = tree
-        *parents, leaf = path.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
+        yield name, path, value
 
 
-def _resolve(cls: type, key: str, name: str, where: str, options: Mapping[str, Option]) -> str:
-    leaves = _leaves(cls)
-    if key in leaves or key in _hints(cls):
+def _resolve(cls: type, key: str, name: str, where: str, options: Mapping[str, Option], cli: bool = True) -> str:
+    paths = _leaves(cls, nodes=True)
+    if key in paths:
         return key
-    matches = [path for path in leaves if path.rsplit(".", 1)[-1] == key]
+    matches = [path for path in paths if path.rsplit(".", 1)[-1] == key]
     if len(matches) == 1:
         return matches[0]
     if len(matches) > 1:
         raise ConfigError(at(where, f"{name!r} is ambiguous; name one of {', '.join(matches)}."))
-    names = [n.replace("_", "-") for n in field_names(cls, options) if "." not in n]
-    close = difflib.get_close_matches(key.replace("_", "-"), names, n=1)
+    spell = (lambda n: n.replace("_", "-")) if cli else (lambda n: n)
+    names = [spell(n) for n in field_names(cls, options) if "." not in n]
+    close = difflib.get_close_matches(spell(key), names, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     raise ConfigError(at(where, f"unknown field {name!r}{hint}; known fields: {', '.join(names)}."))
 
@@ -151,24 +181,32 @@ def _resolve(cls: type, key: str, name: str, where: str, options: Mapping[str, O
 def _is_flag(cls: type, key: str) -> bool:
     """`key` names exactly one true/false field of `cls` (or of a config nested in it)."""
     matches = [path for path in _leaves(cls) if path == key or path.rsplit(".", 1)[-1] == key]
-    return len(matches) == 1 and _leaf_hint(cls, matches[0]) is bool
+    return len(matches) == 1 and _field_at(cls, matches[0])[0] is bool
 
 
-def _leaf_hint(cls: type, path: str):
+def _field_at(cls: type, path: str) -> tuple[Any, type | None]:
+    """The type hint of the field at a dotted path, and the config class it holds (or whose fields a
+    shaped dict holds), else None."""
     *parents, leaf = path.split(".")
     for part in parents:
-        f = next(f for f in fields(cls) if f.name == part)
-        cls = _config_type(_hints(cls)[part]) or f.metadata.get(SHAPE)
-    return _hints(cls)[leaf]
+        cls = _nested(cls, part)
+    return _hints(cls)[leaf], _nested(cls, leaf)
 
 
-def _leaves(cls: type, prefix: str = "") -> list[str]:
-    """Dotted paths of every non-config field, nested configs (and shaped dicts) walked into."""
+def _nested(cls: type, name: str) -> type | None:
+    f = next(f for f in fields(cls) if f.name == name)
+    return _config_type(_hints(cls)[name]) or f.metadata.get(SHAPE)
+
+
+def _leaves(cls: type, prefix: str = "", nodes: bool = False) -> list[str]:
+    """Dotted paths of every non-config field, nested configs (and shaped dicts) walked into; with
+    `nodes` the nested configs' own paths too."""
     out = []
     for f in fields(cls):
-        sub = _config_type(_hints(cls)[f.name]) or f.metadata.get(SHAPE)
+        sub = _nested(cls, f.name)
         if sub is not None:
-            out += _leaves(sub, f"{prefix}{f.name}.")
+            out += [prefix + f.name] if nodes else []
+            out += _leaves(sub, f"{prefix}{f.name}.", nodes)
         else:
             out.append(prefix + f.name)
     return out
@@ -239,12 +277,12 @@ def _union_args(hint: Any) -> tuple:
     return (hint,)
 
 
-def _coerce(value: Any, hint: Any, name: str, where: str) -> Any:
+def _coerce(value: Any, hint: Any, name: str, where: str, cli: bool = True) -> Any:
     """`value` as the field's type; strings (a `--set` value JSON could not read) are parsed."""
     try:
         return _convert(value, hint)
     except (TypeError, ValueError) as exc:
-        label = name.replace("_", "-")
+        label = name.replace("_", "-") if cli else name
         raise ConfigError(at(where, f"{label}={value!r} is not {_describe(hint)} ({exc}).")) from None
 
 

@@ -20,7 +20,8 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from capfilt.errors import CapfiltError, ConfigError
+from capfilt.errors import CapfiltError
+from pipeline.run_store import list_files
 from schemas import SOURCE, SourceColumns, to_canonical
 
 SOURCE_SUFFIXES = (".parquet", ".csv", ".jsonl", ".json")
@@ -52,27 +53,10 @@ def _safe(name: str) -> str:
 
 def list_source_files(source: str) -> list[tuple[fsspec.AbstractFileSystem, str, str]]:
     """(fs, path, name) of every source file under `source` (a file or a folder), sorted."""
-    try:
-        fs, root = fsspec.core.url_to_fs(source)
-    except (ValueError, ImportError) as exc:
-        raise ConfigError(f"--source {source!r}: cannot open this location ({exc}).") from exc
-    if not fs.exists(root):
-        raise ConfigError(f"--source {source}: no such file or folder.")
-    if fs.isdir(root):
-        paths = sorted(
-            p for p in fs.find(root)
-            if p.endswith(SOURCE_SUFFIXES) and not PurePosixPath(p).name.startswith((".", "_"))
-        )
-        if not paths:
-            raise ConfigError(
-                f"--source {source}: the folder holds no {', '.join(SOURCE_SUFFIXES)} files."
-            )
-        names = [str(PurePosixPath(p).relative_to(root).with_suffix("")) for p in paths]
-    else:
-        if not root.endswith(SOURCE_SUFFIXES):
-            raise ConfigError(f"--source {source}: expected a {', '.join(SOURCE_SUFFIXES)} file or a folder of them.")
-        paths, names = [root], [PurePosixPath(root).stem]
-    return [(fs, p, n) for p, n in zip(paths, names)]
+    fs, root, paths = list_files(source, SOURCE_SUFFIXES, "--source", "a LAION-style Parquet/CSV/JSONL file or a folder of them")
+    if paths == [root]:  # a file
+        return [(fs, root, PurePosixPath(root).stem)]
+    return [(fs, p, str(PurePosixPath(p).relative_to(root).with_suffix(""))) for p in paths]
 
 
 def read_source_file(fs: fsspec.AbstractFileSystem, path: str, columns: SourceColumns, where: str) -> pa.Table:

@@ -115,6 +115,34 @@ def check_run_id(run_id: str) -> str:
     return run_id
 
 
+def open_location(location: str, option: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path) of a local path or fsspec URI given as `option`; one line if it cannot be opened."""
+    try:
+        return fsspec.core.url_to_fs(location)
+    except (ValueError, ImportError) as exc:
+        raise ConfigError(f"{option} {location!r}: cannot open this location ({exc}); give a local path or an "
+                          f"fsspec URI.") from exc
+
+
+def list_files(location: str, suffixes: tuple[str, ...], option: str, what: str
+               ) -> tuple[fsspec.AbstractFileSystem, str, list[str]]:
+    """(filesystem, path of `location`, the files): `location` itself when it is a file, else every file
+    under it ending in one of `suffixes` (hidden and `_` files left out), sorted. A missing location, an
+    empty folder or another kind of file is one line naming `option`, with `what` to give instead."""
+    fs, root = open_location(location, option)
+    kinds = ", ".join(suffixes)
+    if not fs.exists(root):
+        raise ConfigError(f"{option} {location}: no such file or folder; give {what}.")
+    if not fs.isdir(root):
+        if not root.endswith(suffixes):
+            raise ConfigError(f"{option} {location}: expected a {kinds} file or a folder of them.")
+        return fs, root, [root]
+    files = sorted(p for p in fs.find(root) if p.endswith(suffixes) and not p.rsplit("/", 1)[-1].startswith((".", "_")))
+    if not files:
+        raise ConfigError(f"{option} {location}: the folder holds no {kinds} files; give {what}.")
+    return fs, root, files
+
+
 class RunStore:
     """Reads and writes the shards and manifest of one run under a root."""
 
@@ -122,10 +150,7 @@ class RunStore:
         check_run_id(run_id)
         self.root = str(root)
         self.run_id = run_id
-        try:
-            self.fs, root_path = fsspec.core.url_to_fs(self.root)
-        except (ValueError, ImportError) as exc:
-            raise ConfigError(f"--root {self.root!r}: cannot open this location ({exc}).") from exc
+        self.fs, root_path = open_location(self.root, "--root")
         self.run_path = f"{root_path.rstrip('/')}/runs/{run_id}"
 
     # -- paths -----------------------------------------------------------------------------

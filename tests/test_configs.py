@@ -12,7 +12,7 @@ import pytest
 from capfilt.errors import ConfigError
 from model.decoding import Decoding
 from pipeline.caption import CaptionConfig
-from pipeline.configs import Option, build, from_json, negate, replace_fields, to_json
+from pipeline.configs import Option, build, field_values, from_json, negate, replace_fields, to_json
 from pipeline.dedup import DedupConfig
 from pipeline.ingest import IngestConfig
 
@@ -69,6 +69,19 @@ def test_an_ambiguous_name_asks_for_the_path():
     with pytest.raises(ConfigError, match="'eps' is ambiguous; name one of a.eps, b.eps"):
         build(Two, {"eps": 0.1}, "two")
     assert build(Two, {"b.eps": 0.1}, "two").b.eps == 0.1
+
+
+def test_a_typed_partial_config_is_checked_field_by_field_and_merges_by_path():
+    # a preset's spelling: the fields' own names, a nested config by its name; values typed on the way in
+    preset = field_values(CaptionConfig, {"captioner": "c", "decoding": {"top_p": "0.9", "max_length": 16}}, "p", cli=False)
+    assert preset == {"captioner": "c", "decoding.top_p": 0.9, "decoding.max_length": 16}
+    user = field_values(CaptionConfig, {"top-p": 0.5}, "stage caption")  # a user's: the CLI's spelling too
+    config = build(CaptionConfig, {**preset, **user}, "stage caption")
+    assert (config.decoding.top_p, config.decoding.max_length) == (0.5, 16)
+    with pytest.raises(ConfigError, match=r"^p: unknown field 'top-p' \(did you mean 'top_p'\?\)"):
+        field_values(CaptionConfig, {"top-p": 0.5}, "p", cli=False)
+    with pytest.raises(ConfigError, match=r"^p: max_length='long' is not an integer"):
+        field_values(CaptionConfig, {"decoding": {"max_length": "long"}}, "p", cli=False)
 
 
 def test_replace_keeps_the_other_fields_and_checks_again():

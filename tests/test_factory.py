@@ -75,7 +75,7 @@ def test_train_stage1_takes_a_name_a_file_or_fields(tmp_path):
 
 @pytest.mark.parametrize("preset, name", [("blip2", "qformer-base"), ("toy", "qformer-toy")])
 def test_the_presets_name_their_qformer(preset, name):
-    stage1 = get_preset(preset, "toy-dir").stage1
-    assert stage1["model-config"] == name
+    stage1 = get_preset(preset, "toy-dir").stage1.values
+    assert stage1["config.model"] == architecture(name)
     step = make("train stage1", {"root": "r", "run": "x", "out": "o", **stage1})
     assert qformer_config(step.config.model) == qformer_config(name)

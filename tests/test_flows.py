@@ -295,11 +295,11 @@ def test_bootstrap_rounds_use_the_previous_rounds_models_and_presets_can_be_over
 
     params = BootstrapParams(source="src", root="/d", run="b", rounds=2, preset="toy",
                              **parse_sets(("stage1.steps=7", "filter.top-k=1", "round0_caption.captioner=none")))
-    curate0, filter0, train0 = params.round_params(0)
-    assert curate0.caption == {"captioner": "none"} and "itm" not in filter0
+    curate0, filter0, train0 = params.round_params(0)  # the preset's typed fields by path, --set put over them
+    assert curate0.caption == {"config.captioner": "none"} and "score.itm" not in filter0.values
     curate2, filter2, train2 = params.round_params(2)
-    assert curate2.caption["captioner"] == "/d/models/b-r1/stage2" and filter2["itm"] == "/d/models/b-r1/stage1"
-    assert filter2["top-k"] == 1 and train2.stage1["steps"] == 7 and train2.models == "/d/models/b-r2"
+    assert curate2.caption["config.captioner"] == "/d/models/b-r1/stage2" and filter2.values["score.itm"] == "/d/models/b-r1/stage1"
+    assert filter2.values["select.top_k"] == 1 and train2.stage1["config.steps"] == 7 and train2.models == "/d/models/b-r2"
     assert curate0.steps()["ingest"].source == "src"  # round 0 downloads,
     assert curate2.steps()["ingest"].from_run == "b-r0"  # later rounds reuse its images
     assert curate2.steps()["caption"].config.decoding.top_p == 0.9  # typed, from the preset
@@ -349,13 +349,13 @@ def test_with_an_annotated_set_rounds_finetune_first_and_filter_every_caption_by
     ftc = steps["finetune-captioner-r2"]
     assert (ftc.stage2, ftc.settings.out, ftc.settings.lr) == ("/d/models/b-r1/stage2", "/d/models/b-r1/captioner", 1e-5)
     curate2, filter2, _ = params.round_params(2)
-    assert curate2.caption["captioner"] == "/d/models/b-r1/captioner"
-    assert filter2["policy"] == "calibrated" and filter2["itm"] == "/d/models/b-r1/filter"
-    assert "top-k" not in filter2 and "rank-by" not in filter2  # a per-caption decision, not a ranking
+    assert curate2.caption["config.captioner"] == "/d/models/b-r1/captioner"
+    assert filter2.values["select.policies"] == ("calibrated",) and filter2.values["score.itm"] == "/d/models/b-r1/filter"
+    assert "select.top_k" not in filter2.values and "select.rank_by" not in filter2.values  # a per-caption decision, not a ranking
     order = [label for label, _ in planned_steps(params)]
     assert order.index("finetune-filter-r1") < order.index("ingest-r1") < order.index("filter-r1")
     without = BootstrapParams(source="src", root="/d", run="b", rounds=1, preset="toy")
-    assert without.finetune_steps(1) == {} and without.round_params(1)[1]["policy"] == "blip2"
+    assert without.finetune_steps(1) == {} and without.round_params(1)[1].values["select.policies"] == ("blip2",)
     # the early check parses the finetune steps as the CLI would: a bad option fails before any work
     source = tmp_path / "src.parquet"
     source.write_bytes(b"")

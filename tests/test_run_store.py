@@ -1,10 +1,11 @@
 import os
+import re
 
 import pyarrow as pa
 import pytest
 
 from capfilt.errors import AccountingError, ConfigError
-from pipeline.run_store import RunStore, ShardCounts, config_hash
+from pipeline.run_store import RunStore, ShardCounts, config_hash, list_files
 from schemas import CAPTIONS, REJECTED
 
 CAPTION_ROWS = [
@@ -93,3 +94,19 @@ def test_fail_shard_records_error(tmp_path):
     assert record.status == "failed" and record.error == "boom" and record.attempt == 1
     store.start_shard("ingest", "00003", "h")
     assert store.record("ingest", "00003").attempt == 2
+
+
+def test_a_location_lists_its_files_or_says_in_one_line_what_to_give(tmp_path):
+    (tmp_path / "set").mkdir()
+    for name in ("b.parquet", "a.jsonl", ".hidden.parquet", "_tmp.parquet", "notes.txt"):
+        (tmp_path / "set" / name).write_text("")
+    fs, root, files = list_files(str(tmp_path / "set"), (".parquet", ".jsonl"), "--x", "a set")
+    assert [f.rsplit("/", 1)[-1] for f in files] == ["a.jsonl", "b.parquet"]  # sorted, hidden and _ files left out
+    assert list_files(files[0], (".jsonl",), "--x", "a set")[2] == [files[0]]  # a file is itself
+    (tmp_path / "empty").mkdir()
+    for location, message in ((tmp_path / "nope", "no such file or folder; give a set."),
+                              (tmp_path / "empty", "the folder holds no .parquet, .jsonl files; give a set."),
+                              (tmp_path / "set" / "notes.txt", "expected a .parquet, .jsonl file or a folder of them."),
+                              ("nosuchprotocol://bucket/set", "cannot open this location")):
+        with pytest.raises(ConfigError, match=f"^--x '?{location}'?: {re.escape(message)}"):
+            list_files(str(location), (".parquet", ".jsonl"), "--x", "a set")

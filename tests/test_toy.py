@@ -59,9 +59,9 @@ def test_bert_learns_masked_words_and_initialises_the_toy_presets_qformer(tmp_pa
     tok = train_text_tokenizer(texts, tmp_path / "tok")
     metrics = pretrain_bert(texts, tmp_path / "bert", tok, ToyPreset(bert_steps=160))
     assert metrics["loss_last"] < 0.6 * metrics["loss_first"], metrics
-    stage1 = toy_preset(str(tmp_path)).stage1
-    assert stage1["bert"] == f"{tmp_path}/bert"
-    model = create(stage1["model-config"], **tokenizer_fields(load_tokenizer(tok)), vision_width=64)
+    stage1 = toy_preset(str(tmp_path)).stage1.values
+    assert stage1["config.bert"] == f"{tmp_path}/bert"
+    model = create(stage1["config.model"], **tokenizer_fields(load_tokenizer(tok)), vision_width=64)
     before = model.qformer.encoder.layer[0].attention.attention.query.weight.clone()
     missing = init_from_bert(model, tmp_path / "bert")
     assert not torch.equal(before, model.qformer.encoder.layer[0].attention.attention.query.weight)

@@ -2,9 +2,10 @@
 
 A step is a frozen dataclass per command (`ingest`, `caption`, `filter`, `train stage1`, ...) holding
 the stage's own config objects (IngestConfig, CaptionConfig, Stage1Config, ...). `make` builds one
-from values by field name (a preset, `--set stage.field=value`, a flow's parameters, the CLI's
-options; see pipeline/configs.py), so its checks run before any work. `step.execute(say)` calls the
-stage function in this process; flows/stage_job.py runs the same step from its JSON in a Ray job.
+from values by field name (a preset's `StepFields` with `--set stage.field=value` put over them, a
+flow's parameters, the CLI's options; see pipeline/configs.py), so its checks run before any work.
+`step.execute(say)` calls the stage function in this process; flows/stage_job.py runs the same step
+from its JSON in a Ray job.
 
 The step classes live one module per stage and load on first use: a step's module imports its
 stage (and torch), which a `capfilt ingest` should not pay for.
@@ -16,10 +17,11 @@ import importlib
 import os
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from capfilt.errors import ConfigError
-from pipeline.configs import at, build, from_data, to_data
+from pipeline.configs import at, build, field_values, from_data, to_data
 
 # command -> (module, class), imported when a step of it is first made
 STEPS = {
@@ -70,6 +72,29 @@ def make(command: str, values: Mapping[str, Any], will_exist: tuple[str, ...] = 
     except ConfigError as exc:
         raise ConfigError(at(where, exc) if not str(exc).startswith(f"{where}: ") else str(exc)) from None
     return step
+
+
+@dataclass(frozen=True)
+class StepFields:
+    """Some fields of one command's step, typed: {dotted field path: value of the field's type}, each
+    checked against the step class (pipeline/configs.py field_values). A preset holds one per stage;
+    `replace` puts a user's values over it by name (`--set filter.top-k=1`); `make(command,
+    {**fields.values, ...})` builds the step from them."""
+
+    command: str
+    values: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, command: str, values: Mapping[str, Any], where: str, cli: bool = True) -> StepFields:
+        """Checked values by name; `cli=False` takes only the fields' own names (a preset's)."""
+        step = step_class(command)
+        return cls(command, field_values(step, values, where, getattr(step, "OPTIONS", {}), cli))
+
+    def replace(self, values: Mapping[str, Any], where: str | None = None) -> StepFields:
+        """These fields with `values` (by field name or the CLI's spelling) replacing theirs; errors
+        start with `where` (default "stage <command>")."""
+        where = f"stage {self.command}" if where is None else where
+        return StepFields(self.command, {**self.values, **StepFields.of(self.command, values, where).values})
 
 
 def step_data(step: Step) -> dict:
