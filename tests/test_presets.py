@@ -68,7 +68,8 @@ GOLDEN = json.loads((Path(__file__).parent / "data" / "toy_preset_steps.json").r
 @pytest.mark.parametrize("case", sorted(GOLDEN))
 def test_the_toy_preset_builds_the_same_steps_as_its_option_name_dicts_did(case):
     # tests/data/toy_preset_steps.json: every planned step of the toy preset, and the values the preset set
-    # in it, as built when the preset was dicts of CLI option names ("top-k", "no-semantic-dedup", ...)
+    # in it, as built when the preset was dicts of CLI option names ("top-k", "no-semantic-dedup", ...);
+    # a value the preset changes on purpose (a step count) is changed there too
     from flows.bootstrap import planned_steps
     from flows.params import BootstrapParams
     from pipeline.configs import to_data
