@@ -41,7 +41,8 @@ from pipeline.summary import StageSummary
 EXECUTORS = ("auto", "ray", "local")
 # Ray's fixed cost before a run's first batch on Ray, measured on a 2-core machine (benchmarks/caption.py
 # and benchmarks/score.py print both): ray.init() of a fresh local Ray 15 s; the Ray Data job and the
-# actor's process importing torch, transformers and open_clip and loading its model 12-21 s.
+# actor's process importing torch, transformers and open_clip 12-21 s (with the benchmarks' models, loaded in
+# under a second; a run adds its own model's load, as timed in the driver: `ray_startup_s`).
 RAY_INIT_S = 15.0
 RAY_ACTOR_START_S = 15.0
 # "auto" goes to Ray when that start-up is at most this share of the run: the model stages' target is
@@ -126,10 +127,12 @@ def ray_reason(stage: ModelStage) -> str | None:
     return None
 
 
-def ray_startup_s() -> float:
-    """Ray's start-up before a first batch on Ray: an actor's start, and ray.init() unless Ray runs."""
+def ray_startup_s(model_load_s: float = 0.0) -> float:
+    """Ray's start-up before a first batch on Ray: ray.init() unless Ray runs, an actor's start, and
+    the actor's model load, `model_load_s` as the driver's took (seconds for a large model; the
+    constant's measurement had small ones)."""
     ray = sys.modules.get("ray")
-    return RAY_ACTOR_START_S + (0.0 if ray is not None and ray.is_initialized() else RAY_INIT_S)
+    return RAY_ACTOR_START_S + model_load_s + (0.0 if ray is not None and ray.is_initialized() else RAY_INIT_S)
 
 
 def small_run_reason(batch_s: float, n_batches: int, startup_s: float) -> str | None:
@@ -168,8 +171,10 @@ def run_model_stage(store: RunStore, stage: ModelStage, run: StageSummary) -> St
         driver_threads = torch.get_num_threads()  # put back once the run is done: the driver goes on with its own
         # the compute one actor would reserve; a bad model fails here, in one line, before any shard starts
         try:
+            began = time.perf_counter()
             local_actor = stage.actor(**stage.actor_kwargs, batch_size=stage.batch_size,
                                       torch_threads=_torch_threads(stage, torch.cuda.device_count()))
+            model_load_s = time.perf_counter() - began
         except BaseException:
             torch.set_num_threads(driver_threads)
             raise
@@ -187,7 +192,7 @@ def run_model_stage(store: RunStore, stage: ModelStage, run: StageSummary) -> St
         reason = "executor local"
         if local_actor is not None and stage.executor == "auto":
             rows, done, batch_s = _probe(store, stage, working[0], local_actor)
-            reason = small_run_reason(batch_s, batches(stage.rows, stage.batch_size), ray_startup_s())
+            reason = small_run_reason(batch_s, batches(stage.rows, stage.batch_size), ray_startup_s(model_load_s))
             probed = (rows, done)
             if reason is None:  # large enough for Ray: the probe's batches are redone there, the driver's model freed
                 local_actor = probed = None

@@ -173,8 +173,7 @@ def test_a_small_local_run_captions_in_the_driver_process_says_so_and_writes_wha
         commit_image_shards(store, {"a": 5, "b": 4}, corrupt={"b": (0,)})
         chosen = ["--executor", executor] if executor in ("ray", "local") else []
         if executor == "auto-large":
-            monkeypatch.setattr(model_stage, "RAY_INIT_S", 0.0)
-            monkeypatch.setattr(model_stage, "RAY_ACTOR_START_S", 0.0)
+            monkeypatch.setattr(model_stage, "ray_startup_s", lambda model_load_s: 0.0)
         cli_main(["caption", "--root", str(tmp_path / executor), "--run", "r", "--captioner", tiny_folders["blip"],
                   "--num-captions", "3", "--max-new-tokens", "10", "--min-new-tokens", "2", "--seed", "11",
                   "--batch-size", "3", *chosen])
@@ -193,7 +192,7 @@ def test_a_small_local_run_captions_in_the_driver_process_says_so_and_writes_wha
 
 
 def test_auto_keeps_a_run_in_the_driver_while_rays_start_up_would_be_over_15_percent_of_it():
-    from pipeline.model_stage import small_run_reason
+    from pipeline.model_stage import ray_startup_s, small_run_reason
 
     # 40 batches of 0.35 s (14 s) against 30 s of start-up: Ray would take 44 s for 14 s of work
     assert small_run_reason(0.35, 40, 30.0) == ("small run: 40 batch(es) x 0.35 s = 14 s; Ray's start-up of about "
@@ -201,6 +200,7 @@ def test_auto_keeps_a_run_in_the_driver_while_rays_start_up_would_be_over_15_per
     # the crossover: start-up = 15% of start-up + batches, at 170 s of batches for 30 s
     assert small_run_reason(1.0, 169, 30.0) is not None and small_run_reason(1.0, 171, 30.0) is None
     assert small_run_reason(0.01, 10_000, 30.0) is not None  # fast batches (a GPU) stay local longer
+    assert ray_startup_s(20.0) == pytest.approx(ray_startup_s(0.0) + 20.0)  # the actor loads the model again
 
 
 def test_the_cli_refuses_an_unknown_executor_in_one_line(tmp_path, capsys):
