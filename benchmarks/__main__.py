@@ -83,6 +83,16 @@ def score_rows():
                 f"{p['once_s']:.2f}", f"{p['pairs_s']:.2f}", p["pairs_s"] / p["once_s"], None)]
 
 
+def eval_rows():
+    from benchmarks import evaluate
+
+    r = evaluate.run(_args(evaluate, "--images", 600, "--k", 16))
+    return [Row("eval", f"ITM re-ranking {way.replace('_to_', '->')}, 600 queries x top 16: passes of many pairs vs one "
+                        "forward per query (s)", f"{r[way]['capfilt']:.2f}", f"{r[way]['baseline']:.2f}",
+                r[way]["baseline"] / r[way]["capfilt"], None, f"same ranking for {r[way]['same']} of 600 queries")
+            for way in ("image_to_text", "text_to_image")]
+
+
 def dedup_rows():
     from benchmarks import score
 
@@ -153,7 +163,7 @@ def cli_rows():
 
 
 SECTIONS = [
-    ("ingest", ingest_rows), ("caption", caption_rows), ("score", score_rows), ("dedup", dedup_rows),
+    ("ingest", ingest_rows), ("caption", caption_rows), ("score", score_rows), ("eval", eval_rows), ("dedup", dedup_rows),
     ("stage1", stage1_lavis_rows), ("stage1", lambda: train_step_rows(1)), ("stage2", lambda: train_step_rows(2)),
     ("stage1", feature_cache_rows), ("curate", memory_rows), ("cli", cli_rows),
 ]
@@ -170,7 +180,7 @@ def table(rows: list[Row]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="*", default=None, help="stages to run (ingest caption score dedup stage1 stage2 curate cli)")
+    parser.add_argument("--only", nargs="*", default=None, help="stages to run (ingest caption score eval dedup stage1 stage2 curate cli)")
     args = parser.parse_args()
     import torch
 

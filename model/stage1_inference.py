@@ -104,6 +104,24 @@ class Stage1Scorer(ItmScorer):
         return self.itm_scores(images, [t or "" for t in texts], image_of).cpu().numpy()
 
     @torch.no_grad()
+    def pair_logits(self, tokens: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, image_rows: torch.Tensor,
+                    text_rows: torch.Tensor, pairs_per_forward: int = 256) -> torch.Tensor:
+        """(P,) ITM match logits of the pairs (image tokens[image_rows[p]], text ids[text_rows[p]]),
+        `pairs_per_forward` pairs per Q-Former pass rather than one query's few: each pass projects
+        its distinct images' cross-attention keys and values once (SharedImages) and pads its texts
+        to the longest among them (padding is masked out: the same logits, up to float rounding)."""
+        image_rows, text_rows = image_rows.to(tokens.device), text_rows.to(ids.device)
+        logits = []
+        for start in range(0, len(image_rows), pairs_per_forward):
+            images, index = image_rows[start:start + pairs_per_forward].unique(return_inverse=True)
+            texts = text_rows[start:start + pairs_per_forward]
+            text_mask = mask[texts]
+            length = int(text_mask.sum(dim=1).max())
+            logits.append(self.model.itm_logits(tokens[images], ids[texts][:, :length], text_mask[:, :length],
+                                                image_index=index)[:, 1])
+        return torch.cat(logits) if logits else tokens.new_zeros(0)
+
+    @torch.no_grad()
     def retrieve_images(self, texts: list[str], images: list[bytes], k: int = 128) -> torch.Tensor:
         """(len(texts), min(k, len(images))) image indices, best first: ITC top-k re-ranked by ITM.
 
@@ -115,14 +133,9 @@ class Stage1Scorer(ItmScorer):
         text_feats = self.model.text_features(ids, mask)  # (T, D)
         sims = torch.einsum("td,nqd->tnq", text_feats, image_feats).amax(dim=-1)
         top_sim, top = sims.topk(min(k, len(images)), dim=1)
-        ranked = []
-        for t in range(len(texts)):
-            cand = top[t]
-            logits = self.model.itm_logits(tokens[cand], ids[t:t + 1].expand(len(cand), -1),
-                                           mask[t:t + 1].expand(len(cand), -1))
-            order = (logits[:, 1].float() + top_sim[t]).argsort(descending=True)
-            ranked.append(cand[order])
-        return torch.stack(ranked)
+        rows = torch.arange(len(texts), device=top.device).repeat_interleave(top.shape[1])
+        logits = self.pair_logits(tokens, ids, mask, top.flatten(), rows).view(top.shape)
+        return top.gather(1, (logits.float() + top_sim).argsort(dim=1, descending=True))
 
 
 def recall_at_1(ranked: torch.Tensor, truth: list[int]) -> float:

@@ -51,13 +51,12 @@ def stage1_retrieval(scorer, images: list[bytes], texts: list[str], text_image: 
         # BLIP-2's ITC similarity of an image and a text: the best of its query tokens
         sims = torch.einsum("td,nqd->tnq", text_feats, image_feats).amax(dim=-1).float().cpu()  # (T, N)
 
-        def i2t_logit(i, cand):
-            n = len(cand)
-            return scorer.model.itm_logits(tokens[i:i + 1].expand(n, -1, -1), ids[cand], mask[cand])[:, 1]
+        # ITM re-ranking scores every query's top k in passes of many pairs (Stage1Scorer.pair_logits)
+        def i2t_logit(queries, cand):
+            return scorer.pair_logits(tokens, ids, mask, queries.repeat_interleave(cand.shape[1]), cand.flatten()).view(cand.shape)
 
-        def t2i_logit(t, cand):
-            n = len(cand)
-            return scorer.model.itm_logits(tokens[cand], ids[t:t + 1].expand(n, -1), mask[t:t + 1].expand(n, -1))[:, 1]
+        def t2i_logit(queries, cand):
+            return scorer.pair_logits(tokens, ids, mask, cand.flatten(), queries.repeat_interleave(cand.shape[1])).view(cand.shape)
 
         i2t_rel, t2i_rel = relevance(texts, text_image, len(images))
         itc_i2t = sims.T.argsort(dim=1, descending=True, stable=True).tolist()

@@ -51,22 +51,21 @@ def relevance(texts: Sequence[str], text_image: Sequence[int], n_images: int) ->
 
 def rerank(sims, k: int, itm_logit, score: str = "itm+itc") -> list[list[int]]:
     """Full rankings of each row of `sims` (queries x candidates): the ITC top-k re-ordered by
-    `itm_logit(query, candidate_indices) + sim` (score "itm+itc", LAVIS's compute_sim_matrix) or
-    by the ITM logit alone ("itm"), then the rest in ITC order."""
+    `itm_logit + sim` (score "itm+itc", LAVIS's compute_sim_matrix) or by the ITM logit alone
+    ("itm"), then the rest in ITC order. `itm_logit(queries, candidates)` gets every query's top k
+    at once, (Q,) query indices and (Q, k) candidate indices, and returns their (Q, k) logits: the
+    caller batches the pairs as its model likes."""
     import torch
 
     sims = torch.as_tensor(sims, dtype=torch.float32)
     order = sims.argsort(dim=1, descending=True, stable=True)
     k = min(k, sims.shape[1])
-    ranked = []
-    for q in range(sims.shape[0]):
-        top = order[q, :k]
-        if k:
-            value = itm_logit(q, top).float().cpu() + (sims[q, top] if score == "itm+itc" else 0)
-            top = top[value.argsort(descending=True, stable=True)]
-        ranked.append(top.tolist() + order[q, k:].tolist())
-    return ranked
-
+    if not k or not sims.shape[0]:
+        return order.tolist()
+    top = order[:, :k]
+    value = itm_logit(torch.arange(sims.shape[0]), top).float().cpu() + (sims.gather(1, top) if score == "itm+itc" else 0)
+    top = top.gather(1, value.argsort(dim=1, descending=True, stable=True))
+    return torch.cat([top, order[:, k:]], dim=1).tolist()
 
 
 # -- captioning ---------------------------------------------------------------------------------

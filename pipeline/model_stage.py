@@ -15,9 +15,12 @@ per actor for the whole run and the actors never idle between shards.
 
 Where the batches run (`executor`): "ray" is the actor pool above, the way every real run goes.
 "local" runs the same actor class in the driver process, shard by shard: no Ray, no actor process.
-"auto" (the default) picks "local" only for a small run on a local machine, `local_reason` says
-when, and the stage's summary line says so; any cluster, any pool of more than one actor or any
-larger run goes to Ray.
+"auto" (the default) sends any cluster, any pool of more than one actor and any machine with more
+than one GPU to Ray (`ray_reason`). Otherwise it loads the model in the driver (the check a Ray run
+makes there anyway), runs the first shard's first batches and times one: a pool of one actor
+computes no faster than the driver, so Ray only pays when its fixed start-up is a small share of
+the run (`small_run_reason`). A small run goes on in the driver, keeping the batches it has done,
+and the stage's summary line says so; a larger one frees the driver's model and goes to Ray.
 """
 
 from __future__ import annotations
@@ -36,11 +39,15 @@ from pipeline.run_store import RunStore
 from pipeline.summary import StageSummary
 
 EXECUTORS = ("auto", "ray", "local")
-# A run of at most this many batches for one actor is small: on a 2-core machine the actor's start
-# (its process importing torch, transformers, open_clip, then loading the model) took 12-21 s
-# before its first batch, a third or more of 64 batches of the benchmarks' models (0.7-0.9 s each;
-# less on a GPU), and a pool of one actor computes nothing the driver process could not.
-SMALL_RUN_BATCHES = 64
+# Ray's fixed cost before a run's first batch on Ray, measured on a 2-core machine (benchmarks/caption.py
+# and benchmarks/score.py print both): ray.init() of a fresh local Ray 15 s; the Ray Data job and the
+# actor's process importing torch, transformers and open_clip 12-21 s (with the benchmarks' models, loaded in
+# under a second; a run adds its own model's load, as timed in the driver: `ray_startup_s`).
+RAY_INIT_S = 15.0
+RAY_ACTOR_START_S = 15.0
+# "auto" goes to Ray when that start-up is at most this share of the run: the model stages' target is
+# >= 0.85x a bare batched loop end to end, so at the crossover Ray's run is 0.85x the driver's.
+RAY_STARTUP_SHARE = 0.15
 
 
 def check_executor(executor: str) -> None:
@@ -100,24 +107,55 @@ def batches(rows: dict[str, int], batch_size: int) -> int:
     return sum(-(-n // batch_size) for n in rows.values())
 
 
-def local_reason(stage: ModelStage) -> str | None:
-    """Why an "auto" stage runs in the driver process, or None for Ray. Small and local only:
-    no cluster address, no pool of more than one actor, at most SMALL_RUN_BATCHES batches."""
+def ray_reason(stage: ModelStage) -> str | None:
+    """Why the stage runs on Ray whatever its size, or None when "auto" may keep it in the driver
+    process: an explicit executor "ray", a cluster address, a pool of more than one actor, a Ray
+    already started on more than one node, or more than one GPU (one actor each, in parallel)."""
     if stage.executor != "auto":
-        return "executor local" if stage.executor == "local" else None
-    if (os.environ.get("RAY_ADDRESS") or "local") != "local" or (stage.actors or 1) > 1:
-        return None
+        return "executor ray" if stage.executor == "ray" else None
+    if (os.environ.get("RAY_ADDRESS") or "local") != "local":
+        return "RAY_ADDRESS names a cluster"
+    if (stage.actors or 1) > 1:
+        return f"{stage.actors} actors"
     ray = sys.modules.get("ray")  # already started (a flow, a test): is it a cluster?
     if ray is not None and ray.is_initialized() and len([n for n in ray.nodes() if n.get("Alive")]) > 1:
-        return None
+        return "a Ray cluster of several nodes"
     import torch
 
-    if torch.cuda.device_count() > 1:  # one actor per GPU would run in parallel
+    if torch.cuda.device_count() > 1:
+        return f"{torch.cuda.device_count()} GPUs"
+    return None
+
+
+def ray_startup_s(model_load_s: float = 0.0) -> float:
+    """Ray's start-up before a first batch on Ray: ray.init() unless Ray runs, an actor's start, and
+    the actor's model load, `model_load_s` as the driver's took (seconds for a large model; the
+    constant's measurement had small ones)."""
+    ray = sys.modules.get("ray")
+    return RAY_ACTOR_START_S + model_load_s + (0.0 if ray is not None and ray.is_initialized() else RAY_INIT_S)
+
+
+def small_run_reason(batch_s: float, n_batches: int, startup_s: float) -> str | None:
+    """Why a run of `n_batches` batches of `batch_s` seconds each stays in the driver process, or
+    None when Ray's start-up `startup_s` would be at most RAY_STARTUP_SHARE of the run on Ray."""
+    run_s = batch_s * n_batches
+    if startup_s <= RAY_STARTUP_SHARE * (run_s + startup_s):
         return None
-    n = batches(stage.rows, stage.batch_size)
-    if n > SMALL_RUN_BATCHES:
-        return None
-    return f"small run: {n} batch(es) <= {SMALL_RUN_BATCHES}"
+    return (f"small run: {n_batches} batch(es) x {batch_s:.2f} s = {run_s:.0f} s; Ray's start-up of about "
+            f"{startup_s:.0f} s would be more than {RAY_STARTUP_SHARE:.0%} of it")
+
+
+def _probe(store: RunStore, stage: ModelStage, shard: str, actor: ShardActor) -> tuple[pa.Table, pa.Table, float]:
+    """The first shard's rows, its first one or two batches done, and the seconds of one batch: the
+    second when there is one (the first pays first-call allocations), scaled to a full batch."""
+    rows = stage.read(pa.table({"shard": [shard]}), root=store.root, run_id=store.run_id)
+    done, batch_s = [], 0.0
+    for start in range(0, min(rows.num_rows, 2 * stage.batch_size), stage.batch_size):
+        part = rows.slice(start, stage.batch_size)
+        began = time.perf_counter()
+        done.append(actor(part))
+        batch_s = (time.perf_counter() - began) * stage.batch_size / part.num_rows
+    return rows, pa.concat_tables(done), batch_s
 
 
 def run_model_stage(store: RunStore, stage: ModelStage, run: StageSummary) -> StageSummary:
@@ -125,17 +163,18 @@ def run_model_stage(store: RunStore, stage: ModelStage, run: StageSummary) -> St
     are back; the shards are recorded started first, and failed if the run breaks. Fills in and
     returns the driver fields of `run`, the stage's summary (wall time, start-up, executor)."""
     started = time.time()  # wall clock: compared with the batches' start times
-    reason = local_reason(stage)
     working = [s for s, n in stage.rows.items() if n > 0]
-    local_actor, driver_threads = None, None
-    if working and reason is not None:
+    local_actor, driver_threads, probed = None, None, None
+    if working and ray_reason(stage) is None:
         import torch
 
         driver_threads = torch.get_num_threads()  # put back once the run is done: the driver goes on with its own
         # the compute one actor would reserve; a bad model fails here, in one line, before any shard starts
         try:
+            began = time.perf_counter()
             local_actor = stage.actor(**stage.actor_kwargs, batch_size=stage.batch_size,
                                       torch_threads=_torch_threads(stage, torch.cuda.device_count()))
+            model_load_s = time.perf_counter() - began
         except BaseException:
             torch.set_num_threads(driver_threads)
             raise
@@ -147,11 +186,20 @@ def run_model_stage(store: RunStore, stage: ModelStage, run: StageSummary) -> St
         stage.commit(shard, None)
     if not working:
         return run
-    run.executor, run.executor_reason = ("local", reason) if local_actor is not None else ("ray", "")
     arrived: dict[str, list[pa.Table]] = {s: [] for s in working}
     counts = dict.fromkeys(working, 0)
     try:
-        results = (_local_results(store, stage, working, local_actor) if local_actor is not None
+        reason = "executor local"
+        if local_actor is not None and stage.executor == "auto":
+            rows, done, batch_s = _probe(store, stage, working[0], local_actor)
+            reason = small_run_reason(batch_s, batches(stage.rows, stage.batch_size), ray_startup_s(model_load_s))
+            probed = (rows, done)
+            if reason is None:  # large enough for Ray: the probe's batches are redone there, the driver's model freed
+                local_actor = probed = None
+                _free_driver_model(driver_threads)
+                driver_threads = None
+        run.executor, run.executor_reason = ("local", reason) if local_actor is not None else ("ray", "")
+        results = (_local_results(store, stage, working, local_actor, probed) if local_actor is not None
                    else _ray_results(store, stage, working))
         for batch in results:
             first_batch = pa.compute.min(batch.column("batch_started_at")).as_py() - started
@@ -187,8 +235,27 @@ def _torch_threads(stage: ModelStage, gpus: float) -> int | None:
     return None if gpus else stage.cpus_per_actor
 
 
-def _local_results(store: RunStore, stage: ModelStage, working: list[str], actor: ShardActor):
+def _free_driver_model(driver_threads: int) -> None:
+    """After a probe that chose Ray: the driver's torch threads back, its copy of the model freed
+    (on a GPU, the actor loads the model there next)."""
+    import gc
+
+    import torch
+
+    torch.set_num_threads(driver_threads)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _local_results(store: RunStore, stage: ModelStage, working: list[str], actor: ShardActor,
+                   probed: tuple[pa.Table, pa.Table] | None):
     for shard in working:
+        if probed is not None and shard == working[0]:  # its first batches are done: the same batches go on
+            rows, done = probed
+            rest = rows.slice(done.num_rows)
+            yield pa.concat_tables([done, actor(rest)]) if rest.num_rows else done
+            continue
         yield actor(stage.read(pa.table({"shard": [shard]}), root=store.root, run_id=store.run_id))
 
 

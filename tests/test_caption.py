@@ -161,28 +161,46 @@ def test_stage_captions_every_ingested_shard_accounts_for_every_image_and_rerun_
 
 
 def test_a_small_local_run_captions_in_the_driver_process_says_so_and_writes_what_ray_actors_write(
-    tmp_path, capsys, ray_local, tiny_folders
+    tmp_path, capsys, monkeypatch, ray_local, tiny_folders
 ):
-    # through the CLI: `--executor ray`, the default (auto) and `--executor local`
-    runs = {executor: RunStore(str(tmp_path / executor), "r") for executor in ("ray", "auto", "local")}
+    import pipeline.model_stage as model_stage
+
+    # through the CLI: `--executor ray`, the default (auto) and `--executor local`; "auto-large": the
+    # default where Ray would start in no time, so its timed first batches send the run to Ray
+    runs = {executor: RunStore(str(tmp_path / executor), "r") for executor in ("ray", "auto", "local", "auto-large")}
     lines = {}
     for executor, store in runs.items():
         commit_image_shards(store, {"a": 5, "b": 4}, corrupt={"b": (0,)})
-        chosen = [] if executor == "auto" else ["--executor", executor]
+        chosen = ["--executor", executor] if executor in ("ray", "local") else []
+        if executor == "auto-large":
+            monkeypatch.setattr(model_stage, "ray_startup_s", lambda model_load_s: 0.0)
         cli_main(["caption", "--root", str(tmp_path / executor), "--run", "r", "--captioner", tiny_folders["blip"],
                   "--num-captions", "3", "--max-new-tokens", "10", "--min-new-tokens", "2", "--seed", "11",
                   "--batch-size", "3", *chosen])
         lines[executor] = capsys.readouterr().out.strip()
 
     assert "driver process" not in lines["ray"] and "9 images = 8 captioned + 0 dropped + 1 failed" in lines["ray"]
-    # 4 batches: far below the small-run bound
+    # 4 batches of a tiny model: far below what Ray's start-up would be worth
     assert "ran in the driver process, not on Ray actors (small run: 4 batch(es)" in lines["auto"]
     assert "ran in the driver process, not on Ray actors (executor local)" in lines["local"]
-    for executor in ("auto", "local"):
+    assert "driver process" not in lines["auto-large"] and "9 images = 8 captioned" in lines["auto-large"]
+    for executor in ("auto", "local", "auto-large"):
         assert runs[executor].read("captions", CAPTIONS).equals(runs["ray"].read("captions", CAPTIONS))
         assert runs[executor].read_rejected("caption").equals(runs["ray"].read_rejected("caption"))
         assert [(r.shard, r.rows_in, r.kept, r.failed, r.rows_out) for r in runs[executor].records("caption")] == \
             [(r.shard, r.rows_in, r.kept, r.failed, r.rows_out) for r in runs["ray"].records("caption")]
+
+
+def test_auto_keeps_a_run_in_the_driver_while_rays_start_up_would_be_over_15_percent_of_it():
+    from pipeline.model_stage import ray_startup_s, small_run_reason
+
+    # 40 batches of 0.35 s (14 s) against 30 s of start-up: Ray would take 44 s for 14 s of work
+    assert small_run_reason(0.35, 40, 30.0) == ("small run: 40 batch(es) x 0.35 s = 14 s; Ray's start-up of about "
+                                                "30 s would be more than 15% of it")
+    # the crossover: start-up = 15% of start-up + batches, at 170 s of batches for 30 s
+    assert small_run_reason(1.0, 169, 30.0) is not None and small_run_reason(1.0, 171, 30.0) is None
+    assert small_run_reason(0.01, 10_000, 30.0) is not None  # fast batches (a GPU) stay local longer
+    assert ray_startup_s(20.0) == pytest.approx(ray_startup_s(0.0) + 20.0)  # the actor loads the model again
 
 
 def test_the_cli_refuses_an_unknown_executor_in_one_line(tmp_path, capsys):

@@ -59,6 +59,41 @@ def test_rerank_reorders_only_the_itc_top_k_by_itm_plus_itc():
     assert rerank(sims, 4, lambda q, cand: itm[cand])[0][0] == 3
 
 
+def test_itm_reranking_in_passes_of_many_pairs_scores_as_one_pair_at_a_time(tmp_path):
+    from model.stage1_inference import Stage1Scorer
+    from pipeline.evaluate import stage1_retrieval
+    from stage1_world import make_clip_vision
+    from stage2_world import make_stage1_checkpoint
+
+    scorer = Stage1Scorer.from_checkpoint(make_stage1_checkpoint(tmp_path / "s1", make_clip_vision(tmp_path / "clip")),
+                                          device="cpu")
+    with torch.no_grad():  # an untrained head's logits differ by ~1e-4 between pairs: spread them out
+        scorer.model.itm_head.weight.mul_(1000)
+    rng = np.random.default_rng(0)
+    scenes = [dict(SCENE, color=c, shape=s) for c in ("red", "blue", "green") for s in ("circle", "square")]
+    images = [jpeg(render(attrs, 32, rng)) for attrs in scenes]
+    texts = [true_caption(attrs) for attrs in scenes] + ["a red circle", "thumbnail"]
+    text_image = list(range(len(scenes))) + [0, 5]
+    with torch.no_grad():
+        tokens, (ids, mask) = scorer._tokens(images), scorer._text(texts)
+        # every pair alone: its own image copy, its text padded to max_length
+        alone = torch.tensor([[float(scorer.model.itm_logits(tokens[i:i + 1], ids[t:t + 1], mask[t:t + 1])[0, 1])
+                               for t in range(len(texts))] for i in range(len(images))])
+        image_rows, text_rows = torch.arange(len(images)).repeat_interleave(len(texts)), torch.arange(len(texts)).repeat(len(images))
+        # passes of 5 pairs: several images and texts per pass, an image's pairs split across passes
+        batched = scorer.pair_logits(tokens, ids, mask, image_rows, text_rows, pairs_per_forward=5)
+    assert alone.std() > 0.05
+    assert batched.view(len(images), len(texts)) == pytest.approx(alone, abs=1e-4)
+
+    result = stage1_retrieval(scorer, images, texts, text_image, k=4)
+    with torch.no_grad():
+        image_feats, text_feats = scorer.model.image_features(tokens), scorer.model.text_features(ids, mask)
+        sims = torch.einsum("td,nqd->tnq", text_feats, image_feats).amax(dim=-1)
+    i2t_rel, t2i_rel = relevance(texts, text_image, len(images))
+    assert result["itm"]["image_to_text"] == recall_at_k(rerank(sims.T, 4, lambda q, c: alone[q[:, None], c]), i2t_rel)
+    assert result["itm"]["text_to_image"] == recall_at_k(rerank(sims, 4, lambda q, c: alone.T[q[:, None], c]), t2i_rel)
+
+
 # -- captions and attributes --------------------------------------------------------------------
 
 def test_caption_scores_are_perfect_for_the_reference_and_lower_for_wrong_captions():

@@ -34,8 +34,9 @@ def executor_option():
     return click.option(
         "--executor", type=click.Choice(EXECUTORS), default="auto", show_default=True,
         help="Where the model runs its batches: ray (an actor pool, one shard per actor call), local (this "
-             "process, no Ray), auto (local for a small run on this machine: one actor, at most 64 batches, "
-             "no cluster; else ray).")
+             "process, no Ray), auto (on this machine with one actor and no "
+             "cluster: local when its first batches, timed, say Ray's start-up would be over 15% of the run; "
+             "else ray).")
 
 
 def rename_options(args: list[str], renamed: dict[str, str], warn: bool = True) -> list[str]:
