@@ -52,28 +52,38 @@ from .vision import FrozenImageEncoder, Preprocess, TransformersEncoder, load_vi
 
 # -- Stage 1: LAVIS and Blip2ForImageTextRetrieval state dicts ----------------------------------
 
-_LAVIS_TO_CAPFILT = [
-    (r"^Qformer\.bert\.embeddings\.LayerNorm\.", "qformer.layernorm."),
-    (r"^Qformer\.bert\.embeddings\.", "embeddings."),
-    (r"^Qformer\.bert\.encoder\.layer\.(\d+)\.(attention|crossattention)\.self\.", r"qformer.encoder.layer.\1.\2.attention."),
-    (r"^Qformer\.bert\.encoder\.", "qformer.encoder."),
-    (r"^Qformer\.cls\.predictions\.transform\.dense\.", "lm_head.dense."),
-    (r"^Qformer\.cls\.predictions\.transform\.LayerNorm\.", "lm_head.layer_norm."),
-    (r"^Qformer\.cls\.predictions\.(decoder\.)?bias$", "lm_head.decoder.bias"),
-    (r"^vision_proj\.", "vision_projection."),
-    (r"^text_proj\.", "text_projection."),
+# LAVIS name -> capfilt name, first match wins in either direction; {layer} is a layer number and
+# {attn} attention or crossattention. The second bias row is only read LAVIS -> capfilt (older
+# LAVIS checkpoints name the MLM bias under decoder.).
+_LAVIS_NAMES = [
+    ("Qformer.bert.embeddings.LayerNorm.", "qformer.layernorm."),
+    ("Qformer.bert.embeddings.", "embeddings."),
+    ("Qformer.bert.encoder.layer.{layer}.{attn}.self.", "qformer.encoder.layer.{layer}.{attn}.attention."),
+    ("Qformer.bert.encoder.", "qformer.encoder."),
+    ("Qformer.cls.predictions.transform.dense.", "lm_head.dense."),
+    ("Qformer.cls.predictions.transform.LayerNorm.", "lm_head.layer_norm."),
+    ("Qformer.cls.predictions.bias$", "lm_head.decoder.bias$"),
+    ("Qformer.cls.predictions.decoder.bias$", "lm_head.decoder.bias$"),
+    ("vision_proj.", "vision_projection."),
+    ("text_proj.", "text_projection."),
 ]
-_CAPFILT_TO_LAVIS = [
-    (r"^qformer\.layernorm\.", "Qformer.bert.embeddings.LayerNorm."),
-    (r"^embeddings\.", "Qformer.bert.embeddings."),
-    (r"^qformer\.encoder\.layer\.(\d+)\.(attention|crossattention)\.attention\.", r"Qformer.bert.encoder.layer.\1.\2.self."),
-    (r"^qformer\.encoder\.", "Qformer.bert.encoder."),
-    (r"^lm_head\.dense\.", "Qformer.cls.predictions.transform.dense."),
-    (r"^lm_head\.layer_norm\.", "Qformer.cls.predictions.transform.LayerNorm."),
-    (r"^lm_head\.decoder\.bias$", "Qformer.cls.predictions.bias"),
-    (r"^vision_projection\.", "vision_proj."),
-    (r"^text_projection\.", "text_proj."),
-]
+_FIELDS = {"{layer}": r"(\d+)", "{attn}": "(attention|crossattention)"}
+
+
+def _rules(to_capfilt: bool) -> list[tuple[str, str]]:
+    """The (pattern, replacement) regex rules of one direction, built from _LAVIS_NAMES."""
+    rules = []
+    for lavis, capfilt in _LAVIS_NAMES:
+        source, target = (lavis, capfilt) if to_capfilt else (capfilt, lavis)
+        pattern, replacement = "^" + re.escape(source).replace(r"\$", "$"), target.rstrip("$")
+        for k, (field, group) in enumerate(_FIELDS.items(), start=1):
+            pattern = pattern.replace(re.escape(field), group)
+            replacement = replacement.replace(field, f"\\{k}")
+        rules.append((pattern, replacement))
+    return rules
+
+
+_LAVIS_TO_CAPFILT, _CAPFILT_TO_LAVIS = _rules(True), _rules(False)
 _DROPPED = re.compile(r"(^visual_encoder\.|position_ids$|^Qformer\.cls\.predictions\.decoder\.weight$|^lm_head\.decoder\.weight$)")
 
 
