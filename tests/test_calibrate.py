@@ -220,7 +220,12 @@ def test_the_filter_score_is_the_one_reaching_the_precision_with_more_recall():
     assert chosen.score == "clip" and chosen.threshold == strong.threshold
     assert chosen.extra["alternatives"]["itm"]["predicted_recall"] == weak.predicted_recall
     assert choose({"itm": weak, "clip": strong}, "itm").score == "itm"
-    assert choose({"itm": replace(strong, score="itm"), "clip": strong}).score == "itm"  # a tie: BLIP's ITM
+    assert choose({"itm": replace(strong, score="itm"), "clip": strong}).score == "itm"  # a full tie: BLIP's ITM
+    # the same recall: the one that separates the held-out kinds of mismatched pairs better
+    sharp = replace(strong, extra={"roc_auc_random": 0.99, "roc_auc_hard": 0.99, "roc_auc_swap": 0.72})
+    blunt = replace(strong, score="itm", extra={"roc_auc_random": 0.97, "roc_auc_hard": 0.99, "roc_auc_swap": 0.61})
+    assert choose({"itm": blunt, "clip": sharp}).score == "clip"
+    assert choose({"itm": replace(sharp, score="itm"), "clip": blunt}).score == "itm"
     with pytest.raises(ConfigError, match="needs --clip"):
         choose({"itm": weak}, "clip")
 
