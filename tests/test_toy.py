@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 
 import numpy as np
@@ -153,7 +154,7 @@ def write_images_run(root, run: str, rows: list[dict]) -> None:
 
 
 def test_pretrain_toy_reads_an_ingested_run_counts_what_it_leaves_out_and_resumes(tmp_path, pairs):
-    from model.toy.pretrain import TOY_DONE, pretrain_toy
+    from model.toy.pretrain import TOY_DONE, pretrain_toy, run_pairs
 
     rows = [{"image": img, "caption": cap, "sha256": f"h{i}"} for i, (img, cap) in enumerate(pairs["train"][:40])]
     rows += [{"image": rows[0]["image"], "caption": "same bytes", "sha256": "h0"},  # exact duplicate
@@ -164,6 +165,13 @@ def test_pretrain_toy_reads_an_ingested_run_counts_what_it_leaves_out_and_resume
     info = pretrain_toy(str(tmp_path), "raw", tmp_path / "toy", preset)
     assert info["counts"] == {"images": 43, "duplicates": 1, "empty_caption": 1, "undecodable": 1, "pairs": 40}
     assert not info["reused"] and (tmp_path / "toy" / TOY_DONE).exists()
+    # with a core to spare the LM trains in a second process, and is the LM this process trains
+    if len(os.sched_getaffinity(0)) >= 2:
+        assert info["lm"]["process"] == "beside the CLIP's"
+    texts = [caption for _, caption in run_pairs(str(tmp_path), "raw")[0]]
+    pretrain_lm(texts, tmp_path / "lm-here", preset)
+    assert ((tmp_path / "lm-here" / "model.safetensors").read_bytes()
+            == (tmp_path / "toy" / "lm" / "model.safetensors").read_bytes())
     for part in ("tokenizer", "bert", "clip", "lm"):
         assert (tmp_path / "toy" / part).is_dir()
     from model.vision import load_vision_encoder
