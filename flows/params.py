@@ -195,7 +195,8 @@ class BootstrapParams(BaseModel):
         else:  # BLIP with an annotated set: the finetuned captioner and the calibrated, finetuned filter
             previous = self.models(self.round_run(k - 1))
             captioner, itm = (FINETUNED_CAPTIONER, FINETUNED_FILTER) if self.annotated else ("stage2", "stage1")
-            caption = preset.caption.replace({"captioner": _join(previous, captioner)}).replace(self.caption)
+            caption = preset.caption.replace(preset.calibrated_caption.values) if self.annotated else preset.caption
+            caption = caption.replace({"captioner": _join(previous, captioner)}).replace(self.caption)
             filter_fields = (preset.calibrated_filter if self.annotated else preset.filter)
             filter_fields = filter_fields.replace({"itm": _join(previous, itm)}).replace(self.filter)
         curate = CurateParams(source=self.source, root=self.root, run=run, ingest=preset.ingest.replace(self.ingest).values,

@@ -350,12 +350,14 @@ def test_with_an_annotated_set_rounds_finetune_first_and_filter_every_caption_by
     assert (ftc.stage2, ftc.settings.out, ftc.settings.lr) == ("/d/models/b-r1/stage2", "/d/models/b-r1/captioner", 1e-5)
     curate2, filter2, _ = params.round_params(2)
     assert curate2.caption["config.captioner"] == "/d/models/b-r1/captioner"
+    assert curate2.caption["config.decoding.num_captions"] == 1  # BLIP: one caption per image, each judged
     assert filter2.values["select.policies"] == ("calibrated",) and filter2.values["score.itm"] == "/d/models/b-r1/filter"
     assert "select.top_k" not in filter2.values and "select.rank_by" not in filter2.values  # a per-caption decision, not a ranking
     order = [label for label, _ in planned_steps(params)]
     assert order.index("finetune-filter-r1") < order.index("ingest-r1") < order.index("filter-r1")
     without = BootstrapParams(source="src", root="/d", run="b", rounds=1, preset="toy")
     assert without.finetune_steps(1) == {} and without.round_params(1)[1].values["select.policies"] == ("blip2",)
+    assert without.round_params(1)[0].caption["config.decoding.num_captions"] == 4  # BLIP-2: ranked, top 2 kept
     # the early check parses the finetune steps as the CLI would: a bad option fails before any work
     source = tmp_path / "src.parquet"
     source.write_bytes(b"")
