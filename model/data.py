@@ -182,6 +182,7 @@ class Stage1Batches(torch.utils.data.Dataset):
                 "%d training images fill no batch of %d on each of %d worker(s): batches of %d instead",
                 len(images), config.batch_size, world_size, self.batch_size)
         self.per_epoch = per_worker // self.batch_size
+        self._epoch_order: tuple[int, list[int]] | None = None  # (epoch, this worker's image order)
 
     def __len__(self):
         return self.per_epoch * 10**9  # endless; the trainer decides when to stop
@@ -191,11 +192,13 @@ class Stage1Batches(torch.utils.data.Dataset):
 
     def indices(self, micro: int) -> tuple[int, list[int]]:
         """(epoch, this worker's image indices) of micro-batch `micro`."""
-        cfg = self.config
         pos = self.position(micro)
-        order = np.random.default_rng([cfg.seed, pos["epoch"]]).permutation(len(self.images))
+        epoch = pos["epoch"]
+        if self._epoch_order is None or self._epoch_order[0] != epoch:  # drawn once per epoch, not per batch
+            order = np.random.default_rng([self.config.seed, epoch]).permutation(len(self.images))
+            self._epoch_order = (epoch, order[self.rank::self.world_size].tolist())
         start = pos["batch_in_epoch"] * self.batch_size
-        return pos["epoch"], order[self.rank::self.world_size][start:start + self.batch_size].tolist()
+        return epoch, self._epoch_order[1][start:start + self.batch_size]
 
     def draw(self, epoch: int, index: int, img=None) -> tuple[str, tuple | None, bool]:
         """(caption, crop, flip) of one sample, from its own generator seeded by (seed, epoch, image).
