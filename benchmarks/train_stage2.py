@@ -14,49 +14,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: benchmarks/ is not a package then
 
+from benchmarks.train_stage1 import QFORMER, compare_feature_cache, encoder_folder  # noqa: E402
 from model.stage2 import Stage2Config, train  # noqa: E402
 from stage1_world import make_curated_run  # noqa: E402
 from stage2_world import make_opt, make_stage1_checkpoint  # noqa: E402
-
-QFORMER = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
-               num_query_tokens=32, embed_dim=128, max_position_embeddings=64)
-
-
-def encoder_folder(folder: Path, image_size: int) -> str:
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
-    config = CLIPVisionConfig(hidden_size=384, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=6,
-                              image_size=image_size, patch_size=16)
-    CLIPVisionModel(config).save_pretrained(str(folder))
-    return str(folder)
-
-
-def peak_memory_mb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux; process-wide high-water mark
-
-
-def timed_run(base: Path, name: str, common: dict, cache: bool) -> dict:
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    config = Stage2Config(out=str(base / name), cache_features=cache, **common)
-    start = time.perf_counter()
-    result = train(config)
-    seconds = time.perf_counter() - start
-    samples = config.steps * config.batch_size
-    return {"seconds": round(seconds, 2), "samples_per_s": round(samples / seconds, 2),
-            "last_loss": result["metrics"][-1]["loss"], "peak_memory_mb": round(peak_memory_mb(), 1)}
 
 
 def main() -> None:
@@ -87,17 +57,13 @@ def main() -> None:
         common = dict(root=str(base / "data"), run="bench", stage1=str(stage1), llm=llm,
                       steps=args.epochs * (args.images // args.batch_size), batch_size=args.batch_size,
                       warmup_steps=1, augment=False, log_every=1, checkpoint_every=10**9, progress=False)
-        recompute = timed_run(base, "recompute", common, cache=False)
-        cached = timed_run(base, "cached", common, cache=True)
+        measured = compare_feature_cache(train, Stage2Config, base, common)
     print(json.dumps({
         "config": {"vision": f"CLIP ViT-S/16 (random), {args.image_size}px", "qformer": QFORMER,
                    "llm": args.llm or "OPT 4 layers x 256 (random)", "images": args.images,
                    "batch_size": args.batch_size, "epochs": args.epochs, "threads": torch.get_num_threads(),
                    "device": "cuda" if torch.cuda.is_available() else "cpu"},
-        "recompute_features": recompute,
-        "cached_features": cached,
-        "cache_speedup": round(recompute["seconds"] / cached["seconds"], 2),
-        "same_losses": recompute["last_loss"] == cached["last_loss"],
+        **measured,
     }))
 
 

@@ -21,3 +21,9 @@ class ConfigError(CapfiltError):
 
 class AccountingError(CapfiltError):
     """Rows were lost or duplicated: rows in != kept + rejected + failed for a shard."""
+
+
+def first_line(exc: BaseException) -> str:
+    """What a library's exception says, in one line, for the end of a capfilt error."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

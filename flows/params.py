@@ -6,8 +6,9 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from capfilt.errors import ConfigError
 from flows.steps import StepFields, make
-from pipeline.run_store import _RUN_ID, RUN_ID_RULE
+from pipeline.run_store import check_run_id
 
 # A stage's options in a parameters file are {name: value}, by field name (top_k), dotted field path
 # (select.top_k) or the CLI's spelling (top-k); flows/steps/ builds the stage's typed config from
@@ -74,9 +75,10 @@ class CurateParams(BaseModel):
 
 
 def _run_id(value: str) -> str:
-    if not _RUN_ID.match(value):
-        raise ValueError(RUN_ID_RULE)  # pydantic names the field; run_store.check_run_id's rule
-    return value
+    try:
+        return check_run_id(value)  # the one rule for run ids
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None  # pydantic reports ValueErrors under the field's name
 
 
 # Where a round's finetuned models go, inside the models folder of the round they start from.

@@ -3,9 +3,9 @@
 A `Captioner` turns a batch of decoded images into N captions each, under a `Decoding` (nucleus
 sampling or beam search, lengths, repetition penalty, optional prompt) and one seed per caption.
 `load_captioner(id_or_path)` reads the checkpoint's `config.json`, picks the family registered for
-its `model_type` (BLIP and BLIP-2 here; capfilt's own Stage 2 checkpoints register theirs with
-`register_captioner_family`) and loads it with `from_pretrained`, the same call for a hub id and a
-folder written by `save_pretrained`.
+its `model_type` (BLIP, BLIP-2, capfilt's own Stage 2) in the one registry of model families
+(model/registry.py) and loads it with `from_pretrained`, the same call for a hub id and a folder
+written by `save_pretrained`.
 
 Sampling is done by `SeededNucleusSampler`, not by transformers' global-RNG `multinomial`: every
 generated row draws from its own `torch.Generator` seeded from (run seed, sample id, caption
@@ -16,17 +16,16 @@ the batch, how Ray split the data, or whether the run was resumed.
 from __future__ import annotations
 
 import hashlib
-import json
 from abc import ABC, abstractmethod
-from typing import Callable
 
 import torch
 from PIL import Image
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from capfilt.device import autocast, inference_dtype, pick_device
-from capfilt.errors import ConfigError
+from capfilt.errors import ConfigError, first_line
 
+from . import registry
 from .decoding import Decoding
 
 
@@ -103,7 +102,7 @@ class HFCaptioner(Captioner):
         except (OSError, ValueError) as exc:
             raise ConfigError(
                 f"--captioner {id_or_path!r}: could not load the {self.model_class.__name__} and its "
-                f"processor ({_first_line(exc)}). Use a folder written by save_pretrained (model + "
+                f"processor ({first_line(exc)}). Use a folder written by save_pretrained (model + "
                 f"processor) or a hub id."
             ) from exc
         self.model.to(self.device).eval()
@@ -176,55 +175,14 @@ class Blip2Captioner(HFCaptioner):
         return input_ids.shape[1] if self.model.config.use_decoder_only_language_model else 0
 
 
-def _capfilt_stage2(id_or_path: str, device: str = "auto") -> Captioner:
-    # Imported on use: a Stage 2 checkpoint loads without anyone registering it first.
-    from model.blip2_generate import load_stage2_captioner
-
-    return load_stage2_captioner(id_or_path, device)
-
-
-# model_type in config.json -> loader(id_or_path, device).
-CAPTIONER_FAMILIES: dict[str, Callable[[str, str], Captioner]] = {
-    "blip": BlipCaptioner,
-    "blip-2": Blip2Captioner,
-    "capfilt-blip2-stage2": _capfilt_stage2,  # capfilt's own Stage 2 checkpoints (model/stage2.py)
-}
-
-
-def register_captioner_family(model_type: str, loader: Callable[[str, str], Captioner]) -> None:
-    """Make `load_captioner` load checkpoints whose config.json says `model_type` with `loader`."""
-    CAPTIONER_FAMILIES[model_type] = loader
-
-
 def captioner_model_type(id_or_path: str) -> str:
-    """The `model_type` of a checkpoint (folder or hub id), read without loading any weights."""
-    from transformers import PreTrainedConfig
-
-    try:
-        config, _ = PreTrainedConfig.get_config_dict(id_or_path)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(
-            f"--captioner {id_or_path!r}: no config.json there ({_first_line(exc)}). Pass a folder "
-            f"written by save_pretrained or a hub id such as Salesforce/blip-image-captioning-large "
-            f"(hub ids need network access or a filled HF cache)."
-        ) from exc
-    model_type = config.get("model_type")
-    if model_type not in CAPTIONER_FAMILIES:
-        raise ConfigError(
-            f"--captioner {id_or_path!r}: model_type {model_type!r} is not a known captioner; "
-            f"known: {', '.join(sorted(CAPTIONER_FAMILIES))}."
-        )
-    return model_type
+    """The `model_type` of a captioner checkpoint (folder or hub id), read without loading any weights."""
+    return registry.model_type("captioner", id_or_path)
 
 
 def load_captioner(id_or_path: str, device: str = "auto") -> Captioner:
     """Load a captioner by hub id or local folder, onto the GPU when there is one."""
-    return CAPTIONER_FAMILIES[captioner_model_type(id_or_path)](id_or_path, device)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    return registry.load("captioner", captioner_model_type(id_or_path), id_or_path, device)
 
 
 def save_random_captioner(

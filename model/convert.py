@@ -42,10 +42,10 @@ from pathlib import Path
 import torch
 
 from capfilt.device import inference_dtype
-from capfilt.errors import ConfigError
+from capfilt.errors import ConfigError, first_line
 
 from .blip2 import Blip2Stage2, Stage2ModelConfig, read_model_config, resolve_checkpoint
-from .llm import _first_line, caption_end_id, freeze, prepare_llm_tokenizer
+from .llm import caption_end_id, freeze, prepare_llm_tokenizer
 from .qformer import QFormer, QFormerConfig
 from .vision import FrozenImageEncoder, Preprocess, TransformersEncoder, load_vision_encoder
 
@@ -158,7 +158,7 @@ def load_blip2(id_or_path: str, device: str | torch.device = "cpu") -> tuple[Bli
         hf = Blip2ForConditionalGeneration.from_pretrained(id_or_path, dtype=dtype)
         processor = AutoProcessor.from_pretrained(id_or_path)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"{id_or_path}: not a Blip2ForConditionalGeneration checkpoint with processor ({_first_line(exc)}).") from exc
+        raise ConfigError(f"{id_or_path}: not a Blip2ForConditionalGeneration checkpoint with processor ({first_line(exc)}).") from exc
     qc, vc, tc = hf.config.qformer_config, hf.config.vision_config, hf.config.text_config
     qconfig = QFormerConfig(
         vocab_size=qc.vocab_size, hidden_size=qc.hidden_size, num_hidden_layers=qc.num_hidden_layers,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from capfilt.errors import ConfigError
 
-from .qformer import QFormer, QFormerConfig
+from .qformer import SAVED_VISION, QFormer, QFormerConfig
 
 CONFIG_DIR = Path(__file__).with_name("configs")
 DEFAULT = "qformer-base"
@@ -49,6 +49,7 @@ def architecture(spec: str | Path | Mapping, where: str = "architecture") -> dic
         message = str(exc)
         raise ConfigError(message if message.startswith(source) else f"{source}: {message}") from None
     data.pop("model_type", None)
+    data.pop(SAVED_VISION, None)  # a saved model's config is an architecture too; its encoder is not part of it
     return data
 
 

@@ -74,20 +74,17 @@ def _known(cls, values: dict) -> dict:
 
 def filter_config(stage1: str, settings: FinetuneSettings, images: list, annotated: str, vision: str | None = None):
     """The Stage1Config that finetunes `stage1` as BLIP's filter; (config, parent step folder, parent info)."""
-    from .stage1_inference import resolve_checkpoint
+    from .qformer import CONFIG_NAME
+    from .stage1_inference import stage1_checkpoint
     from .train_stage1 import Stage1Config
 
-    step, model_dir = resolve_checkpoint(stage1)
-    if not (model_dir / "qformer_config.json").exists():
-        raise ConfigError(f"--stage1 {stage1}: no Stage 1 Q-Former there; pass a `capfilt train stage1 --out` "
-                          f"folder, one of its step-* folders or its model/ folder.")
-    info_path = next((p for p in (step / "stage1.json", model_dir.parent / "stage1.json") if p.exists()), None)
-    info = json.loads(info_path.read_text()) if info_path else {}
-    vision = vision or info.get("vision")
+    checkpoint = stage1_checkpoint(stage1, f"--stage1 {stage1}")
+    step, model_dir, info = checkpoint.step, checkpoint.model_dir, checkpoint.info
+    vision = vision or checkpoint.vision
     if not vision:
         raise ConfigError(f"--stage1 {stage1}: no stage1.json naming the image encoder; pass --vision.")
     parent = dict(info.get("config") or {})
-    qformer = json.loads((model_dir / "qformer_config.json").read_text())
+    qformer = json.loads((model_dir / CONFIG_NAME).read_text())
     values = {**parent, **_schedule(settings, images, parent.get("lr", 1e-4)),
               "root": annotated, "run": "annotated", "vision": vision, "tokenizer": str(model_dir), "bert": None,
               "init_from": str(model_dir), "itg_weight": 0.0, "itm_random_negative_steps": 0,

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from capfilt.device import inference_dtype
-from capfilt.errors import ConfigError
+from capfilt.errors import ConfigError, first_line
 
 # -- the frozen LLM -----------------------------------------------------------------------------
 
@@ -35,7 +35,7 @@ def load_llm(spec: str, device: torch.device | str = "cpu", dtype: torch.dtype |
         tokenizer = AutoTokenizer.from_pretrained(spec)
     except (OSError, ValueError) as exc:
         raise ConfigError(
-            f"--llm {spec}: cannot load a transformers config and tokenizer there ({_first_line(exc)}). Give a "
+            f"--llm {spec}: cannot load a transformers config and tokenizer there ({first_line(exc)}). Give a "
             f"hub id such as facebook/opt-2.7b or a folder written by save_pretrained (model + tokenizer)."
         ) from exc
     kind = "seq2seq" if getattr(config, "is_encoder_decoder", False) else "causal"
@@ -43,7 +43,7 @@ def load_llm(spec: str, device: torch.device | str = "cpu", dtype: torch.dtype |
     try:
         model = cls.from_pretrained(spec, dtype=dtype or inference_dtype(device))
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"--llm {spec}: not loadable as {cls.__name__} ({_first_line(exc)}).") from exc
+        raise ConfigError(f"--llm {spec}: not loadable as {cls.__name__} ({first_line(exc)}).") from exc
     return freeze(model.to(device)), prepare_llm_tokenizer(tokenizer, spec), kind
 
 
@@ -63,11 +63,6 @@ def freeze(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 # -- text layout ---------------------------------------------------------------------------------

@@ -40,6 +40,9 @@ CONFIG_NAME = "qformer_config.json"
 # its model_type, as they tell BLIP from BLIP-2. Not a transformers model type: the file keeps its
 # own name so no AutoConfig mistakes it for one.
 MODEL_TYPE = "capfilt-qformer"
+# What a saved model's CONFIG_NAME says besides its architecture: the frozen image encoder it was trained
+# with (model/vision.py spec), so that the folder alone loads. Folders saved before it leave it out.
+SAVED_VISION = "vision"
 WEIGHTS_NAME = "model.safetensors"
 DEC_TOKEN = "[DEC]"
 
@@ -111,6 +114,7 @@ class QFormerConfig:
     @classmethod
     def from_json(cls, text: str, where: str = "config") -> "QFormerConfig":
         data = json.loads(text)
+        data.pop(SAVED_VISION, None)  # what the saved model needs, not part of its architecture
         # Files written before model_type existed have none; any other value is not a Q-Former.
         model_type = data.pop("model_type", MODEL_TYPE)
         if model_type != MODEL_TYPE:
@@ -367,12 +371,16 @@ class QFormer(nn.Module):
             self.qformer.activation_checkpointing_disable()
 
     # -- persistence: a folder with a JSON config and safetensors -------------------------------
-    def save_pretrained(self, folder: str | Path, tokenizer=None) -> Path:
+    def save_pretrained(self, folder: str | Path, tokenizer=None, vision: str | None = None) -> Path:
+        """The config (with `vision`, the frozen encoder's spec, when given), the weights and the tokenizer."""
         from safetensors.torch import save_model
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / CONFIG_NAME).write_text(self.config.to_json())
+        config = json.loads(self.config.to_json())
+        if vision:
+            config[SAVED_VISION] = vision
+        (folder / CONFIG_NAME).write_text(json.dumps(config, indent=1, sort_keys=True))
         # save_model (not save_file) because lm_head.decoder.weight shares the word embeddings.
         save_model(self, str(folder / WEIGHTS_NAME))
         if tokenizer is not None:
@@ -393,6 +401,12 @@ class QFormer(nn.Module):
         model = cls(QFormerConfig.from_json(config_path.read_text(), where=str(config_path)))
         load_model(model, str(folder / WEIGHTS_NAME), device=str(device))
         return model.to(device)
+
+
+def saved_vision(model_dir: str | Path) -> str | None:
+    """The frozen image encoder a saved Q-Former folder names, else None (saved before it did)."""
+    path = Path(model_dir) / CONFIG_NAME
+    return json.loads(path.read_text()).get(SAVED_VISION) if path.exists() else None
 
 
 # -- tokenizer ----------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ tiny test models take the same path as a real name.
 `save_pretrained` folder, choosing the class from the checkpoint's `model_type` (BLIP:
 BlipForImageTextRetrieval, BLIP-2: Blip2ForImageTextRetrieval, capfilt's Stage 1 Q-Former:
 "capfilt-qformer", whose folders are a `capfilt train stage1 --out`, one of its step-* folders
-or a step's model/). Other families plug in with `register_itm_family`.
+or a step's model/), through the one registry of model families (model/registry.py).
 """
 
 from __future__ import annotations
@@ -17,20 +17,16 @@ from __future__ import annotations
 import json
 import os
 from abc import ABC, abstractmethod
-from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image
 
 from capfilt.device import autocast, inference_dtype, pick_device
-from capfilt.errors import ConfigError
+from capfilt.errors import ConfigError, first_line
 from capfilt.logs import RANDOM_INIT, expected
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+from . import registry
 
 
 # -- CLIP ------------------------------------------------------------------------------------
@@ -64,7 +60,7 @@ class ClipScorer:
             )
         except (RuntimeError, OSError, ValueError) as exc:
             raise ConfigError(
-                f"--clip {name} --clip-pretrained {pretrained!r}: cannot load ({_first_line(exc)}). Give an "
+                f"--clip {name} --clip-pretrained {pretrained!r}: cannot load ({first_line(exc)}). Give an "
                 f"open_clip pretrained tag or a local checkpoint file."
             ) from exc
         self.model = model.eval().to(dtype=inference_dtype(self.device))
@@ -155,7 +151,7 @@ class HFItmScorer(ItmScorer):
             self.processor = AutoProcessor.from_pretrained(id_or_path)
             self.model = model_class.from_pretrained(id_or_path, dtype=dtype).eval().to(self.device)
         except (OSError, ValueError) as exc:
-            raise ConfigError(f"--itm {id_or_path}: cannot load ({_first_line(exc)}).") from exc
+            raise ConfigError(f"--itm {id_or_path}: cannot load ({first_line(exc)}).") from exc
 
     def match_probability(self, images, texts):
         return self.match_probability_of(images, list(range(len(images))), texts)
@@ -178,31 +174,24 @@ class HFItmScorer(ItmScorer):
         return torch.softmax(logits.float(), dim=-1)[:, 1].cpu().numpy()
 
 
-def _blip(id_or_path: str, device: str) -> ItmScorer:
+# The ITM families' loaders (model/registry.py names them): transformers' BLIP and BLIP-2 retrieval models,
+# capfilt's own Stage 1.
+def blip_itm(id_or_path: str, device: str) -> ItmScorer:
     from transformers import BlipForImageTextRetrieval
 
     return HFItmScorer(id_or_path, BlipForImageTextRetrieval, device)
 
 
-def _blip2(id_or_path: str, device: str) -> ItmScorer:
+def blip2_itm(id_or_path: str, device: str) -> ItmScorer:
     from transformers import Blip2ForImageTextRetrieval
 
     return HFItmScorer(id_or_path, Blip2ForImageTextRetrieval, device)
 
 
-def _stage1(id_or_path: str, device: str) -> ItmScorer:
+def stage1_itm(id_or_path: str, device: str) -> ItmScorer:
     from model.stage1_inference import Stage1Scorer
 
     return Stage1Scorer.from_checkpoint(id_or_path, device=device)
-
-
-STAGE1_MODEL_TYPE = "capfilt-qformer"  # model.qformer.MODEL_TYPE, without importing the Q-Former here
-ITM_FAMILIES: dict[str, Callable[[str, str], ItmScorer]] = {"blip": _blip, "blip-2": _blip2, STAGE1_MODEL_TYPE: _stage1}
-
-
-def register_itm_family(model_type: str, loader: Callable[[str, str], ItmScorer]) -> None:
-    """Let `load_itm` load checkpoints whose config.json says `model_type` (Stage 1 plugs in here)."""
-    ITM_FAMILIES[model_type] = loader
 
 
 def _stage1_config(id_or_path: str) -> dict | None:
@@ -218,33 +207,17 @@ def _stage1_config(id_or_path: str) -> dict | None:
         return None
     config = json.loads(path.read_text())
     # Q-Former configs written before they carried a model_type are still Q-Formers: the file name says so.
-    config.setdefault("model_type", STAGE1_MODEL_TYPE)
+    config.setdefault("model_type", registry.STAGE1_MODEL_TYPE)
     return config
 
 
 def itm_model_type(id_or_path: str) -> str:
-    from transformers import PretrainedConfig
-
-    config = _stage1_config(id_or_path)
-    if config is None:
-        try:
-            config, _ = PretrainedConfig.get_config_dict(id_or_path)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(
-                f"--itm {id_or_path}: no model config found ({_first_line(exc)}). Give a hub id, a "
-                f"folder written by save_pretrained or a `capfilt train stage1 --out` folder."
-            ) from exc
-    model_type = config.get("model_type")
-    if model_type not in ITM_FAMILIES:
-        raise ConfigError(
-            f"--itm {id_or_path}: model_type {model_type!r} is not an ITM family capfilt knows "
-            f"({', '.join(sorted(ITM_FAMILIES))})."
-        )
-    return model_type
+    """The `model_type` of an ITM checkpoint (a Stage 1 folder, a save_pretrained folder or a hub id)."""
+    return registry.model_type("itm", id_or_path, _stage1_config(id_or_path))
 
 
 def load_itm(id_or_path: str, device: str = "auto") -> ItmScorer:
-    return ITM_FAMILIES[itm_model_type(id_or_path)](id_or_path, device)
+    return registry.load("itm", itm_model_type(id_or_path), id_or_path, device)
 
 
 def save_random_itm(folder: str, width: int = 32, image_size: int = 32) -> str:

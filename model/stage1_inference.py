@@ -9,6 +9,7 @@ says model_type "capfilt-qformer". Retrieval is BLIP-2's: ITC top-k, then ITM re
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from capfilt.device import pick_device
 from capfilt.errors import ConfigError
 
 from .data import image_pixels, pil_pixels
-from .qformer import CONFIG_NAME, QFormer, load_tokenizer
+from .qformer import CONFIG_NAME, QFormer, load_tokenizer, saved_vision
 from .scorers import ItmScorer
 from .trainer import resolve_latest
 from .vision import FrozenImageEncoder, load_vision_encoder
@@ -32,6 +33,30 @@ def resolve_checkpoint(folder: str | Path) -> tuple[Path, Path]:
     return folder, model_dir
 
 
+@dataclass(frozen=True)
+class Stage1Checkpoint:
+    """A Stage 1 checkpoint's pieces: its step folder, its model folder (Q-Former and tokenizer), the
+    step's stage1.json (training config and lineage; {} without one) and the frozen image encoder it
+    was trained with (None when neither the model folder nor a stage1.json names it)."""
+
+    step: Path
+    model_dir: Path
+    info: dict
+    vision: str | None
+
+
+def stage1_checkpoint(folder: str | Path, where: str) -> Stage1Checkpoint:
+    """A trainer --out folder (its latest step), a step-* folder or a model folder, as a Stage1Checkpoint;
+    errors start with `where` (e.g. "--stage1 DIR")."""
+    step, model_dir = resolve_checkpoint(folder)
+    if not (model_dir / CONFIG_NAME).exists():
+        raise ConfigError(f"{where}: no Stage 1 Q-Former there ({CONFIG_NAME}); pass a `capfilt train stage1 --out` "
+                          f"folder, one of its step-* folders or its model/ folder.")
+    info_path = next((p for p in (step / "stage1.json", model_dir.parent / "stage1.json") if p.exists()), None)
+    info = json.loads(info_path.read_text()) if info_path else {}
+    return Stage1Checkpoint(step, model_dir, info, saved_vision(model_dir) or info.get("vision"))
+
+
 class Stage1Scorer(ItmScorer):
     """A trained Q-Former with its tokenizer and frozen encoder, in eval mode."""
 
@@ -43,19 +68,17 @@ class Stage1Scorer(ItmScorer):
     def from_checkpoint(cls, folder: str | Path, vision: str | None = None, device: str = "auto") -> "Stage1Scorer":
         """`folder`: a trainer --out folder (its latest step), a step-* folder, or a model folder.
 
-        The image encoder is the one the step folder's stage1.json names unless `vision` is given;
-        a model folder on its own has no stage1.json, so it needs `vision` or one beside it.
+        The image encoder is the one the model folder names (or, saved before it did, its step's
+        stage1.json) unless `vision` is given.
         """
-        step, model_dir = resolve_checkpoint(folder)
+        checkpoint = stage1_checkpoint(folder, str(folder))
+        step, model_dir = checkpoint.step, checkpoint.model_dir
+        vision = vision or checkpoint.vision
         if vision is None:
-            candidates = [step / "stage1.json", model_dir.parent / "stage1.json"]
-            info = next((c for c in candidates if c.exists()), None)
-            if info is None:
-                raise ConfigError(
-                    f"{folder}: no stage1.json saying which image encoder was used (looked in {step} and "
-                    f"{model_dir.parent}); pass the checkpoint's step folder, or vision=."
-                )
-            vision = json.loads(info.read_text())["vision"]
+            raise ConfigError(
+                f"{folder}: no stage1.json saying which image encoder was used (looked in {step} and "
+                f"{model_dir.parent}, and the model folder names none); pass the checkpoint's step folder, or vision=."
+            )
         device = pick_device(device)
         return cls(QFormer.from_pretrained(model_dir, device), load_tokenizer(model_dir),
                    load_vision_encoder(vision, device), device, id=str(folder))

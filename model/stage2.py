@@ -34,22 +34,16 @@ from .losses import world
 from .qformer import QFormer, load_tokenizer
 from .recipes import STAGE2 as STAGE2_RECIPES
 from .recipes import resolve as resolve_recipe
-from .trainer import Objective, fit, resolve_latest, run_on_ray_train, worker_device
+from .stage1_inference import Stage1Checkpoint, stage1_checkpoint
+from .trainer import Objective, fit, run_on_ray_train, worker_device
 from .vision import FrozenImageEncoder, load_vision_encoder
 
 
 # -- the Stage 1 checkpoint it starts from ---------------------------------------------------------
 
-def stage1_info(stage1: str | Path) -> tuple[Path, Path, dict]:
-    """(step folder, model folder, stage1.json) of a Stage 1 checkpoint (trainer --out, step-* or model/)."""
-    folder = resolve_latest(stage1)
-    model_dir = folder / "model" if (folder / "model").is_dir() else folder
-    info_path = folder / "stage1.json"
-    if not (model_dir / "qformer_config.json").exists():
-        raise ConfigError(f"--stage1 {stage1}: no Stage 1 Q-Former there (model/qformer_config.json); "
-                          f"pass a `capfilt train stage1 --out` folder or one of its step-* folders.")
-    info = json.loads(info_path.read_text()) if info_path.exists() else {}
-    return folder, model_dir, info
+def stage1_info(stage1: str | Path) -> Stage1Checkpoint:
+    """The Stage 1 checkpoint Stage 2 starts from (trainer --out, step-* or model/), checked."""
+    return stage1_checkpoint(stage1, f"--stage1 {stage1}")
 
 
 # -- training config -----------------------------------------------------------------------------
@@ -61,7 +55,7 @@ class Stage2Config(TrainingConfig):
 
     stage1: str  # Stage 1 checkpoint: trainer --out, step-* or model folder
     llm: str  # hub id or folder: AutoModelForCausalLM or AutoModelForSeq2SeqLM + AutoTokenizer
-    vision: str | None = None  # default: the Stage 1 checkpoint's stage1.json "vision"
+    vision: str | None = None  # default: the encoder the Stage 1 checkpoint names
     prompt: str = ""  # LAVIS pretrains with no prompt; caption fine-tuning uses "a photo of"
     init_from: str | None = None  # a Stage 2 checkpoint whose Q-Former + projection to start from (finetuning)
     instruction_aware: bool = False
@@ -116,8 +110,8 @@ class Stage2Objective(nn.Module):
 
 def build_model(config: Stage2Config, device: torch.device) -> tuple[Blip2Stage2, FrozenImageEncoder, str]:
     """(model with Stage 1 Q-Former and fresh projection, frozen encoder, vision spec)."""
-    _, model_dir, info = stage1_info(config.stage1)
-    vision = config.vision or info.get("vision")
+    stage1 = stage1_info(config.stage1)
+    model_dir, vision = stage1.model_dir, config.vision or stage1.vision
     if not vision:
         raise ConfigError(f"--stage1 {config.stage1}: no stage1.json naming the image encoder; pass --vision.")
     encoder = load_vision_encoder(vision, device)

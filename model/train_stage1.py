@@ -168,7 +168,7 @@ class Stage1Training(Objective):
 
     def save(self, folder: Path, step: int, data_position: dict) -> None:
         config = self.config
-        self.model.save_pretrained(folder / "model", tokenizer=self.tokenizer)
+        self.model.save_pretrained(folder / "model", tokenizer=self.tokenizer, vision=config.vision)
         (folder / "stage1.json").write_text(json.dumps({
             "config": asdict(config), "step": step, "data_position": data_position,
             "curated_run": {"root": config.root, "run": config.run}, "vision": config.vision,

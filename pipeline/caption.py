@@ -29,7 +29,7 @@ from PIL import Image
 
 from capfilt.errors import ConfigError, SchemaError
 from model.captioners import Captioner, Decoding, caption_seed, captioner_model_type, load_captioner
-from pipeline.model_stage import ModelStage, ShardActor, check_executor, run_model_stage
+from pipeline.model_stage import ModelStage, ShardActor, check_actor_settings, run_model_stage
 from pipeline.run_store import RunStore, ShardCounts, config_hash
 from pipeline.summary import StageSummary
 from schemas import CAPTIONS, IMAGES, REJECTED
@@ -66,13 +66,7 @@ class CaptionConfig:
     def __post_init__(self):
         if not self.captioner:
             raise ConfigError("--captioner is required: a hub id or a folder written by save_pretrained.")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be >= 1 (got {self.batch_size}).")
-        if self.actors is not None and self.actors < 1:
-            raise ConfigError(f"--actors must be >= 1 (got {self.actors}).")
-        if self.cpus_per_actor < 1:
-            raise ConfigError(f"--cpus-per-actor must be >= 1 (got {self.cpus_per_actor}).")
-        check_executor(self.executor)
+        check_actor_settings(self.batch_size, self.actors, self.cpus_per_actor, self.executor)
 
     @property
     def web_only(self) -> bool:

@@ -146,15 +146,13 @@ def load_truth(path: str) -> dict[str, dict]:
 def _stage1_holdout(stage1: str) -> tuple[list[EvalImage], dict] | None:
     """The images a Stage 1 run kept out of training, or None when it kept none."""
     from model.data import load_curated_images, split_holdout
-    from model.trainer import resolve_latest
+    from model.stage1_inference import stage1_checkpoint
     from pipeline.run_store import RunStore
     from schemas import CURATED
 
-    folder = resolve_latest(stage1)
-    info_file = folder / "stage1.json"
-    if not info_file.exists():
+    info = stage1_checkpoint(stage1, f"--stage1 {stage1}").info  # its stage1.json: training config, curated run
+    if not info:
         return None
-    info = json.loads(info_file.read_text())
     config = info.get("config", {})
     holdout = int(config.get("holdout_images") or 0)
     if not holdout:

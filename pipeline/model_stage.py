@@ -50,7 +50,14 @@ RAY_ACTOR_START_S = 15.0
 RAY_STARTUP_SHARE = 0.15
 
 
-def check_executor(executor: str) -> None:
+def check_actor_settings(batch_size: int, actors: int | None, cpus_per_actor: int, executor: str) -> None:
+    """The settings every model stage's config has (its batch, its actor pool, where it runs), checked alike."""
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1 (got {batch_size}).")
+    if actors is not None and actors < 1:
+        raise ConfigError(f"--actors must be >= 1 (got {actors}).")
+    if cpus_per_actor < 1:
+        raise ConfigError(f"--cpus-per-actor must be >= 1 (got {cpus_per_actor}).")
     if executor not in EXECUTORS:
         raise ConfigError(f"executor must be one of {', '.join(EXECUTORS)} (got {executor!r}).")
 

@@ -22,7 +22,7 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from capfilt.errors import ConfigError
 from pipeline.caption import decode_image
-from pipeline.model_stage import ModelStage, ShardActor, check_executor, run_model_stage
+from pipeline.model_stage import ModelStage, ShardActor, check_actor_settings, run_model_stage
 from pipeline.run_store import RunStore, ShardCounts, config_hash
 from pipeline.summary import StageSummary
 from schemas import CAPTIONS, IMAGES, SCORES
@@ -47,13 +47,7 @@ class ScoreConfig:
     def __post_init__(self):
         if not self.clip:
             raise ConfigError("--clip is required: an open_clip model name such as ViT-L-14.")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be >= 1 (got {self.batch_size}).")
-        if self.actors is not None and self.actors < 1:
-            raise ConfigError(f"--actors must be >= 1 (got {self.actors}).")
-        if self.cpus_per_actor < 1:
-            raise ConfigError(f"score cpus_per_actor must be >= 1 (got {self.cpus_per_actor}).")
-        check_executor(self.executor)
+        check_actor_settings(self.batch_size, self.actors, self.cpus_per_actor, self.executor)
 
     @property
     def output_hash(self) -> str:

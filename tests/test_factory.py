@@ -52,6 +52,8 @@ def test_a_json_file_is_accepted_where_a_name_is_and_checked_the_same(tmp_path):
     path = tmp_path / "mine.json"
     path.write_text(json.dumps(architecture("qformer-toy")))
     assert architecture(str(path)) == architecture("qformer-toy")
+    path.write_text(json.dumps({**architecture("qformer-toy"), "model_type": "capfilt-qformer", "vision": "open_clip:x"}))
+    assert architecture(str(path)) == architecture("qformer-toy")  # a saved model's config: its encoder is no size
     path.write_text(json.dumps({"hidden_size": 64, "num_layers": 2}))
     with pytest.raises(ConfigError, match=rf"^--model-config {path}: unknown Q-Former config key\(s\) \['num_layers'\]"):
         architecture(str(path), where="--model-config")

@@ -8,10 +8,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("capfilt", "schemas", "model", "pipeline", "flows")
-# Storage: run layout, manifest, lineage, curated reader, how Ray starts, the stage summary. They live in pipeline/
-# beside the stages but import nothing above the bottom floor, so every floor may use them.
+# Storage: run layout, manifest, lineage, curated reader, how Ray starts, the stage summary; and typed configs by
+# field name and as JSON. They live in pipeline/ beside the stages but import nothing above the bottom floor, so
+# every floor may use them.
 BOTTOM = {"capfilt", "capfilt.errors", "capfilt.device", "capfilt.logs", "capfilt.environment", "capfilt.packages",
-          "pipeline.run_store", "pipeline.lineage", "pipeline.curated", "pipeline.ray_env", "pipeline.summary"}
+          "pipeline.run_store", "pipeline.lineage", "pipeline.curated", "pipeline.ray_env", "pipeline.summary",
+          "pipeline.configs"}
 KNOWN_UP: set[tuple[str, str]] = set()  # an arrow that must point up for a while goes here, with why
 
 

@@ -81,10 +81,20 @@ def test_old_qformer_configs_without_model_type_still_load(stage1_out, tmp_path)
         QFormerConfig.from_json(json.dumps({**data, "model_type": "bert"}), where=str(config_path))
 
 
-def test_a_model_folder_without_stage1_json_says_what_to_pass(stage1_out, tmp_path):
+def test_a_model_folder_alone_loads_with_the_encoder_it_names(stage1_out, tmp_path):
     step = stage1_out / (stage1_out / "latest").read_text().strip()
     lone = tmp_path / "lone"
-    shutil.copytree(step / "model", lone / "model")
+    shutil.copytree(step / "model", lone / "model")  # no stage1.json beside it
+    config_path = lone / "model" / CONFIG_NAME
+    data = json.loads(config_path.read_text())
+    assert data["vision"] == json.loads((step / "stage1.json").read_text())["vision"]
+    scorer = load_itm(str(lone / "model"), device="cpu")
+    assert scorer.match_probability([Image.new("RGB", (32, 32))], ["a red circle"]).shape == (1,)
+    assert QFormerConfig.from_json(config_path.read_text()) == QFormerConfig.from_json(
+        json.dumps({k: v for k, v in data.items() if k != "vision"}))  # the encoder is not the architecture
+
+    del data["vision"]  # a folder saved before models named their encoder
+    config_path.write_text(json.dumps(data))
     with pytest.raises(ConfigError, match="no stage1.json"):
         load_itm(str(lone / "model"), device="cpu")
 

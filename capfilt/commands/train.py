@@ -1,4 +1,4 @@
-"""`capfilt train stage1`: train the Q-Former (ITC + ITM + ITG) on a curated run."""
+"""`capfilt train stage1|stage2`: train Stage 1 (ITC + ITM + ITG), then Stage 2 (frozen LLM), on a curated run."""
 
 from __future__ import annotations
 
@@ -18,6 +18,29 @@ def run_options(f):
         click.option("--checkpoint-every", type=int, default=500, show_default=True, help="Optimizer steps between checkpoints."),
         click.option("--resume/--no-resume", default=True, show_default=True, help="Continue from the newest checkpoint in --out."),
         click.option("--stop-at", type=int, default=None, help="Stop after this optimizer step (the schedule still spans --steps); default: run all --steps."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def training_options(f):
+    """Options both trainers share: steps, batch, optimizer, precision, augmentation, held-out images."""
+    options = [
+        click.option("--steps", type=int, default=10_000, show_default=True, help="Optimizer steps in all (the LR schedule spans them)."),
+        click.option("--batch-size", type=int, default=32, show_default=True, help="Image-text pairs per worker and micro-step."),
+        click.option("--grad-accumulation", type=int, default=1, show_default=True, help="Micro-steps per optimizer step."),
+        click.option("--lr", type=float, default=1e-4, show_default=True, help="Peak learning rate (AdamW, after warmup)."),
+        click.option("--weight-decay", type=float, default=0.05, show_default=True, help="AdamW weight decay."),
+        click.option("--precision", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True,
+                     help="Autocast dtype on GPU (CPU runs fp32)."),
+        click.option("--activation-checkpointing/--no-activation-checkpointing", default=False, show_default=True,
+                     help="Recompute activations in the backward pass: less GPU memory, more time."),
+        click.option("--augment/--no-augment", default=True, show_default=True, help="Random resized crop and flip."),
+        click.option("--flip/--no-flip", default=True, show_default=True, help="Horizontal flip (swaps left/right in captions)."),
+        click.option("--cache-features/--no-cache-features", default=False, show_default=True,
+                     help="Compute frozen features once per image (needs --no-augment)."),
+        click.option("--holdout-images", type=int, default=0, show_default=True, help="Images kept out of training for evaluation."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -61,18 +84,7 @@ def train():
 @click.option("--model-config", default=None,
               help="Q-Former architecture: a name (qformer-base, qformer-toy), a JSON file, or a JSON object of "
                    "config fields, e.g. '{\"num_hidden_layers\": 2}'; default: qformer-base (BLIP-2's).")
-@click.option("--steps", type=int, default=10_000, show_default=True, help="Optimizer steps in all (the LR schedule spans them).")
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Image-text pairs per worker and micro-step.")
-@click.option("--grad-accumulation", type=int, default=1, show_default=True, help="Micro-steps per optimizer step.")
-@click.option("--lr", type=float, default=1e-4, show_default=True, help="Peak learning rate (AdamW, after warmup).")
-@click.option("--weight-decay", type=float, default=0.05, show_default=True, help="AdamW weight decay.")
-@click.option("--precision", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True, help="Autocast dtype on GPU (CPU runs fp32).")
-@click.option("--activation-checkpointing/--no-activation-checkpointing", default=False, show_default=True,
-              help="Recompute activations in the backward pass: less GPU memory, more time.")
-@click.option("--augment/--no-augment", default=True, show_default=True, help="Random resized crop and flip.")
-@click.option("--flip/--no-flip", default=True, show_default=True, help="Horizontal flip (swaps left/right in captions).")
-@click.option("--cache-features/--no-cache-features", default=False, show_default=True, help="Compute frozen features once per image (needs --no-augment).")
-@click.option("--holdout-images", type=int, default=0, show_default=True, help="Images kept out of training for evaluation.")
+@training_options
 @click.option("--itm-random-negative-steps", type=int, default=0, show_default=True,
               help="ITM negatives drawn uniformly for this many steps before hard negatives (training from scratch).")
 @click.option("--itc-gather-grad", type=click.Choice(["local", "none"]), default=None,
@@ -95,19 +107,8 @@ def stage1(**params):
 @click.option("--vision", default=None, help="Frozen encoder; default: the one named in the Stage 1 checkpoint's stage1.json.")
 @click.option("--prompt", default="", show_default=True, help="Text before every caption (no loss on it), e.g. 'a photo of'.")
 @click.option("--instruction-aware/--no-instruction-aware", default=False, show_default=True, help="InstructBLIP: the prompt also enters the Q-Former.")
-@click.option("--steps", type=int, default=10_000, show_default=True, help="Optimizer steps in all (the LR schedule spans them).")
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Image-text pairs per worker and micro-step.")
-@click.option("--grad-accumulation", type=int, default=1, show_default=True, help="Micro-steps per optimizer step.")
-@click.option("--lr", type=float, default=1e-4, show_default=True, help="Peak learning rate (AdamW, after warmup).")
-@click.option("--weight-decay", type=float, default=0.05, show_default=True, help="AdamW weight decay.")
 @click.option("--max-text-length", type=int, default=32, show_default=True, help="Most LLM tokens per caption (eos included).")
-@click.option("--precision", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True, help="Autocast dtype on GPU (CPU runs fp32).")
-@click.option("--activation-checkpointing/--no-activation-checkpointing", default=False, show_default=True,
-              help="Recompute activations in the backward pass: less GPU memory, more time.")
-@click.option("--augment/--no-augment", default=True, show_default=True, help="Random resized crop and flip.")
-@click.option("--flip/--no-flip", default=True, show_default=True, help="Horizontal flip (swaps left/right in captions).")
-@click.option("--cache-features/--no-cache-features", default=False, show_default=True, help="Compute frozen features once per image (needs --no-augment).")
-@click.option("--holdout-images", type=int, default=0, show_default=True, help="Images kept out of training for evaluation.")
+@training_options
 @click.option("--llm-train-mode/--llm-eval-mode", default=None,
               help="Frozen LLM in train mode, dropout on (lavis), or eval mode (paper); default: from --recipe.")
 @click.option("--caption-end", type=click.Choice(["eos", "newline"]), default=None,
