@@ -156,6 +156,8 @@ class BootstrapParams(BaseModel):
         "probability reaches the threshold calibrated on its held-out part."))
     finetune_filter: dict[str, OptionValue] = Field(default_factory=dict)
     finetune_captioner: dict[str, OptionValue] = Field(default_factory=dict)
+    pretrain: dict[str, OptionValue] = Field(default_factory=dict, description=(
+        "`capfilt toy pretrain` options of presets that pretrain toy frozen models, e.g. {'world_images': 12000}."))
     heldout: str | None = Field(None, description="A synthetic world folder no model trains on: the clean evaluation set.")
     evaluate: bool = Field(True, description="Run `capfilt eval` on every trained model and put the table in the report.")
     ablation: bool = Field(False, description=(
@@ -258,8 +260,11 @@ class BootstrapParams(BaseModel):
     def pretrain_step(self):
         pretrain = self.preset_options().pretrain
         if pretrain is None:
+            if self.pretrain:
+                raise ConfigError(f"--set pretrain.*: preset {self.preset!r} pretrains no toy models; "
+                                  f"use it with --preset toy (the demo's).")
             return None
-        return make("toy pretrain", {**pretrain.values, "root": self.root, "run": self.round_run(0)})
+        return make("toy pretrain", {**pretrain.replace(self.pretrain).values, "root": self.root, "run": self.round_run(0)})
 
     @property
     def oracle_run(self) -> str:

@@ -309,6 +309,25 @@ def test_bootstrap_rounds_use_the_previous_rounds_models_and_presets_can_be_over
         parse_sets(("steps=3",))
 
 
+def test_set_pretrain_replaces_a_field_of_the_toy_pretraining_step_and_is_refused_without_one():
+    from capfilt.commands.bootstrap import parse_sets
+    from capfilt.errors import ConfigError
+    from capfilt.presets import TOY_PRETRAIN_WORLD_IMAGES
+    from flows.params import BootstrapParams
+
+    plain = BootstrapParams(source="src", root="/d", run="b", rounds=1, preset="toy")
+    assert plain.pretrain_step().world_images == TOY_PRETRAIN_WORLD_IMAGES
+    bigger = BootstrapParams(source="src", root="/d", run="b", rounds=1, preset="toy",
+                             **parse_sets(("pretrain.world_images=12000",)))
+    assert bigger.pretrain_step().world_images == 12000 and bigger.pretrain_step().out == "/d/models/b-toy"
+    with pytest.raises(ConfigError, match="unknown field 'world_image'"):
+        BootstrapParams(source="src", root="/d", run="b", rounds=1, preset="toy",
+                        **parse_sets(("pretrain.world_image=1",))).pretrain_step()
+    with pytest.raises(ConfigError, match="pretrains no toy models"):
+        BootstrapParams(source="src", root="/d", run="b", rounds=1, preset="blip2",
+                        **parse_sets(("pretrain.world_images=1",))).pretrain_step()
+
+
 @pytest.mark.parametrize("preset, quick", [("toy", True), ("toy", False), ("blip2", False), ("none", False)])
 def test_every_presets_options_build_each_stages_typed_config(preset, quick):
     from flows.bootstrap import planned_steps
