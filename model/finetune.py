@@ -80,9 +80,7 @@ def filter_config(stage1: str, settings: FinetuneSettings, images: list, annotat
 
     checkpoint = stage1_checkpoint(stage1, f"--stage1 {stage1}")
     step, model_dir, info = checkpoint.step, checkpoint.model_dir, checkpoint.info
-    vision = vision or checkpoint.vision
-    if not vision:
-        raise ConfigError(f"--stage1 {stage1}: no stage1.json naming the image encoder; pass --vision.")
+    vision = checkpoint.encoder(vision)
     parent = dict(info.get("config") or {})
     qformer = json.loads((model_dir / CONFIG_NAME).read_text())
     values = {**parent, **_schedule(settings, images, parent.get("lr", 1e-4)),

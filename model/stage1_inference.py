@@ -43,6 +43,15 @@ class Stage1Checkpoint:
     model_dir: Path
     info: dict
     vision: str | None
+    where: str = ""
+
+    def encoder(self, override: str | None = None) -> str:
+        """`override` (the caller's --vision) or the encoder the checkpoint names; a clear error without either."""
+        if override or self.vision:
+            return override or self.vision
+        raise ConfigError(f"{self.where}: no stage1.json naming the image encoder (looked in {self.step} and "
+                          f"{self.model_dir.parent}, and the model folder names none); pass --vision, or the "
+                          f"checkpoint's step folder.")
 
 
 def stage1_checkpoint(folder: str | Path, where: str) -> Stage1Checkpoint:
@@ -54,7 +63,7 @@ def stage1_checkpoint(folder: str | Path, where: str) -> Stage1Checkpoint:
                           f"folder, one of its step-* folders or its model/ folder.")
     info_path = next((p for p in (step / "stage1.json", model_dir.parent / "stage1.json") if p.exists()), None)
     info = json.loads(info_path.read_text()) if info_path else {}
-    return Stage1Checkpoint(step, model_dir, info, saved_vision(model_dir) or info.get("vision"))
+    return Stage1Checkpoint(step, model_dir, info, saved_vision(model_dir) or info.get("vision"), where)
 
 
 class Stage1Scorer(ItmScorer):
@@ -72,13 +81,7 @@ class Stage1Scorer(ItmScorer):
         stage1.json) unless `vision` is given.
         """
         checkpoint = stage1_checkpoint(folder, str(folder))
-        step, model_dir = checkpoint.step, checkpoint.model_dir
-        vision = vision or checkpoint.vision
-        if vision is None:
-            raise ConfigError(
-                f"{folder}: no stage1.json saying which image encoder was used (looked in {step} and "
-                f"{model_dir.parent}, and the model folder names none); pass the checkpoint's step folder, or vision=."
-            )
+        vision, model_dir = checkpoint.encoder(vision), checkpoint.model_dir
         device = pick_device(device)
         return cls(QFormer.from_pretrained(model_dir, device), load_tokenizer(model_dir),
                    load_vision_encoder(vision, device), device, id=str(folder))

@@ -111,9 +111,7 @@ class Stage2Objective(nn.Module):
 def build_model(config: Stage2Config, device: torch.device) -> tuple[Blip2Stage2, FrozenImageEncoder, str]:
     """(model with Stage 1 Q-Former and fresh projection, frozen encoder, vision spec)."""
     stage1 = stage1_info(config.stage1)
-    model_dir, vision = stage1.model_dir, config.vision or stage1.vision
-    if not vision:
-        raise ConfigError(f"--stage1 {config.stage1}: no stage1.json naming the image encoder; pass --vision.")
+    model_dir, vision = stage1.model_dir, stage1.encoder(config.vision)
     encoder = load_vision_encoder(vision, device)
     qformer = QFormer.from_pretrained(model_dir, device)
     if qformer.config.vision_width != encoder.width:

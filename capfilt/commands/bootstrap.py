@@ -9,8 +9,8 @@ import click
 from capfilt.commands.options import root_option
 from capfilt.logs import is_quiet
 
-STAGE_DICTS = ("ingest", "round0_caption", "round0_filter", "caption", "filter", "stage1", "stage2", "eval", "finetune_filter", "finetune_captioner",
-               "pretrain")
+STAGE_DICTS = ("ingest", "round0_caption", "round0_filter", "caption", "filter", "stage1", "stage2", "eval",
+               "finetune_filter", "finetune_captioner", "pretrain")
 
 
 def parse_sets(values: tuple[str, ...]) -> dict[str, dict]:

@@ -8,9 +8,10 @@ import multiprocessing
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from capfilt.errors import ConfigError
 
@@ -138,18 +139,18 @@ def _lm_metrics(texts: Sequence[str], folder: Path, preset: ToyPreset) -> dict:
     return pretrain_lm(texts, folder, preset).metrics
 
 
-class _side_process:
+@contextmanager
+def _side_process(wanted: bool, threads: int) -> Iterator[ProcessPoolExecutor | None]:
     """A one-worker process pool (spawned: a fresh interpreter, no forked torch state) when asked
     and when this process may use twice the pieces' intra-op threads; else None."""
-
-    def __init__(self, wanted: bool, threads: int):
-        usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        self.pool = (ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-                     if wanted and usable >= 2 * threads else None)
-
-    def __enter__(self) -> ProcessPoolExecutor | None:
-        return self.pool
-
-    def __exit__(self, *exc) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=exc[0] is None, cancel_futures=True)
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if not (wanted and usable >= 2 * threads):
+        yield None
+        return
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        yield pool
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
