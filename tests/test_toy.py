@@ -204,18 +204,24 @@ def test_toy_pretrain_cli_names_a_run_without_images_or_pairs(tmp_path, capsys):
     assert exc.value.code == 2 and "1 usable (image, caption) pairs" in capsys.readouterr().err
 
 
+def _world_pretrain_argv(tmp_path, monkeypatch, world_images: int) -> list[str]:
+    """`capfilt toy pretrain --quick --world-images N` argv, --quick made a few steps of each piece."""
+    import model.toy.preset as toy
+
+    small = ToyPreset(clip_steps=3, lm_steps=3, bert_steps=3, clip_batch_size=8, lm_batch_size=8)
+    monkeypatch.setattr(toy.ToyPreset, "quick", classmethod(lambda cls, **kw: small))
+    return ["toy", "pretrain", "--root", str(tmp_path), "--run", "no-such-run", "--out", str(tmp_path / "toy"),
+            "--quick", "--world-images", str(world_images)]
+
+
 def test_toy_pretrain_on_a_separate_world_never_reads_the_run(tmp_path, monkeypatch):
     """--world-images: the frozen pieces learn from a pretraining world made once under the root."""
     import json
 
-    import model.toy.preset as toy
     from capfilt.cli import main
     from model.toy.pretrain import TOY_DONE
 
-    small = ToyPreset(clip_steps=3, lm_steps=3, bert_steps=3, clip_batch_size=8, lm_batch_size=8)
-    monkeypatch.setattr(toy.ToyPreset, "quick", classmethod(lambda cls, **kw: small))
-    argv = ["toy", "pretrain", "--root", str(tmp_path), "--run", "no-such-run", "--out", str(tmp_path / "toy"),
-            "--quick", "--world-images", "24"]
+    argv = _world_pretrain_argv(tmp_path, monkeypatch, 24)
     main(argv)
     info = json.loads((tmp_path / "toy" / TOY_DONE).read_text())
     world = tmp_path / "worlds" / "toy-pretrain-24-noise0.4-seed104729-described"
@@ -232,3 +238,34 @@ def test_toy_pretrain_on_a_separate_world_never_reads_the_run(tmp_path, monkeypa
     before = (tmp_path / "toy" / "clip" / "open_clip_model.safetensors").read_bytes()
     main(argv)  # rerun: reused, not retrained
     assert (tmp_path / "toy" / "clip" / "open_clip_model.safetensors").read_bytes() == before
+
+
+def test_toy_pretrain_clip_on_its_own_larger_world(tmp_path, monkeypatch):
+    """--clip-world-images: the CLIP learns from a larger pretraining world, the text pieces from
+    --world-images'; a folder made without it is not reused for it, nor the other way round."""
+    import json
+
+    from capfilt.cli import main
+    from model.toy.pretrain import TOY_DONE
+
+    argv = _world_pretrain_argv(tmp_path, monkeypatch, 20)
+    main(argv)
+    same = json.loads((tmp_path / "toy" / TOY_DONE).read_text())
+    assert same["clip_world"] is None and same["clip"]["pairs"] == same["counts"]["pairs"]
+    main([*argv, "--clip-world-images", "60"])
+    info = json.loads((tmp_path / "toy" / TOY_DONE).read_text())
+    clip_world = tmp_path / "worlds" / "toy-pretrain-60-noise0.4-seed104729-described"
+    assert info["world"] == same["world"] and info["clip_world"] == str(clip_world)
+    assert info["clip"]["pairs"] == info["counts"]["clip_pairs"] >= 60 * 0.85 + 6 > info["counts"]["pairs"]
+    assert info["counts"]["texts"] == same["counts"]["texts"]  # the text pieces read the smaller world only
+    main(argv)  # back to one world: the CLIP of the larger one is not reused
+    assert json.loads((tmp_path / "toy" / TOY_DONE).read_text())["clip_world"] is None
+
+
+def test_toy_pretrain_clip_world_needs_a_world(tmp_path, capsys):
+    from capfilt.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["toy", "pretrain", "--root", str(tmp_path), "--run", "r", "--out", str(tmp_path / "toy"),
+              "--clip-world-images", "60"])
+    assert exc.value.code == 2 and "--clip-world-images needs --world-images" in capsys.readouterr().err

@@ -25,6 +25,9 @@ def toy():
                    "<root>/worlds/ and reused), never on the run being bootstrapped; 0: on the run's pairs.")
 @click.option("--world-noise", type=float, default=0.4, show_default=True, help="Noise ratio of that world.")
 @click.option("--world-seed", type=int, default=104729, show_default=True, help="Seed of that world.")
+@click.option("--clip-world-images", type=int, default=0, show_default=True,
+              help="With --world-images: the CLIP alone pretrains on a pretraining world of this many images "
+                   "(contrastive learning needs more images than the text pieces need texts); 0: the same world.")
 def pretrain(**options):
     """Tokenizer, small CLIP and small causal LM, trained from scratch on (image, web caption) pairs:
     the run's, or with --world-images those of a separate pretraining world, as real frozen models

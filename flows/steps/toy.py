@@ -20,10 +20,29 @@ class ToyPretrainStep:
     world_images: int = 0  # > 0: pretrain on a separate synthetic world of this many images instead
     world_noise: float = 0.4
     world_seed: int = 104729
+    clip_world_images: int = 0  # > 0: the CLIP alone pretrains on a pretraining world of this many images
 
     def check(self, will_exist: tuple[str, ...] = ()) -> None:
-        if self.world_images < 0:
-            raise ConfigError(f"--world-images must be >= 0, got {self.world_images}.")
+        for option in ("world_images", "clip_world_images"):
+            if getattr(self, option) < 0:
+                raise ConfigError(f"--{option.replace('_', '-')} must be >= 0, got {getattr(self, option)}.")
+        if self.clip_world_images and not self.world_images:
+            raise ConfigError("--clip-world-images needs --world-images: the CLIP's world is a pretraining world "
+                              "beside the text pieces' one.")
+
+    def _world(self, images: int):
+        """A pretraining world of `images` images (made once under <root>/worlds/), its pairs for the CLIP
+        (the web pairs, each described image once with its first wording) and the described images'
+        other wordings (for the text pieces)."""
+        from pathlib import Path
+
+        from model.toy.world import described_pairs, pretraining_world, world_pairs
+
+        world = pretraining_world(Path(self.root) / "worlds" / f"toy-pretrain-{images}-noise{self.world_noise}"
+                                  f"-seed{self.world_seed}-described", images, self.world_seed, self.world_noise)
+        described = described_pairs(world)
+        pairs = world_pairs(world) + [(image, captions[0]) for image, captions in described]
+        return world, pairs, [text for _, captions in described for text in captions[1:]]
 
     def execute(self, say=print) -> dict:
         from model.toy.preset import ToyPreset
@@ -33,20 +52,17 @@ class ToyPretrainStep:
         preset = (ToyPreset.quick(seed=self.seed) if self.quick else ToyPreset.world(seed=self.seed) if world_images
                   else ToyPreset(seed=self.seed))
         if world_images:
-            from pathlib import Path
-
-            from model.toy.world import described_pairs, pretraining_world, world_pairs
-
-            world = pretraining_world(Path(self.root) / "worlds" / f"toy-pretrain-{world_images}-noise{self.world_noise}"
-                                      f"-seed{self.world_seed}-described", world_images, self.world_seed, self.world_noise)
-            described = described_pairs(world)
-            # the web pairs, each described image once (with its first wording) for the CLIP, and
-            # every wording for the text pieces
-            pairs = world_pairs(world) + [(image, captions[0]) for image, captions in described]
-            texts = [text for _, captions in described for text in captions[1:]]
-            info = pretrain_toy_pairs(pairs, self.out, preset, extra_texts=texts, about={
-                "world": str(world), "counts": {"pairs": len(pairs), "texts": len(pairs) + len(texts)}})
-            what = f"pretraining world {world}"
+            world, pairs, texts = self._world(world_images)
+            # "clip_world" is always there, so a folder whose CLIP saw another world is never reused for one that did not
+            about = {"world": str(world), "clip_world": None,
+                     "counts": {"pairs": len(pairs), "texts": len(pairs) + len(texts)}}
+            clip_pairs = None
+            if self.clip_world_images and self.clip_world_images != world_images:
+                clip_world, clip_pairs, _ = self._world(self.clip_world_images)
+                about = {**about, "clip_world": str(clip_world),
+                         "counts": {**about["counts"], "clip_pairs": len(clip_pairs)}}
+            info = pretrain_toy_pairs(pairs, self.out, preset, extra_texts=texts, about=about, clip_pairs=clip_pairs)
+            what = f"pretraining world {world}" + (f" (the CLIP: {about['clip_world']})" if clip_pairs else "")
         else:
             info = pretrain_toy(self.root, self.run, self.out, preset)
             what = f"run '{self.run}'"

@@ -91,9 +91,11 @@ def _vision_settings(preset: ToyPreset) -> dict:
 
 def pretrain_toy_pairs(pairs: Sequence[tuple[bytes, str]], out: str | Path, preset: ToyPreset = ToyPreset(),
                        about: dict | None = None, lm: bool = True,
-                       eval_pairs: Sequence[tuple[bytes, str]] | None = None, extra_texts: Sequence[str] = ()) -> dict:
-    """The toy pieces from (image bytes, caption) pairs into `out`; `about` says where the pairs came
-    from and is what a rerun must match (with the preset) to reuse a complete folder. A folder made
+                       eval_pairs: Sequence[tuple[bytes, str]] | None = None, extra_texts: Sequence[str] = (),
+                       clip_pairs: Sequence[tuple[bytes, str]] | None = None) -> dict:
+    """The toy pieces from (image bytes, caption) pairs into `out`; the CLIP from `clip_pairs` instead
+    when given (a contrastive model needs more images than the text pieces need texts). `about` says
+    where the pairs came from and is what a rerun must match (with the preset) to reuse a complete folder. A folder made
     from the same pairs with other LM settings keeps its tokenizer, BERT and CLIP (minutes of
     training) and trains the LM anew; and the other way round."""
     out = Path(out)
@@ -120,7 +122,7 @@ def pretrain_toy_pairs(pairs: Sequence[tuple[bytes, str]], out: str | Path, pres
         else:
             train_text_tokenizer(texts, out / "tokenizer", preset)
             bert = pretrain_bert(texts, out / "bert", out / "tokenizer", preset)
-            clip_metrics = pretrain_clip(pairs, out / "clip", preset, eval_pairs=eval_pairs).metrics
+            clip_metrics = pretrain_clip(clip_pairs or pairs, out / "clip", preset, eval_pairs=eval_pairs).metrics
         if not train_lm:
             lm_metrics = before["lm"] if keep_lm else None
         elif lm_job is not None:
