@@ -96,10 +96,13 @@ class TextLayout:
         self.tokenizer, self.kind, self.max_text_length = tokenizer, kind, max_text_length
         self.eos, self.pad = caption_end_id(tokenizer, kind, caption_end), tokenizer.pad_token_id
         self.memo: dict[str, list[int]] | None = None  # see _words_batch
+        self._last_prompt: tuple[str, list[int]] | None = None  # training repeats one prompt every batch
 
     def prompt_ids(self, prompt: str) -> list[int]:
         """What comes right after the soft prompt: the prompt with the tokenizer's specials."""
-        return self.tokenizer(prompt, truncation=True, max_length=self.max_text_length).input_ids
+        if self._last_prompt is None or self._last_prompt[0] != prompt:
+            self._last_prompt = (prompt, self.tokenizer(prompt, truncation=True, max_length=self.max_text_length).input_ids)
+        return list(self._last_prompt[1])
 
     def _words(self, prompt: str, text: str) -> list[int]:
         sep = " " if prompt and text and not prompt.endswith(" ") else ""
