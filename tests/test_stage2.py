@@ -106,6 +106,23 @@ def test_a_batch_laid_out_at_once_equals_the_collated_examples(world, llm, kind)
         assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
 
 
+def test_with_cached_features_an_images_captions_are_tokenized_the_first_time_it_is_drawn(world):
+    """The layout's memo (on with cached features) learns every kept caption of a batch's images
+    in one call, so later epochs drawing an image's other caption call no tokenizer; the batches
+    are those laid out without a memo."""
+    cfg = config(world, "unused", cache_features=True)
+    model, encoder, _ = build_model(cfg, torch.device("cpu"))
+    images = load_curated_images(cfg.root, cfg.run)
+    assert min(len(im.captions) for im in images) == 2
+    data = Stage2Batches(images, model.layout, encoder.preprocess, cfg)
+    plain = TextLayout(model.tokenizer, "causal", cfg.max_text_length, model.config.caption_end)
+    for micro in range(3 * data.per_epoch):
+        indices, captions, _ = data.samples(micro)
+        batch, expected = data[micro], plain.batch(cfg.prompt, captions)
+        assert all(torch.equal(batch[k], expected[k]) for k in expected)
+        assert {c for i in indices for c in images[i].captions} <= set(model.layout.memo)
+
+
 def test_encoder_decoder_splits_the_caption_at_a_seeded_word_the_suffix_is_the_target(world):
     from transformers import AutoTokenizer
 
