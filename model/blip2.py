@@ -21,6 +21,7 @@ Blip2ForConditionalGeneration: model/convert.py.
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -79,6 +80,8 @@ class Blip2Stage2(nn.Module):
         self.tokenizer = llm_tokenizer
         self.qformer_tokenizer = qformer_tokenizer
         self.layout = TextLayout(llm_tokenizer, config.llm_kind, config.max_text_length, config.caption_end)
+        # transformers' causal LMs can run their head on the last k positions only (see `loss`)
+        self.keeps_logits = "logits_to_keep" in inspect.signature(llm.forward).parameters
         self.set_trainable()
 
     def set_trainable(self) -> None:
@@ -148,12 +151,19 @@ class Blip2Stage2(nn.Module):
         ones = torch.ones(batch, n, dtype=attention_mask.dtype, device=self.device)
         embeds = torch.cat([prompt.to(dtype), self._embed(input_ids)], dim=1)
         mask = torch.cat([ones, attention_mask.to(self.device)], dim=1)
+        # use_cache=False: one pass, nothing generated, so no key/value cache to build.
         if self.config.llm_kind == "causal":
-            ignore = torch.full((batch, n), -100, dtype=labels.dtype, device=self.device)
-            out = self.language_model(inputs_embeds=embeds, attention_mask=mask,
-                                      labels=torch.cat([ignore, labels.to(self.device)], dim=1))
+            # Position t predicts token t + 1: of the queries only the last one predicts a label
+            # (the text's first). The LM head, vocabulary-wide and so the LLM's largest layer, and
+            # the loss run on the last T + 1 positions only where the LLM allows it; same loss.
+            kept = labels.shape[1] + 1 if self.keeps_logits else n + labels.shape[1]
+            ignore = torch.full((batch, kept - labels.shape[1]), -100, dtype=labels.dtype, device=self.device)
+            extra = {"logits_to_keep": kept} if self.keeps_logits else {}
+            out = self.language_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False,
+                                      labels=torch.cat([ignore, labels.to(self.device)], dim=1), **extra)
         else:
-            out = self.language_model(inputs_embeds=embeds, attention_mask=mask, labels=labels.to(self.device))
+            out = self.language_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False,
+                                      labels=labels.to(self.device))
         return out.loss
 
     # -- generation ----------------------------------------------------------------------------

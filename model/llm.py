@@ -96,10 +96,13 @@ class TextLayout:
         self.tokenizer, self.kind, self.max_text_length = tokenizer, kind, max_text_length
         self.eos, self.pad = caption_end_id(tokenizer, kind, caption_end), tokenizer.pad_token_id
         self.memo: dict[str, list[int]] | None = None  # see _words_batch
+        self._last_prompt: tuple[str, list[int]] | None = None  # training repeats one prompt every batch
 
     def prompt_ids(self, prompt: str) -> list[int]:
         """What comes right after the soft prompt: the prompt with the tokenizer's specials."""
-        return self.tokenizer(prompt, truncation=True, max_length=self.max_text_length).input_ids
+        if self._last_prompt is None or self._last_prompt[0] != prompt:
+            self._last_prompt = (prompt, self.tokenizer(prompt, truncation=True, max_length=self.max_text_length).input_ids)
+        return list(self._last_prompt[1])
 
     def _words(self, prompt: str, text: str) -> list[int]:
         sep = " " if prompt and text and not prompt.endswith(" ") else ""
@@ -117,13 +120,18 @@ class TextLayout:
         encoder_text = (prompt + (" " if prompt and prefix and not prompt.endswith(" ") else "") + prefix)
         return {"input_ids": self.prompt_ids(encoder_text), "labels": self._words("", " ".join(words[split:]))}
 
-    def batch(self, prompt: str, captions: list[str], splits: list[int] | None = None) -> dict[str, torch.Tensor]:
+    def batch(self, prompt: str, captions: list[str], splits: list[int] | None = None,
+              siblings: list[str] = ()) -> dict[str, torch.Tensor]:
         """`collate` of `example(prompt, caption, split)` for every caption, with one tokenizer call
-        per kind of text instead of one per caption and the padding done in one array operation."""
+        per kind of text instead of one per caption and the padding done in one array operation.
+
+        `siblings` (decoder-only, with the memo on): the other captions the batch's images may be
+        drawn with in later epochs, tokenized in the same call as this batch's new captions."""
         if self.kind == "causal":
             prompt_ids = self.prompt_ids(prompt)
             sep = " " if prompt and not prompt.endswith(" ") else ""
-            targets = self._words_batch([(sep if c else "") + c for c in captions])
+            targets = self._words_batch([(sep if c else "") + c for c in captions],
+                                        [(sep if c else "") + c for c in siblings])
             inputs = [prompt_ids + t for t in targets]
             labels = [[-100] * len(prompt_ids) + t for t in targets]
         else:
@@ -138,12 +146,14 @@ class TextLayout:
         input_ids, attention_mask = _pad(inputs, self.pad)
         return {"input_ids": input_ids, "labels": _pad(labels, -100)[0], "attention_mask": attention_mask}
 
-    def _words_batch(self, texts: list[str]) -> list[list[int]]:
+    def _words_batch(self, texts: list[str], siblings: list[str] = ()) -> list[list[int]]:
         """`_words("", text)` of many texts (callers put the separator in the text); remembered
-        per text when `self.memo` is a dict (the trainer's, with cached features)."""
+        per text when `self.memo` is a dict (the trainer's, with cached features), which learns
+        the `siblings` too whenever it lacks one of the texts."""
         memo = self.memo if self.memo is not None else {}
         missing = [t for t in dict.fromkeys(texts) if t and t not in memo]
-        if missing:
+        if missing:  # the siblings join a call that has to be made anyway
+            missing = [t for t in dict.fromkeys([*missing, *siblings]) if t and t not in memo]
             memo.update(zip(missing, self.tokenizer(missing, add_special_tokens=False).input_ids))
         return [(memo[t] if t else [])[: self.max_text_length - 1] + [self.eos] for t in texts]
 

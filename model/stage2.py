@@ -84,7 +84,10 @@ class Stage2Batches(Stage1Batches):
         epoch = self.position(micro)["epoch"]
         indices, captions, pixels = self.samples(micro)
         splits = [split_point(cfg.seed, epoch, i, c) for i, c in zip(indices, captions)] if self.layout.kind != "causal" else None
-        batch = {"image_ids": torch.tensor(indices), **self.layout.batch(cfg.prompt, captions, splits)}
+        # With the memo on, an image's captions are all tokenized the first time one is drawn
+        # (in one call), not one by one over the epochs that draw them.
+        siblings = [c for i in indices for c in self.images[i].captions] if self.layout.memo is not None else []
+        batch = {"image_ids": torch.tensor(indices), **self.layout.batch(cfg.prompt, captions, splits, siblings)}
         if pixels is not None:
             batch["pixels"] = pixels
         return batch

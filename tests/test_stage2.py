@@ -106,6 +106,23 @@ def test_a_batch_laid_out_at_once_equals_the_collated_examples(world, llm, kind)
         assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
 
 
+def test_with_cached_features_an_images_captions_are_tokenized_the_first_time_it_is_drawn(world):
+    """The layout's memo (on with cached features) learns every kept caption of a batch's images
+    in one call, so later epochs drawing an image's other caption call no tokenizer; the batches
+    are those laid out without a memo."""
+    cfg = config(world, "unused", cache_features=True)
+    model, encoder, _ = build_model(cfg, torch.device("cpu"))
+    images = load_curated_images(cfg.root, cfg.run)
+    assert min(len(im.captions) for im in images) == 2
+    data = Stage2Batches(images, model.layout, encoder.preprocess, cfg)
+    plain = TextLayout(model.tokenizer, "causal", cfg.max_text_length, model.config.caption_end)
+    for micro in range(3 * data.per_epoch):
+        indices, captions, _ = data.samples(micro)
+        batch, expected = data[micro], plain.batch(cfg.prompt, captions)
+        assert all(torch.equal(batch[k], expected[k]) for k in expected)
+        assert {c for i in indices for c in images[i].captions} <= set(model.layout.memo)
+
+
 def test_encoder_decoder_splits_the_caption_at_a_seeded_word_the_suffix_is_the_target(world):
     from transformers import AutoTokenizer
 
@@ -121,25 +138,32 @@ def test_encoder_decoder_splits_the_caption_at_a_seeded_word_the_suffix_is_the_t
     assert splits <= set(range(7)) and len(splits) > 3  # every word index may start the target, never past the end
 
 
-def test_loss_masks_queries_prompt_and_padding(world):
-    """The model's loss is the mean cross-entropy over caption tokens + eos only."""
-    cfg = config(world, "unused", prompt="a photo of")
+@pytest.mark.parametrize("llm,prompt", [("opt", "a photo of"), ("gpt2", "")])
+def test_loss_masks_queries_prompt_and_padding(world, tmp_path, llm, prompt):
+    """The model's loss is the mean cross-entropy over caption tokens + eos only, with the
+    gradients of that mean. Its LM head runs on the last query and the text only: GPT-2 with no
+    prompt adds no BOS, so there the last query predicts the caption's first token."""
+    llms = {**world, "gpt2": make_gpt2_without_pad(tmp_path / "gpt2")} if llm == "gpt2" else world
+    cfg = config(llms, "unused", llm=llm, prompt=prompt)
     model, encoder, _ = build_model(cfg, torch.device("cpu"))
     model.eval()  # Q-Former dropout off: both computations see the same soft prompt
     data = Stage2Batches(load_curated_images(cfg.root, cfg.run), model.layout, encoder.preprocess, cfg)
     batch = data[0]
     feats = encoder(batch["pixels"])
-    with torch.no_grad():
-        loss = model.loss(feats, batch["input_ids"], batch["attention_mask"], batch["labels"])
-        prompt = model.soft_prompt(feats)
-        embeds = torch.cat([prompt, model._embed(batch["input_ids"])], dim=1)
-        mask = torch.cat([torch.ones(prompt.shape[:2], dtype=torch.long), batch["attention_mask"]], dim=1)
-        logits = model.language_model(inputs_embeds=embeds, attention_mask=mask).logits
+    loss = model.loss(feats, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    prompt = model.soft_prompt(feats)
+    embeds = torch.cat([prompt, model._embed(batch["input_ids"])], dim=1)
+    mask = torch.cat([torch.ones(prompt.shape[:2], dtype=torch.long), batch["attention_mask"]], dim=1)
+    logits = model.language_model(inputs_embeds=embeds, attention_mask=mask).logits
     q = prompt.shape[1]
     predicted = logits[:, q - 1:-1]  # position t predicts token t + 1
     manual = torch.nn.functional.cross_entropy(predicted.reshape(-1, predicted.shape[-1]), batch["labels"].reshape(-1),
                                                ignore_index=-100)
-    assert torch.allclose(loss, manual, atol=1e-5)
+    assert model.keeps_logits and torch.allclose(loss, manual, atol=1e-6)
+    assert (batch["labels"][:, 0] != -100).all() == (llm == "gpt2")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for got, expected in zip(torch.autograd.grad(loss, trainable), torch.autograd.grad(manual, trainable)):
+        assert torch.allclose(got, expected, atol=1e-6)
 
 
 # -- training -----------------------------------------------------------------------------------
