@@ -117,7 +117,7 @@ def stage1_lavis_rows():
 def train_step_rows(stage: int):
     from benchmarks import train_step
 
-    r = train_step.measure(stage, images=600, steps=30)
+    r = train_step.measure(stage, images=600, steps=train_step.STEPS)
     new, old = r["capfilt"], r["baseline"]
     name = f"stage{stage}"
     return [Row(name, f"toy step vs the per-sample data path, demo config ({r['device']}, samples/s)",
