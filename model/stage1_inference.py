@@ -47,8 +47,9 @@ class Stage1Checkpoint:
 
     def encoder(self, override: str | None = None) -> str:
         """`override` (the caller's --vision) or the encoder the checkpoint names; a clear error without either."""
-        if override or self.vision:
-            return override or self.vision
+        vision = override or self.vision
+        if vision:
+            return vision
         raise ConfigError(f"{self.where}: no stage1.json naming the image encoder (looked in {self.step} and "
                           f"{self.model_dir.parent}, and the model folder names none); pass --vision, or the "
                           f"checkpoint's step folder.")
