@@ -120,7 +120,7 @@ def train_step_rows(stage: int):
     r = train_step.measure(stage, images=600, steps=train_step.STEPS)
     new, old = r["capfilt"], r["baseline"]
     name = f"stage{stage}"
-    return [Row(name, f"toy step vs the per-sample data path, demo config ({r['device']}, samples/s)",
+    return [Row(name, f"toy step vs the trainer as it was (data path, loss, optimizer), demo config ({r['device']}, samples/s)",
                 f"{new['samples_per_s']:.1f}", f"{old['samples_per_s']:.1f}", r["speedup"], 2.0),
             Row(name, "toy step: fraction of time outside forward/backward/optimizer (target <= 0.10)",
                 f"{new['outside_fraction']:.3f}", f"{old['outside_fraction']:.3f}", None, None,

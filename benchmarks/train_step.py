@@ -10,8 +10,10 @@ x 128 OPT. Images are the synthetic world's 32 px scenes, 2 kept captions each.
 
 Both paths run `train()` itself on the same data in the same process; the baseline swaps in the
 old dataset (a global-RNG seed per sample, every image decoded every epoch, per-sample text
-layout) and, for Stage 1, the old loss composition (ITG recomputing the query pass, ITM projecting
-3B image copies; today's attention masks, which are a little cheaper than before). Only steps
+layout), the old loss composition (Stage 1: ITG recomputing the query pass, ITM projecting 3B
+image copies, today's attention masks, which are a little cheaper than before; Stage 2: the LM
+head over every position and a key/value cache built in training) and the old optimizer (AdamW's
+per-parameter loop, PyTorch's CPU default). Only steps
 after the first epoch count (the first fills the feature cache). Time inside the step is the sum
 of the objective's forward, backward, gradient clipping and the optimizer step, measured by
 wrapping those calls; everything else between two optimizer steps (data, feature look-up,
@@ -38,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from model import stage2 as stage2_module  # noqa: E402
 from model import train_stage1 as stage1_module  # noqa: E402
+from model.blip2 import Blip2Stage2  # noqa: E402
 from model.factory import architecture  # noqa: E402
 from model.stage2 import Stage2Config, Stage2Objective, split_point  # noqa: E402
 from model.train_stage1 import (  # noqa: E402
@@ -49,6 +52,7 @@ from model.train_stage1 import (  # noqa: E402
 )
 
 TOY_QFORMER = architecture("qformer-toy")  # the demo's Q-Former
+LIVE_STAGE2_LOSS = Blip2Stage2.loss  # the baseline patches it
 TOY_CLIP_NAME = "capfilt-bench-toy-clip"
 # Steps measured after the first epoch: 40 (1.2 s) put one-off work in the window (epoch 0 leaves
 # 24 of 600 images unencoded, which epoch 1 encodes one or two at a time) and the Stage 2 ratio
@@ -136,11 +140,33 @@ def legacy_stage1_losses(model, image_features, input_ids, attention_mask, image
     return Stage1Losses(itc.loss + itm + itg, itc.loss, itm, itg, accuracy)
 
 
+def legacy_stage2_loss(self, *args, **kwargs):
+    """The old Stage 2 loss: today's, with the LM head and the loss over every position (queries
+    included) and the LLM's default key/value cache built during the training pass."""
+    llm = self.language_model
+    forward = llm.forward
+
+    def with_cache(*a, use_cache=None, **k):  # the LLM's default: build the cache
+        return forward(*a, **k)
+
+    with mock.patch.object(self, "keeps_logits", False), mock.patch.object(llm, "forward", with_cache):
+        return LIVE_STAGE2_LOSS(self, *args, **kwargs)
+
+
+class LegacyAdamW(torch.optim.AdamW):
+    """The old optimizer: PyTorch's CPU default, a Python loop over the parameters."""
+
+    def __init__(self, *args, foreach=None, **kwargs):
+        super().__init__(*args, foreach=False if not torch.cuda.is_available() else foreach, **kwargs)
+
+
 @contextmanager
 def legacy_path(stage: int):
     with mock.patch.object(stage1_module, "Stage1Batches", LegacyStage1Batches), \
             mock.patch.object(stage2_module, "Stage2Batches", LegacyStage2Batches), \
-            mock.patch.object(stage1_module, "stage1_losses", legacy_stage1_losses):
+            mock.patch.object(stage1_module, "stage1_losses", legacy_stage1_losses), \
+            mock.patch.object(Blip2Stage2, "loss", legacy_stage2_loss), \
+            mock.patch.object(torch.optim, "AdamW", LegacyAdamW):
         # Legacy batches carry pixels: the cache takes them from the batch, as it used to.
         original = stage1_module.image_features
 
