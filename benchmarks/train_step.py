@@ -1,5 +1,5 @@
 """Where a toy Stage 1 / Stage 2 training step spends its time, and its samples/s against the
-per-sample data path the trainers had before (kept here, reachable, as the baseline).
+trainers as they were before (data path, loss and optimizer; kept here, reachable, as the baseline).
 
     uv run python -m benchmarks.train_step [--images 600] [--steps 150] [--stage 1|2|both] [--repeats 1|2]
 
