@@ -52,6 +52,9 @@ class Calibration:
     score: str = "itm"  # the score column it thresholds: itm (itm_score) or clip (clip_score)
     split: dict | None = None
     extra: dict = field(default_factory=dict)
+    # every held-out pair's score by kind (positive, random, hard, swap): what `estimated_prior`
+    # compares a run's own scores with; left out of `summary` (provenance)
+    held_out: dict = field(default_factory=dict)
 
     # -- choosing a threshold ---------------------------------------------------------------------
     def at(self, target_precision: float | None = None, match_prior: float | None = None) -> "Calibration":
@@ -80,6 +83,7 @@ class Calibration:
     def summary(self, points: int = 21) -> dict:
         """Everything but the full curve (sampled to `points` rows): what provenance carries."""
         data = asdict(self)
+        data.pop("held_out")
         curve = list(self.curve)
         if len(curve) > points:
             curve = [curve[round(i * (len(curve) - 1) / (points - 1))] for i in range(points)]
@@ -255,7 +259,8 @@ def calibrate_scores(score_fn, images, target_precision: float = DEFAULT_TARGET_
     extra["roc_auc_swap"] = roc_auc(scores["positive"], scores["swap"])
     return calibrate(scores["positive"], negative, target_precision, match_prior,
                      negatives={"random": len(scores["random"]), "hard": len(scores["hard"])},
-                     extra=extra, score=score, **about)
+                     extra=extra, score=score, held_out={k: [round(float(x), 6) for x in v] for k, v in scores.items()},
+                     **about)
 
 
 def calibrate_itm(itm_scorer, images, target_precision: float = DEFAULT_TARGET_PRECISION,
@@ -268,6 +273,70 @@ def calibrate_clip(clip_scorer, images, target_precision: float = DEFAULT_TARGET
                    match_prior: float = DEFAULT_MATCH_PRIOR, seed: int = 0, **about) -> Calibration:
     """Calibrate a CLIP (`pair_scores(images, texts)`, the score stage's clip_score) the same way."""
     return calibrate_scores(clip_scorer.pair_scores, images, target_precision, match_prior, seed, "clip", **about)
+
+
+# -- a caption source's own share of matches ----------------------------------------------------------
+
+HELD_OUT_KINDS = ("positive", "random", "hard", "swap")
+PRIOR_BINS = 10
+
+
+def estimated_prior(calibration: Calibration, scores) -> dict | None:
+    """The share of a run's captions (their `scores`, one source's) that match their image, estimated
+    from the scores alone: their histogram fitted as a mixture of the held-out pairs' histograms
+    (matched, random, nearest-text and one-word-swap mismatches; least squares, weights >= 0 summing
+    to 1, on the deciles of all held-out scores). {'prior', 'weights', 'captions'}; None when the
+    calibration holds no held-out scores (written before they were kept) or there are no scores."""
+    held = {k: np.asarray(calibration.held_out.get(k) or [], np.float64) for k in HELD_OUT_KINDS}
+    kinds = [k for k in HELD_OUT_KINDS if len(held[k])]
+    values = np.asarray([v for v in scores if v is not None and not np.isnan(v)], np.float64)
+    if "positive" not in kinds or len(kinds) < 2 or not len(values):
+        return None
+    edges = np.quantile(np.concatenate([held[k] for k in kinds]), np.linspace(0, 1, PRIOR_BINS + 1)[1:-1])
+
+    def histogram(x):
+        return np.bincount(np.searchsorted(edges, x, side="right"), minlength=PRIOR_BINS) / len(x)
+
+    weights = _simplex_least_squares(np.stack([histogram(held[k]) for k in kinds], axis=1), histogram(values))
+    found = dict(zip(kinds, (round(float(w), 4) for w in weights)))
+    return {"prior": found["positive"], "weights": found, "captions": int(len(values))}
+
+
+def _simplex_least_squares(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """argmin ||a w - b|| over w >= 0, sum(w) = 1: exact, by trying every support (a few columns)."""
+    from itertools import combinations
+
+    best, best_w = np.inf, None
+    k = a.shape[1]
+    for size in range(1, k + 1):
+        for support in combinations(range(k), size):
+            cols = a[:, list(support)]
+            # the equality-constrained least squares on this support (its KKT system)
+            kkt = np.block([[2 * cols.T @ cols, np.ones((size, 1))], [np.ones((1, size)), np.zeros((1, 1))]])
+            w = np.linalg.lstsq(kkt, np.concatenate([2 * cols.T @ b, [1.0]]), rcond=None)[0][:size]
+            if (w >= -1e-12).all():
+                error = float(np.sum((cols @ w - b) ** 2))
+                if error < best:
+                    best, best_w = error, np.zeros(k)
+                    best_w[list(support)] = np.clip(w, 0, None)
+    return best_w
+
+
+def for_source(calibration: Calibration, scores) -> tuple[Calibration | None, dict | None]:
+    """(the calibration a caption source's captions are judged with, the estimate behind it).
+
+    The stated prior holds unless the source's own scores say fewer of its captions match: then
+    the threshold is re-picked at the estimated share (`Calibration.at`), and a source whose share
+    admits no threshold reaching the target precision gets None (none of its captions is kept).
+    The estimate only ever makes the filter stricter: a weak captioner's captions cannot lower the
+    precision of what is kept, and a source better than stated keeps the stated threshold."""
+    estimate = estimated_prior(calibration, scores)
+    if estimate is None or estimate["prior"] >= calibration.match_prior:
+        return calibration, estimate
+    if estimate["prior"] <= 0:
+        return None, estimate
+    found = calibration.at(match_prior=estimate["prior"])
+    return (found if found.threshold is not None else None), estimate
 
 
 SCORES = ("itm", "clip")

@@ -61,6 +61,10 @@ class SelectConfig:
     drop_degenerate: bool = True
     calibration: object | None = None  # pipeline.calibrate.Calibration, for calibrated
     caption_sources: tuple[str, ...] = CAPTION_SOURCES  # captions of other sources are dropped (ablation arms)
+    # calibrated: per caption source, the share of its captions that match is estimated from the
+    # run's own scores, and a source with fewer than the stated prior gets a stricter threshold
+    # (pipeline/calibrate.py for_source); off: the calibration's stated prior for every source
+    estimate_prior: bool = True
 
     def __post_init__(self):
         unknown = [p for p in self.policies if p not in POLICIES]
@@ -106,19 +110,35 @@ def _at_least(value, bound) -> bool:
     return value is not None and value >= bound
 
 
-def caption_policies(cfg: SelectConfig, top_fraction_cut: float | None = None) -> list[CaptionPolicy]:
-    """The per-caption policies of `cfg`, in order (blip2's per-image top-k is applied after them)."""
+def caption_policies(cfg: SelectConfig, top_fraction_cut: float | None = None,
+                     per_source: dict | None = None) -> list[CaptionPolicy]:
+    """The per-caption policies of `cfg`, in order (blip2's per-image top-k is applied after them).
+    `per_source`: {caption source: (Calibration or None, estimate)} from `source_calibrations`."""
     out = []
     for policy in cfg.policies:
         if policy == "blip":
             out.append(CaptionPolicy(policy, "itm_below_threshold", lambda r: _at_least(r["itm_score"], cfg.itm_threshold),
                                      lambda r: f"ITM {r['itm_score']} < --itm-threshold {cfg.itm_threshold}"))
         elif policy in CALIBRATED:
-            cal, column = cfg.calibration, f"{cfg.calibration.score}_score"
+            column = f"{cfg.calibration.score}_score"
+            judged = {source: found for source, (found, _) in (per_source or {}).items()}
+
+            def calibration_of(row, judged=judged):  # None: the row's source keeps no caption
+                return judged.get(row.get("caption_source"), cfg.calibration)
+
+            def message(row, column=column):
+                c = calibration_of(row)
+                if c is None:
+                    estimate = per_source[row["caption_source"]][1]
+                    return (f"{row['caption_source']} captions: an estimated {estimate['prior']:.3f} of them match (their "
+                            f"{cfg.calibration.score.upper()} scores against the held-out annotated pairs'), too few for "
+                            f"any threshold to reach precision {cfg.calibration.target_precision}")
+                return (f"{c.score.upper()} {row[column]} < {c.threshold:.4f}, the threshold calibrated for precision "
+                        f"{c.target_precision} (predicted {c.predicted_precision:.3f}, prior {c.match_prior:.3f})")
+
             out.append(CaptionPolicy(
-                policy, f"{cal.score}_below_calibrated_threshold", lambda r, t=cal.threshold: _at_least(r[column], t),
-                lambda r, c=cal: (f"{c.score.upper()} {r[column]} < {c.threshold:.4f}, the threshold calibrated for "
-                                  f"precision {c.target_precision} (predicted {c.predicted_precision:.3f}, prior {c.match_prior})")))
+                policy, f"{cfg.calibration.score}_below_calibrated_threshold",
+                lambda r, column=column: (c := calibration_of(r)) is not None and _at_least(r[column], c.threshold), message))
         elif policy == "clip-threshold":
             out.append(CaptionPolicy(policy, "clip_below_threshold", lambda r: _at_least(r["clip_score"], cfg.clip_threshold),
                                      lambda r: f"CLIP {r['clip_score']:.4f} < --clip-threshold {cfg.clip_threshold}"))
@@ -128,6 +148,29 @@ def caption_policies(cfg: SelectConfig, top_fraction_cut: float | None = None) -
                                      lambda r: (f"CLIP {r['clip_score']:.4f} below the run's top-{cfg.clip_top_fraction:.0%} "
                                                 f"cut {cut:.4f}")))
     return out
+
+
+def source_calibrations(scores: pa.Table, cfg: SelectConfig) -> dict | None:
+    """{caption source: (its Calibration or None, the estimate)} over a whole run's scores, for
+    the calibrated policy with `estimate_prior` (pipeline/calibrate.py for_source); else None."""
+    if not (CALIBRATED & set(cfg.policies)) or not cfg.estimate_prior:
+        return None
+    from pipeline.calibrate import for_source
+
+    column = scores.column(f"{cfg.calibration.score}_score").to_pylist()
+    sources = scores.column("caption_source").to_pylist()
+    return {source: for_source(cfg.calibration, [v for v, s in zip(column, sources) if s == source])
+            for source in sorted(set(sources))}
+
+
+def source_summary(per_source: dict) -> dict:
+    """What provenance and the report say of `source_calibrations`: per source, the estimate and the
+    threshold it is judged at (None: none kept)."""
+    return {source: {"estimate": estimate, "threshold": found.threshold if found is not None else None,
+                     "match_prior": found.match_prior if found is not None else None,
+                     "predicted_precision": found.predicted_precision if found is not None else None,
+                     "predicted_recall": found.predicted_recall if found is not None else None}
+            for source, (found, estimate) in per_source.items()}
 
 
 def clip_cut(scores: list[float], fraction: float) -> float:
@@ -177,10 +220,11 @@ def _caption_reason(row: dict, cfg: SelectConfig) -> tuple[str, str] | None:
 
 
 def select_pairs(scores: pa.Table, images: pa.Table, duplicate_of: dict[str, str], cfg: SelectConfig,
-                 top_fraction_cut: float | None = None) -> tuple[list[dict], list[dict]]:
+                 top_fraction_cut: float | None = None, per_source: dict | None = None) -> tuple[list[dict], list[dict]]:
     """Decide every caption row of `scores`: (kept rows with rank, dropped rows with reason).
 
-    Pure: no I/O. `top_fraction_cut` is the run-wide CLIP cut for clip-top-fraction.
+    Pure: no I/O. `top_fraction_cut` is the run-wide CLIP cut for clip-top-fraction; `per_source`
+    the run-wide calibration of each caption source (`source_calibrations`).
     """
     image_of = {r["sample_id"]: r for r in images.to_pylist()}
     # each check: row -> None (keep) or (reason, message); the first that drops a caption names why
@@ -189,7 +233,7 @@ def select_pairs(scores: pa.Table, images: pa.Table, duplicate_of: dict[str, str
         lambda row: _source_reason(row, cfg),
         lambda row: _metadata_reason(image_of.get(row["sample_id"], {}), cfg),
         lambda row: _caption_reason(row, cfg),
-        *(policy.decide for policy in caption_policies(cfg, top_fraction_cut)),
+        *(policy.decide for policy in caption_policies(cfg, top_fraction_cut, per_source)),
     ]
     kept_by_image: dict[str, list[dict]] = {}
     dropped: list[dict] = []
@@ -292,18 +336,26 @@ def run(store: RunStore, cfg: SelectConfig, upstream: dict | None = None) -> Sel
     if "clip-top-fraction" in cfg.policies:
         cut = clip_cut(store.read("scores", SCORES, scored).column("clip_score").to_pylist(), cfg.clip_top_fraction)
         cfg_hash = config_hash({"hash": cfg_hash, "cut": cut})
+    per_source = source_calibrations(store.read("scores", SCORES, scored), cfg)
+    if per_source is not None:
+        cfg_hash = config_hash({"hash": cfg_hash, "sources": source_summary(per_source)})
     duplicate_of = {}
     if dedup is not None and dedup.status == "done":
         table = store.read_shard("dedup", "all", DEDUP)
         duplicate_of = dict(zip(table.column("sample_id").to_pylist(), table.column("duplicate_of").to_pylist()))
     prov = json.loads(provenance(store, cfg, score_hashes))
     prov.update(upstream or {})
+    if per_source is not None:
+        prov["calibration_per_source"] = source_summary(per_source)
     prov["root"] = store.root
     prov = _located(prov)
     prov_json = json.dumps(prov, sort_keys=True)
     if cfg.calibration is not None:  # the full curve, for the report and for anyone re-checking the threshold
         with store.fs.open(f"{store.report_dir()}/calibration.json", "w") as handle:
             handle.write(cfg.calibration.to_json())
+    if per_source is not None:
+        with store.fs.open(f"{store.report_dir()}/calibration-per-source.json", "w") as handle:
+            handle.write(json.dumps(source_summary(per_source), indent=1))
     summary = SelectSummary()
     for shard in scored:
         if store.is_done(STAGE, shard, cfg_hash):
@@ -312,7 +364,7 @@ def run(store: RunStore, cfg: SelectConfig, upstream: dict | None = None) -> Sel
         store.start_shard(STAGE, shard, cfg_hash)
         scores = store.read_shard("scores", shard, SCORES)
         images = store.read_shard("images", shard, IMAGES)
-        kept, dropped = select_pairs(scores, images.drop_columns(["image"]), duplicate_of, cfg, cut)
+        kept, dropped = select_pairs(scores, images.drop_columns(["image"]), duplicate_of, cfg, cut, per_source)
         image_of = {r["sample_id"]: r for r in images.to_pylist()}
         # Each kept caption keeps its image's source metadata (licence, safety, size); the bytes
         # go once per image to curated_images/ (see schemas/curated.py).

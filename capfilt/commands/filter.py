@@ -23,6 +23,9 @@ def filter_options(f):
                      help="calibrated: re-pick the threshold on the stored curve for this precision (default: the calibrated one)."),
         click.option("--match-prior", type=float, default=None,
                      help="calibrated: share of captions assumed to match, for the predicted precision (default: the calibrated one)."),
+        click.option("--stated-prior", is_flag=True,
+                     help="calibrated: judge every caption source at the stated --match-prior; by default a source whose "
+                          "own scores say fewer of its captions match gets the stricter threshold for its share."),
         click.option("--top-k", type=int, default=2, show_default=True, help="blip2: captions kept per image."),
         click.option("--rank-by", type=click.Choice(["clip", "itm"]), default="clip", show_default=True,
                      help="blip2: rank an image's captions by CLIP similarity (BLIP-2) or by ITM probability."),

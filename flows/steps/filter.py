@@ -26,6 +26,7 @@ class FilterStep:
         "dedup_eps": Option("dedup.eps"),
         "dedup_cluster_size": Option("dedup.cluster_size"),
         "no_semantic_dedup": Option("dedup.semantic", negate),
+        "stated_prior": Option("select.estimate_prior", negate),
     }
 
     root: str
