@@ -261,3 +261,85 @@ def test_swap_negatives_change_one_word_to_one_the_set_uses_in_that_place_and_th
                      "blue circle, small", "green circle, small", "red square, small"} and swaps
     # one word is all there is to swap in a text without spaces: no swap, never an error
     assert calibration_pairs([AnnotatedImage("x", b"", ("红色圆圈",)), AnnotatedImage("y", b"", ("蓝色方块",))])["swap"] == []
+
+
+# -- a caption source's own share of matches ----------------------------------------------------------
+
+def held_out_calibration(rng, n=200):
+    """A calibration whose held-out scores by kind come from separated distributions."""
+    from pipeline.calibrate import calibrate
+
+    held = {"positive": rng.normal(0.8, 0.05, n), "random": rng.normal(0.1, 0.05, n),
+            "hard": rng.normal(0.3, 0.05, n), "swap": rng.normal(0.55, 0.05, n)}
+    negative = np.concatenate([held["random"], held["hard"]])
+    return calibrate(held["positive"], negative, target_precision=0.9, match_prior=0.5,
+                     held_out={k: v.tolist() for k, v in held.items()})
+
+
+def test_the_share_of_matching_captions_is_estimated_from_the_scores_alone():
+    from pipeline.calibrate import estimated_prior
+
+    rng = np.random.default_rng(0)
+    cal = held_out_calibration(rng)
+    for share in (0.0, 0.3, 0.7):
+        n = 1000
+        scores = np.concatenate([rng.normal(0.8, 0.05, int(share * n)), rng.normal(0.55, 0.05, n - int(share * n))])
+        found = estimated_prior(cal, scores.tolist())
+        assert abs(found["prior"] - share) < 0.06, (share, found)
+        assert abs(sum(found["weights"].values()) - 1) < 1e-3 and min(found["weights"].values()) >= 0
+        assert found["captions"] == n
+    # without the held-out scores (a calibration written before they were kept) nothing is estimated
+    assert estimated_prior(replace(cal, held_out={}), [0.5]) is None
+
+
+def test_a_source_with_fewer_matches_than_stated_gets_a_stricter_threshold_or_keeps_none():
+    from pipeline.calibrate import for_source
+
+    rng = np.random.default_rng(1)
+    cal = held_out_calibration(rng)
+    good = np.concatenate([rng.normal(0.8, 0.05, 800), rng.normal(0.3, 0.05, 200)]).tolist()
+    assert for_source(cal, good)[0] is cal  # more matches than the stated 0.5: the stated threshold holds
+    fewer = np.concatenate([rng.normal(0.8, 0.05, 200), rng.normal(0.55, 0.05, 800)]).tolist()
+    stricter, estimate = for_source(cal, fewer)
+    assert 0.1 < estimate["prior"] < 0.3 and stricter.match_prior == estimate["prior"]
+    assert stricter.threshold > cal.threshold and stricter.predicted_precision >= 0.9
+    for near_misses in (rng.normal(0.55, 0.05, 1000), rng.normal(0.3, 0.05, 1000)):  # like one-word swaps, like nearest texts
+        none, estimate = for_source(cal, near_misses.tolist())
+        assert none is None and estimate["prior"] < 0.02
+
+
+def test_the_select_stage_judges_each_caption_source_at_its_own_share(tmp_path):
+    from caption_helpers import commit_image_shards
+
+    from pipeline import select
+    from pipeline.run_store import RunStore, ShardCounts
+    from schemas import CURATED
+
+    rng = np.random.default_rng(2)
+    cal = held_out_calibration(rng)
+    store = RunStore(str(tmp_path), "r")
+    n = 200
+    commit_image_shards(store, {"s0": n})
+    keys = ["sample_id", "caption_id", "caption_source", "caption", "clip_score", "itm_score"]
+    web = np.concatenate([rng.normal(0.8, 0.05, 140), rng.normal(0.2, 0.1, 60)])  # 70% match
+    synthetic = rng.normal(0.55, 0.05, n)  # every one a near miss: scores like one-word swaps
+    rows = [(f"s0/{i}", f"s0/{i}#web", "web", f"caption {i}", 0.3, float(web[i])) for i in range(n)]
+    rows += [(f"s0/{i}", f"s0/{i}#syn", "synthetic", f"generated {i}", 0.3, float(synthetic[i])) for i in range(n)]
+    table = SCORES.conform(pa.Table.from_pylist([dict(zip(keys, r)) for r in rows]))
+    store.commit_shard("score", "s0", "h", outputs={"scores": (SCORES, table)}, counts=ShardCounts(rows_in=2 * n, kept=2 * n))
+
+    summary = select.run(store, SelectConfig(policies=("calibrated",), calibration=cal))
+    curated = store.read("curated", CURATED)
+    assert set(curated.column("caption_source").to_pylist()) == {"web"}
+    assert summary.kept == sum(web >= cal.threshold) and summary.kept + sum(summary.dropped.values()) == 2 * n
+    rejected = [r for r in store.read_rejected("select").to_pylist() if r["caption_id"].endswith("#syn")]
+    assert len(rejected) == n and "synthetic captions: an estimated 0.000 of them match" in rejected[0]["error_message"]
+    provenance = json.loads(curated.column("provenance")[0].as_py())
+    assert provenance["calibration_per_source"]["synthetic"]["threshold"] is None
+    assert provenance["calibration_per_source"]["web"]["threshold"] == cal.threshold
+    assert "held_out" not in provenance["calibration"]  # the held-out scores stay in calibration.json
+
+    # the stated prior for every source: the near misses pass as before
+    select.run(store, SelectConfig(policies=("calibrated",), calibration=cal, estimate_prior=False))
+    kept = store.read("curated", CURATED).column("caption_source").to_pylist()
+    assert kept.count("synthetic") == sum(synthetic >= cal.threshold) > 0
