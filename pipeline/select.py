@@ -316,10 +316,17 @@ def _located(value):
 class SelectSummary(StageSummary):  # rows: caption rows of scores/; kept: pairs curated
     images: int = 0
     images_kept: int = 0
+    sources: dict | None = None  # calibrated: each caption source's estimate and threshold (source_summary)
 
     def line(self) -> str:
-        return (f"selected {self.shards_done} shard(s), skipped {self.shards_skipped}: {self.counts('captions')}; "
+        line = (f"selected {self.shards_done} shard(s), skipped {self.shards_skipped}: {self.counts('captions')}; "
                 f"{self.images_kept} of {self.images} images keep a caption")
+        for source, s in (self.sources or {}).items():
+            share = f"an estimated {s['estimate']['prior']:.2f} match" if s["estimate"] else "share not estimated"
+            judged = (f"threshold {s['threshold']:.4f} (prior {s['match_prior']:.2f})" if s["threshold"] is not None
+                      else "no threshold reaches the target precision: none kept")
+            line += f"\n  {source} captions: {share}; {judged}"
+        return line
 
 
 def run(store: RunStore, cfg: SelectConfig, upstream: dict | None = None) -> SelectSummary:
@@ -356,7 +363,7 @@ def run(store: RunStore, cfg: SelectConfig, upstream: dict | None = None) -> Sel
     if per_source is not None:
         with store.fs.open(f"{store.report_dir()}/calibration-per-source.json", "w") as handle:
             handle.write(json.dumps(source_summary(per_source), indent=1))
-    summary = SelectSummary()
+    summary = SelectSummary(sources=source_summary(per_source) if per_source is not None else None)
     for shard in scored:
         if store.is_done(STAGE, shard, cfg_hash):
             summary.shards_skipped += 1

@@ -338,6 +338,7 @@ def test_the_select_stage_judges_each_caption_source_at_its_own_share(tmp_path):
     assert provenance["calibration_per_source"]["synthetic"]["threshold"] is None
     assert provenance["calibration_per_source"]["web"]["threshold"] == cal.threshold
     assert "held_out" not in provenance["calibration"]  # the held-out scores stay in calibration.json
+    assert "synthetic captions: an estimated 0.00 match; no threshold reaches the target precision" in summary.line()
 
     # the stated prior for every source: the near misses pass as before
     select.run(store, SelectConfig(policies=("calibrated",), calibration=cal, estimate_prior=False))
