@@ -326,7 +326,8 @@ def for_source(calibration: Calibration, scores) -> tuple[Calibration | None, di
     """(the calibration a caption source's captions are judged with, the estimate behind it).
 
     The stated prior holds unless the source's own scores say fewer of its captions match: then
-    the threshold is re-picked at the estimated share (`Calibration.at`), and a source whose share
+    the threshold is re-picked at the estimated share (`Calibration.at`, one more false positive
+    counted than the held-out set saw), and a source whose share
     admits no threshold reaching the target precision gets None (none of its captions is kept).
     The estimate only ever makes the filter stricter: a weak captioner's captions cannot lower the
     precision of what is kept, and a source better than stated keeps the stated threshold."""
@@ -335,7 +336,13 @@ def for_source(calibration: Calibration, scores) -> tuple[Calibration | None, di
         return calibration, estimate
     if estimate["prior"] <= 0:
         return None, estimate
-    found = calibration.at(match_prior=estimate["prior"])
+    # At a small share the precision rests on the false-positive rate's tail, which n held-out
+    # mismatches measure only down to about 1/n: above the highest mismatch the curve says 0, and
+    # any share would reach any precision. Counted with one false positive more than seen (add-one),
+    # a share of 0.015 reaches 0.9 only where the held-out set can tell.
+    n = sum(calibration.negatives.values())
+    curve = tuple({**row, "fpr": (row["fpr"] * n + 1) / (n + 1)} for row in calibration.curve)
+    found = replace(calibration, curve=curve).at(match_prior=estimate["prior"])
     return (found if found.threshold is not None else None), estimate
 
 

@@ -303,6 +303,11 @@ def test_a_source_with_fewer_matches_than_stated_gets_a_stricter_threshold_or_ke
     stricter, estimate = for_source(cal, fewer)
     assert 0.1 < estimate["prior"] < 0.3 and stricter.match_prior == estimate["prior"]
     assert stricter.threshold > cal.threshold and stricter.predicted_precision >= 0.9
+    # 2% matches: above every held-out mismatch the curve's false-positive rate reads 0, but 200
+    # mismatches cannot tell 0 from 1/200, at which a 2% share reaches no precision of 0.9
+    few = np.concatenate([rng.normal(0.8, 0.05, 20), rng.normal(0.55, 0.05, 980)]).tolist()
+    none, estimate = for_source(held_out_calibration(rng, n=100), few)
+    assert 0 < estimate["prior"] < 0.04 and none is None
     for near_misses in (rng.normal(0.55, 0.05, 1000), rng.normal(0.3, 0.05, 1000)):  # like one-word swaps, like nearest texts
         none, estimate = for_source(cal, near_misses.tolist())
         assert none is None and estimate["prior"] < 0.02
