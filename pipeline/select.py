@@ -343,7 +343,11 @@ def run(store: RunStore, cfg: SelectConfig, upstream: dict | None = None) -> Sel
     if "clip-top-fraction" in cfg.policies:
         cut = clip_cut(store.read("scores", SCORES, scored).column("clip_score").to_pylist(), cfg.clip_top_fraction)
         cfg_hash = config_hash({"hash": cfg_hash, "cut": cut})
-    per_source = source_calibrations(store.read("scores", SCORES, scored), cfg)
+    per_source = None
+    if CALIBRATED & set(cfg.policies) and cfg.estimate_prior:  # two columns of each shard, not the run's whole table
+        columns = ["caption_source", f"{cfg.calibration.score}_score"]
+        per_source = source_calibrations(pa.concat_tables(store.read_shard("scores", s, SCORES).select(columns)
+                                                          for s in scored), cfg)
     if per_source is not None:
         cfg_hash = config_hash({"hash": cfg_hash, "sources": source_summary(per_source)})
     duplicate_of = {}
