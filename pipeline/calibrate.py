@@ -327,8 +327,8 @@ def for_source(calibration: Calibration, scores) -> tuple[Calibration | None, di
 
     The stated prior holds unless the source's own scores say fewer of its captions match: then
     the threshold is re-picked at the estimated share (`Calibration.at`, one more false positive
-    counted than the held-out set saw), and a source whose share
-    admits no threshold reaching the target precision gets None (none of its captions is kept).
+    counted than the held-out set saw), and a source whose share admits no threshold reaching the
+    target precision gets None (none of its captions is kept).
     The estimate only ever makes the filter stricter: a weak captioner's captions cannot lower the
     precision of what is kept, and a source better than stated keeps the stated threshold."""
     estimate = estimated_prior(calibration, scores)

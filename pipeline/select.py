@@ -132,7 +132,8 @@ def caption_policies(cfg: SelectConfig, top_fraction_cut: float | None = None,
                     estimate = per_source[row["caption_source"]][1]
                     return (f"{row['caption_source']} captions: an estimated {estimate['prior']:.3f} of them match (their "
                             f"{cfg.calibration.score.upper()} scores against the held-out annotated pairs'), too few for "
-                            f"any threshold to reach precision {cfg.calibration.target_precision}")
+                            f"any threshold to reach precision {cfg.calibration.target_precision} (lower --target-precision, or "
+                            f"--stated-prior to judge them at the stated --match-prior)")
                 return (f"{c.score.upper()} {row[column]} < {c.threshold:.4f}, the threshold calibrated for precision "
                         f"{c.target_precision} (predicted {c.predicted_precision:.3f}, prior {c.match_prior:.3f})")
 
@@ -150,14 +151,17 @@ def caption_policies(cfg: SelectConfig, top_fraction_cut: float | None = None,
     return out
 
 
-def source_calibrations(scores: pa.Table, cfg: SelectConfig) -> dict | None:
-    """{caption source: (its Calibration or None, the estimate)} over a whole run's scores, for
-    the calibrated policy with `estimate_prior` (pipeline/calibrate.py for_source); else None."""
+def source_calibrations(tables, cfg: SelectConfig) -> dict | None:
+    """{caption source: (its Calibration or None, the estimate)} over a whole run's scores (`tables`,
+    an iterable of scores shards, read only when needed), for the calibrated policy with
+    `estimate_prior` (pipeline/calibrate.py for_source); else None."""
     if not (CALIBRATED & set(cfg.policies)) or not cfg.estimate_prior:
         return None
     from pipeline.calibrate import for_source
 
-    column = scores.column(f"{cfg.calibration.score}_score").to_pylist()
+    columns = ["caption_source", f"{cfg.calibration.score}_score"]
+    scores = pa.concat_tables(table.select(columns) for table in tables)  # two columns, not whole shards
+    column = scores.column(columns[1]).to_pylist()
     sources = scores.column("caption_source").to_pylist()
     return {source: for_source(cfg.calibration, [v for v, s in zip(column, sources) if s == source])
             for source in sorted(set(sources))}
@@ -343,31 +347,28 @@ def run(store: RunStore, cfg: SelectConfig, upstream: dict | None = None) -> Sel
     if "clip-top-fraction" in cfg.policies:
         cut = clip_cut(store.read("scores", SCORES, scored).column("clip_score").to_pylist(), cfg.clip_top_fraction)
         cfg_hash = config_hash({"hash": cfg_hash, "cut": cut})
-    per_source = None
-    if CALIBRATED & set(cfg.policies) and cfg.estimate_prior:  # two columns of each shard, not the run's whole table
-        columns = ["caption_source", f"{cfg.calibration.score}_score"]
-        per_source = source_calibrations(pa.concat_tables(store.read_shard("scores", s, SCORES).select(columns)
-                                                          for s in scored), cfg)
-    if per_source is not None:
-        cfg_hash = config_hash({"hash": cfg_hash, "sources": source_summary(per_source)})
+    per_source = source_calibrations((store.read_shard("scores", s, SCORES) for s in scored), cfg)
+    sources = source_summary(per_source) if per_source is not None else None
+    if sources is not None:
+        cfg_hash = config_hash({"hash": cfg_hash, "sources": sources})
     duplicate_of = {}
     if dedup is not None and dedup.status == "done":
         table = store.read_shard("dedup", "all", DEDUP)
         duplicate_of = dict(zip(table.column("sample_id").to_pylist(), table.column("duplicate_of").to_pylist()))
     prov = json.loads(provenance(store, cfg, score_hashes))
     prov.update(upstream or {})
-    if per_source is not None:
-        prov["calibration_per_source"] = source_summary(per_source)
+    if sources is not None:
+        prov["calibration_per_source"] = sources
     prov["root"] = store.root
     prov = _located(prov)
     prov_json = json.dumps(prov, sort_keys=True)
     if cfg.calibration is not None:  # the full curve, for the report and for anyone re-checking the threshold
         with store.fs.open(f"{store.report_dir()}/calibration.json", "w") as handle:
             handle.write(cfg.calibration.to_json())
-    if per_source is not None:
+    if sources is not None:
         with store.fs.open(f"{store.report_dir()}/calibration-per-source.json", "w") as handle:
-            handle.write(json.dumps(source_summary(per_source), indent=1))
-    summary = SelectSummary(sources=source_summary(per_source) if per_source is not None else None)
+            handle.write(json.dumps(sources, indent=1))
+    summary = SelectSummary(sources=sources)
     for shard in scored:
         if store.is_done(STAGE, shard, cfg_hash):
             summary.shards_skipped += 1
