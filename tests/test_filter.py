@@ -172,7 +172,7 @@ def tiny_scorers(tmp_path_factory):
     return {"clip": name, "clip_pretrained": checkpoint, "clip_config": config, "itm": itm}
 
 
-def test_tiny_open_clip_loads_through_the_named_path(tiny_scorers):
+def test_tiny_open_clip_loads_through_the_named_path(tiny_scorers, tmp_path):
     from PIL import Image
 
     from model.scorers import load_clip, load_itm
@@ -181,6 +181,16 @@ def test_tiny_open_clip_loads_through_the_named_path(tiny_scorers):
     emb = clip.embed_images([Image.new("RGB", (40, 40), "red")])
     assert emb.shape == (1, 32) and abs(np.linalg.norm(emb) - 1) < 1e-5
     assert load_itm(tiny_scorers["itm"]).match_probability([Image.new("RGB", (40, 40))], ["a"]).shape == (1,)
+    # built without random init (the checkpoint overwrites it): every weight is the checkpoint's,
+    # and a checkpoint that lacks one is an error, never a random weight
+    import torch
+
+    saved = torch.load(tiny_scorers["clip_pretrained"])["state_dict"]
+    assert all(torch.equal(clip.model.state_dict()[k].float(), v.float()) for k, v in saved.items())
+    partial = tmp_path / "partial.pt"
+    torch.save({"state_dict": {k: v for k, v in saved.items() if k != "positional_embedding"}}, partial)
+    with pytest.raises(ConfigError, match="cannot load"):
+        load_clip(tiny_scorers["clip"], str(partial))
     with pytest.raises(ConfigError, match="not an open_clip model name"):
         load_clip("no-such-model")
     with pytest.raises(ConfigError, match="no model config found"):
