@@ -12,7 +12,8 @@ know: the curve is computed with a stated prior of matched pairs (`match_prior`,
 precision = prior * recall / (prior * recall + (1 - prior) * fpr), with the mismatched pairs'
 false-positive rate taken over random and hard negatives in equal numbers. A hard negative is the
 other images' caption most similar in text to a matched caption (character trigrams, so any
-language or script): a caption that changes a word or two, the web's hardest noise. It is chosen
+language or script), searched among every annotated caption, the finetuning part's too (a larger
+pool holds closer texts): a caption that changes a word or two, the web's hardest noise. It is chosen
 without any scorer, so the ITM and the CLIP are measured on the same pairs and neither is handed
 the negatives it alone finds hardest; it never depends on the caption grammar. A negative
 identical (ignoring case) to one of the image's own captions is not a negative and is skipped.
@@ -27,6 +28,7 @@ import json
 import zlib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -163,9 +165,11 @@ def _trigram_vectors(texts: list[str], dim: int = 4096) -> np.ndarray:
     return out / np.maximum(norms, 1e-9)
 
 
-def calibration_pairs(images, seed: int = 0) -> dict[str, list[tuple[int, str]]]:
-    """{'positive', 'random', 'hard'}: lists of (image index, caption), one negative of each kind
-    per matched caption. Hard: the other images' caption closest in text to the matched one."""
+def calibration_pairs(images, seed: int = 0, other_texts: Sequence[str] = ()) -> dict[str, list[tuple[int, str]]]:
+    """{'positive', 'random', 'hard', 'swap'}: lists of (image index, caption), at most one negative
+    of each kind per matched caption. Hard: the caption closest in text to the matched one among
+    the other held-out images' captions and `other_texts` (captions of annotated images that are
+    not held out, e.g. the finetuning part's: more texts to search, harder negatives)."""
     if len(images) < 2:
         raise ConfigError(f"calibration needs at least 2 held-out images, got {len(images)}; raise --holdout-fraction.")
     rng = np.random.default_rng([seed, 11])
@@ -178,12 +182,13 @@ def calibration_pairs(images, seed: int = 0) -> dict[str, list[tuple[int, str]]]
             if j != i and _norm(text) not in own[i]:
                 random_neg.append((i, text))
                 break
-    vectors = _trigram_vectors([c for _, c in captions])
+    pool = captions + [(-1, text) for text in other_texts]  # -1: no held-out image's own caption
+    vectors = _trigram_vectors([c for _, c in pool])
     for start in range(0, len(captions), 1024):  # a large annotated set never needs an N x N matrix at once
-        sims = vectors[start:start + 1024] @ vectors.T
+        sims = vectors[start:min(start + 1024, len(captions))] @ vectors.T
         for row, (i, _) in enumerate(captions[start:start + 1024]):
             for t in np.argsort(-sims[row], kind="stable"):
-                j, text = captions[t]
+                j, text = pool[t]
                 if j != i and _norm(text) not in own[i]:
                     hard.append((i, text))
                     break
@@ -238,19 +243,21 @@ def score_pairs(score_fn, pictures: list, pairs: list[tuple[int, str]], batch_si
 
 def calibrate_scores(score_fn, images, target_precision: float = DEFAULT_TARGET_PRECISION,
                      match_prior: float = DEFAULT_MATCH_PRIOR, seed: int = 0, score: str = "itm",
-                     **about) -> Calibration:
+                     other_texts: Sequence[str] = (), **about) -> Calibration:
     """Calibrate a pair score (`score_fn(images, texts)`, higher = more likely a match) on held-out
-    annotated images; `score` names the column the threshold applies to (itm or clip)."""
+    annotated images; `score` names the column the threshold applies to (itm or clip);
+    `other_texts` widen the search for hard negatives (`calibration_pairs`)."""
     from pipeline.caption import decode_image
 
     pictures = [decode_image(im.image) for im in images]
-    pairs = calibration_pairs(images, seed)
+    pairs = calibration_pairs(images, seed, other_texts)
     scores = {kind: score_pairs(score_fn, pictures, rows) for kind, rows in pairs.items()}
     # Random and hard negatives weigh equally in the false-positive rate, whatever their counts.
     n = min(len(scores["random"]), len(scores["hard"])) or max(len(scores["random"]), len(scores["hard"]))
     negative = np.concatenate([np.resize(scores["random"], n) if len(scores["random"]) else np.zeros(0),
                                np.resize(scores["hard"], n) if len(scores["hard"]) else np.zeros(0)])
     extra = {kind: {"mean": float(v.mean()) if len(v) else None, "n": int(len(v))} for kind, v in scores.items()}
+    extra["hard_negative_texts"] = sum(len(im.captions) for im in images) + len(other_texts)  # searched for hard ones
     extra["roc_auc_random"] = roc_auc(scores["positive"], scores["random"])
     extra["roc_auc_hard"] = roc_auc(scores["positive"], scores["hard"])
     # One-word swaps are measured, not mixed into the false-positive rate: how much of a source's
@@ -264,15 +271,19 @@ def calibrate_scores(score_fn, images, target_precision: float = DEFAULT_TARGET_
 
 
 def calibrate_itm(itm_scorer, images, target_precision: float = DEFAULT_TARGET_PRECISION,
-                  match_prior: float = DEFAULT_MATCH_PRIOR, seed: int = 0, **about) -> Calibration:
+                  match_prior: float = DEFAULT_MATCH_PRIOR, seed: int = 0, other_texts: Sequence[str] = (),
+                  **about) -> Calibration:
     """Calibrate an ITM scorer (`match_probability(images, texts)`) on held-out annotated images."""
-    return calibrate_scores(itm_scorer.match_probability, images, target_precision, match_prior, seed, "itm", **about)
+    return calibrate_scores(itm_scorer.match_probability, images, target_precision, match_prior, seed, "itm",
+                            other_texts, **about)
 
 
 def calibrate_clip(clip_scorer, images, target_precision: float = DEFAULT_TARGET_PRECISION,
-                   match_prior: float = DEFAULT_MATCH_PRIOR, seed: int = 0, **about) -> Calibration:
+                   match_prior: float = DEFAULT_MATCH_PRIOR, seed: int = 0, other_texts: Sequence[str] = (),
+                   **about) -> Calibration:
     """Calibrate a CLIP (`pair_scores(images, texts)`, the score stage's clip_score) the same way."""
-    return calibrate_scores(clip_scorer.pair_scores, images, target_precision, match_prior, seed, "clip", **about)
+    return calibrate_scores(clip_scorer.pair_scores, images, target_precision, match_prior, seed, "clip",
+                            other_texts, **about)
 
 
 # -- a caption source's own share of matches ----------------------------------------------------------

@@ -208,6 +208,13 @@ def test_hard_negatives_are_the_other_images_closest_captions_in_text_whatever_t
     assert hard[(0, 0)] == "a blue circle on the left"  # one word changed, never c's identical caption
     assert all(t not in images[i].captions for i, t in pairs["hard"] + pairs["random"])
     assert len(pairs["random"]) == len(pairs["hard"]) == len(pairs["positive"])
+    # other texts (the finetuning part's captions) widen the search: a closer one is the hard negative,
+    # never one identical to the image's own caption
+    wider = calibration_pairs(images, seed=0, other_texts=["the red circle on the left", "red circle, left side"])
+    hard = dict(((i, k), t) for k, (i, t) in enumerate(wider["hard"]))
+    assert hard[(0, 0)] == "the red circle on the left"
+    assert all(t not in images[i].captions for i, t in wider["hard"])
+    assert wider["random"] == pairs["random"] and wider["swap"] == pairs["swap"]
 
 
 def test_the_filter_score_is_the_one_reaching_the_precision_with_more_recall():

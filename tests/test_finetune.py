@@ -192,6 +192,9 @@ def test_finetuned_filter_learns_loads_as_itm_and_is_calibrated_with_lineage(ann
     assert cal.target_precision == 0.5 and cal.predicted_precision >= 0.5 and 0 < cal.threshold < 1
     assert cal.positives == lineage["split"]["calibration_pairs"]
     assert cal.negatives["random"] > 0 and cal.negatives["hard"] > 0
+    # hard negatives searched among every annotated caption, the finetuning part's too
+    split = lineage["split"]
+    assert cal.extra["hard_negative_texts"] == split["calibration_pairs"] + split["finetune_pairs"]
     assert cal.split == lineage["split"] and cal.annotated["sha256"] == lineage["annotated"]["sha256"]
 
 
