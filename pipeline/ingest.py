@@ -2,7 +2,8 @@
 
 A source (one or many Parquet/CSV/JSONL files, local or any fsspec URI) is planned into shards
 of `shard_size` rows. Each shard is one Ray task that runs img2dataset's `Downloader` on it and
-commits the result through the run store: successful rows to `images/<shard>.parquet`, every
+commits the result through the run store (a small run without a cluster downloads in the
+driver process instead, shard by shard, where Ray's start-up would not be repaid: `_stays_local`): successful rows to `images/<shard>.parquet`, every
 other row to `rejected/ingest/<shard>.parquet` with a reason. Shards done with the same config
 are skipped on rerun, so a killed run resumes where it stopped.
 
@@ -78,8 +79,10 @@ class IngestSummary(StageSummary):  # rows: source rows; kept: images downloaded
         return f"{'nothing' if self.kept == 0 else f'only {self.kept}'} of {self.rows_in} rows kept ({lost} lost): {causes}"
 
     def line(self) -> str:
+        local = (f"; downloaded in this process, not on Ray ({self.executor_reason})"
+                 if self.executor == "local" and self.executor_reason else "")
         return (f"ingest {self.run_id}: {self.counts()}; {self.shards} shards ({self.shards_skipped} already "
-                f"done, skipped); {self.images_per_s:.1f} images/s")
+                f"done, skipped); {self.images_per_s:.1f} images/s{local}")
 
 
 def _retry_specs(store: RunStore, specs: list[ShardSpec]) -> list[ShardSpec]:
@@ -129,8 +132,8 @@ def run(store: RunStore, request: IngestRequest) -> IngestSummary:
 
 def download(store: RunStore, source: str, config: IngestConfig, retry_failed: bool = False,
              progress: bool = True) -> IngestSummary:
-    """Ingest a source into a run: plan shards, download the pending ones as Ray tasks, report."""
-    import ray
+    """Ingest a source into a run: plan shards, download the pending ones (as Ray tasks, or here
+    for a small run without a cluster), report."""
     from tqdm import tqdm
 
     from pipeline.ray_env import ensure_ray
@@ -151,9 +154,45 @@ def download(store: RunStore, source: str, config: IngestConfig, retry_failed: b
         all_specs = specs
     summary = IngestSummary(run_id=run_id, shards=len(all_specs), shards_skipped=len(all_specs) - len(specs_to_run))
     started = time.time()
-    if specs_to_run:
+    # disable=None: no bar when stderr is not a terminal (a log file gets the summary line)
+    bar = tqdm(total=len(specs_to_run), desc=f"ingest {run_id}", unit="shard",
+               disable=None if progress and not is_quiet() else True)
+    kept_now = 0
+
+    def finished(spec: ShardSpec, kept: int | None, error: BaseException | None) -> None:
+        nonlocal kept_now
+        if error is not None:
+            summary.failed_shards.append(f"{spec.shard}: {type(error).__name__}: {error}")
+        kept_now += kept or 0
+        bar.update(1)
+        bar.set_postfix(images=kept_now, per_s=f"{kept_now / max(time.time() - started, 1e-9):.1f}")
+
+    remaining = list(specs_to_run)
+    if remaining and _ray_reason() is None:
+        # No cluster and no Ray running: the first shard is downloaded here, timed, and the rest
+        # go to Ray only when its start-up would be repaid (`_stays_local`)
+        import os
+
+        os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(config.max_pixels))  # what a Ray task gets
+        summary.executor = "local"
+        while remaining:
+            spec = remaining.pop(0)
+            began = time.time()
+            try:
+                finished(spec, run_shard(root, run_id, spec, config, cfg_hash)["kept"], None)
+            except Exception as exc:  # noqa: BLE001 - recorded as the shard's failure, as a Ray task's is
+                finished(spec, None, exc)
+            if not summary.executor_reason:
+                summary.executor_reason = _stays_local(time.time() - began, len(remaining)) or ""
+                if not summary.executor_reason:
+                    break
+    if remaining:
+        import ray
+
+        summary.executor = "ray"
         ensure_ray()
-        started = time.time()  # images/s measures downloading, not Ray's start-up
+        if len(remaining) == len(specs_to_run):
+            started = time.time()  # images/s measures downloading, not Ray's start-up
         task = ray.remote(run_shard).options(
             num_cpus=1,
             # Retried only on system failures (a node or worker lost): a shard commit is atomic
@@ -162,21 +201,15 @@ def download(store: RunStore, source: str, config: IngestConfig, retry_failed: b
             max_retries=3,
             runtime_env={"env_vars": {"OPENCV_IO_MAX_IMAGE_PIXELS": str(config.max_pixels)}},
         )
-        pending = {task.remote(root, run_id, spec, config, cfg_hash): spec for spec in specs_to_run}
-        # disable=None: no bar when stderr is not a terminal (a log file gets the summary line)
-        bar = tqdm(total=len(pending), desc=f"ingest {run_id}", unit="shard", disable=None if progress and not is_quiet() else True)
-        kept_now = 0
+        pending = {task.remote(root, run_id, spec, config, cfg_hash): spec for spec in remaining}
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             spec = pending.pop(done[0])
             try:
-                kept_now += ray.get(done[0])["kept"]
+                finished(spec, ray.get(done[0])["kept"], None)
             except ray.exceptions.RayTaskError as exc:
-                cause = exc.cause if isinstance(exc.cause, Exception) else exc
-                summary.failed_shards.append(f"{spec.shard}: {type(cause).__name__}: {cause}")
-            bar.update(1)
-            bar.set_postfix(images=kept_now, per_s=f"{kept_now / max(time.time() - started, 1e-9):.1f}")
-        bar.close()
+                finished(spec, None, exc.cause if isinstance(exc.cause, Exception) else exc)
+    bar.close()
     summary.seconds = time.time() - started
     _summarize(store, summary, [s.shard for s in all_specs])
     summary.images_per_s = (
@@ -192,6 +225,35 @@ def download(store: RunStore, source: str, config: IngestConfig, retry_failed: b
             + ". Fix the cause and rerun the same command: finished shards are skipped."
         )
     return summary
+
+
+def _ray_reason() -> str | None:
+    """Why the downloads go to Ray whatever the run's size: a cluster address, or a Ray this
+    process already started (a flow's earlier step: its start-up is paid). None: they may stay here."""
+    import os
+    import sys
+
+    if (os.environ.get("RAY_ADDRESS") or "local") != "local":
+        return "RAY_ADDRESS names a cluster"
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        return "Ray is running"
+    return None
+
+
+def _stays_local(shard_s: float, left: int) -> str | None:
+    """After one shard of `shard_s` seconds in this process: why the `left` others stay here, or
+    None when Ray would finish them sooner, its start-up included (each of a local Ray's CPUs
+    downloads a shard at once; this process downloads one after another)."""
+    import os
+
+    from pipeline.model_stage import RAY_INIT_S
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    here, on_ray = shard_s * left, RAY_INIT_S + shard_s * -(-left // cpus)
+    if here > on_ray:
+        return None
+    return f"{left + 1} shard(s) of about {shard_s:.0f} s; Ray's start-up of about {RAY_INIT_S:.0f} s would not be repaid"
 
 
 def reuse(store: RunStore, from_run: str) -> IngestSummary:

@@ -286,3 +286,26 @@ def test_a_run_that_keeps_little_names_its_top_reasons_and_their_fixes():
     assert mostly.problem("s").startswith("only 3 of 10 rows kept (7 lost): 5 of 10 timeout: raise --timeout")
     assert "2 of 10 http_503: the server failed; rerun with --retry-failed" in mostly.problem("s")
     assert IngestSummary(run_id="r", shards=1, rows_in=10, kept=9, failed={"timeout": 1}).problem("s") is None
+
+
+def test_a_small_ingest_without_ray_downloads_in_the_cli_process_and_writes_what_ray_tasks_write(
+        ray_local, small_world, tmp_path):
+    world = small_world["world"]
+    root = str(tmp_path / "root")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-m", "capfilt.cli", "ingest", "--source", world["source"], "--root", root,
+                           "--run", "here", "--shard-size", "20", "--allow-private-addresses", "--timeout", "2",
+                           "--image-size", "64", "--retry-backoff", "0.2", "--no-progress"],  # the settings of FAST
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "downloaded in this process, not on Ray" in done.stdout and "Ray's start-up" in done.stdout, done.stdout
+    config = IngestConfig(**FAST, shard_size=20)
+    on_ray = ingest.run(RunStore(root, "ray"), IngestRequest(world["source"], config=config, progress=False))
+    assert on_ray.executor == "ray" and "downloaded in this process" not in on_ray.line()  # Ray runs: it is used
+    assert _images_rows(root, "here") == _images_rows(root, "ray")
+
+    def rejected(run):
+        table = RunStore(root, run).read_rejected("ingest")
+        return sorted(zip(table.column("sample_id").to_pylist(), table.column("reason").to_pylist()))
+
+    assert rejected("here") == rejected("ray") and rejected("here")
