@@ -16,7 +16,7 @@ from capfilt.logs import is_quiet
 HELDOUT_IMAGES, HELDOUT_IMAGES_QUICK = 600, 200
 # Wall time measured on an idle 2-core machine (README; 2026-12-03: 90 s, 548 s, 702 s), rounded up;
 # printed so a newcomer knows what to expect. A machine busy with other work takes several times longer.
-EXPECTED_MINUTES = {"quick": 2, "full": 11, "ablation": 16}
+EXPECTED_MINUTES = {"quick": 2, "full": 10, "ablation": 16}
 
 
 @click.command()
