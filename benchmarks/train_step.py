@@ -157,8 +157,8 @@ def legacy_stage2_loss(self, *args, **kwargs):
 class LegacyAdamW(torch.optim.AdamW):
     """The old optimizer: PyTorch's CPU default, a Python loop over the parameters."""
 
-    def __init__(self, *args, foreach=None, **kwargs):
-        super().__init__(*args, foreach=False if not torch.cuda.is_available() else foreach, **kwargs)
+    def __init__(self, *args, foreach=None, fused=None, **kwargs):
+        super().__init__(*args, foreach=False if not torch.cuda.is_available() else None, **kwargs)
 
 
 @contextmanager

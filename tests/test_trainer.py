@@ -84,6 +84,7 @@ def test_the_loop_takes_adamw_steps_on_the_clipped_gradients_at_the_scheduled_ra
         torch.nn.utils.clip_grad_norm_(list(reference.parameters()), cfg.grad_clip)
         optimizer.step()
         scheduler.step()
+    # the trainer's fused AdamW does the same update in one kernel: equal up to float rounding
     for trained, expected in zip(objective.module.parameters(), reference.parameters()):
-        assert torch.equal(trained, expected), (trained, expected)
+        torch.testing.assert_close(trained, expected, rtol=1e-6, atol=1e-7)
     assert not torch.equal(objective.module.linear.weight, RegressionObjective().module.linear.weight)  # it trained
