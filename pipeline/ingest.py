@@ -2,10 +2,11 @@
 
 A source (one or many Parquet/CSV/JSONL files, local or any fsspec URI) is planned into shards
 of `shard_size` rows. Each shard is one Ray task that runs img2dataset's `Downloader` on it and
-commits the result through the run store (a small run without a cluster downloads in the
-driver process instead, shard by shard, where Ray's start-up would not be repaid: `_stays_local`): successful rows to `images/<shard>.parquet`, every
+commits the result through the run store: successful rows to `images/<shard>.parquet`, every
 other row to `rejected/ingest/<shard>.parquet` with a reason. Shards done with the same config
-are skipped on rerun, so a killed run resumes where it stopped.
+are skipped on rerun, so a killed run resumes where it stopped. A small run without a cluster
+runs the same shard function in the driver process instead, shard by shard, where Ray's start-up
+would not be repaid (`_stays_local`).
 
     pipeline/ingest.py          this file: the driver (`run`), retries, the summary and report
     pipeline/ingest_source.py   list and read the source's files, plan shards, URLs repeated across shards
@@ -26,6 +27,8 @@ same way.
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -170,10 +173,10 @@ def download(store: RunStore, source: str, config: IngestConfig, retry_failed: b
     remaining = list(specs_to_run)
     if remaining and _ray_reason() is None:
         # No cluster and no Ray running: the first shard is downloaded here, timed, and the rest
-        # go to Ray only when its start-up would be repaid (`_stays_local`)
-        import os
-
-        os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(config.max_pixels))  # what a Ray task gets
+        # go to Ray only when its start-up would be repaid (`_stays_local`). OpenCV's own pixel cap,
+        # which a Ray task gets in its environment (the resizer checks --max-pixels before decoding
+        # either way), is set here unless the user set it.
+        os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(config.max_pixels))
         summary.executor = "local"
         while remaining:
             spec = remaining.pop(0)
@@ -230,9 +233,6 @@ def download(store: RunStore, source: str, config: IngestConfig, retry_failed: b
 def _ray_reason() -> str | None:
     """Why the downloads go to Ray whatever the run's size: a cluster address, or a Ray this
     process already started (a flow's earlier step: its start-up is paid). None: they may stay here."""
-    import os
-    import sys
-
     if (os.environ.get("RAY_ADDRESS") or "local") != "local":
         return "RAY_ADDRESS names a cluster"
     ray = sys.modules.get("ray")
@@ -245,8 +245,6 @@ def _stays_local(shard_s: float, left: int) -> str | None:
     """After one shard of `shard_s` seconds in this process: why the `left` others stay here, or
     None when Ray would finish them sooner, its start-up included (each of a local Ray's CPUs
     downloads a shard at once; this process downloads one after another)."""
-    import os
-
     from pipeline.model_stage import RAY_INIT_S
 
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
