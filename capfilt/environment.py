@@ -59,6 +59,16 @@ def apply_defaults(environ: MutableMapping[str, str] = os.environ, stderr=None) 
         environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
+def names_a_ray_cluster(environ: MutableMapping[str, str] = os.environ) -> bool:
+    """Whether RAY_ADDRESS names a cluster to join (unset or "local": a Ray of this machine's own)."""
+    return (environ.get("RAY_ADDRESS") or "local") != "local"
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity, where the OS says)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def prefect_home() -> str:
     """Where Prefect keeps its settings and local database (PREFECT_HOME, else ~/.prefect)."""
     return os.environ.get("PREFECT_HOME") or os.path.join(os.path.expanduser("~"), ".prefect")

@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
 
 import pipeline.ray_env  # noqa: F401  (sets RAY_ENABLE_UV_RUN_RUNTIME_ENV before ray)
+from capfilt.environment import names_a_ray_cluster, usable_cpus
 from capfilt.errors import CapfiltError, ConfigError
 from capfilt.logs import is_quiet
 from pipeline.ingest_download import STAGE, IngestConfig, run_shard
@@ -170,25 +170,28 @@ def download(store: RunStore, source: str, config: IngestConfig, retry_failed: b
         bar.update(1)
         bar.set_postfix(images=kept_now, per_s=f"{kept_now / max(time.time() - started, 1e-9):.1f}")
 
+    def here(spec: ShardSpec) -> float:
+        """Download and commit one shard in this process; its seconds."""
+        began = time.time()
+        try:
+            finished(spec, run_shard(root, run_id, spec, config, cfg_hash)["kept"], None)
+        except Exception as exc:  # noqa: BLE001 - recorded as the shard's failure, as a Ray task's is
+            finished(spec, None, exc)
+        return time.time() - began
+
     remaining = list(specs_to_run)
-    if remaining and _ray_reason() is None:
-        # No cluster and no Ray running: the first shard is downloaded here, timed, and the rest
-        # go to Ray only when its start-up would be repaid (`_stays_local`). OpenCV's own pixel cap,
-        # which a Ray task gets in its environment (the resizer checks --max-pixels before decoding
-        # either way), is set here unless the user set it.
+    if remaining and _may_stay_here():
+        # The first shard is downloaded here, timed, and the rest go to Ray only when its start-up
+        # would be repaid (`_stays_local`). OpenCV's own pixel cap, which a Ray task gets in its
+        # environment (the resizer checks --max-pixels before decoding either way), is set here
+        # unless the user set it.
         os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(config.max_pixels))
         summary.executor = "local"
-        while remaining:
-            spec = remaining.pop(0)
-            began = time.time()
-            try:
-                finished(spec, run_shard(root, run_id, spec, config, cfg_hash)["kept"], None)
-            except Exception as exc:  # noqa: BLE001 - recorded as the shard's failure, as a Ray task's is
-                finished(spec, None, exc)
-            if not summary.executor_reason:
-                summary.executor_reason = _stays_local(time.time() - began, len(remaining)) or ""
-                if not summary.executor_reason:
-                    break
+        summary.executor_reason = _stays_local(here(remaining.pop(0)), len(remaining)) or ""
+        if summary.executor_reason:
+            for spec in remaining:
+                here(spec)
+            remaining = []
     if remaining:
         import ray
 
@@ -230,15 +233,12 @@ def download(store: RunStore, source: str, config: IngestConfig, retry_failed: b
     return summary
 
 
-def _ray_reason() -> str | None:
-    """Why the downloads go to Ray whatever the run's size: a cluster address, or a Ray this
-    process already started (a flow's earlier step: its start-up is paid). None: they may stay here."""
-    if (os.environ.get("RAY_ADDRESS") or "local") != "local":
-        return "RAY_ADDRESS names a cluster"
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        return "Ray is running"
-    return None
+def _may_stay_here() -> bool:
+    """Whether the downloads may stay in this process: no cluster named (RAY_ADDRESS) and no Ray
+    this process already started (a flow's earlier step: its start-up is paid, its tasks are free)."""
+    import ray
+
+    return not names_a_ray_cluster() and not ray.is_initialized()
 
 
 def _stays_local(shard_s: float, left: int) -> str | None:
@@ -247,9 +247,8 @@ def _stays_local(shard_s: float, left: int) -> str | None:
     downloads a shard at once; this process downloads one after another)."""
     from pipeline.model_stage import RAY_INIT_S
 
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    here, on_ray = shard_s * left, RAY_INIT_S + shard_s * -(-left // cpus)
-    if here > on_ray:
+    in_process, on_ray = shard_s * left, RAY_INIT_S + shard_s * -(-left // usable_cpus())
+    if in_process > on_ray:
         return None
     return f"{left + 1} shard(s) of about {shard_s:.0f} s; Ray's start-up of about {RAY_INIT_S:.0f} s would not be repaid"
 

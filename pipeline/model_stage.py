@@ -25,7 +25,6 @@ and the stage's summary line says so; a larger one frees the driver's model and 
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -34,6 +33,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 
+from capfilt.environment import names_a_ray_cluster
 from capfilt.errors import CapfiltError, ConfigError
 from pipeline.run_store import RunStore
 from pipeline.summary import StageSummary
@@ -120,7 +120,7 @@ def ray_reason(stage: ModelStage) -> str | None:
     already started on more than one node, or more than one GPU (one actor each, in parallel)."""
     if stage.executor != "auto":
         return "executor ray" if stage.executor == "ray" else None
-    if (os.environ.get("RAY_ADDRESS") or "local") != "local":
+    if names_a_ray_cluster():
         return "RAY_ADDRESS names a cluster"
     if (stage.actors or 1) > 1:
         return f"{stage.actors} actors"

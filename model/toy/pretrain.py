@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import multiprocessing
-import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
@@ -13,6 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from capfilt.environment import usable_cpus
 from capfilt.errors import ConfigError
 
 from .bert import pretrain_bert
@@ -145,8 +145,7 @@ def _lm_metrics(texts: Sequence[str], folder: Path, preset: ToyPreset) -> dict:
 def _side_process(wanted: bool, threads: int) -> Iterator[ProcessPoolExecutor | None]:
     """A one-worker process pool (spawned: a fresh interpreter, no forked torch state) when asked
     and when this process may use twice the pieces' intra-op threads; else None."""
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if not (wanted and usable >= 2 * threads):
+    if not (wanted and usable_cpus() >= 2 * threads):
         yield None
         return
     pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
