@@ -9,6 +9,7 @@ for its LLM (`model.stage2.Stage2Batches`, a subclass).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import math
@@ -54,6 +55,10 @@ class TrainingConfig:
     cache_features: bool = False  # frozen features computed once per image (needs augment off)
     max_text_length: int = 32
     holdout_images: int = 0  # images kept out of training, for retrieval evaluation
+    # Out-of-fold training: with folds K > 1, every image but those of fold `fold` (fold_of: by
+    # sample id), so that the model can judge that fold's pairs without having learned them.
+    folds: int = 1
+    fold: int | None = None
     seed: int = 0
     device: str = "auto"
     num_data_workers: int = 0
@@ -76,6 +81,11 @@ class TrainingConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}.")
         if not 0 < self.crop_min <= 1:
             raise ConfigError(f"--crop-min must be in (0, 1], got {self.crop_min}.")
+        if self.folds < 1:
+            raise ConfigError(f"--folds must be >= 1, got {self.folds}.")
+        if (self.fold is None) != (self.folds == 1) or (self.fold is not None and not 0 <= self.fold < self.folds):
+            raise ConfigError(f"--fold must be one of 0..{self.folds - 1} with --folds {self.folds} > 1, and unset "
+                              f"without it; got --fold {self.fold}.")
 
 
 @dataclass
@@ -104,6 +114,11 @@ def load_curated_images(root: str, run: str) -> list[CuratedImage]:
             f"run `capfilt filter` for it first."
         )
     return sorted(images, key=lambda im: im.sample_id)
+
+
+def fold_of(key: str, folds: int) -> int:
+    """The fold (0..folds-1) of an image key (a sample id), the same in every process and run."""
+    return int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "big") % folds
 
 
 def split_holdout(images: list[CuratedImage], holdout: int, seed: int):
@@ -301,11 +316,15 @@ def hash_seed(*parts: int) -> int:
 
 
 def training_images(config, images: list | None, lineage: dict | None) -> tuple[list, dict]:
-    """(training images, their lineage): `images` or the curated run's, less the held-out ones,
-    captions processed as the recipe says."""
+    """(training images, their lineage): `images` or the curated run's, less the held-out ones and
+    (folds > 1) those of the left-out fold, captions processed as the recipe says."""
     from pipeline.lineage import curated_lineage
 
     images, _ = split_holdout(images or load_curated_images(config.root, config.run), config.holdout_images, config.seed)
+    if config.folds > 1:
+        images = [im for im in images if fold_of(im.sample_id, config.folds) != config.fold]
+        if not images:
+            raise ConfigError(f"--fold {config.fold} of --folds {config.folds} leaves no training images.")
     return process_captions(images, config.text_processing), lineage or curated_lineage(config.root, config.run)
 
 

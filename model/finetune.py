@@ -3,6 +3,8 @@
 Both start from the model pretrained on web data and learn, separately (BLIP Table 4: sharing
 parameters lets the filter pass the captioner's mistakes), from the human-written pairs:
   filter     Stage 1 checkpoint ─► ITC + ITM (ITG off) ─► a Stage 1 folder: `capfilt filter --itm DIR`
+             with folds K > 1: K Stage 1s, each trained as the parent without one fold of its
+             images, each finetuned so   ─► K filters in one folder (model/folds.py)
   captioner  Stage 2 checkpoint ─► LM loss              ─► a Stage 2 folder: `capfilt caption --captioner DIR`
 Short and at a lower learning rate, like LAVIS's `*_coco_ft` configs (5 epochs, lr 1e-5 after a
 1e-4 pretraining): by default 5 epochs over the pairs at a tenth of the parent's learning rate.
@@ -14,12 +16,14 @@ carries over. Each checkpoint records its parent, the annotated set and the spli
 from __future__ import annotations
 
 import json
+import logging
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from capfilt.errors import ConfigError
 
+log = logging.getLogger(__name__)
 EPOCHS = 5  # LAVIS caption_coco_ft / retrieval_coco_ft: max_epoch 5
 LR_DIVISOR = 10  # LAVIS: pretrain init_lr 1e-4, coco_ft init_lr 1e-5
 
@@ -137,6 +141,54 @@ def finetune_filter(stage1: str, finetune_images: list, settings: FinetuneSettin
     result = train(config, images=images, lineage=lineage)
     _write(settings.out, lineage, config)
     return {**result, "lineage": lineage}
+
+
+def fold_config(stage1: str, fold: int, folds: int, out: str, device: str = "auto", progress: bool = True):
+    """The Stage1Config that trains `stage1`'s own recipe again on its run without fold `fold` of
+    `folds`: the same settings, steps scaled by (folds - 1) / folds so that each image is seen as
+    often as the parent saw it."""
+    from .stage1_inference import stage1_checkpoint
+    from .train_stage1 import Stage1Config
+
+    parent = dict(stage1_checkpoint(stage1, f"--stage1 {stage1}").info.get("config") or {})
+    if not parent.get("run") or not parent.get("steps"):
+        raise ConfigError(f"--stage1 {stage1}: no stage1.json with the run and recipe it was trained with; --folds "
+                          f"trains that recipe again without each fold, so pass a `capfilt train stage1 --out` folder.")
+    if parent.get("init_from"):
+        log.warning("--folds: %s started from %s, and so does each fold's Stage 1: if that model trained on these "
+                    "images, they are not out of fold", stage1, parent["init_from"])
+    steps = max(1, math.ceil(parent["steps"] * (folds - 1) / folds))
+    values = {**parent, "folds": folds, "fold": fold, "out": out, "steps": steps, "resume": True, "stop_at": None,
+              "device": device, "progress": progress, "checkpoint_every": min(parent.get("checkpoint_every") or steps, steps)}
+    if values.get("betas") is not None:
+        values["betas"] = tuple(values["betas"])
+    return Stage1Config(**_known(Stage1Config, values))
+
+
+def finetune_filter_folds(stage1: str, folds: int, finetune_images: list, settings: FinetuneSettings, annotated: dict,
+                          split: dict, vision: str | None = None) -> dict:
+    """BLIP's filter out of fold (model/folds.py): for each of `folds` folds of the run `stage1` was
+    trained on, a Stage 1 trained as `stage1` was but without that fold (settings.out/fold-<f>/stage1),
+    finetuned on the annotated images as `finetune_filter` does (settings.out/fold-<f>/filter).
+    settings.out then loads as one ITM scorer; returns {'step', 'checkpoint', 'metrics', 'lineage'}."""
+    from .folds import write_folds
+    from .train_stage1 import train
+
+    models, lineages, steps = [], [], 0
+    for fold in range(folds):
+        base = Path(settings.out) / f"fold-{fold}"
+        config = fold_config(stage1, fold, folds, str(base / "stage1"), settings.device, settings.progress)
+        train(config)
+        result = finetune_filter(str(base / "stage1"), finetune_images, replace(settings, out=str(base / "filter")),
+                                 annotated, split, vision)
+        models.append(f"fold-{fold}/filter")
+        lineages.append(result["lineage"])
+        steps = result["step"]
+    lineage = {"kind": "finetune-filter-folds", "folds": folds, "parent": {"checkpoint": str(Path(stage1).resolve())},
+               "annotated": annotated, "split": split, "models": lineages}
+    write_folds(settings.out, models, parent=lineage["parent"])
+    (Path(settings.out) / "finetune.json").write_text(json.dumps(lineage, indent=1, default=str))
+    return {"step": steps, "checkpoint": settings.out, "metrics": [], "lineage": lineage}
 
 
 def finetune_captioner(stage2: str, finetune_images: list, settings: FinetuneSettings, annotated: dict, split: dict) -> dict:

@@ -6,6 +6,7 @@ captioner, as an ITM scorer, or as both.
     blip-2                 Blip2Captioner                           Blip2ForImageTextRetrieval
     capfilt-blip2-stage2   capfilt's Stage 2 (model/blip2_generate)  -
     capfilt-qformer        -                                        capfilt's Stage 1 (model/stage1_inference)
+    capfilt-folds          -                                        out-of-fold Stage 1 filters (model/folds)
 
 A loader is named "module:name" and imported when a checkpoint of its family is loaded, so the table
 imports nothing (no torch at start-up) and no file imports another through it. `load_captioner`
@@ -25,6 +26,7 @@ from capfilt.errors import ConfigError, first_line
 # here so that the table imports neither).
 STAGE1_MODEL_TYPE = "capfilt-qformer"
 STAGE2_MODEL_TYPE = "capfilt-blip2-stage2"
+FOLDS_MODEL_TYPE = "capfilt-folds"
 
 # kind -> (the option that names such a model, what one is called, where to find one)
 KINDS = {
@@ -39,6 +41,7 @@ FAMILIES: dict[str, dict[str, str | Callable[[str, str], Any]]] = {
     "blip-2": {"captioner": "model.captioners:Blip2Captioner", "itm": "model.scorers:blip2_itm"},
     STAGE2_MODEL_TYPE: {"captioner": "model.blip2_generate:load_stage2_captioner"},
     STAGE1_MODEL_TYPE: {"itm": "model.scorers:stage1_itm"},
+    FOLDS_MODEL_TYPE: {"itm": "model.folds:load_folded_itm"},
 }
 
 

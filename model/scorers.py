@@ -151,6 +151,9 @@ class ItmScorer(ABC):
     """Image-text matching: the probability that a caption describes an image."""
 
     id: str
+    # True where a score depends on which images the model trained on (model/folds.py): the
+    # score stage then passes each image's sample id as `keys`.
+    keyed = False
 
     @abstractmethod
     def match_probability(self, images: list[Image.Image], texts: list[str]) -> np.ndarray:

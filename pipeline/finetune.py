@@ -17,7 +17,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.finetune import FinetuneSettings, finetune_captioner, finetune_filter
+from model.finetune import FinetuneSettings, finetune_captioner, finetune_filter, finetune_filter_folds
 from pipeline.annotated import DEFAULT_HOLDOUT_FRACTION, read_annotated, split_annotated
 from capfilt.errors import ConfigError
 from pipeline.calibrate import (DEFAULT_MATCH_PRIOR, DEFAULT_TARGET_PRECISION, calibrate_clip, calibrate_itm,
@@ -45,30 +45,43 @@ def run_finetune_filter(annotated: str, stage1: str, settings: FinetuneSettings,
                         holdout_fraction: float = DEFAULT_HOLDOUT_FRACTION,
                         target_precision: float | None = DEFAULT_TARGET_PRECISION,
                         match_prior: float = DEFAULT_MATCH_PRIOR, vision: str | None = None,
-                        clip: ClipSpec | None = None, filter_score: str = "best") -> dict:
+                        clip: ClipSpec | None = None, filter_score: str = "best", folds: int = 1) -> dict:
     """Finetune the filter, then (target_precision not None) calibrate its ITM threshold, and with
     `clip` the CLIP's too, on the held-out part; DIR/calibration.json holds the one `filter_score`
     picks (`best`: the more recall at the target precision), calibration-itm.json and
     calibration-clip.json each scorer's. Returns {'step', 'checkpoint', 'metrics', 'lineage',
     'calibration' (a Calibration or None)}; raises ConfigError, after writing the curves, when the
-    target precision is out of reach."""
+    target precision is out of reach. With `folds` > 1 the filter is out of fold (model/folds.py):
+    `folds` Stage 1s trained as `stage1` was, each without one fold of its run's images, each
+    finetuned; DIR scores an image with the one that never trained on it, and is calibrated as one."""
     check_filter_score(filter_score, clip is not None)  # before any training
+    if folds < 1:
+        raise ConfigError(f"--folds must be >= 1, got {folds}.")
     data = read_annotated(annotated)
     split = split_annotated(data.images, holdout_fraction, settings.seed)
-    result = finetune_filter(stage1, split.finetune, settings, data.describe(), split.describe(), vision)
+    if folds > 1:
+        result = finetune_filter_folds(stage1, folds, split.finetune, settings, data.describe(), split.describe(), vision)
+    else:
+        result = finetune_filter(stage1, split.finetune, settings, data.describe(), split.describe(), vision)
     result["calibration"] = None
     if target_precision is not None:
         result["calibration"] = calibrate_out(settings.out, split, target_precision, match_prior, settings.seed,
                                               annotated=data.describe(), device=settings.device, clip=clip,
                                               filter_score=filter_score).check()
+        if result["calibration"].score == "itm" and folds == 1:
+            parent = ((result["lineage"].get("parent") or {}).get("lineage") or {}).get("run") or "its parent's run"
+            log.warning("the filter thresholds its ITM: on images its Stage 1 trained on (%s's; a bootstrap round "
+                        "judges those) it remembers the pairs, noise included, and keeps more than the predicted "
+                        "precision allows; --folds 2 judges each image with a model that never trained on it", parent)
     return result
 
 
 def calibrate_out(out: str, split, target_precision: float, match_prior: float, seed: int, annotated: dict,
                   device: str = "auto", clip: ClipSpec | None = None, filter_score: str = "itm"):
-    """Calibrate the filter in trainer folder `out` (and `clip`) on `split.calibration`; writes
-    out/calibration-<score>.json for each and out/calibration.json for the one chosen."""
-    from model.stage1_inference import Stage1Scorer
+    """Calibrate the filter in folder `out` (a trainer folder or out-of-fold filters; and `clip`) on
+    `split.calibration`; writes out/calibration-<score>.json for each and out/calibration.json for the
+    one chosen."""
+    from model.scorers import load_itm
 
     about = {"annotated": annotated, "split": split.describe()}
     # hard negatives are searched among every annotated caption, the finetuning part's too: in a
@@ -76,7 +89,7 @@ def calibrate_out(out: str, split, target_precision: float, match_prior: float, 
     # noise does (seed-0 demo: the CLIP's threshold 0.272 -> 0.394, kept web captions' precision
     # 0.84 -> 0.90 where the curve predicted 0.90)
     others = [caption for image in split.finetune for caption in image.captions]
-    scorer = Stage1Scorer.from_checkpoint(out, device=device)
+    scorer = load_itm(out, device)
     found = {"itm": calibrate_itm(scorer, split.calibration, target_precision, match_prior, seed, others,
                                   scorer=str(Path(out).resolve()), **about)}
     if clip is not None:

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from stage1_world import IMAGE_SIZE, jpeg, make_clip_vision, make_curated_run, make_tokenizer, scenes
-from stage2_world import make_opt, make_stage1_checkpoint
+from stage2_world import TINY_QFORMER, make_opt, make_stage1_checkpoint
 
 from capfilt.cli import main as cli_main
 from capfilt.errors import ConfigError
@@ -141,7 +141,8 @@ def parents(tmp_path_factory, annotated):
     train(Stage2Config(root=str(base / "data"), run="r1", stage1=str(stage1), llm=make_opt(base / "opt", pretrain_steps=20),
                        out=str(stage2), steps=2, batch_size=8, warmup_steps=1, lr=1e-3, min_lr=1e-4, augment=False,
                        log_every=1, checkpoint_every=2, progress=False, device="cpu"))
-    return {"stage1": str(stage1), "stage2": str(stage2), "vision": vision}
+    return {"stage1": str(stage1), "stage2": str(stage2), "vision": vision, "data": str(base / "data"),
+            "tokenizer": str(base / "tok")}
 
 
 def metrics(out) -> list[dict]:
@@ -196,6 +197,80 @@ def test_finetuned_filter_learns_loads_as_itm_and_is_calibrated_with_lineage(ann
     split = lineage["split"]
     assert cal.extra["hard_negative_texts"] == split["calibration_pairs"] + split["finetune_pairs"]
     assert cal.split == lineage["split"] and cal.annotated["sha256"] == lineage["annotated"]["sha256"]
+
+
+def test_a_fold_trains_on_every_image_but_its_own_and_the_folds_split_the_run(parents):
+    from model.data import fold_of, load_curated_images, training_images
+    from model.train_stage1 import Stage1Config
+
+    every = {im.sample_id for im in load_curated_images(parents["data"], "r1")}
+    kept = []
+    for fold in range(3):
+        config = Stage1Config(root=parents["data"], run="r1", vision=parents["vision"], out="o", folds=3, fold=fold)
+        images, _ = training_images(config, None, None)
+        kept.append({im.sample_id for im in images})
+        assert kept[-1] == {s for s in every if fold_of(s, 3) != fold}
+    assert set.union(*({s for s in every if s not in k} for k in kept)) == every  # each image left out once
+    assert all(every - k for k in kept) and fold_of("part-00000/7", 3) == fold_of("part-00000/7", 3)
+    for bad in ({"folds": 2}, {"folds": 2, "fold": 2}, {"fold": 0}, {"folds": 0}):
+        with pytest.raises(ConfigError, match="--fold"):
+            Stage1Config(root="r", run="x", vision="v", out="o", **bad)
+
+
+def test_an_out_of_fold_filter_scores_each_image_with_the_model_that_never_trained_on_it(annotated, parents, tmp_path,
+                                                                                       capsys):
+    from model.data import fold_of, load_curated_images
+    from model.folds import FoldedItm
+    from model.scorers import load_clip, load_itm, save_random_clip
+    from model.train_stage1 import Stage1Config, train
+    from pipeline.caption import decode_image
+    from pipeline.calibrate import load_calibration
+    from pipeline.score import score_pairs
+
+    parent = Stage1Config(root=parents["data"], run="r1", vision=parents["vision"], out=str(tmp_path / "stage1"),
+                          tokenizer=parents["tokenizer"], bert=None, model=TINY_QFORMER, steps=4, batch_size=4,
+                          warmup_steps=1, lr=1e-3, augment=False, checkpoint_every=4, progress=False, device="cpu")
+    train(parent)
+    out = tmp_path / "filter"
+    cli_main(["finetune", "filter", "--annotated", annotated["path"], "--stage1", parent.out, "--out", str(out),
+              "--folds", "2", "--steps", "2", "--batch-size", "8", "--holdout-fraction", "0.25",
+              "--target-precision", "0.5", "--device", "cpu"])
+    assert "calibrated: keep ITM >=" in capsys.readouterr().out
+
+    # each fold's Stage 1: the parent's recipe on the run less that fold, half the steps
+    for fold in (0, 1):
+        info = json.loads(next((out / f"fold-{fold}" / "stage1").glob("step-*/stage1.json")).read_text())
+        assert (info["config"]["fold"], info["config"]["folds"], info["config"]["steps"]) == (fold, 2, 2)
+        assert info["config"]["run"] == "r1" and info["config"]["lr"] == parent.lr
+        assert json.loads((out / f"fold-{fold}" / "filter" / "finetune.json").read_text())["kind"] == "finetune-filter"
+    assert json.loads((out / "finetune.json").read_text())["folds"] == 2
+
+    folded = load_itm(str(out), device="cpu")  # what `capfilt filter --itm DIR` does
+    assert isinstance(folded, FoldedItm) and folded.keyed
+    each = [load_itm(str(out / f"fold-{fold}" / "filter"), device="cpu") for fold in (0, 1)]
+    images = load_curated_images(parents["data"], "r1")
+    pictures = [decode_image(im.image) for im in images]
+    keys = [im.sample_id for im in images]
+    texts = [im.captions[0] for im in images]
+    assert {fold_of(k, 2) for k in keys} == {0, 1}
+    scores = [model.match_probability(pictures, texts) for model in each]
+    assert not np.allclose(scores[0], scores[1], atol=1e-4)  # two models: the routing below is tested
+    expected = np.array([scores[fold_of(k, 2)][i] for i, k in enumerate(keys)])
+    np.testing.assert_allclose(folded.match_probability(pictures, texts, keys=keys), expected, rtol=1e-4, atol=1e-6)
+
+    # the score stage names each image by its sample id
+    clip_config, clip_name, clip_checkpoint = save_random_clip(str(tmp_path / "clip"))
+    pairs = pa.table({"sample_id": keys, "caption_id": list(range(len(keys))), "caption_source": ["web"] * len(keys),
+                      "caption": texts, "degenerate": [False] * len(keys), "image": [im.image for im in images]})
+    scored = score_pairs(pairs, load_clip(clip_name, clip_checkpoint, "cpu", clip_config), folded)
+    np.testing.assert_allclose(scored.column("itm_score").to_numpy(), expected, rtol=1e-4, atol=1e-6)
+
+    cal = load_calibration(out)  # calibrated as one scorer, on images no fold model trained on
+    assert cal.score == "itm" and cal.scorer == str(out.resolve()) and cal.positives > 0 and 0 < cal.threshold < 1
+
+    (out / "config.json").write_text(json.dumps({"model_type": "capfilt-folds", "folds": 2, "models": ["fold-0/filter"]}))
+    with pytest.raises(ConfigError, match=r"--itm .*config\.json names 1 models for 2 folds"):
+        load_itm(str(out), device="cpu")
 
 
 def test_finetuned_captioner_starts_from_its_parent_and_loads_as_a_captioner(annotated, parents, tmp_path, capsys):

@@ -12,14 +12,17 @@ from model import registry
 
 def test_one_table_names_every_family_of_both_kinds():
     assert registry.families("captioner") == ["blip", "blip-2", "capfilt-blip2-stage2"]
-    assert registry.families("itm") == ["blip", "blip-2", "capfilt-qformer"]
+    assert registry.families("itm") == ["blip", "blip-2", "capfilt-folds", "capfilt-qformer"]
 
 
-def test_capfilts_own_model_types_are_the_ones_its_models_write():
+def test_capfilts_own_model_types_are_the_ones_its_models_write(tmp_path):
     from model.blip2 import MODEL_TYPE as STAGE2
+    from model.folds import write_folds
     from model.qformer import MODEL_TYPE as STAGE1
 
     assert (registry.STAGE1_MODEL_TYPE, registry.STAGE2_MODEL_TYPE) == (STAGE1, STAGE2)
+    write_folds(tmp_path, ["fold-0/filter", "fold-1/filter"])
+    assert registry.model_type("itm", str(tmp_path)) == registry.FOLDS_MODEL_TYPE
 
 
 def test_every_named_loader_exists():

@@ -45,6 +45,11 @@ def finetune():
 @click.option("--filter-score", type=click.Choice(["best", "itm", "clip"]), default="best", show_default=True,
               help="The score the calibrated filter thresholds: the finetuned ITM, the CLIP, or (best) whichever "
                    "reaches --target-precision with more recall on the held-out pairs (ITM without --clip).")
+@click.option("--folds", type=int, default=1, show_default=True,
+              help="Out of fold: train --stage1's recipe again FOLDS times, each without one fold of its run's images, "
+                   "finetune each, and score each image with the one that never trained on it (a filter judging "
+                   "the pairs it trained on remembers them, noise included, and keeps more than its calibration "
+                   "predicts). Costs FOLDS - 1 Stage 1 trainings more.")
 def filter_command(**options):
     """Finetune BLIP's filter (ITC + ITM) from a Stage 1 checkpoint, then calibrate its ITM threshold
     (and with --clip the CLIP's) on the held-out part.

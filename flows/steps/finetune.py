@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass
 from typing import ClassVar
 
+from capfilt.errors import ConfigError
 from model.finetune import FinetuneSettings
 from pipeline.configs import Option, negate
 
@@ -28,12 +29,15 @@ class FinetuneFilterStep:
     clip_pretrained: str | None = None
     clip_config: str | None = None
     filter_score: str = "best"  # itm, clip, or the one reaching the precision with more recall
+    folds: int = 1  # > 1: out of fold, each image judged by a filter that never trained on it (model/folds.py)
 
     def check(self, will_exist: tuple[str, ...] = ()) -> None:
         from pipeline.calibrate import check_filter_score
 
         # FinetuneSettings checked its values; the annotated set is read when the step runs
         check_filter_score(self.filter_score, bool(self.clip))
+        if self.folds < 1:
+            raise ConfigError(f"--folds must be >= 1, got {self.folds}.")
 
     def execute(self, say=print) -> dict:
         from pipeline.finetune import ClipSpec, run_finetune_filter
@@ -41,7 +45,7 @@ class FinetuneFilterStep:
         clip = ClipSpec(self.clip, self.clip_pretrained, self.clip_config) if self.clip else None
         result = run_finetune_filter(self.annotated, self.stage1, self.settings, self.holdout_fraction,
                                      self.target_precision if self.calibrate else None, self.match_prior, self.vision,
-                                     clip, self.filter_score)
+                                     clip, self.filter_score, self.folds)
         say(f"finetuned filter: {result['step']} steps -> {result['checkpoint']}")
         cal = result["calibration"]
         if cal is not None:
