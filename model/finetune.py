@@ -67,7 +67,8 @@ def _schedule(settings: FinetuneSettings, images: list, parent_lr: float) -> dic
     lr = settings.lr or parent_lr / LR_DIVISOR
     return {"steps": steps, "lr": lr, "min_lr": lr / 100, "warmup_steps": max(1, int(settings.warmup_fraction * steps)),
             "batch_size": settings.batch_size, "seed": settings.seed, "checkpoint_every": steps,
-            "log_every": max(1, min(10, steps // 10)), "holdout_images": 0, "resume": True, "stop_at": None,
+            "log_every": max(1, min(10, steps // 10)), "holdout_images": 0, "folds": 1, "fold": None,
+            "resume": True, "stop_at": None,
             "out": settings.out, "device": settings.device, "progress": settings.progress}
 
 

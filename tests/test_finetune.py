@@ -242,7 +242,10 @@ def test_an_out_of_fold_filter_scores_each_image_with_the_model_that_never_train
         info = json.loads(next((out / f"fold-{fold}" / "stage1").glob("step-*/stage1.json")).read_text())
         assert (info["config"]["fold"], info["config"]["folds"], info["config"]["steps"]) == (fold, 2, 2)
         assert info["config"]["run"] == "r1" and info["config"]["lr"] == parent.lr
-        assert json.loads((out / f"fold-{fold}" / "filter" / "finetune.json").read_text())["kind"] == "finetune-filter"
+        finetuned = json.loads((out / f"fold-{fold}" / "filter" / "finetune.json").read_text())
+        assert finetuned["kind"] == "finetune-filter"
+        # finetuned on every finetuning image: the fold is the parent's, not the annotated set's
+        assert (finetuned["config"]["folds"], finetuned["config"]["fold"]) == (1, None)
     assert json.loads((out / "finetune.json").read_text())["folds"] == 2
 
     folded = load_itm(str(out), device="cpu")  # what `capfilt filter --itm DIR` does
