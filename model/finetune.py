@@ -144,6 +144,11 @@ def finetune_filter(stage1: str, finetune_images: list, settings: FinetuneSettin
     return {**result, "lineage": lineage}
 
 
+def check_folds(folds: int) -> None:
+    if folds < 1:
+        raise ConfigError(f"--folds must be >= 1, got {folds}.")
+
+
 def fold_config(stage1: str, fold: int, folds: int, out: str, device: str = "auto", progress: bool = True):
     """The Stage1Config that trains `stage1`'s own recipe again on its run without fold `fold` of
     `folds`: the same settings, steps scaled by (folds - 1) / folds so that each image is seen as
@@ -161,8 +166,6 @@ def fold_config(stage1: str, fold: int, folds: int, out: str, device: str = "aut
     steps = max(1, math.ceil(parent["steps"] * (folds - 1) / folds))
     values = {**parent, "folds": folds, "fold": fold, "out": out, "steps": steps, "resume": True, "stop_at": None,
               "device": device, "progress": progress, "checkpoint_every": min(parent.get("checkpoint_every") or steps, steps)}
-    if values.get("betas") is not None:
-        values["betas"] = tuple(values["betas"])
     return Stage1Config(**_known(Stage1Config, values))
 
 

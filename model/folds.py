@@ -6,7 +6,8 @@ calibration (measured on images it never saw) no longer predicts what it keeps. 
 id (model/data.py fold_of), fold f's images are scored by the model that never trained on them.
 
     DIR/config.json    {"model_type": "capfilt-folds", "folds": K, "models": ["fold-0/filter", ...]}
-    DIR/fold-<f>/      that fold's Stage 1 (stage1/) and its finetuned filter (filter/)
+    DIR/fold-<f>/      the Stage 1 trained without fold f (stage1/) and its finetuned filter
+                       (filter/), the one that judges fold f's images
 
 `load_itm(DIR)` (model/scorers.py, through the registry) gives a FoldedItm. The score stage passes
 each image's sample id (`keys`); an image given without one (a calibration picture, which no model

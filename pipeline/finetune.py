@@ -17,7 +17,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.finetune import FinetuneSettings, finetune_captioner, finetune_filter, finetune_filter_folds
+from model.finetune import FinetuneSettings, check_folds, finetune_captioner, finetune_filter, finetune_filter_folds
 from pipeline.annotated import DEFAULT_HOLDOUT_FRACTION, read_annotated, split_annotated
 from capfilt.errors import ConfigError
 from pipeline.calibrate import (DEFAULT_MATCH_PRIOR, DEFAULT_TARGET_PRECISION, calibrate_clip, calibrate_itm,
@@ -55,8 +55,7 @@ def run_finetune_filter(annotated: str, stage1: str, settings: FinetuneSettings,
     `folds` Stage 1s trained as `stage1` was, each without one fold of its run's images, each
     finetuned; DIR scores an image with the one that never trained on it, and is calibrated as one."""
     check_filter_score(filter_score, clip is not None)  # before any training
-    if folds < 1:
-        raise ConfigError(f"--folds must be >= 1, got {folds}.")
+    check_folds(folds)
     data = read_annotated(annotated)
     split = split_annotated(data.images, holdout_fraction, settings.seed)
     if folds > 1:
@@ -69,7 +68,7 @@ def run_finetune_filter(annotated: str, stage1: str, settings: FinetuneSettings,
                                               annotated=data.describe(), device=settings.device, clip=clip,
                                               filter_score=filter_score).check()
         if result["calibration"].score == "itm" and folds == 1:
-            parent = ((result["lineage"].get("parent") or {}).get("lineage") or {}).get("run") or "its parent's run"
+            parent = (result["lineage"]["parent"]["lineage"] or {}).get("run", "its parent's run")
             log.warning("the filter thresholds its ITM: on images its Stage 1 trained on (%s's; a bootstrap round "
                         "judges those) it remembers the pairs, noise included, and keeps more than the predicted "
                         "precision allows; --folds 2 judges each image with a model that never trained on it", parent)

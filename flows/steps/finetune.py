@@ -7,8 +7,7 @@ import json
 from dataclasses import dataclass
 from typing import ClassVar
 
-from capfilt.errors import ConfigError
-from model.finetune import FinetuneSettings
+from model.finetune import FinetuneSettings, check_folds
 from pipeline.configs import Option, negate
 
 
@@ -36,8 +35,7 @@ class FinetuneFilterStep:
 
         # FinetuneSettings checked its values; the annotated set is read when the step runs
         check_filter_score(self.filter_score, bool(self.clip))
-        if self.folds < 1:
-            raise ConfigError(f"--folds must be >= 1, got {self.folds}.")
+        check_folds(self.folds)
 
     def execute(self, say=print) -> dict:
         from pipeline.finetune import ClipSpec, run_finetune_filter
