@@ -26,6 +26,7 @@ TOY_TOKENIZER = "tokenizer"
 TOY_BERT = "bert"  # masked-LM BERT of the Q-Former's sizes: Stage 1 starts from it (BLIP-2: bert-base)
 TOY_CLIP = "clip"  # an open_clip local-dir: open_clip_config.json + weights
 TOY_LM = "lm"
+TOY_STAGE1 = "stage1"  # with `pretrain.stage1_steps`: a Stage 1 pretrained on the CLIP's pairs, the filter's start
 TOY_PRETRAIN_WORLD_IMAGES = 3000
 
 

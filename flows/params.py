@@ -226,9 +226,17 @@ class BootstrapParams(BaseModel):
             return {}
         preset = self.preset_options()
         previous = self.models(self.round_run(k - 1))
+        fields = preset.finetune_filter.replace(self.finetune_filter).values
+        # BLIP's filter starts from the round's Stage 1, unless a Stage 1 pretrained elsewhere is named
+        # (`--set finetune_filter.stage1=FOLDER`) or the toy preset pretrains one (`--set pretrain.stage1_steps=N`)
+        start = fields.get("stage1") or self.pretrained_stage1()
+        if start and fields.get("folds", 1) > 1:
+            raise ConfigError(f"--set finetune_filter.folds={fields['folds']}: the filter starts from {start}, not "
+                              f"from round {k - 1}'s Stage 1, so it never trained on the images it judges; folds "
+                              f"retrain the round's Stage 1 without each fold. Set one of the two.")
         steps = {f"finetune-filter-r{k}": make("finetune filter", {
-            **preset.finetune_filter.replace(self.finetune_filter).values, "annotated": self.annotated,
-            "stage1": _join(previous, "stage1"), "out": _join(previous, FINETUNED_FILTER)}, self.will_exist)}
+            **fields, "annotated": self.annotated, "stage1": start or _join(previous, "stage1"),
+            "out": _join(previous, FINETUNED_FILTER)}, self.will_exist)}
         if self.stage2 is not None:
             steps[f"finetune-captioner-r{k}"] = make("finetune captioner", {
                 **preset.finetune_captioner.replace(self.finetune_captioner).values, "annotated": self.annotated,
@@ -256,6 +264,13 @@ class BootstrapParams(BaseModel):
         step = make("filter", {**filter_fields.replace(self.ABLATION_ARMS[arm]).values, "root": self.root, "run": run,
                                 "from_run": self.round_run(1)}, self.will_exist)
         return curate, step, self.train_params(run)
+
+    def pretrained_stage1(self) -> str | None:
+        """The toy folder's pretrained Stage 1 where the pretrain step trains one."""
+        from capfilt.presets import TOY_STAGE1
+
+        step = self.pretrain_step()
+        return _join(step.out, TOY_STAGE1) if step is not None and step.stage1_steps > 0 else None
 
     def pretrain_step(self):
         pretrain = self.preset_options().pretrain

@@ -157,6 +157,9 @@ def fold_config(stage1: str, fold: int, folds: int, out: str, device: str = "aut
     from .train_stage1 import Stage1Config
 
     parent = dict(stage1_checkpoint(stage1, f"--stage1 {stage1}").info.get("config") or {})
+    if parent.get("run") == "" and parent.get("steps"):
+        raise ConfigError(f"--stage1 {stage1} was pretrained on pairs of no curated run (e.g. `capfilt toy pretrain "
+                          f"--stage1-steps`): it never trained on a run's images, so it needs no --folds; drop it.")
     if not parent.get("run") or not parent.get("steps"):
         raise ConfigError(f"--stage1 {stage1}: no stage1.json with the run and recipe it was trained with; --folds "
                           f"trains that recipe again without each fold, so pass a `capfilt train stage1 --out` folder.")

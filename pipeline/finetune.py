@@ -67,11 +67,12 @@ def run_finetune_filter(annotated: str, stage1: str, settings: FinetuneSettings,
         result["calibration"] = calibrate_out(settings.out, split, target_precision, match_prior, settings.seed,
                                               annotated=data.describe(), device=settings.device, clip=clip,
                                               filter_score=filter_score).check()
-        if result["calibration"].score == "itm" and folds == 1:
-            parent = (result["lineage"]["parent"]["lineage"] or {}).get("run", "its parent's run")
+        parent = (result["lineage"]["parent"]["lineage"] or {}).get("run")  # None: pretrained on no curated run
+        if result["calibration"].score == "itm" and folds == 1 and parent:
             log.warning("the filter thresholds its ITM: on images its Stage 1 trained on (%s's; a bootstrap round "
                         "judges those) it remembers the pairs, noise included, and keeps more than the predicted "
-                        "precision allows; --folds 2 judges each image with a model that never trained on it", parent)
+                        "precision allows; --folds 2 judges each image with a model that never trained on it, and so "
+                        "does a filter finetuned from a Stage 1 pretrained on other data", parent)
     return result
 
 

@@ -374,6 +374,18 @@ def test_with_an_annotated_set_rounds_finetune_first_and_filter_every_caption_by
     assert "select.top_k" not in filter2.values and "select.rank_by" not in filter2.values  # a per-caption decision, not a ranking
     order = [label for label, _ in planned_steps(params)]
     assert order.index("finetune-filter-r1") < order.index("ingest-r1") < order.index("filter-r1")
+    # the filter starts from a Stage 1 pretrained elsewhere where one is named or the toy preset pretrains one
+    pretrained = BootstrapParams(source="src", root="/d", run="b", rounds=1, preset="toy", annotated="/a/ann.parquet",
+                                 **parse_sets(("pretrain.stage1_steps=4000",)))
+    assert pretrained.pretrain_step().stage1_steps == 4000
+    assert pretrained.finetune_steps(1)["finetune-filter-r1"].stage1 == "/d/models/b-toy/stage1"
+    named = BootstrapParams(source="src", root="/d", run="b", rounds=1, preset="toy", annotated="/a/ann.parquet",
+                            **parse_sets(("finetune_filter.stage1=/m/s1",)))
+    assert named.finetune_steps(1)["finetune-filter-r1"].stage1 == "/m/s1"
+    both = BootstrapParams(source="src", root="/d", run="b", rounds=1, preset="toy", annotated="/a/ann.parquet",
+                           **parse_sets(("pretrain.stage1_steps=4000", "finetune_filter.folds=2")))
+    with pytest.raises(ConfigError, match="never trained on the images it judges"):
+        both.finetune_steps(1)
     without = BootstrapParams(source="src", root="/d", run="b", rounds=1, preset="toy")
     assert without.finetune_steps(1) == {} and without.round_params(1)[1].values["select.policies"] == ("blip2",)
     assert without.round_params(1)[0].caption["config.decoding.num_captions"] == 4  # BLIP-2: ranked, top 2 kept

@@ -191,6 +191,37 @@ def test_pretrain_toy_reads_an_ingested_run_counts_what_it_leaves_out_and_resume
     assert (tmp_path / "toy" / "lm" / "model.safetensors").read_bytes() != lm_before
 
 
+def test_pretrain_toy_stage1_is_a_stage1_of_no_run_and_retrains_alone(tmp_path, pairs):
+    """stage1_steps: a Stage 1 pretrained on the CLIP's pairs (the filter's start, model/toy/stage1.py);
+    changing its settings retrains it alone, changing the others keeps it."""
+    from model.finetune import fold_config
+    from model.stage1_inference import stage1_checkpoint
+    from model.toy.pretrain import pretrain_toy
+
+    rows = [{"image": img, "caption": cap, "sha256": f"h{i}"} for i, (img, cap) in enumerate(pairs["train"][:40])]
+    write_images_run(tmp_path, "raw", rows)
+    preset = ToyPreset(clip_steps=5, lm_steps=5, bert_steps=5, clip_batch_size=16, lm_batch_size=8, stage1_steps=3)
+    toy = tmp_path / "toy"
+    info = pretrain_toy(str(tmp_path), "raw", toy, preset)
+    assert (info["stage1"]["steps"], info["stage1"]["pairs"]) == (3, 40) and info["stage1"]["loss_last"] > 0
+    checkpoint = stage1_checkpoint(toy / "stage1", "the toy Stage 1")
+    assert checkpoint.info["config"]["run"] == "" and checkpoint.info["lineage"]["pairs"] == 40
+    assert checkpoint.info["config"]["vision"] == f"open_clip:local-dir:{toy / 'clip'}"
+    # --folds retrains a Stage 1's run without each fold: this one trained on no run, and it says so
+    with pytest.raises(ConfigError, match="pretrained on pairs of no curated run"):
+        fold_config(str(toy / "stage1"), 0, 2, str(tmp_path / "fold"))
+    clip_before = (toy / "clip" / "open_clip_model.safetensors").read_bytes()
+    info = pretrain_toy(str(tmp_path), "raw", toy, replace(preset, stage1_steps=2))
+    assert info["kept"] == ["tokenizer+bert+clip", "lm"] and info["stage1"]["steps"] == 2
+    assert stage1_checkpoint(toy / "stage1", "the toy Stage 1").info["step"] == 2  # trained anew, not resumed at 3
+    info = pretrain_toy(str(tmp_path), "raw", toy, replace(preset, stage1_steps=2, lm_steps=6))
+    assert info["kept"] == ["tokenizer+bert+clip", "stage1"] and info["stage1"]["steps"] == 2
+    assert (toy / "clip" / "open_clip_model.safetensors").read_bytes() == clip_before
+    assert pretrain_toy(str(tmp_path), "raw", toy, replace(preset, stage1_steps=0, lm_steps=6))["stage1"] is None
+    with pytest.raises(ConfigError, match="stage1_steps must be >= 0"):
+        ToyPreset(stage1_steps=-1)
+
+
 def test_toy_pretrain_cli_names_a_run_without_images_or_pairs(tmp_path, capsys):
     from capfilt.cli import main
 

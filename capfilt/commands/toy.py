@@ -17,7 +17,7 @@ def toy():
 @click.option("--run", required=True, help="An ingested run: its images and web captions are the training pairs "
               "(unless --world-images).")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
-              help="Folder for tokenizer/, bert/, clip/ (open_clip local-dir:) and lm/.")
+              help="Folder for tokenizer/, bert/, clip/ (open_clip local-dir:), lm/ and stage1/ (--stage1-steps).")
 @click.option("--quick", is_flag=True, help="Fewer training steps (same architectures).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds initialisation and data order.")
 @click.option("--world-images", type=int, default=0, show_default=True,
@@ -28,6 +28,10 @@ def toy():
 @click.option("--clip-world-images", type=int, default=0, show_default=True,
               help="With --world-images: the CLIP alone pretrains on a pretraining world of this many images "
                    "(contrastive learning needs more images than the text pieces need texts); 0: the same world.")
+@click.option("--stage1-steps", type=int, default=0, show_default=True,
+              help="Also pretrain a Stage 1 (the toy Q-Former) for this many steps on the CLIP's pairs, into "
+                   "<out>/stage1: a model pretrained on other data than the source, for `finetune filter --stage1` "
+                   "(a filter finetuned from the round's own Stage 1 remembers the pairs it judges); 0: none.")
 def pretrain(**options):
     """Tokenizer, small CLIP and small causal LM, trained from scratch on (image, web caption) pairs:
     the run's, or with --world-images those of a separate pretraining world, as real frozen models

@@ -14,16 +14,17 @@ class ToyPretrainStep:
 
     root: str
     run: str  # an ingested run: its (image, web caption) pairs, unless world_images
-    out: str  # tokenizer/, bert/, clip/ (open_clip local-dir:) and lm/
+    out: str  # tokenizer/, bert/, clip/ (open_clip local-dir:), lm/ and, with stage1_steps, stage1/
     quick: bool = False
     seed: int = 0
     world_images: int = 0  # > 0: pretrain on a separate synthetic world of this many images instead
     world_noise: float = 0.4
     world_seed: int = 104729
     clip_world_images: int = 0  # > 0: the CLIP alone pretrains on a pretraining world of this many images
+    stage1_steps: int = 0  # > 0: also a Stage 1 pretrained on the CLIP's pairs (model/toy/stage1.py), the filter's start
 
     def check(self, will_exist: tuple[str, ...] = ()) -> None:
-        for option in ("world_images", "clip_world_images"):
+        for option in ("world_images", "clip_world_images", "stage1_steps"):
             if getattr(self, option) < 0:
                 raise ConfigError(f"--{option.replace('_', '-')} must be >= 0, got {getattr(self, option)}.")
         if self.clip_world_images and not self.world_images:
@@ -49,8 +50,9 @@ class ToyPretrainStep:
         from model.toy.pretrain import pretrain_toy, pretrain_toy_pairs
 
         world_images = self.world_images
-        preset = (ToyPreset.quick(seed=self.seed) if self.quick else ToyPreset.world(seed=self.seed) if world_images
-                  else ToyPreset(seed=self.seed))
+        fields = {"seed": self.seed, "stage1_steps": self.stage1_steps}
+        preset = (ToyPreset.quick(**fields) if self.quick else ToyPreset.world(**fields) if world_images
+                  else ToyPreset(**fields))
         if world_images:
             world, pairs, texts = self._world(world_images)
             # "clip_world" is always there, so a folder whose CLIP saw another world is never reused for one that did not
@@ -69,6 +71,8 @@ class ToyPretrainStep:
         if info["reused"]:
             say(f"{self.out} already holds the toy models for {what} (same preset): nothing to do")
             return info
+        if info["kept"]:
+            say(f"kept from the folder (same pairs and settings): {', '.join(info['kept'])}")
         c = info["counts"]
         if world_images:
             say(f"trained on {c['pairs']} pairs of the {what} (not on run '{self.run}')")
@@ -80,6 +84,10 @@ class ToyPretrainStep:
         say(f"clip: loss {info['clip']['loss_first']:.3f} -> {info['clip']['loss_last']:.3f} "
             f"({info['clip']['seconds']:.0f} s); lm: loss {info['lm']['loss_first']:.3f} -> "
             f"{info['lm']['loss_last']:.3f} ({info['lm']['seconds']:.0f} s)")
+        if info.get("stage1"):
+            s1 = info["stage1"]
+            say(f"stage1: {s1['steps']} steps on {s1['pairs']} pairs, loss {s1['loss_last']:.3f}, ITM accuracy "
+                f"{s1['itm_accuracy_last']:.2f} ({s1['seconds']:.0f} s): the filter's start, {self.out}/stage1")
         say(f"tokenizer: {self.out}/tokenizer  bert: {self.out}/bert  clip: local-dir:{self.out}/clip  lm: {self.out}/lm")
         return info
 

@@ -1,4 +1,5 @@
-"""All the toy pieces (tokenizer, BERT, CLIP, LM) from an ingested run's or a world's pairs, in one folder."""
+"""All the toy pieces (tokenizer, BERT, CLIP, LM, and a Stage 1 where the preset asks) from an ingested run's or a
+world's pairs, in one folder."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from .bert import pretrain_bert
 from .clip import pretrain_clip
 from .lm import pretrain_lm
 from .preset import ToyPreset
+from .stage1 import pretrain_stage1
 from .tokenizer import train_text_tokenizer
 
 
@@ -85,8 +87,13 @@ def _lm_settings(preset: ToyPreset) -> dict:
 
 
 def _vision_settings(preset: ToyPreset) -> dict:
-    """What the tokenizer, BERT and CLIP depend on: everything but the LM's fields."""
-    return {k: v for k, v in asdict(preset).items() if not k.startswith("lm_")}
+    """What the tokenizer, BERT and CLIP depend on: everything but the LM's and the Stage 1's fields."""
+    return {k: v for k, v in asdict(preset).items() if not k.startswith(("lm_", "stage1_"))}
+
+
+def _stage1_settings(preset: ToyPreset) -> dict:
+    """What the pretrained Stage 1 depends on besides the tokenizer, BERT and CLIP it reads."""
+    return {k: v for k, v in asdict(preset).items() if k.startswith("stage1_") or k in ("seed", "threads")}
 
 
 def pretrain_toy_pairs(pairs: Sequence[tuple[bytes, str]], out: str | Path, preset: ToyPreset = ToyPreset(),
@@ -108,6 +115,8 @@ def pretrain_toy_pairs(pairs: Sequence[tuple[bytes, str]], out: str | Path, pres
     keep_vision = same_pairs and _vision_settings(ToyPreset(**before["preset"])) == _vision_settings(preset)
     keep_lm = (same_pairs and lm and before.get("lm") is not None
                and _lm_settings(ToyPreset(**before["preset"])) == _lm_settings(preset))
+    keep_stage1 = (keep_vision and preset.stage1_steps > 0 and before.get("stage1") is not None
+                   and _stage1_settings(ToyPreset(**before["preset"])) == _stage1_settings(preset))
     started = time.perf_counter()
     texts = [caption for _, caption in pairs] + list(extra_texts)  # the text pieces also read `extra_texts`
     train_lm = lm and not keep_lm
@@ -123,15 +132,19 @@ def pretrain_toy_pairs(pairs: Sequence[tuple[bytes, str]], out: str | Path, pres
             train_text_tokenizer(texts, out / "tokenizer", preset)
             bert = pretrain_bert(texts, out / "bert", out / "tokenizer", preset)
             clip_metrics = pretrain_clip(clip_pairs or pairs, out / "clip", preset, eval_pairs=eval_pairs).metrics
+        # the Stage 1 reads the CLIP, tokenizer and BERT, and learns from the CLIP's pairs
+        stage1 = (before["stage1"] if keep_stage1 else
+                  pretrain_stage1(clip_pairs or pairs, out, preset) if preset.stage1_steps else None)
         if not train_lm:
             lm_metrics = before["lm"] if keep_lm else None
         elif lm_job is not None:
             lm_metrics = {**lm_job.result(), "process": "beside the CLIP's"}
         else:
             lm_metrics = _lm_metrics(texts, out / "lm", preset)
-    info = {**about, "preset": asdict(preset), "bert": bert, "clip": clip_metrics, "lm": lm_metrics,
+    info = {**about, "preset": asdict(preset), "bert": bert, "clip": clip_metrics, "lm": lm_metrics, "stage1": stage1,
             "seconds": time.perf_counter() - started,
-            "kept": [piece for piece, kept in (("tokenizer+bert+clip", keep_vision), ("lm", keep_lm)) if kept]}
+            "kept": [piece for piece, kept in (("tokenizer+bert+clip", keep_vision), ("lm", keep_lm),
+                                               ("stage1", keep_stage1)) if kept]}
     out.mkdir(parents=True, exist_ok=True)
     done.write_text(json.dumps(info, indent=1, sort_keys=True))
     return {**info, "reused": False}
