@@ -108,6 +108,14 @@ def load_curated_images(root: str, run: str) -> list[CuratedImage]:
     store = RunStore(root, run)
     images = [CuratedImage(row["sample_id"], ref, row["captions"])
               for row, ref in image_index(store, ["sample_id", "captions"])]
+    selected = [r for r in store.records("select") if r.status == "done"] if not images else []
+    if selected:  # the filter ran and kept nothing: say so, not "run the filter"
+        raise ConfigError(
+            f"run '{run}' under {root}: its filter kept none of its {sum(r.rows_in or 0 for r in selected)} captions, "
+            f"so there is nothing to train on; {store.uri(store.report_dir())}/filter.html shows each caption's drop "
+            f"reason. A calibrated filter that keeps nothing judges this source's captions unlike its calibration "
+            f"pairs: run the filter again with a lower --target-precision or another --filter-score."
+        )
     if not images:
         raise ConfigError(
             f"run '{run}' under {root} has no curated rows (no images in {store.uri(store.artifact_dir('curated_images'))}); "

@@ -142,6 +142,14 @@ def test_bad_configs_say_what_to_fix(world, tmp_path):
         config(world, tmp_path, cache_features=True, augment=True)
     with pytest.raises(ConfigError, match="no curated rows"):
         train(config(world, tmp_path, run="empty"))
+    # a run whose filter ran and kept nothing is told so (not to run the filter)
+    from pipeline.run_store import RunStore, ShardCounts
+
+    store = RunStore(config(world, tmp_path).root, "kept-nothing")
+    store.start_shard("select", "part-0", "h")
+    store.commit_shard("select", "part-0", "h", {}, ShardCounts(rows_in=7, kept=0, rejected=7))
+    with pytest.raises(ConfigError, match=r"its filter kept none of its 7 captions.*filter\.html"):
+        train(config(world, tmp_path, run="kept-nothing"))
 
 
 def test_a_run_smaller_than_one_batch_trains_on_batches_of_all_it_has_and_says_so(caplog):

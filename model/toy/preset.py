@@ -90,9 +90,11 @@ class ToyPreset:
     # A Stage 1 pretrained on the CLIP's pairs (model/toy/stage1.py), the toy's public BLIP-2
     # checkpoint, from which a bootstrap's filter is finetuned instead of from the round's own
     # Stage 1 (which remembers the pairs it judges); 0: none, the filter starts from the round's.
-    # Measured (pretraining world of 3000 images, the demo worlds of seeds 0 / 1 / 2): ROC-AUC of
-    # the finetuned ITM on round 1's corrupted web captions 0.959 / 0.962 / 0.957 at 4000 steps
-    # (0.904 at 2000, seed 0), against 0.872 / 0.857 / 0.859 finetuned from the round's Stage 1.
+    # Measured (the 3000-image pretraining world's 3018 pairs, 4000 steps, 250 s on 1 thread; the
+    # demo worlds of seeds 0 / 1 / 2): ROC-AUC of the finetuned ITM on round 1's corrupted web
+    # captions 0.957 / 0.962 / 0.965, against 0.872 / 0.857 / 0.859 finetuned from the round's
+    # Stage 1 (2000 steps on the world's web pairs alone: 0.904, seed 0). Not the demo's default:
+    # 4 more minutes of a demo that must stay under 12 (README, "A filter that never saw the source").
     stage1_steps: int = 0
     # Intra-op threads while training. Models this small spend more time synchronising threads
     # than computing: measured on 2 shared cores, a CLIP step took 48 ms on 1 thread and
