@@ -114,7 +114,8 @@ def load_curated_images(root: str, run: str) -> list[CuratedImage]:
             f"run '{run}' under {root}: its filter kept none of its {sum(r.rows_in or 0 for r in selected)} captions, "
             f"so there is nothing to train on; {store.uri(store.report_dir())}/filter.html shows each caption's drop "
             f"reason. A calibrated filter that keeps nothing judges this source's captions unlike its calibration "
-            f"pairs: run the filter again with a lower --target-precision or another --filter-score."
+            f"pairs: filter again with a lower --target-precision or --stated-prior, or finetune the filter with "
+            f"another --filter-score."
         )
     if not images:
         raise ConfigError(

@@ -67,8 +67,9 @@ def run_finetune_filter(annotated: str, stage1: str, settings: FinetuneSettings,
         result["calibration"] = calibrate_out(settings.out, split, target_precision, match_prior, settings.seed,
                                               annotated=data.describe(), device=settings.device, clip=clip,
                                               filter_score=filter_score).check()
-        parent = (result["lineage"]["parent"]["lineage"] or {}).get("run")  # None: pretrained on no curated run
-        if result["calibration"].score == "itm" and folds == 1 and parent:
+        # the parent's run (None: a Stage 1 pretrained on no curated run, which judges no pairs it learnt)
+        parent = (result["lineage"]["parent"]["lineage"] or {}).get("run") if folds == 1 else None
+        if result["calibration"].score == "itm" and parent:
             log.warning("the filter thresholds its ITM: on images its Stage 1 trained on (%s's; a bootstrap round "
                         "judges those) it remembers the pairs, noise included, and keeps more than the predicted "
                         "precision allows; --folds 2 judges each image with a model that never trained on it, and so "

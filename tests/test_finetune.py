@@ -368,3 +368,25 @@ def test_curate_annotated_calibrates_an_itm_model_as_it_is_on_the_whole_set(tmp_
     with pytest.raises(ConfigError, match="precision"):  # an uninformed ITM cannot reach 0.999: said, the curve kept
         calibrate_on_annotated(itm, annotated["path"], tmp_path / "hard.json", target_precision=0.999)
     assert (tmp_path / "hard.json").exists()
+
+
+def test_the_itm_warning_is_for_a_stage1_that_trained_on_a_run_not_one_pretrained_elsewhere(annotated, parents, tmp_path,
+                                                                                           caplog):
+    """A filter that thresholds its ITM warns where its Stage 1 trained on a run (a round judges the pairs it
+    learnt), not where that Stage 1 was pretrained on pairs of no run (the toy preset's, a public checkpoint)."""
+    from model.data import load_curated_images
+    from model.train_stage1 import Stage1Config, train
+
+    common = dict(vision=parents["vision"], tokenizer=parents["tokenizer"], bert=None, model=TINY_QFORMER, steps=2,
+                  batch_size=4, warmup_steps=1, lr=1e-3, augment=False, checkpoint_every=2, progress=False, device="cpu")
+    on_run = Stage1Config(root=parents["data"], run="r1", out=str(tmp_path / "on-run"), **common)
+    train(on_run)
+    elsewhere = Stage1Config(root=str(tmp_path), run="", out=str(tmp_path / "elsewhere"), **common)
+    train(elsewhere, images=load_curated_images(parents["data"], "r1"), lineage={"pairs": 16})
+    for parent, warned in ((on_run.out, True), (elsewhere.out, False)):
+        caplog.clear()
+        cli_main(["finetune", "filter", "--annotated", annotated["path"], "--stage1", parent,
+                  "--out", str(tmp_path / f"filter-{warned}"), "--steps", "2", "--batch-size", "8",
+                  "--holdout-fraction", "0.25", "--target-precision", "0.5", "--device", "cpu"])
+        assert json.loads((tmp_path / f"filter-{warned}" / "calibration.json").read_text())["score"] == "itm"
+        assert ("remembers the pairs" in caplog.text) is warned, caplog.text

@@ -386,6 +386,10 @@ def test_with_an_annotated_set_rounds_finetune_first_and_filter_every_caption_by
                            **parse_sets(("pretrain.stage1_steps=4000", "finetune_filter.folds=2")))
     with pytest.raises(ConfigError, match="never trained on the images it judges"):
         both.finetune_steps(1)
+    quick = BootstrapParams(source="src", root="/d", run="b", rounds=1, preset="toy", quick=True,
+                            **parse_sets(("pretrain.stage1_steps=40",)))  # --quick pretrains on the run's own pairs
+    with pytest.raises(ConfigError, match="--stage1-steps needs --world-images"):
+        quick.pretrain_step()
     without = BootstrapParams(source="src", root="/d", run="b", rounds=1, preset="toy")
     assert without.finetune_steps(1) == {} and without.round_params(1)[1].values["select.policies"] == ("blip2",)
     assert without.round_params(1)[0].caption["config.decoding.num_captions"] == 4  # BLIP-2: ranked, top 2 kept

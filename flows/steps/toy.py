@@ -27,6 +27,9 @@ class ToyPretrainStep:
         for option in ("world_images", "clip_world_images", "stage1_steps"):
             if getattr(self, option) < 0:
                 raise ConfigError(f"--{option.replace('_', '-')} must be >= 0, got {getattr(self, option)}.")
+        if self.stage1_steps and not self.world_images:
+            raise ConfigError("--stage1-steps needs --world-images: a Stage 1 pretrained on the run's own pairs would "
+                              "judge the pairs it learnt, as the round's Stage 1 does; it is pretrained on another world.")
         if self.clip_world_images and not self.world_images:
             raise ConfigError("--clip-world-images needs --world-images: the CLIP's world is a pretraining world "
                               "beside the text pieces' one.")
