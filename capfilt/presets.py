@@ -20,13 +20,13 @@ from dataclasses import dataclass, field, fields
 from capfilt.errors import ConfigError
 from flows.steps import StepFields
 from model.factory import architecture
+from model.toy.preset import STAGE1_RECIPE
 
 # Layout written by `capfilt toy pretrain --out DIR` (model/toy/pretrain.py): the preset refers to it.
 TOY_TOKENIZER = "tokenizer"
 TOY_BERT = "bert"  # masked-LM BERT of the Q-Former's sizes: Stage 1 starts from it (BLIP-2: bert-base)
 TOY_CLIP = "clip"  # an open_clip local-dir: open_clip_config.json + weights
 TOY_LM = "lm"
-TOY_STAGE1 = "stage1"  # with `pretrain.stage1_steps`: a Stage 1 pretrained on the CLIP's pairs, the filter's start
 TOY_PRETRAIN_WORLD_IMAGES = 3000
 
 
@@ -135,9 +135,8 @@ def toy_preset(toy_dir: str, quick: bool = False) -> Preset:
         finetune_filter={"batch_size": 16, "clip": clip_spec},
         finetune_captioner={"batch_size": 16},
         stage1={"vision": f"open_clip:{clip_spec}", "tokenizer": f"{toy_dir}/{TOY_TOKENIZER}", "bert": f"{toy_dir}/{TOY_BERT}",
-                "model": architecture("qformer-toy"), "steps": stage1_steps, "batch_size": 32, "lr": 2e-3,
-                "warmup_steps": 20, "itm_random_negative_steps": stage1_steps, "augment": False,
-                "cache_features": True, "log_every": 10, "checkpoint_every": 100},
+                "model": architecture("qformer-toy"), "steps": stage1_steps, **STAGE1_RECIPE,
+                "itm_random_negative_steps": stage1_steps, "log_every": 10, "checkpoint_every": 100},
         stage2={"llm": f"{toy_dir}/{TOY_LM}", "steps": stage2_steps, "batch_size": 32, "lr": 2e-3,
                 "warmup_steps": 20, "augment": False, "cache_features": True, "log_every": 10,
                 "checkpoint_every": 100},

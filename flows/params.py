@@ -267,7 +267,7 @@ class BootstrapParams(BaseModel):
 
     def pretrained_stage1(self) -> str | None:
         """The toy folder's pretrained Stage 1 where the pretrain step trains one."""
-        from capfilt.presets import TOY_STAGE1
+        from model.toy.preset import TOY_STAGE1
 
         step = self.pretrain_step()
         return _join(step.out, TOY_STAGE1) if step is not None and step.stage1_steps > 0 else None

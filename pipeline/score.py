@@ -102,7 +102,7 @@ def score_pairs(pairs: pa.Table, clip, itm=None) -> pa.Table:
         if itm is not None:
             slot = {s: k for k, s in enumerate(good)}  # each decoded image given once, named by its pairs
             # an out-of-fold filter (model/folds.py) picks its model by the image's sample id
-            keys = {"keys": good} if getattr(itm, "keyed", False) else {}
+            keys = {"keys": good} if itm.keyed else {}
             probs = itm.match_probability_of([decoded[s] for s in good], [slot[sample_ids[i]] for i in ok],
                                              [texts[i] or "" for i in ok], **keys)
             for row, i in enumerate(ok):

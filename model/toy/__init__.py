@@ -14,6 +14,7 @@ pretrained ones; offline there are none):
   bert.py       the masked-LM BERT the Q-Former starts from
   clip.py       the open_clip CLIP (the frozen image encoder and the filter's CLIP)
   lm.py         the OPT-style causal LM of Stage 2, with its byte-level BPE tokenizer
+  stage1.py     (optional) a Stage 1 pretrained on the pretraining world: the filter's start
   pretrain.py   all of them from an ingested run or a world, into one folder
 
 Nothing here imports the stages: the world is the stages' input, the toy models load through

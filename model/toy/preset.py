@@ -29,6 +29,10 @@ from capfilt.errors import ConfigError
 from ..factory import architecture
 
 TOY_INFO = "toy.json"
+TOY_STAGE1 = "stage1"  # the toy folder's pretrained Stage 1 (ToyPreset.stage1_steps), the filter's start
+# The toy preset's Stage 1 recipe (capfilt/presets.py toy_preset; model/toy/stage1.py), less its steps:
+# ITM negatives drawn uniformly for all of them (itm_random_negative_steps = steps).
+STAGE1_RECIPE = {"batch_size": 32, "lr": 2e-3, "warmup_steps": 20, "augment": False, "cache_features": True}
 _QFORMER = architecture("qformer-toy")  # the Q-Former the toy preset trains (capfilt/presets.py)
 
 

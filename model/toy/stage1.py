@@ -14,10 +14,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from .preset import ToyPreset
+from .preset import STAGE1_RECIPE, TOY_STAGE1, ToyPreset
 from .training import threads
-
-TOY_STAGE1 = "stage1"  # the folder under the toy folder; `finetune filter --stage1 <toy>/stage1`
 
 
 def pretrain_stage1(pairs: Sequence[tuple[bytes, str]], out: str | Path, preset: ToyPreset) -> dict:
@@ -36,9 +34,8 @@ def pretrain_stage1(pairs: Sequence[tuple[bytes, str]], out: str | Path, preset:
     # run "": trained on pairs in memory, on no curated run (--folds, which retrains a Stage 1's run, says so)
     config = Stage1Config(root=str(out), run="", out=str(folder), vision=f"open_clip:local-dir:{out / 'clip'}",
                           tokenizer=str(out / "tokenizer"), bert=str(out / "bert"), model=architecture("qformer-toy"),
-                          steps=steps, batch_size=32, lr=2e-3, warmup_steps=20, itm_random_negative_steps=steps,
-                          augment=False, cache_features=True, log_every=50, checkpoint_every=steps,
-                          seed=preset.seed, progress=False)
+                          steps=steps, itm_random_negative_steps=steps, **STAGE1_RECIPE, log_every=50,
+                          checkpoint_every=steps, seed=preset.seed, progress=False)
     started = time.perf_counter()
     with threads(preset.threads):
         result = train(config, images=images, lineage={"toy_pretrain": str(out), "pairs": len(images)})
