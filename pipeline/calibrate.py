@@ -20,6 +20,9 @@ identical (ignoring case) to one of the image's own captions is not a negative a
 
 With both scorers calibrated, `choose` keeps the one that reaches the target precision with the
 more recall (`best`), or the one the user names: the filter is whichever the measurement favours.
+With `best`, the select stage then judges each caption source with the scorer that keeps the most
+of it at the target precision at the share of matches the source's own scores imply
+(`for_source_best`): a scorer blind to the kind of noise a source has cannot empty it.
 """
 
 from __future__ import annotations
@@ -337,24 +340,67 @@ def for_source(calibration: Calibration, scores) -> tuple[Calibration | None, di
     """(the calibration a caption source's captions are judged with, the estimate behind it).
 
     The stated prior holds unless the source's own scores say fewer of its captions match: then
-    the threshold is re-picked at the estimated share (`Calibration.at`, one more false positive
-    counted than the held-out set saw), and a source whose share admits no threshold reaching the
-    target precision gets None (none of its captions is kept).
-    The estimate only ever makes the filter stricter: a weak captioner's captions cannot lower the
-    precision of what is kept, and a source better than stated keeps the stated threshold."""
+    the threshold is re-picked for the source's estimated mixture (`estimated_prior`): at each
+    threshold, precision = w_match * recall / (w_match * recall + the sum over the mismatch kinds
+    of w_kind * the share of that kind's held-out pairs passing). Each kind's share is counted with
+    one false positive more than the held-out set saw (add-one): above the highest held-out
+    mismatch the measured rate is 0, and any share would reach any precision; n mismatches
+    measure it only down to about 1/n. One-word swaps count here as the source's mixture says,
+    though the stated curve leaves them out: a source the fit calls mostly swaps gets the
+    threshold above its swaps. A source whose share admits no threshold reaching the target
+    precision gets None (none of its captions is kept).
+    The estimate only ever makes the filter stricter: never a threshold below the stated one, so a
+    weak captioner's captions cannot lower the precision of what is kept, and a source better than
+    stated keeps the stated threshold."""
     estimate = estimated_prior(calibration, scores)
     if estimate is None or estimate["prior"] >= calibration.match_prior:
         return calibration, estimate
     if estimate["prior"] <= 0:
         return None, estimate
-    # At a small share the precision rests on the false-positive rate's tail, which n held-out
-    # mismatches measure only down to about 1/n: above the highest mismatch the curve says 0, and
-    # any share would reach any precision. Counted with one false positive more than seen (add-one),
-    # a share of 0.015 reaches 0.9 only where the held-out set can tell.
-    n = sum(calibration.negatives.values())
-    curve = tuple({**row, "fpr": (row["fpr"] * n + 1) / (n + 1)} for row in calibration.curve)
-    found = replace(calibration, curve=curve).at(match_prior=estimate["prior"])
-    return (found if found.threshold is not None else None), estimate
+    held = {k: np.sort(np.asarray(calibration.held_out.get(k) or [], np.float64)) for k in estimate["weights"]}
+    mismatches = [(k, w) for k, w in estimate["weights"].items() if k != "positive" and w > 0]
+    curve = []
+    for row in calibration.curve:
+        t = row["threshold"]
+        passing = {k: len(held[k]) - int(np.searchsorted(held[k], t, side="left")) for k in held}
+        true = estimate["prior"] * row["recall"]
+        false = sum(w * (passing[k] + 1) / (len(held[k]) + 1) for k, w in mismatches)
+        curve.append({**row, "precision": true / (true + false) if true + false > 0 else 0.0})
+    reaching = [r for r in curve if r["recall"] > 0 and r["precision"] >= calibration.target_precision
+                and (calibration.threshold is None or r["threshold"] >= calibration.threshold)]
+    if not reaching:
+        return None, estimate
+    best = min(reaching, key=lambda r: r["threshold"])
+    return replace(calibration, threshold=best["threshold"], predicted_precision=best["precision"],
+                   predicted_recall=best["recall"], match_prior=estimate["prior"], curve=tuple(curve)), estimate
+
+
+def for_source_best(calibrations: Sequence[Calibration], scores: dict) -> tuple[Calibration | None, dict | None]:
+    """`for_source` with each calibrated scorer (the filter's choice first) on the source's scores of
+    that scorer (`scores`: {score: values}); the source is judged by the one that keeps the most of it
+    at the target precision (predicted recall at the share its own scores imply), the earlier on a tie.
+
+    A scorer can be blind to a source's noise in a way the held-out set does not show: an ITM that
+    scores one-word changes as high as matches fits a source of matches as one of one-word swaps
+    (estimated share 0: nothing kept), where the CLIP, whose held-out swaps score lower, sees the
+    matches. Each scorer's estimate only ever makes it stricter, so the choice keeps the precision
+    each promises. The estimate returned names the scorer (`score`) and carries every scorer's
+    (`by_score`: prior and predicted recall, None where it reaches no threshold)."""
+    tried = []
+    for calibration in calibrations:
+        values = [v for v in scores.get(calibration.score) or () if v is not None and not np.isnan(v)]
+        if values:
+            tried.append((calibration, *for_source(calibration, values)))
+    if not tried:
+        return (calibrations[0] if calibrations else None), None
+    by_score = {c.score: {"prior": e["prior"] if e else None,
+                          "predicted_recall": found.predicted_recall if found is not None else None}
+                for c, found, e in tried}
+    reaching = [t for t in tried if t[1] is not None]
+    calibration, found, estimate = max(reaching, key=lambda t: t[1].predicted_recall or 0.0) if reaching else tried[0]
+    if estimate is not None:
+        estimate = {**estimate, "score": calibration.score, "by_score": by_score}
+    return found, estimate
 
 
 SCORES = ("itm", "clip")
@@ -438,6 +484,23 @@ def load_calibration(path: str | Path, option: str = "--calibration") -> Calibra
         raise ConfigError(f"{option} {path}: no {FILE_NAME} there; run `capfilt finetune filter --annotated ... --out "
                           f"DIR` (it calibrates on the held-out part) and pass DIR, or its calibration.json.")
     return Calibration.from_json(found.read_text(), str(found))
+
+
+def load_alternatives(path: str | Path, calibration: Calibration) -> tuple[Calibration, ...]:
+    """The other scorers' calibrations written beside `path`'s calibration.json by `capfilt finetune
+    filter` (calibration-<score>.json), where the filter's scorer was chosen by measurement (`--filter-score
+    best`); () where the user named one, or none is there."""
+    if (calibration.extra or {}).get("chosen_by") != "best":
+        return ()
+    found = find_calibration(path)
+    if found is None:
+        return ()
+    out = []
+    for score in SCORES:
+        other = found.parent / f"calibration-{score}.json"
+        if score != calibration.score and other.is_file():
+            out.append(Calibration.from_json(other.read_text(), str(other)))
+    return tuple(out)
 
 
 def calibrate_on_annotated(itm: str, annotated: str, out: str | Path, target_precision: float = DEFAULT_TARGET_PRECISION,

@@ -60,6 +60,9 @@ class SelectConfig:
     max_caption_words: int = 1000
     drop_degenerate: bool = True
     calibration: object | None = None  # pipeline.calibrate.Calibration, for calibrated
+    # calibrated with estimate_prior: the other scorers' Calibrations (`load_alternatives`); each caption
+    # source is judged by whichever keeps the most of it at the target precision (for_source_best)
+    alternatives: tuple = ()
     caption_sources: tuple[str, ...] = CAPTION_SOURCES  # captions of other sources are dropped (ablation arms)
     # calibrated: per caption source, the share of its captions that match is estimated from the
     # run's own scores, and a source with fewer than the stated prior gets a stricter threshold
@@ -101,9 +104,12 @@ class CaptionPolicy:
     reason: str
     test: Callable[[dict], bool]  # True = keep
     message: Callable[[dict], str]
+    reason_of: Callable[[dict], str] | None = None  # a reason that depends on the row (else `reason`)
 
     def decide(self, row: dict) -> tuple[str, str] | None:
-        return None if self.test(row) else (self.reason, self.message(row))
+        if self.test(row):
+            return None
+        return (self.reason_of(row) if self.reason_of else self.reason), self.message(row)
 
 
 def _at_least(value, bound) -> bool:
@@ -120,26 +126,30 @@ def caption_policies(cfg: SelectConfig, top_fraction_cut: float | None = None,
             out.append(CaptionPolicy(policy, "itm_below_threshold", lambda r: _at_least(r["itm_score"], cfg.itm_threshold),
                                      lambda r: f"ITM {r['itm_score']} < --itm-threshold {cfg.itm_threshold}"))
         elif policy in CALIBRATED:
-            column = f"{cfg.calibration.score}_score"
             judged = {source: found for source, (found, _) in (per_source or {}).items()}
 
             def calibration_of(row, judged=judged):  # None: the row's source keeps no caption
                 return judged.get(row.get("caption_source"), cfg.calibration)
 
-            def message(row, column=column):
+            def reason_of(row):  # the scorer that judged the row's source
+                return f"{(calibration_of(row) or cfg.calibration).score}_below_calibrated_threshold"
+
+            def message(row):
                 c = calibration_of(row)
                 if c is None:
                     estimate = per_source[row["caption_source"]][1]
+                    scorers = " and ".join(s.upper() for s in (estimate.get("by_score") or {cfg.calibration.score: 0}))
                     return (f"{row['caption_source']} captions: an estimated {estimate['prior']:.3f} of them match (their "
-                            f"{cfg.calibration.score.upper()} scores against the held-out annotated pairs'), too few for "
+                            f"{scorers} scores against the held-out annotated pairs'), too few for "
                             f"any threshold to reach precision {cfg.calibration.target_precision} (lower --target-precision, or "
                             f"--stated-prior to judge them at the stated --match-prior)")
-                return (f"{c.score.upper()} {row[column]} < {c.threshold:.4f}, the threshold calibrated for precision "
-                        f"{c.target_precision} (predicted {c.predicted_precision:.3f}, prior {c.match_prior:.3f})")
+                return (f"{c.score.upper()} {row[f'{c.score}_score']} < {c.threshold:.4f}, the threshold calibrated for "
+                        f"precision {c.target_precision} (predicted {c.predicted_precision:.3f}, prior {c.match_prior:.3f})")
 
             out.append(CaptionPolicy(
                 policy, f"{cfg.calibration.score}_below_calibrated_threshold",
-                lambda r, column=column: (c := calibration_of(r)) is not None and _at_least(r[column], c.threshold), message))
+                lambda r: (c := calibration_of(r)) is not None and _at_least(r[f"{c.score}_score"], c.threshold),
+                message, reason_of))
         elif policy == "clip-threshold":
             out.append(CaptionPolicy(policy, "clip_below_threshold", lambda r: _at_least(r["clip_score"], cfg.clip_threshold),
                                      lambda r: f"CLIP {r['clip_score']:.4f} < --clip-threshold {cfg.clip_threshold}"))
@@ -154,23 +164,27 @@ def caption_policies(cfg: SelectConfig, top_fraction_cut: float | None = None,
 def source_calibrations(tables, cfg: SelectConfig) -> dict | None:
     """{caption source: (its Calibration or None, the estimate)} over a whole run's scores (`tables`,
     an iterable of scores shards, read only when needed), for the calibrated policy with
-    `estimate_prior` (pipeline/calibrate.py for_source); else None."""
+    `estimate_prior` (pipeline/calibrate.py for_source_best: the filter's scorer or, where it keeps
+    more of the source at the target precision, one of `cfg.alternatives`); else None."""
     if not (CALIBRATED & set(cfg.policies)) or not cfg.estimate_prior:
         return None
-    from pipeline.calibrate import for_source
+    from pipeline.calibrate import for_source_best
 
-    columns = ["caption_source", f"{cfg.calibration.score}_score"]
-    scores = pa.concat_tables(table.select(columns) for table in tables)  # two columns, not whole shards
-    column = scores.column(columns[1]).to_pylist()
+    candidates = (cfg.calibration, *cfg.alternatives)
+    names = list(dict.fromkeys(f"{c.score}_score" for c in candidates))
+    scores = pa.concat_tables(table.select(["caption_source", *names]) for table in tables)  # a few columns, not whole shards
     sources = scores.column("caption_source").to_pylist()
-    return {source: for_source(cfg.calibration, [v for v, s in zip(column, sources) if s == source])
+    columns = {name[:-len("_score")]: scores.column(name).to_pylist() for name in names}
+    return {source: for_source_best(candidates, {score: [v for v, s in zip(values, sources) if s == source]
+                                                 for score, values in columns.items()})
             for source in sorted(set(sources))}
 
 
 def source_summary(per_source: dict) -> dict:
     """What provenance and the report say of `source_calibrations`: per source, the estimate and the
     threshold it is judged at (None: none kept)."""
-    return {source: {"estimate": estimate, "threshold": found.threshold if found is not None else None,
+    return {source: {"estimate": estimate, "score": found.score if found is not None else None,
+                     "threshold": found.threshold if found is not None else None,
                      "match_prior": found.match_prior if found is not None else None,
                      "predicted_precision": found.predicted_precision if found is not None else None,
                      "predicted_recall": found.predicted_recall if found is not None else None}
@@ -293,7 +307,8 @@ def provenance(store: RunStore, cfg: SelectConfig, score_hashes: list[str]) -> s
     return json.dumps({
         "run_id": store.run_id,
         "capfilt_version": capfilt.__version__,
-        "select": {k: v for k, v in asdict(cfg).items() if v not in (float("inf"),) and k != "calibration"},
+        "select": {k: v for k, v in asdict(cfg).items() if v not in (float("inf"),)
+                   and k not in ("calibration", "alternatives")},
         # the threshold, how it was calibrated and a sampled curve (the full one is report/calibration.json)
         "calibration": cfg.calibration.summary() if cfg.calibration is not None else None,
         "score_config_hashes": sorted(set(score_hashes)),
@@ -327,7 +342,13 @@ class SelectSummary(StageSummary):  # rows: caption rows of scores/; kept: pairs
                 f"{self.images_kept} of {self.images} images keep a caption")
         for source, s in (self.sources or {}).items():
             share = f"an estimated {s['estimate']['prior']:.2f} match" if s["estimate"] else "share not estimated"
-            judged = (f"threshold {s['threshold']:.4f} (prior {s['match_prior']:.2f})" if s["threshold"] is not None
+            others = {k: v for k, v in ((s["estimate"] or {}).get("by_score") or {}).items()
+                      if k != (s["estimate"] or {}).get("score")}
+            if others:  # what the other scorers estimated for the source
+                share += " (" + "; ".join(f"{k.upper()}: " + ("no estimate" if v["prior"] is None else f"{v['prior']:.2f}")
+                                          for k, v in others.items()) + ")"
+            judged = (f"{s['score'].upper()} threshold {s['threshold']:.4f} (prior {s['match_prior']:.2f})"
+                      if s["threshold"] is not None
                       else "no threshold reaches the target precision: none kept")
             line += f"\n  {source} captions: {share}; {judged}"
         return line

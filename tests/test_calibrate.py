@@ -306,10 +306,15 @@ def test_a_source_with_fewer_matches_than_stated_gets_a_stricter_threshold_or_ke
     cal = held_out_calibration(rng)
     good = np.concatenate([rng.normal(0.8, 0.05, 800), rng.normal(0.3, 0.05, 200)]).tolist()
     assert for_source(cal, good)[0] is cal  # more matches than the stated 0.5: the stated threshold holds
-    fewer = np.concatenate([rng.normal(0.8, 0.05, 200), rng.normal(0.55, 0.05, 800)]).tolist()
+    swaps = rng.normal(0.55, 0.05, 800)  # like the held-out one-word swaps, which the stated curve leaves out
+    fewer = np.concatenate([rng.normal(0.8, 0.05, 200), swaps]).tolist()
     stricter, estimate = for_source(cal, fewer)
     assert 0.1 < estimate["prior"] < 0.3 and stricter.match_prior == estimate["prior"]
     assert stricter.threshold > cal.threshold and stricter.predicted_precision >= 0.9
+    # the threshold is picked for the source's own mixture, swaps counted: few of them pass, and the
+    # precision it predicts is the one the source's captions get
+    kept = np.asarray(fewer) >= stricter.threshold
+    assert np.mean(swaps >= stricter.threshold) < 0.05 and kept[:200].sum() / kept.sum() >= 0.85
     # 2% matches: above every held-out mismatch the curve's false-positive rate reads 0, but 200
     # mismatches cannot tell 0 from 1/200, at which a 2% share reaches no precision of 0.9
     few = np.concatenate([rng.normal(0.8, 0.05, 20), rng.normal(0.55, 0.05, 980)]).tolist()
@@ -356,3 +361,85 @@ def test_the_select_stage_judges_each_caption_source_at_its_own_share(tmp_path):
     select.run(store, SelectConfig(policies=("calibrated",), calibration=cal, estimate_prior=False))
     kept = store.read("curated", CURATED).column("caption_source").to_pylist()
     assert kept.count("synthetic") == sum(synthetic >= cal.threshold) > 0
+
+
+def blind_calibration(rng, score="itm", n=200):
+    """A scorer whose held-out one-word swaps score 0.7, not far below its matches' 0.8: a source it
+    scores like that looks to it like a source of swaps, whatever the source really holds."""
+    held = {"positive": rng.normal(0.8, 0.05, n), "random": rng.normal(0.1, 0.05, n),
+            "hard": rng.normal(0.3, 0.05, n), "swap": rng.normal(0.7, 0.05, n)}
+    return calibrate(held["positive"], np.concatenate([held["random"], held["hard"]]), target_precision=0.9,
+                     match_prior=0.5, held_out={k: v.tolist() for k, v in held.items()}, score=score)
+
+
+def test_each_source_is_judged_by_the_scorer_that_keeps_most_of_it_at_the_target_precision():
+    from pipeline.calibrate import for_source_best
+
+    rng = np.random.default_rng(3)
+    itm, clip = blind_calibration(rng), replace(held_out_calibration(rng), score="clip")
+    # to the ITM the source's scores are the held-out swaps' (estimated share ~0: nothing kept); the
+    # CLIP, whose swaps score lower, sees 70% matches: the CLIP judges the source at the stated threshold
+    scores = {"itm": rng.normal(0.7, 0.05, 1000).tolist(),
+              "clip": np.concatenate([rng.normal(0.8, 0.05, 700), rng.normal(0.1, 0.05, 300)]).tolist()}
+    found, estimate = for_source_best((itm, clip), scores)
+    assert found is clip and estimate["score"] == "clip" and abs(estimate["prior"] - 0.7) < 0.06
+    assert estimate["by_score"]["itm"]["predicted_recall"] is None and estimate["by_score"]["itm"]["prior"] < 0.1
+    # both reach the target: the one with more recall; on a tie the filter's own choice (the first)
+    assert for_source_best((clip, replace(clip, score="itm")), {"clip": scores["clip"], "itm": scores["clip"]})[0] is clip
+    # none reaches it: nothing kept, the first scorer's estimate said; a scorer without scores is not asked
+    found, estimate = for_source_best((itm, clip), {"itm": scores["itm"], "clip": rng.normal(0.3, 0.05, 500).tolist()})
+    assert found is None and estimate["score"] == "itm" and set(estimate["by_score"]) == {"itm", "clip"}
+    assert for_source_best((itm, clip), {"itm": scores["itm"], "clip": [None] * 3})[1]["by_score"].keys() == {"itm"}
+
+
+def test_the_select_stage_judges_a_source_with_the_other_scorer_where_its_own_is_blind_to_it(tmp_path):
+    from caption_helpers import commit_image_shards
+
+    from pipeline import select
+    from pipeline.run_store import RunStore, ShardCounts
+    from schemas import CURATED
+
+    rng = np.random.default_rng(4)
+    itm, clip = blind_calibration(rng), replace(held_out_calibration(rng), score="clip")
+    store = RunStore(str(tmp_path), "r")
+    n = 200
+    commit_image_shards(store, {"s0": n})
+    keys = ["sample_id", "caption_id", "caption_source", "caption", "clip_score", "itm_score"]
+    web_clip = np.concatenate([rng.normal(0.8, 0.05, 140), rng.normal(0.1, 0.05, 60)])
+    rows = [(f"s0/{i}", f"s0/{i}#web", "web", f"caption {i}", float(web_clip[i]), float(rng.normal(0.7, 0.05)))
+            for i in range(n)]
+    rows += [(f"s0/{i}", f"s0/{i}#syn", "synthetic", f"generated {i}", float(rng.normal(0.3, 0.05)),
+              float(rng.normal(0.7, 0.05))) for i in range(n)]
+    table = SCORES.conform(pa.Table.from_pylist([dict(zip(keys, r)) for r in rows]))
+    store.commit_shard("score", "s0", "h", outputs={"scores": (SCORES, table)}, counts=ShardCounts(rows_in=2 * n, kept=2 * n))
+
+    # the ITM alone keeps nothing: both sources look to it like one-word swaps
+    assert select.run(store, SelectConfig(policies=("calibrated",), calibration=itm)).kept == 0
+    summary = select.run(store, SelectConfig(policies=("calibrated",), calibration=itm, alternatives=(clip,)))
+    curated = store.read("curated", CURATED)
+    assert set(curated.column("caption_source").to_pylist()) == {"web"}
+    assert summary.kept == sum(web_clip >= clip.threshold) and summary.kept + sum(summary.dropped.values()) == 2 * n
+    reasons = {r["caption_id"][-4:]: r["reason"] for r in store.read_rejected("select").to_pylist()}
+    assert reasons["#web"] == "clip_below_calibrated_threshold" and reasons["#syn"] == "itm_below_calibrated_threshold"
+    provenance = json.loads(curated.column("provenance")[0].as_py())
+    assert provenance["calibration_per_source"]["web"]["score"] == "clip"
+    assert "alternatives" not in provenance["select"]
+    assert "web captions: an estimated 0.70 match (ITM: 0.0" in summary.line() or "web captions: an estimated 0.7" in summary.line()
+    assert "CLIP threshold" in summary.line()
+
+
+def test_the_other_scorers_calibrations_are_read_only_where_the_measurement_chose(tmp_path):
+    from pipeline.calibrate import choose, load_alternatives
+
+    rng = np.random.default_rng(5)
+    found = {"itm": held_out_calibration(rng), "clip": replace(held_out_calibration(rng), score="clip")}
+    for score, cal in found.items():
+        write_calibration(cal, tmp_path / f"calibration-{score}.json")
+    best = choose(found, "best")
+    write_calibration(best, tmp_path / "calibration.json")
+    others = load_alternatives(tmp_path, load_calibration(tmp_path))
+    assert [c.score for c in others] == [s for s in ("itm", "clip") if s != best.score]
+    assert others[0].held_out == found[others[0].score].held_out  # the full calibration, not its summary
+    named = choose(found, "itm")
+    write_calibration(named, tmp_path / "calibration.json")
+    assert load_alternatives(tmp_path, load_calibration(tmp_path)) == ()  # the user named the scorer

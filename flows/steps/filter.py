@@ -54,14 +54,17 @@ class FilterStep:
         if calibrated:
             if not self.score.itm:
                 raise ConfigError(f"--policy {calibrated[0]} needs --itm (the finetuned filter)")
-            from pipeline.calibrate import load_calibration
+            from pipeline.calibrate import load_alternatives, load_calibration
 
             source = self.calibration or self.score.itm
             if not os.path.exists(source) and under(source, will_exist):
                 return None
             calibration = load_calibration(source, "--calibration" if self.calibration else "--itm")
+            # the other scorers' calibrations where the filter's was chosen by measurement (--filter-score best)
+            alternatives = tuple(c.at(self.target_precision, self.match_prior) for c in load_alternatives(source, calibration))
             calibration = calibration.at(self.target_precision, self.match_prior)
-        select = SelectConfig(**{**self.select, "calibration": calibration})
+        select = SelectConfig(**{**self.select, "calibration": calibration,
+                                 **({"alternatives": alternatives} if calibrated else {})})
         if "blip" in select.policies and not self.score.itm:
             raise ConfigError("--policy blip needs --itm (an ITM model)")
         if select.rank_by == "itm" and not self.score.itm:
