@@ -20,7 +20,12 @@ def write_oracle_run(ground_truth: str | Path, root: str, from_run: str, run: st
     from schemas import IMAGES, REJECTED, curated_outputs
     from schemas.curated import IMAGE_METADATA
 
-    truth = pq.read_table(ground_truth, columns=["url", "true_caption", "kind"])
+    try:
+        truth = pq.read_table(ground_truth, columns=["url", "true_caption", "kind"])
+    except (OSError, KeyError, ValueError) as exc:  # missing file, not Parquet, or without these columns
+        raise ConfigError(f"ground truth {ground_truth}: cannot be read as a world's ground_truth.parquet with url, "
+                          f"true_caption and kind ({type(exc).__name__}: {exc}); give the ground_truth.parquet "
+                          f"that `capfilt synth` wrote next to the world.") from exc
     caption_of = {u: c for u, c, k in zip(*(truth.column(n).to_pylist() for n in ("url", "true_caption", "kind")))
                   if k == "image" and c}
     source, target = RunStore(root, from_run), RunStore(root, run)
