@@ -23,7 +23,8 @@ from prefect import flow, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from flows.curate import curate, publish_artifacts
-from flows.params import BootstrapParams, TrainParams
+from flows.jobs import Beside, stop_beside
+from flows.params import BootstrapParams
 from flows.progress import step_clock
 from flows.tasks import run_step
 from flows.train import train
@@ -37,19 +38,19 @@ def planned_steps(params: BootstrapParams) -> list[tuple[str, object]]:
         curate_params, _, train_params = params.round_params(k)
         steps += params.finetune_steps(k).items()
         steps += [(f"{stage}-r{k}", step) for stage, step in curate_params.steps(params.will_exist).items()]
-        if k == 0 and params.pretrain_step():
-            steps.append(("toy-pretrain", params.pretrain_step()))
+        if k == 0:
+            steps += params.pretrain_steps().items()
         steps.append((f"filter-r{k}", params.filter_step(k)))
         steps += [(f"{stage}-r{k}", step) for stage, step in train_params.steps().items()]
+        if k == 0 and params.truth:
+            steps.append(("oracle", params.oracle_step()))
+            steps += [(f"{stage}-oracle", step) for stage, step in params.train_params(params.oracle_run).steps().items()]
     if params.ablation:
         for arm in params.ABLATION_ARMS:
             curate_params, filter_step, train_params = params.ablation_steps(arm)
             steps += [(f"{stage}-{arm}", step) for stage, step in curate_params.steps(params.will_exist).items()]
             steps.append((f"filter-{arm}", filter_step))
             steps += [(f"{stage}-{arm}", step) for stage, step in train_params.steps().items()]
-    if params.truth:
-        steps.append(("oracle", params.oracle_step()))
-        steps += [(f"{stage}-oracle", step) for stage, step in params.train_params(params.oracle_run).steps().items()]
     if params.evaluate:
         steps += [(f"eval-{label}", params.eval_step(run)) for run, label in model_labels(params).items()]
     return steps
@@ -118,16 +119,38 @@ def bootstrap(params: BootstrapParams) -> dict:
 
 
 def _bootstrap(params: BootstrapParams) -> dict:
+    try:
+        return _rounds(params)
+    except BaseException:
+        stop_beside()  # a step running beside the failed ones (the toy Stage 1) stops with the flow
+        raise
+
+
+def _rounds(params: BootstrapParams) -> dict:
+    # the toy Stage 1 (one torch thread: ToyPreset.threads), pretrained while round 0 and the oracle
+    # train; round 1's filter starts from it
+    beside = Beside(params.execution.mode == "embedded", threads=1)
     for k in range(params.rounds + 1):
+        if k == 1:
+            beside.wait()  # raises if it failed
         curate_params, _, train_params = params.round_params(k)
         for label, step in params.finetune_steps(k).items():  # BLIP: finetune on the annotated set first
             run_step.with_options(task_run_name=label)(label, step, params.execution)
         curate(curate_params)
-        if k == 0 and params.pretrain_step():
-            run_step.with_options(task_run_name="toy-pretrain")("toy", params.pretrain_step(), params.execution)
+        if k == 0:
+            for label, step in params.pretrain_steps().items():
+                if label == "toy-stage1":
+                    beside.start(lambda: run_step.with_options(task_run_name=label).submit(
+                        label, step, params.execution, beside=True))
+                else:
+                    run_step.with_options(task_run_name=label)(label, step, params.execution)
         run_step.with_options(task_run_name=f"filter-r{k}")(f"filter-r{k}", params.filter_step(k), params.execution)
         publish_artifacts(curate_params)  # the round's counts now include the filter
         train(train_params)
+        if k == 0 and params.truth:  # the oracle needs only round 0's images: it trains while the toy Stage 1 does
+            run_step.with_options(task_run_name="oracle")("oracle", params.oracle_step(), params.execution)
+            train(params.train_params(params.oracle_run))
+    beside.wait()
     if params.ablation:  # BLIP's Table 1: round 1's captions and scores, selected as each arm does
         for arm in params.ABLATION_ARMS:
             curate_params, filter_step, train_params = params.ablation_steps(arm)
@@ -135,10 +158,6 @@ def _bootstrap(params: BootstrapParams) -> dict:
             run_step.with_options(task_run_name=f"filter-{arm}")(f"filter-{arm}", filter_step, params.execution)
             publish_artifacts(curate_params)
             train(train_params)
-    if params.truth:
-        run_step.with_options(task_run_name="oracle")("oracle", params.oracle_step(), params.execution)
-        oracle: TrainParams = params.train_params(params.oracle_run)
-        train(oracle)
     labels = model_labels(params)
     if params.evaluate:
         for run, label in labels.items():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import shlex
+import threading
 import time
 from typing import Callable
 
@@ -29,6 +30,101 @@ class StageJobError(Exception):
 def run_embedded(step, say=print):
     """Run a step in this process (local Ray started in-process): the stage function itself."""
     return step.execute(say)
+
+
+_beside: set = set()  # the processes `run_beside` is waiting for
+_stopped: set = set()  # the pids `stop_beside` killed: their steps fail for good, not retried
+_beside_lock = threading.Lock()
+
+
+def run_beside(step, label: str, say=print) -> None:
+    """Run a step in a second local process (`python -m flows.stage_job`, as a Ray job would run it)
+    and wait for it, relaying its output: a step the flow runs beside others (the toy Stage 1
+    beside round 0's trainings) must not share this process's interpreter with them. Raises
+    CapfiltError where the step refused its input (exit 2; retrying will not help), StageJobError
+    on any other failure."""
+    import os
+    import subprocess
+    import sys
+
+    from flows.steps import step_data
+
+    command = [sys.executable, "-m", "flows.stage_job", json.dumps(step_data(step), sort_keys=True)]
+    env = {**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", ENV: verbosity()}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+                               env=env)
+    with _beside_lock:
+        _beside.add(process)
+    tail: list[str] = []
+    try:
+        for line in process.stdout:
+            line = line.rstrip()
+            if line:
+                tail = (tail + [line])[-5:]
+                say(f"[{label}] {line}")
+        code = process.wait()
+    except BaseException:
+        process.kill()
+        raise
+    finally:
+        with _beside_lock:
+            _beside.discard(process)
+    with _beside_lock:
+        stopped = process.pid in _stopped
+        _stopped.discard(process.pid)
+    if stopped:  # a CapfiltError: the flow failed, and a retry would start the step again behind its back
+        raise CapfiltError(f"stage {label} stopped: the flow it ran beside failed")
+    if code == 2 and any("capfilt: error:" in line for line in tail):
+        raise CapfiltError(f"stage {label} failed: " + "\n".join(tail))
+    if code != 0:
+        raise StageJobError(f"stage {label} (process {process.pid}) exited {code}:\n" + "\n".join(tail))
+
+
+class Beside:
+    """A step the flow runs while it goes on (`start`: `submit()` returns its Prefect future), and
+    the cores it leaves this process: embedded, the step's process trains on `threads` intra-op
+    threads, so this one's torch runs on the cores left (at least 1) until `wait`. Models this
+    small gain little from a second thread, and OpenMP threads spin while another process holds
+    their core: the demo's round-0 Stage 1 beside the toy Stage 1 took 167 ms a step on 2 threads,
+    59 ms on 1 (45 ms alone on 2)."""
+
+    def __init__(self, embedded: bool, threads: int = 1):
+        self.embedded, self.threads = embedded, threads
+        self.future, self._before = None, None
+
+    def start(self, submit) -> None:
+        if self.embedded:
+            import torch
+
+            from capfilt.environment import usable_cpus
+
+            self._before = torch.get_num_threads()
+            torch.set_num_threads(max(1, min(self._before, usable_cpus() - self.threads)))
+        self.future = submit()
+
+    def wait(self) -> None:
+        """Wait for the step (raising what it raised); this process has its cores back."""
+        if self.future is None:
+            return
+        try:
+            self.future.result()
+        finally:
+            self.future = None
+            if self._before is not None:
+                import torch
+
+                torch.set_num_threads(self._before)
+                self._before = None
+
+
+def stop_beside() -> list[int]:
+    """Stop every process `run_beside` is waiting for (the flow failed or was cancelled); their pids."""
+    with _beside_lock:
+        running = [p for p in _beside if p.poll() is None]
+        _stopped.update(p.pid for p in running)
+    for process in running:
+        process.kill()
+    return [p.pid for p in running]
 
 
 def job_entrypoint(step) -> str:

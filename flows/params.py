@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -231,9 +232,10 @@ class BootstrapParams(BaseModel):
         # (`--set finetune_filter.stage1=FOLDER`) or the toy preset pretrains one (`--set pretrain.stage1_steps=N`)
         start = fields.get("stage1") or self.pretrained_stage1()
         if start and fields.get("folds", 1) > 1:
+            how = ("--set pretrain.stage1_steps=0" if not fields.get("stage1") else "leave finetune_filter.stage1 unset")
             raise ConfigError(f"--set finetune_filter.folds={fields['folds']}: the filter starts from {start}, not "
                               f"from round {k - 1}'s Stage 1, so it never trained on the images it judges; folds "
-                              f"retrain the round's Stage 1 without each fold. Set one of the two.")
+                              f"retrain the round's Stage 1 without each fold. For folds, {how}.")
         steps = {f"finetune-filter-r{k}": make("finetune filter", {
             **fields, "annotated": self.annotated, "stage1": start or _join(previous, "stage1"),
             "out": _join(previous, FINETUNED_FILTER)}, self.will_exist)}
@@ -271,6 +273,17 @@ class BootstrapParams(BaseModel):
 
         step = self.pretrain_step()
         return _join(step.out, TOY_STAGE1) if step is not None and step.stage1_steps > 0 else None
+
+    def pretrain_steps(self) -> dict:
+        """label -> the toy preset's pretraining steps: its frozen pieces ("toy-pretrain") and, where it
+        pretrains a Stage 1, that Stage 1 as a step of its own ("toy-stage1"), which the flow runs beside
+        round 0's trainings (only round 1's filter needs it); {} for a preset without toy models."""
+        step = self.pretrain_step()
+        if step is None:
+            return {}
+        if step.stage1_steps > 0:
+            return {"toy-pretrain": replace(step, stage1_steps=0), "toy-stage1": step}
+        return {"toy-pretrain": step}
 
     def pretrain_step(self):
         pretrain = self.preset_options().pretrain

@@ -59,13 +59,17 @@ class StepClock:
     def __init__(self, plan: Sequence[str], clock: Callable[[], float] = time.perf_counter):
         self.plan, self.clock = list(plan), clock
         self.done: list[tuple[str, float]] = []
+        self.started = 0  # steps started: a step run beside others (flows/tasks.py) has its own number
+        self._lock = threading.Lock()
 
     @property
     def total(self) -> int:
-        return max(len(self.plan), len(self.done) + 1)  # a step the plan missed still counts
+        return max(len(self.plan), self.started)  # a step the plan missed still counts
 
     def start(self, label: str, command: str) -> tuple[int, float, str]:
-        k = len(self.done) + 1
+        with self._lock:
+            self.started += 1
+            k = self.started
         return k, self.clock(), format_step_start(k, self.total, label, command)
 
     def end(self, k: int, started: float, label: str, command: str) -> str:

@@ -12,7 +12,7 @@ from prefect import get_run_logger, task
 from prefect.runtime import flow_run
 
 from capfilt.errors import CapfiltError
-from flows.jobs import run_embedded, run_job, stop_jobs, submission_id
+from flows.jobs import run_beside, run_embedded, run_job, stop_jobs, submission_id
 from flows.params import Execution
 from flows.progress import current as current_clock
 
@@ -29,17 +29,22 @@ def _transient_only(task, task_run, state) -> bool:
 
 
 @task(name="step", retries=2, retry_delay_seconds=2, retry_condition_fn=_transient_only)
-def run_step(label: str, step, execution: Execution) -> None:
+def run_step(label: str, step, execution: Execution, beside: bool = False) -> None:
+    """Run one step and wait for it. `beside`: the flow runs it while it runs other steps
+    (`run_step.submit`); embedded, it then runs in a second local process, not in this one."""
     logger = get_run_logger()
     command = step.COMMAND  # e.g. "filter", "train stage1"
-    where = ", in this process" if execution.mode == "embedded" else ", as a Ray job"
+    where = (", as a Ray job" if execution.mode != "embedded" else
+             ", in a second process, beside the next steps" if beside else ", in this process")
     clock = current_clock()  # bootstrap and demo: "step k of N" and the time left
     if clock is not None:
         k, started, line = clock.start(label, command)
         logger.info("%s%s", line, where)
     else:
         logger.info("step %s: capfilt %s%s", label, command, where)
-    if execution.mode == "embedded":
+    if execution.mode == "embedded" and beside:
+        run_beside(step, label, say=logger.info)
+    elif execution.mode == "embedded":
         run_embedded(step, say=logger.info)
     else:
         runtime_env = {"working_dir": execution.working_dir} if execution.working_dir else None

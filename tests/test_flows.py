@@ -1,5 +1,6 @@
 """Prefect flows: typed parameters checked before work, embedded runs, Ray jobs on a real head."""
 
+import contextlib
 import logging
 import os
 import signal
@@ -15,7 +16,7 @@ from capfilt.errors import CapfiltError, ConfigError
 from flows.jobs import run_job
 from flows.params import CurateParams
 from flows.steps import make
-from pipeline.run_store import RunStore
+from pipeline.run_store import RunStore, ShardCounts
 
 
 @pytest.fixture(scope="module")
@@ -361,8 +362,8 @@ def test_with_an_annotated_set_rounds_finetune_first_and_filter_every_caption_by
                              **parse_sets(("finetune_filter.steps=5", "finetune_captioner.lr=1e-5")))
     assert params.finetune_steps(0) == {}
     steps = params.finetune_steps(2)  # round 1's models, finetuned into its models folder
-    ft = steps["finetune-filter-r2"]
-    assert (ft.annotated, ft.stage1, ft.settings.out) == ("/a/ann.parquet", "/d/models/b-r1/stage1", "/d/models/b-r1/filter")
+    ft = steps["finetune-filter-r2"]  # from the toy's pretrained Stage 1 (BLIP-2's public one), not round 1's
+    assert (ft.annotated, ft.stage1, ft.settings.out) == ("/a/ann.parquet", "/d/models/b-toy/stage1", "/d/models/b-r1/filter")
     assert (ft.settings.batch_size, ft.settings.steps) == (16, 5)  # the toy preset's, then --set
     assert (ft.clip, ft.filter_score) == ("local-dir:/d/models/b-toy/clip", "best")  # its CLIP calibrated beside the ITM
     ftc = steps["finetune-captioner-r2"]
@@ -374,18 +375,28 @@ def test_with_an_annotated_set_rounds_finetune_first_and_filter_every_caption_by
     assert "select.top_k" not in filter2.values and "select.rank_by" not in filter2.values  # a per-caption decision, not a ranking
     order = [label for label, _ in planned_steps(params)]
     assert order.index("finetune-filter-r1") < order.index("ingest-r1") < order.index("filter-r1")
-    # the filter starts from a Stage 1 pretrained elsewhere where one is named or the toy preset pretrains one
-    pretrained = BootstrapParams(source="src", root="/d", run="b", rounds=1, preset="toy", annotated="/a/ann.parquet",
-                                 **parse_sets(("pretrain.stage1_steps=4000",)))
-    assert pretrained.pretrain_step().stage1_steps == 4000
-    assert pretrained.finetune_steps(1)["finetune-filter-r1"].stage1 == "/d/models/b-toy/stage1"
+    # the filter starts from a Stage 1 pretrained elsewhere where one is named or the toy preset pretrains
+    # one (its default: TOY_STAGE1_STEPS), else from the round's own
+    from model.toy.preset import TOY_STAGE1_STEPS
+
+    assert params.pretrain_step().stage1_steps == TOY_STAGE1_STEPS
+    pretrain = params.pretrain_steps()  # the Stage 1 as a step of its own, which the flow runs beside round 0's trainings
+    assert (pretrain["toy-pretrain"].stage1_steps, pretrain["toy-stage1"]) == (0, params.pretrain_step())
+    assert order.index("toy-pretrain") < order.index("toy-stage1") < order.index("stage1-r0") < order.index("finetune-filter-r1")
+    own = BootstrapParams(source="src", root="/d", run="b", rounds=1, preset="toy", annotated="/a/ann.parquet",
+                          **parse_sets(("pretrain.stage1_steps=0",)))
+    assert own.finetune_steps(1)["finetune-filter-r1"].stage1 == "/d/models/b-r0/stage1"
+    assert list(own.pretrain_steps()) == ["toy-pretrain"]
     named = BootstrapParams(source="src", root="/d", run="b", rounds=1, preset="toy", annotated="/a/ann.parquet",
                             **parse_sets(("finetune_filter.stage1=/m/s1",)))
     assert named.finetune_steps(1)["finetune-filter-r1"].stage1 == "/m/s1"
     both = BootstrapParams(source="src", root="/d", run="b", rounds=1, preset="toy", annotated="/a/ann.parquet",
-                           **parse_sets(("pretrain.stage1_steps=4000", "finetune_filter.folds=2")))
-    with pytest.raises(ConfigError, match="never trained on the images it judges"):
+                           **parse_sets(("finetune_filter.folds=2",)))
+    with pytest.raises(ConfigError, match="never trained on the images it judges.*--set pretrain.stage1_steps=0"):
         both.finetune_steps(1)
+    folds = BootstrapParams(source="src", root="/d", run="b", rounds=1, preset="toy", annotated="/a/ann.parquet",
+                            **parse_sets(("finetune_filter.folds=2", "pretrain.stage1_steps=0")))
+    assert folds.finetune_steps(1)["finetune-filter-r1"].folds == 2
     quick = BootstrapParams(source="src", root="/d", run="b", rounds=1, preset="toy", quick=True,
                             **parse_sets(("pretrain.stage1_steps=40",)))  # --quick pretrains on the run's own pairs
     with pytest.raises(ConfigError, match="--stage1-steps needs --world-images"):
@@ -423,7 +434,9 @@ def test_the_ablation_trains_blips_table_1_arms_from_round_1s_captions_and_score
     arm, capfilt = steps["stage1-filter"].config, steps["stage1-r1"].config
     assert arm == replace(capfilt, run="b-filter", out="/d/models/b-filter/stage1")  # the same budget as every arm
     labels = [label for label, _ in planned_steps(params)]
-    assert labels.index("filter-r1") < labels.index("filter-captioner") < labels.index("oracle")
+    # the oracle trains after round 0 (beside the toy Stage 1), the arms after round 1
+    assert labels.index("stage2-r0") < labels.index("oracle") < labels.index("stage2-oracle") < labels.index("finetune-filter-r1")
+    assert labels.index("filter-r1") < labels.index("filter-captioner")
     assert labels[-5:] == ["eval-raw", "eval-captioner", "eval-filter", "eval-capfilt", "eval-oracle"]
     with pytest.raises(ValueError, match="rounds >= 1"):
         BootstrapParams(source="src", rounds=0, ablation=True)
@@ -462,6 +475,26 @@ def test_a_prefect_server_that_does_not_start_is_one_clear_line(tmp_path):
     assert not (tmp_path / "runs").exists()  # no work started
 
 
+class _Lines(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def task_run_lines():
+    """The task runs' log lines, caught on Prefect's task run logger itself (Prefect's config may not propagate)."""
+    handler, task_runs = _Lines(), logging.getLogger("prefect.task_runs")
+    task_runs.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        task_runs.removeHandler(handler)
+
+
 def test_a_planned_flow_says_step_k_of_n_and_the_time_left(prefect_harness, tmp_path):
     """What bootstrap and demo print: run_step counts against the flow's plan (flows/progress.py)."""
     from dataclasses import dataclass
@@ -488,22 +521,84 @@ def test_a_planned_flow_says_step_k_of_n_and_the_time_left(prefect_harness, tmp_
                 run_step.with_options(task_run_name=f"world{i}")(f"world{i}", WorldStep(str(tmp_path / f"w{i}")),
                                                                   Execution())
 
-    class Lines(logging.Handler):  # on Prefect's task run logger itself: Prefect's config may not propagate
-        def __init__(self):
-            super().__init__(logging.INFO)
-            self.lines = []
-
-        def emit(self, record):
-            self.lines.append(record.getMessage())
-
-    handler, task_runs = Lines(), logging.getLogger("prefect.task_runs")
-    task_runs.addHandler(handler)
-    try:
+    with task_run_lines() as handler:
         two_worlds()
-    finally:
-        task_runs.removeHandler(handler)
     lines = [line for line in handler.lines if line.startswith("step ")]
     assert lines[0] == "step 1 of 2: world0 (capfilt synth), in this process"
     assert lines[1].startswith("step 1 of 2: world0 done in ") and lines[1].endswith(" left (estimate from the 1 step so far)")
     assert lines[2] == "step 2 of 2: world1 (capfilt synth), in this process"
     assert lines[3].startswith("step 2 of 2: world1 done in ") and lines[3].endswith("that was the last step")
+
+
+def test_a_step_run_beside_goes_on_in_a_second_process_and_its_refusal_is_one_clear_error(prefect_harness, tmp_path):
+    """The bootstrap flow pretrains the toy Stage 1 beside round 0's trainings (flows/bootstrap.py):
+    `run_step.submit(..., beside=True)` runs the step in a second process while the flow goes on,
+    relays its lines, and a step that refuses its input fails the flow with its one line."""
+    import io
+
+    import pyarrow as pa
+    from PIL import Image
+    from prefect import flow
+
+    from flows.params import Execution
+    from flows.steps.toy import OracleStep
+    from flows.tasks import run_step
+    from schemas import CURATED, IMAGES
+
+    def jpeg(colour):
+        out = io.BytesIO()
+        Image.new("RGB", (8, 8), colour).save(out, format="JPEG")
+        return out.getvalue()
+
+    urls = [f"http://127.0.0.1:1/{i}.jpg" for i in range(3)]
+    images = pa.Table.from_pylist([{"sample_id": f"src/{i}", "url": url, "image": jpeg((80 * i, 0, 0)), "caption": "x"}
+                                   for i, url in enumerate(urls)])
+    RunStore(str(tmp_path), "raw").commit_shard("ingest", "00000", "h", outputs={"images": (IMAGES, images)},
+                                                 counts=ShardCounts(rows_in=3, kept=3))
+    truth = tmp_path / "truth.parquet"
+    pa.parquet.write_table(pa.Table.from_pylist([{"url": u, "true_caption": f"true {i}", "kind": "image"}
+                                                 for i, u in enumerate(urls)]), truth)
+
+    @flow(name="beside")
+    def beside(truth_path: str):
+        future = run_step.with_options(task_run_name="oracle").submit(
+            "oracle", OracleStep(truth_path, str(tmp_path), "raw", "o"), Execution(), beside=True)
+        run_step.with_options(task_run_name="oracle-here")(
+            "oracle-here", OracleStep(str(truth), str(tmp_path), "raw", "here"), Execution())
+        future.result()
+
+    with task_run_lines() as handler:
+        beside(str(truth))
+        with pytest.raises(CapfiltError, match=r"stage oracle failed: .*capfilt: error: .*missing\.parquet"):
+            beside(str(tmp_path / "missing.parquet"))
+    assert RunStore(str(tmp_path), "o").read("curated", CURATED).column("caption").to_pylist() == ["true 0", "true 1", "true 2"]
+    assert RunStore(str(tmp_path), "here").read("curated", CURATED).num_rows == 3
+    assert "step oracle: capfilt synth oracle, in a second process, beside the next steps" in handler.lines
+    assert "[oracle] oracle run o: 3 images = 3 with true captions + 0 dropped (no ground truth)" in handler.lines
+
+
+def test_a_flow_that_fails_stops_the_step_it_ran_beside_for_good(tmp_path):
+    """stop_beside (the bootstrap flow failed) kills the second process, and its step fails with a
+    CapfiltError, which Prefect does not retry: nothing goes on training behind a failed flow."""
+    import threading
+
+    from flows import jobs
+    from flows.steps.toy import OracleStep
+
+    outcome = {}
+
+    def run():
+        try:
+            jobs.run_beside(OracleStep(str(tmp_path / "truth.parquet"), str(tmp_path), "raw", "o"), "oracle")
+        except Exception as exc:  # noqa: BLE001 - the test looks at what it raised
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.time() + 30
+    while not jobs._beside and time.time() < deadline:  # the process is started (its interpreter still importing)
+        time.sleep(0.01)
+    assert len(jobs.stop_beside()) == 1
+    thread.join(60)
+    assert isinstance(outcome["error"], CapfiltError) and "stopped: the flow it ran beside failed" in str(outcome["error"])
+    assert not jobs._beside and jobs.stop_beside() == []

@@ -217,7 +217,15 @@ def test_pretrain_toy_stage1_is_a_stage1_of_no_run_and_retrains_alone(tmp_path, 
     info = pretrain_toy(str(tmp_path), "raw", toy, replace(preset, stage1_steps=2, lm_steps=6))
     assert info["kept"] == ["tokenizer+bert+clip", "stage1"] and info["stage1"]["steps"] == 2
     assert (toy / "clip" / "open_clip_model.safetensors").read_bytes() == clip_before
-    assert pretrain_toy(str(tmp_path), "raw", toy, replace(preset, stage1_steps=0, lm_steps=6))["stage1"] is None
+    # asking for none keeps the one there (the bootstrap flow trains the other pieces first, then the
+    # Stage 1 in a step of its own: a rerun's first step must not undo it), and asking for it again reuses it
+    trained = (toy / "stage1" / "metrics.jsonl").stat().st_mtime_ns
+    info = pretrain_toy(str(tmp_path), "raw", toy, replace(preset, stage1_steps=0, lm_steps=6))
+    assert info["kept"] == ["tokenizer+bert+clip", "lm", "stage1"] and info["stage1"]["steps"] == 2
+    info = pretrain_toy(str(tmp_path), "raw", toy, replace(preset, stage1_steps=2, lm_steps=6))
+    assert info["kept"] == ["tokenizer+bert+clip", "lm", "stage1"] and info["stage1"]["steps"] == 2
+    assert stage1_checkpoint(toy / "stage1", "the toy Stage 1").info["step"] == 2
+    assert (toy / "stage1" / "metrics.jsonl").stat().st_mtime_ns == trained  # not trained again
     with pytest.raises(ConfigError, match="stage1_steps must be >= 0"):
         ToyPreset(stage1_steps=-1)
 

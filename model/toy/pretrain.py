@@ -96,6 +96,11 @@ def _stage1_settings(preset: ToyPreset) -> dict:
     return {k: v for k, v in asdict(preset).items() if k.startswith("stage1_") or k in ("seed", "threads")}
 
 
+def _stage1_of(before: dict) -> dict:
+    """The settings a folder's pretrained Stage 1 was trained with (older folders: its preset's)."""
+    return before["stage1"].get("settings") or _stage1_settings(ToyPreset(**before["preset"]))
+
+
 def pretrain_toy_pairs(pairs: Sequence[tuple[bytes, str]], out: str | Path, preset: ToyPreset = ToyPreset(),
                        about: dict | None = None, lm: bool = True,
                        eval_pairs: Sequence[tuple[bytes, str]] | None = None, extra_texts: Sequence[str] = (),
@@ -115,8 +120,11 @@ def pretrain_toy_pairs(pairs: Sequence[tuple[bytes, str]], out: str | Path, pres
     keep_vision = same_pairs and _vision_settings(ToyPreset(**before["preset"])) == _vision_settings(preset)
     keep_lm = (same_pairs and lm and before.get("lm") is not None
                and _lm_settings(ToyPreset(**before["preset"])) == _lm_settings(preset))
-    keep_stage1 = (keep_vision and preset.stage1_steps > 0 and before.get("stage1") is not None
-                   and _stage1_settings(ToyPreset(**before["preset"])) == _stage1_settings(preset))
+    # a pretrained Stage 1 of these pieces is kept where its settings are asked for, or where none is
+    # asked for (the bootstrap flow trains it in a second step, beside round 0's trainings: its first
+    # step, which asks for none, must not undo it on a rerun)
+    keep_stage1 = (keep_vision and before.get("stage1") is not None
+                   and (preset.stage1_steps == 0 or _stage1_of(before) == _stage1_settings(preset)))
     started = time.perf_counter()
     texts = [caption for _, caption in pairs] + list(extra_texts)  # the text pieces also read `extra_texts`
     train_lm = lm and not keep_lm
@@ -133,8 +141,9 @@ def pretrain_toy_pairs(pairs: Sequence[tuple[bytes, str]], out: str | Path, pres
             bert = pretrain_bert(texts, out / "bert", out / "tokenizer", preset)
             clip_metrics = pretrain_clip(clip_pairs or pairs, out / "clip", preset, eval_pairs=eval_pairs).metrics
         # the Stage 1 reads the CLIP, tokenizer and BERT, and learns from the CLIP's pairs
-        stage1 = (before["stage1"] if keep_stage1 else
-                  pretrain_stage1(clip_pairs or pairs, out, preset) if preset.stage1_steps else None)
+        stage1 = ({**before["stage1"], "settings": _stage1_of(before)} if keep_stage1 else
+                  {**pretrain_stage1(clip_pairs or pairs, out, preset), "settings": _stage1_settings(preset)}
+                  if preset.stage1_steps else None)
         if not train_lm:
             lm_metrics = before["lm"] if keep_lm else None
         elif lm_job is not None:
