@@ -602,3 +602,41 @@ def test_a_flow_that_fails_stops_the_step_it_ran_beside_for_good(tmp_path):
     thread.join(60)
     assert isinstance(outcome["error"], CapfiltError) and "stopped: the flow it ran beside failed" in str(outcome["error"])
     assert not jobs._beside and jobs.stop_beside() == []
+
+
+def test_a_step_beside_leaves_this_process_the_other_cores_until_it_is_waited_for(monkeypatch):
+    """Beside (flows/jobs.py): while the toy Stage 1 trains in its own process on one thread, this
+    process's torch runs on the cores left, and gets them back when the step is waited for, failed or not."""
+    import torch
+
+    from flows import jobs
+
+    monkeypatch.setattr("capfilt.environment.usable_cpus", lambda: 4)  # the machine's count, whatever runs the test
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+
+    class Done:  # what Prefect's `submit` returns: a future whose result() waits and raises what the step raised
+        def __init__(self, error=None):
+            self.error = error
+
+        def result(self):
+            if self.error:
+                raise self.error
+
+    try:
+        beside = jobs.Beside(embedded=True, threads=1)
+        beside.wait()  # nothing started: nothing to wait for
+        beside.start(lambda: Done())
+        assert torch.get_num_threads() == 3
+        beside.wait()
+        assert torch.get_num_threads() == 4
+        failing = jobs.Beside(embedded=True, threads=1)
+        failing.start(lambda: Done(CapfiltError("refused")))
+        with pytest.raises(CapfiltError, match="refused"):
+            failing.wait()
+        assert torch.get_num_threads() == 4
+        on_a_cluster = jobs.Beside(embedded=False)  # a Ray job runs elsewhere: this process keeps its cores
+        on_a_cluster.start(lambda: Done())
+        assert torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(before)
