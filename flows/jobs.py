@@ -47,10 +47,8 @@ def run_beside(step, label: str, say=print) -> None:
     import subprocess
     import sys
 
-    from flows.steps import step_data
-
-    command = [sys.executable, "-m", "flows.stage_job", json.dumps(step_data(step), sort_keys=True)]
-    env = {**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", ENV: verbosity()}
+    command = [sys.executable, *shlex.split(job_entrypoint(step))[1:]]  # this interpreter, not the job's `python`
+    env = {**os.environ, **_job_env()}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
                                env=env)
     with _beside_lock:
@@ -127,6 +125,12 @@ def stop_beside() -> list[int]:
     return [p.pid for p in running]
 
 
+def _job_env() -> dict:
+    """What a stage's own process needs in its environment, a Ray job's or a local one's."""
+    # the step logs as quietly or verbosely as the capfilt that started it
+    return {"RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "NO_ALBUMENTATIONS_UPDATE": "1", ENV: verbosity()}
+
+
 def job_entrypoint(step) -> str:
     """The Ray job's command: the step's typed config as JSON, read back by flows/stage_job.py.
     `python` of the job's environment: the driver's interpreter path may not exist there."""
@@ -172,9 +176,7 @@ def run_job(
     else:
         sid = f"{base_id}-a{len(attempts) + 1}"
         entrypoint = job_entrypoint(step)
-        env = {"env_vars": {"RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "NO_ALBUMENTATIONS_UPDATE": "1",
-                            # the job logs as quietly or verbosely as the capfilt that submitted it
-                            ENV: verbosity()}}
+        env = {"env_vars": _job_env()}
         env.update(runtime_env or {})
         _submit(client, entrypoint, sid, env)
         log(f"{stage}: submitted job {sid}: python -m flows.stage_job ({step.COMMAND})")

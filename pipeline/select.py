@@ -60,8 +60,8 @@ class SelectConfig:
     max_caption_words: int = 1000
     drop_degenerate: bool = True
     calibration: object | None = None  # pipeline.calibrate.Calibration, for calibrated
-    # calibrated with estimate_prior: the other scorers' Calibrations (`load_alternatives`); each caption
-    # source is judged by whichever keeps the most of it at the target precision (for_source_best)
+    # calibrated with estimate_prior: the other scorers' Calibrations (`load_alternatives`); a caption
+    # source goes to one of them only where it keeps clearly more of it at the target precision (for_source_best)
     alternatives: tuple = ()
     caption_sources: tuple[str, ...] = CAPTION_SOURCES  # captions of other sources are dropped (ablation arms)
     # calibrated: per caption source, the share of its captions that match is estimated from the
@@ -138,7 +138,7 @@ def caption_policies(cfg: SelectConfig, top_fraction_cut: float | None = None,
                 c = calibration_of(row)
                 if c is None:
                     estimate = per_source[row["caption_source"]][1]
-                    scorers = " and ".join(s.upper() for s in (estimate.get("by_score") or {cfg.calibration.score: 0}))
+                    scorers = " and ".join(s.upper() for s in (estimate.get("by_score") or [cfg.calibration.score]))
                     return (f"{row['caption_source']} captions: an estimated {estimate['prior']:.3f} of them match (their "
                             f"{scorers} scores against the held-out annotated pairs'), too few for "
                             f"any threshold to reach precision {cfg.calibration.target_precision} (lower --target-precision, or "

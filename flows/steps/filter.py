@@ -49,7 +49,7 @@ class FilterStep:
         """The SelectConfig, its calibration read; None when that calibration is yet to be written
         under one of `will_exist`."""
         policies = self.select.get("policies", SelectConfig.policies)
-        calibration = None
+        calibration, alternatives = None, ()
         calibrated = [p for p in policies if p in CALIBRATED]
         if calibrated:
             if not self.score.itm:
@@ -63,8 +63,7 @@ class FilterStep:
             # the other scorers' calibrations where the filter's was chosen by measurement (--filter-score best)
             alternatives = tuple(c.at(self.target_precision, self.match_prior) for c in load_alternatives(source, calibration))
             calibration = calibration.at(self.target_precision, self.match_prior)
-        select = SelectConfig(**{**self.select, "calibration": calibration,
-                                 **({"alternatives": alternatives} if calibrated else {})})
+        select = SelectConfig(**{**self.select, "calibration": calibration, "alternatives": alternatives})
         if "blip" in select.policies and not self.score.itm:
             raise ConfigError("--policy blip needs --itm (an ITM model)")
         if select.rank_by == "itm" and not self.score.itm:
