@@ -248,7 +248,7 @@ def _world_pretrain_argv(tmp_path, monkeypatch, world_images: int) -> list[str]:
     import model.toy.preset as toy
 
     small = ToyPreset(clip_steps=3, lm_steps=3, bert_steps=3, clip_batch_size=8, lm_batch_size=8)
-    monkeypatch.setattr(toy.ToyPreset, "quick", classmethod(lambda cls, **kw: small))
+    monkeypatch.setattr(toy.ToyPreset, "quick", classmethod(lambda cls, **kw: replace(small, **kw)))
     return ["toy", "pretrain", "--root", str(tmp_path), "--run", "no-such-run", "--out", str(tmp_path / "toy"),
             "--quick", "--world-images", str(world_images)]
 
@@ -277,6 +277,51 @@ def test_toy_pretrain_on_a_separate_world_never_reads_the_run(tmp_path, monkeypa
     before = (tmp_path / "toy" / "clip" / "open_clip_model.safetensors").read_bytes()
     main(argv)  # rerun: reused, not retrained
     assert (tmp_path / "toy" / "clip" / "open_clip_model.safetensors").read_bytes() == before
+
+
+def test_toy_pretrain_stage2_learns_the_worlds_uncorrupted_pairs_from_its_stage1(tmp_path, monkeypatch):
+    """--stage2-steps: a Stage 2 (the captioner's start, model/toy/stage2.py) from the pretrained Stage 1,
+    on the pairs the world did not corrupt; a step asking for neither Stage keeps both, and another
+    Stage 1 retrains the Stage 2 too."""
+    import json
+
+    from capfilt.cli import main
+    from model.captioners import load_captioner
+    from model.toy.pretrain import TOY_DONE
+    from model.toy.world import clean_pairs, described_pairs, world_pairs
+
+    argv = _world_pretrain_argv(tmp_path, monkeypatch, 30)
+    main([*argv, "--stage1-steps", "2", "--stage2-steps", "3"])
+    info = json.loads((tmp_path / "toy" / TOY_DONE).read_text())
+    world = info["world"]
+    clean = clean_pairs(world)
+    assert 0 < len(clean) < len(world_pairs(world))  # the corrupted ones are left out
+    assert info["stage2"]["pairs"] == info["counts"]["clean_pairs"] == len(clean) + len(described_pairs(world))
+    assert info["stage2"]["steps"] == 3 and info["stage2"]["settings"]["stage1"] == info["stage1"]["settings"]
+    lineage = json.loads((tmp_path / "toy" / "stage2" / "lineage.json").read_text())
+    assert lineage["pairs"] == info["stage2"]["pairs"]
+    load_captioner(str(tmp_path / "toy" / "stage2"), "cpu")  # what `finetune captioner --stage2` and `caption` load
+    trained = (tmp_path / "toy" / "stage2" / "metrics.jsonl").stat().st_mtime_ns
+    main(argv)  # the flow's first step asks for neither: both kept
+    info = json.loads((tmp_path / "toy" / TOY_DONE).read_text())
+    assert {"stage1", "stage2"} <= set(info["kept"]) and info["stage2"]["steps"] == 3
+    main([*argv, "--stage1-steps", "2", "--stage2-steps", "3"])  # asked again: reused as is
+    assert (tmp_path / "toy" / "stage2" / "metrics.jsonl").stat().st_mtime_ns == trained
+    main([*argv, "--stage1-steps", "3", "--stage2-steps", "3"])  # another Stage 1: its Stage 2 is trained anew
+    info = json.loads((tmp_path / "toy" / TOY_DONE).read_text())
+    assert "stage2" not in info["kept"] and info["stage2"]["settings"]["stage1"]["stage1_steps"] == 3
+    assert (tmp_path / "toy" / "stage2" / "metrics.jsonl").stat().st_mtime_ns != trained
+
+
+def test_toy_pretrain_stage2_needs_a_stage1(tmp_path, monkeypatch, capsys):
+    from capfilt.cli import main
+
+    argv = _world_pretrain_argv(tmp_path, monkeypatch, 20)
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--stage2-steps", "3"])
+    assert exit_info.value.code == 2
+    assert "--stage2-steps needs --stage1-steps" in capsys.readouterr().err
+    assert not (tmp_path / "toy").exists()
 
 
 def test_toy_pretrain_clip_on_its_own_larger_world(tmp_path, monkeypatch):

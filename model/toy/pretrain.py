@@ -1,5 +1,5 @@
-"""All the toy pieces (tokenizer, BERT, CLIP, LM, and a Stage 1 where the preset asks) from an ingested run's or a
-world's pairs, in one folder."""
+"""All the toy pieces (tokenizer, BERT, CLIP, LM, and a Stage 1 and Stage 2 where the preset asks) from an ingested
+run's or a world's pairs, in one folder."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from .clip import pretrain_clip
 from .lm import pretrain_lm
 from .preset import ToyPreset
 from .stage1 import pretrain_stage1
+from .stage2 import pretrain_stage2
 from .tokenizer import train_text_tokenizer
 
 
@@ -87,8 +88,8 @@ def _lm_settings(preset: ToyPreset) -> dict:
 
 
 def _vision_settings(preset: ToyPreset) -> dict:
-    """What the tokenizer, BERT and CLIP depend on: everything but the LM's and the Stage 1's fields."""
-    return {k: v for k, v in asdict(preset).items() if not k.startswith(("lm_", "stage1_"))}
+    """What the tokenizer, BERT and CLIP depend on: everything but the LM's and the Stages' fields."""
+    return {k: v for k, v in asdict(preset).items() if not k.startswith(("lm_", "stage1_", "stage2_"))}
 
 
 def _stage1_settings(preset: ToyPreset) -> dict:
@@ -101,12 +102,20 @@ def _stage1_of(before: dict) -> dict:
     return before["stage1"].get("settings") or _stage1_settings(ToyPreset(**before["preset"]))
 
 
+def _stage2_settings(preset: ToyPreset, stage1: dict) -> dict:
+    """What the pretrained Stage 2 depends on besides its pairs: its steps, the Stage 1 it starts
+    from and the LM it reads."""
+    return {"stage2_steps": preset.stage2_steps, "stage1": stage1, "lm": _lm_settings(preset)}
+
+
 def pretrain_toy_pairs(pairs: Sequence[tuple[bytes, str]], out: str | Path, preset: ToyPreset = ToyPreset(),
                        about: dict | None = None, lm: bool = True,
                        eval_pairs: Sequence[tuple[bytes, str]] | None = None, extra_texts: Sequence[str] = (),
-                       clip_pairs: Sequence[tuple[bytes, str]] | None = None) -> dict:
+                       clip_pairs: Sequence[tuple[bytes, str]] | None = None,
+                       caption_pairs: Sequence[tuple[bytes, str]] | None = None) -> dict:
     """The toy pieces from (image bytes, caption) pairs into `out`; the CLIP from `clip_pairs` instead
-    when given (a contrastive model needs more images than the text pieces need texts). `about` says
+    when given (a contrastive model needs more images than the text pieces need texts), the Stage 2
+    (`preset.stage2_steps`) from `caption_pairs` (a captioner learns what its captions say). `about` says
     where the pairs came from and is what a rerun must match (with the preset) to reuse a complete folder. A folder made
     from the same pairs with other LM settings keeps its tokenizer, BERT and CLIP (minutes of
     training) and trains the LM anew; and the other way round."""
@@ -125,6 +134,14 @@ def pretrain_toy_pairs(pairs: Sequence[tuple[bytes, str]], out: str | Path, pres
     # step, which asks for none, must not undo it on a rerun)
     keep_stage1 = (keep_vision and before.get("stage1") is not None
                    and (preset.stage1_steps == 0 or _stage1_of(before) == _stage1_settings(preset)))
+    stage1_settings = _stage1_of(before) if keep_stage1 else _stage1_settings(preset)
+    # so is its Stage 2, which also reads the LM
+    keep_stage2 = (keep_stage1 and keep_lm and (before.get("stage2") or None) is not None
+                   and (preset.stage2_steps == 0 or before["stage2"].get("settings")
+                        == _stage2_settings(preset, stage1_settings)))
+    if preset.stage2_steps and not keep_stage2 and not (caption_pairs and (keep_stage1 or preset.stage1_steps)):
+        raise ConfigError("toy preset: stage2_steps needs caption pairs and a Stage 1 to start from (stage1_steps > 0); "
+                          "the toy Stage 2 is pretrained on a pretraining world's clean pairs (--world-images).")
     started = time.perf_counter()
     texts = [caption for _, caption in pairs] + list(extra_texts)  # the text pieces also read `extra_texts`
     train_lm = lm and not keep_lm
@@ -141,8 +158,8 @@ def pretrain_toy_pairs(pairs: Sequence[tuple[bytes, str]], out: str | Path, pres
             bert = pretrain_bert(texts, out / "bert", out / "tokenizer", preset)
             clip_metrics = pretrain_clip(clip_pairs or pairs, out / "clip", preset, eval_pairs=eval_pairs).metrics
         # the Stage 1 reads the CLIP, tokenizer and BERT, and learns from the CLIP's pairs
-        stage1 = ({**before["stage1"], "settings": _stage1_of(before)} if keep_stage1 else
-                  {**pretrain_stage1(clip_pairs or pairs, out, preset), "settings": _stage1_settings(preset)}
+        stage1 = ({**before["stage1"], "settings": stage1_settings} if keep_stage1 else
+                  {**pretrain_stage1(clip_pairs or pairs, out, preset), "settings": stage1_settings}
                   if preset.stage1_steps else None)
         if not train_lm:
             lm_metrics = before["lm"] if keep_lm else None
@@ -150,10 +167,14 @@ def pretrain_toy_pairs(pairs: Sequence[tuple[bytes, str]], out: str | Path, pres
             lm_metrics = {**lm_job.result(), "process": "beside the CLIP's"}
         else:
             lm_metrics = _lm_metrics(texts, out / "lm", preset)
+        # the Stage 2 starts from the Stage 1 and reads the LM
+        stage2 = (before["stage2"] if keep_stage2 else
+                  {**pretrain_stage2(caption_pairs, out, preset), "settings": _stage2_settings(preset, stage1_settings)}
+                  if preset.stage2_steps else None)
     info = {**about, "preset": asdict(preset), "bert": bert, "clip": clip_metrics, "lm": lm_metrics, "stage1": stage1,
-            "seconds": time.perf_counter() - started,
+            "stage2": stage2, "seconds": time.perf_counter() - started,
             "kept": [piece for piece, kept in (("tokenizer+bert+clip", keep_vision), ("lm", keep_lm),
-                                               ("stage1", keep_stage1)) if kept]}
+                                               ("stage1", keep_stage1), ("stage2", keep_stage2)) if kept]}
     out.mkdir(parents=True, exist_ok=True)
     done.write_text(json.dumps(info, indent=1, sort_keys=True))
     return {**info, "reused": False}

@@ -350,6 +350,16 @@ def world_pairs(directory: str | Path) -> list[tuple[bytes, str]]:
             for r in truth if (r["web_caption"] or "").strip()]
 
 
+def clean_pairs(directory: str | Path) -> list[tuple[bytes, str]]:
+    """(image bytes, web caption) of a world's images whose web caption the world did not corrupt, in
+    image order: the pairs a perfect filter would keep (the toy's stand-in for a cleaned corpus)."""
+    directory = Path(directory)
+    truth = sorted((r for r in pq.read_table(directory / "ground_truth.parquet").to_pylist()
+                    if r["kind"] == "image" and not r["corrupted"] and (r["web_caption"] or "").strip()),
+                   key=lambda r: r["image_index"])
+    return [((directory / "files" / f"{r['image_index']:06d}.jpg").read_bytes(), r["web_caption"]) for r in truth]
+
+
 def pretraining_world(directory: str | Path, images: int, seed: int, noise: float = 0.4,
                       described: float = 0.1) -> Path:
     """A world only the toy preset's frozen pieces pretrain on (the stand-in for the other, larger
