@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, fields
 from capfilt.errors import ConfigError
 from flows.steps import StepFields
 from model.factory import architecture
-from model.toy.preset import STAGE1_RECIPE, TOY_STAGE1_STEPS
+from model.toy.preset import STAGE1_RECIPE, STAGE2_RECIPE, TOY_STAGE1_STEPS, TOY_STAGE2_STEPS
 
 # Layout written by `capfilt toy pretrain --out DIR` (model/toy/pretrain.py): the preset refers to it.
 TOY_TOKENIZER = "tokenizer"
@@ -137,8 +137,7 @@ def toy_preset(toy_dir: str, quick: bool = False) -> Preset:
         stage1={"vision": f"open_clip:{clip_spec}", "tokenizer": f"{toy_dir}/{TOY_TOKENIZER}", "bert": f"{toy_dir}/{TOY_BERT}",
                 "model": architecture("qformer-toy"), "steps": stage1_steps, **STAGE1_RECIPE,
                 "itm_random_negative_steps": stage1_steps, "log_every": 10, "checkpoint_every": 100},
-        stage2={"llm": f"{toy_dir}/{TOY_LM}", "steps": stage2_steps, "batch_size": 32, "lr": 2e-3,
-                "warmup_steps": 20, "augment": False, "cache_features": True, "log_every": 10,
+        stage2={"llm": f"{toy_dir}/{TOY_LM}", "steps": stage2_steps, **STAGE2_RECIPE, "log_every": 10,
                 "checkpoint_every": 100},
         # Full: the frozen pieces pretrain on a separate 3000-image world (made once under the
         # root, as real frozen models saw other, larger data), with a 256-pair CLIP batch
@@ -147,9 +146,12 @@ def toy_preset(toy_dir: str, quick: bool = False) -> Preset:
         # Full, also a Stage 1 on that world's pairs (TOY_STAGE1_STEPS), the toy's public BLIP-2 checkpoint:
         # round k's filter is finetuned from it, not from round k-1's Stage 1, which remembers the noise
         # of the very pairs it judges (ITM ROC-AUC on round 1's corrupted web captions, seeds 0 / 1 / 2:
-        # 0.957 / 0.962 / 0.965 against 0.872 / 0.857 / 0.859).
+        # 0.957 / 0.962 / 0.965 against 0.872 / 0.857 / 0.859), and a Stage 2 from it on that world's
+        # uncorrupted pairs (TOY_STAGE2_STEPS), the toy's public captioner: round k's captioner is
+        # finetuned from it, not from round k-1's Stage 2, which learnt the source's corrupted captions.
         pretrain={"out": toy_dir, **({"quick": True} if quick else {"world_images": TOY_PRETRAIN_WORLD_IMAGES,
-                                                                     "stage1_steps": TOY_STAGE1_STEPS})},
+                                                                     "stage1_steps": TOY_STAGE1_STEPS,
+                                                                     "stage2_steps": TOY_STAGE2_STEPS})},
     )
 
 

@@ -53,6 +53,7 @@ def planned_steps(params: BootstrapParams) -> list[tuple[str, object]]:
             steps += [(f"{stage}-{arm}", step) for stage, step in train_params.steps().items()]
     if params.evaluate:
         steps += [(f"eval-{label}", params.eval_step(run)) for run, label in model_labels(params).items()]
+        steps += [(f"eval-{label}", step) for label, (_, step) in params.captioner_evals().items()]
     return steps
 
 
@@ -95,19 +96,28 @@ def model_labels(params: BootstrapParams) -> dict[str, str]:
 def write_report(params: BootstrapParams, labels: dict[str, str]) -> dict:
     from pipeline.bootstrap_report import headline_rows, write_bootstrap_report
 
-    evaluations = {}
+    evaluations, captioners = {}, {}
     for run, label in labels.items():
         path = Path(params.models(run)) / "eval.json"
         if path.exists():
             evaluations[label] = json.loads(path.read_text())
+    for label, (folder, _) in params.captioner_evals().items():
+        path = Path(folder) / "eval.json"
+        if path.exists():
+            captioners[label] = json.loads(path.read_text())
     last = params.round_run(params.rounds)
     notes = [f"source: {params.source}", f"preset: {params.preset}{' (quick)' if params.quick else ''}",
              f"rounds: {params.rounds} after round 0; funnel and plots of {last}"]
     if params.heldout:
         notes.append(f"evaluation set: held-out world {params.heldout} (true captions, never trained on)")
     page = write_bootstrap_report(params.root, params.run, last,
-                                  {label: params.models(run) for run, label in labels.items()}, evaluations, notes)
-    return {"report": str(page), "table": headline_rows(evaluations)}
+                                  {label: params.models(run) for run, label in labels.items()}, evaluations, notes,
+                                  captioners=captioners)
+    return {"report": str(page), "table": headline_rows(evaluations),
+            "captioners": {label: {"cider": ev.get("captioning", {}).get("cider"),
+                                   "attribute_accuracy": ev.get("attributes", {}).get("attribute_accuracy"),
+                                   "all_attributes_right": ev.get("attributes", {}).get("exact_match")}
+                           for label, ev in captioners.items()}}
 
 
 @flow(name="bootstrap", log_prints=True)
@@ -122,13 +132,13 @@ def _bootstrap(params: BootstrapParams) -> dict:
     try:
         return _rounds(params)
     except BaseException:
-        stop_beside()  # a step running beside the failed ones (the toy Stage 1) stops with the flow
+        stop_beside()  # a step running beside the failed ones (the toy BLIP-2) stops with the flow
         raise
 
 
 def _rounds(params: BootstrapParams) -> dict:
-    # the toy Stage 1 (one torch thread: ToyPreset.threads), pretrained while round 0 and the oracle
-    # train; round 1's filter starts from it
+    # the toy BLIP-2 (Stage 1, then Stage 2; one torch thread: ToyPreset.threads), pretrained while round 0
+    # and the oracle train; round 1's filter and captioner start from it
     beside = Beside(params.execution.mode == "embedded", threads=1)
     for k in range(params.rounds + 1):
         if k == 1:
@@ -139,7 +149,7 @@ def _rounds(params: BootstrapParams) -> dict:
         curate(curate_params)
         if k == 0:
             for label, step in params.pretrain_steps().items():
-                if label == "toy-stage1":
+                if label == "toy-blip2":
                     beside.start(lambda: run_step.with_options(task_run_name=label).submit(
                         label, step, params.execution, beside=True))
                 else:
@@ -147,7 +157,7 @@ def _rounds(params: BootstrapParams) -> dict:
         run_step.with_options(task_run_name=f"filter-r{k}")(f"filter-r{k}", params.filter_step(k), params.execution)
         publish_artifacts(curate_params)  # the round's counts now include the filter
         train(train_params)
-        if k == 0 and params.truth:  # the oracle needs only round 0's images: it trains while the toy Stage 1 does
+        if k == 0 and params.truth:  # the oracle needs only round 0's images: it trains while the toy BLIP-2 does
             run_step.with_options(task_run_name="oracle")("oracle", params.oracle_step(), params.execution)
             train(params.train_params(params.oracle_run))
     beside.wait()
@@ -162,6 +172,8 @@ def _rounds(params: BootstrapParams) -> dict:
     if params.evaluate:
         for run, label in labels.items():
             run_step.with_options(task_run_name=f"eval-{label}")(f"eval-{label}", params.eval_step(run), params.execution)
+        for label, (_, step) in params.captioner_evals().items():  # the captioners that wrote the rounds' captions
+            run_step.with_options(task_run_name=f"eval-{label}")(f"eval-{label}", step, params.execution)
     report = write_report(params, labels)
     summary = {"runs": list(labels), "models": {run: params.models(run) for run in labels}, **report}
     lines = [f"# bootstrap `{params.run}`", "", f"report: `{report['report']}`", "", "| run | models |", "|---|---|"]

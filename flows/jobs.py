@@ -39,7 +39,7 @@ _beside_lock = threading.Lock()
 
 def run_beside(step, label: str, say=print) -> None:
     """Run a step in a second local process (`python -m flows.stage_job`, as a Ray job would run it)
-    and wait for it, relaying its output: a step the flow runs beside others (the toy Stage 1
+    and wait for it, relaying its output: a step the flow runs beside others (the toy BLIP-2
     beside round 0's trainings) must not share this process's interpreter with them. Raises
     CapfiltError where the step refused its input (exit 2; retrying will not help), StageJobError
     on any other failure."""

@@ -232,7 +232,8 @@ class BootstrapParams(BaseModel):
         # (`--set finetune_filter.stage1=FOLDER`) or the toy preset pretrains one (`--set pretrain.stage1_steps=N`)
         start = fields.get("stage1") or self.pretrained_stage1()
         if start and fields.get("folds", 1) > 1:
-            how = ("--set pretrain.stage1_steps=0" if not fields.get("stage1") else "leave finetune_filter.stage1 unset")
+            how = ("--set pretrain.stage1_steps=0 --set pretrain.stage2_steps=0" if not fields.get("stage1")
+                   else "leave finetune_filter.stage1 unset")
             raise ConfigError(f"--set finetune_filter.folds={fields['folds']}: the filter starts from {start}, not "
                               f"from round {k - 1}'s Stage 1, so it never trained on the images it judges; folds "
                               f"retrain the round's Stage 1 without each fold. For folds, {how}.")
@@ -240,9 +241,13 @@ class BootstrapParams(BaseModel):
             **fields, "annotated": self.annotated, "stage1": start or _join(previous, "stage1"),
             "out": _join(previous, FINETUNED_FILTER)}, self.will_exist)}
         if self.stage2 is not None:
+            # and the captioner from the round's Stage 2, unless one pretrained elsewhere is named
+            # (`--set finetune_captioner.stage2=FOLDER`) or the toy preset pretrains one (`pretrain.stage2_steps`)
+            captioner = preset.finetune_captioner.replace(self.finetune_captioner).values
             steps[f"finetune-captioner-r{k}"] = make("finetune captioner", {
-                **preset.finetune_captioner.replace(self.finetune_captioner).values, "annotated": self.annotated,
-                "stage2": _join(previous, "stage2"), "out": _join(previous, FINETUNED_CAPTIONER)}, self.will_exist)
+                **captioner, "annotated": self.annotated,
+                "stage2": captioner.get("stage2") or self.pretrained_stage2() or _join(previous, "stage2"),
+                "out": _join(previous, FINETUNED_CAPTIONER)}, self.will_exist)
         return steps
 
     def filter_step(self, k: int):
@@ -274,15 +279,23 @@ class BootstrapParams(BaseModel):
         step = self.pretrain_step()
         return _join(step.out, TOY_STAGE1) if step is not None and step.stage1_steps > 0 else None
 
+    def pretrained_stage2(self) -> str | None:
+        """The toy folder's pretrained Stage 2 where the pretrain step trains one."""
+        from model.toy.preset import TOY_STAGE2
+
+        step = self.pretrain_step()
+        return _join(step.out, TOY_STAGE2) if step is not None and step.stage2_steps > 0 else None
+
     def pretrain_steps(self) -> dict:
         """label -> the toy preset's pretraining steps: its frozen pieces ("toy-pretrain") and, where it
-        pretrains a Stage 1, that Stage 1 as a step of its own ("toy-stage1"), which the flow runs beside
-        round 0's trainings (only round 1's filter needs it); {} for a preset without toy models."""
+        pretrains a Stage 1 (and a Stage 2 from it), those as a step of their own ("toy-blip2", the toy's
+        public BLIP-2 checkpoint), which the flow runs beside round 0's trainings (only round 1's
+        finetuning needs them); {} for a preset without toy models."""
         step = self.pretrain_step()
         if step is None:
             return {}
         if step.stage1_steps > 0:
-            return {"toy-pretrain": replace(step, stage1_steps=0), "toy-stage1": step}
+            return {"toy-pretrain": replace(step, stage1_steps=0, stage2_steps=0), "toy-blip2": step}
         return {"toy-pretrain": step}
 
     def pretrain_step(self):
@@ -301,6 +314,20 @@ class BootstrapParams(BaseModel):
     def oracle_step(self):
         return make("synth oracle", {"truth": self.truth, "root": self.root, "from_run": self.round_run(0),
                                       "run": self.oracle_run})
+
+    def captioner_evals(self) -> dict[str, tuple[str, object]]:
+        """label -> (folder, step): the evaluation of the captions each CapFilt round's finetuned
+        captioner wrote its synthetic captions with (what the round's captions are worth, beside the
+        arms its data trained), on the held-out world; {} without an annotated set or a held-out world."""
+        if not (self.annotated and self.heldout and self.evaluate and self.stage2 is not None):
+            return {}
+        evals = {}
+        for k in range(1, self.rounds + 1):
+            folder = _join(self.models(self.round_run(k - 1)), FINETUNED_CAPTIONER)
+            evals[f"captioner-of-r{k}"] = (folder, make("eval", {**self.eval, "root": self.root, "run": self.round_run(k),
+                                                                 "captioner": folder, "heldout": self.heldout,
+                                                                 "out": folder}, self.will_exist))
+        return evals
 
     def eval_step(self, run: str):
         """The evaluation of the models trained on `run`: retrieval (and captions with Stage 2) on the

@@ -229,13 +229,30 @@ def comparison(evaluations: dict[str, dict], chosen: dict) -> dict | None:
     return {"columns": columns, "rows": rows, "note": note}
 
 
+# The captioners' table: what the captions a CapFilt round wrote are worth (flattened eval.json keys).
+CAPTIONER_COLUMNS = (("captioning.cider", "CIDEr"), ("captioning.bleu4", "BLEU-4"),
+                     ("attributes.attribute_accuracy", "attribute accuracy"), ("attributes.exact_match", "all attributes right"))
+
+
+def captioner_rows(captioners: dict[str, dict]) -> list[dict]:
+    """One row per captioner a round wrote its synthetic captions with: {captioner, cells}."""
+    rows = []
+    for name, ev in captioners.items():
+        flat = flatten(ev)
+        rows.append({"captioner": name, "images": flat.get("captioning.images"),
+                     "cells": [number(flat.get(key)) for key, _ in CAPTIONER_COLUMNS]})
+    return rows
+
+
 def _relative(target: str, start: str) -> str:
     return posixpath.relpath(target, start)
 
 
 def write_bootstrap_report(root: str, run: str, curated_run: str, models: dict[str, str],
-                           evaluations: dict[str, dict], notes: list[str] | None = None) -> Path:
-    """Write runs/<run>/report/index.html (local roots); returns its path."""
+                           evaluations: dict[str, dict], notes: list[str] | None = None,
+                           captioners: dict[str, dict] | None = None) -> Path:
+    """Write runs/<run>/report/index.html (local roots); returns its path. `captioners`: the evaluations
+    of the captioners the CapFilt rounds wrote their synthetic captions with (captioners.json)."""
     report = Path(root) / "runs" / run / "report"
     report.mkdir(parents=True, exist_ok=True)
     store = RunStore(root, curated_run)
@@ -285,8 +302,12 @@ def write_bootstrap_report(root: str, run: str, curated_run: str, models: dict[s
         bars["notes"].append("No bar chart: no arm was evaluated on retrieval or attributes.")
     page = render("bootstrap.html", bars=bars, run=run, curated_run=curated_run, notes=notes or [], verdict=chosen,
                   comparison=comparison(evaluations, chosen), arms=arms, metrics=metrics, every_metric=every_metric,
-                  funnel=rows, histograms=histograms, filter_report=filter_report, curves=curves)
+                  funnel=rows, histograms=histograms, filter_report=filter_report, curves=curves,
+                  captioners=captioner_rows(captioners or {}),
+                  captioner_columns=[label for _, label in CAPTIONER_COLUMNS])
     (report / "evaluation.json").write_text(json.dumps(evaluations, indent=1, sort_keys=True))
+    if captioners:
+        (report / "captioners.json").write_text(json.dumps(captioners, indent=1, sort_keys=True))
     (report / "style.css").write_text(stylesheet())
     (report / "index.html").write_text(page)
     return report / "index.html"

@@ -1,6 +1,7 @@
 """Filter: CLIP/ITM scoring, policies with reasons, faiss dedup, curated Parquet, report."""
 
 import hashlib
+import json
 
 import numpy as np
 import pyarrow as pa
@@ -357,6 +358,13 @@ def test_bootstrap_report_leads_with_a_verdict_and_deltas(report_world):
     # every arm as bars, right under the comparison table
     assert page.index('id="comparison"') < page.index('src="arms.png"') < page.index("Headline metrics")
     assert (report_world["index"].parent / "arms.png").read_bytes()[:4] == b"\x89PNG"
+    # the captioner that wrote the synthetic captions, on its own (not an arm: it trained nothing)
+    assert page.index("Headline metrics") < page.index('id="captioners"') < page.index("Funnel of")
+    row = page[page.index('id="captioners"'):page.index("Funnel of")]
+    assert "captioner-of-r1" in row and "600" in row and "0.812" in row and "2.200" in row
+    assert "captioner-of-r1" not in page[:page.index("Headline metrics")]
+    written = json.loads((report_world["index"].parent / "captioners.json").read_text())
+    assert written["captioner-of-r1"]["attributes"]["attribute_accuracy"] == 0.8125
 
 
 def test_verdict_compares_whatever_arms_are_present():

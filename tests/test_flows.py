@@ -366,8 +366,8 @@ def test_with_an_annotated_set_rounds_finetune_first_and_filter_every_caption_by
     assert (ft.annotated, ft.stage1, ft.settings.out) == ("/a/ann.parquet", "/d/models/b-toy/stage1", "/d/models/b-r1/filter")
     assert (ft.settings.batch_size, ft.settings.steps) == (16, 5)  # the toy preset's, then --set
     assert (ft.clip, ft.filter_score) == ("local-dir:/d/models/b-toy/clip", "best")  # its CLIP calibrated beside the ITM
-    ftc = steps["finetune-captioner-r2"]
-    assert (ftc.stage2, ftc.settings.out, ftc.settings.lr) == ("/d/models/b-r1/stage2", "/d/models/b-r1/captioner", 1e-5)
+    ftc = steps["finetune-captioner-r2"]  # from the toy's pretrained Stage 2 (its public captioner), not round 1's
+    assert (ftc.stage2, ftc.settings.out, ftc.settings.lr) == ("/d/models/b-toy/stage2", "/d/models/b-r1/captioner", 1e-5)
     curate2, filter2, _ = params.round_params(2)
     assert curate2.caption["config.captioner"] == "/d/models/b-r1/captioner"
     assert curate2.caption["config.decoding.num_captions"] == 1  # BLIP: one caption per image, each judged
@@ -375,27 +375,33 @@ def test_with_an_annotated_set_rounds_finetune_first_and_filter_every_caption_by
     assert "select.top_k" not in filter2.values and "select.rank_by" not in filter2.values  # a per-caption decision, not a ranking
     order = [label for label, _ in planned_steps(params)]
     assert order.index("finetune-filter-r1") < order.index("ingest-r1") < order.index("filter-r1")
-    # the filter starts from a Stage 1 pretrained elsewhere where one is named or the toy preset pretrains
-    # one (its default: TOY_STAGE1_STEPS), else from the round's own
-    from model.toy.preset import TOY_STAGE1_STEPS
+    # the filter and the captioner start from a Stage 1 and a Stage 2 pretrained elsewhere where one is
+    # named or the toy preset pretrains one (its default: TOY_STAGE1_STEPS, TOY_STAGE2_STEPS), else from the round's own
+    from model.toy.preset import TOY_STAGE1_STEPS, TOY_STAGE2_STEPS
 
-    assert params.pretrain_step().stage1_steps == TOY_STAGE1_STEPS
-    pretrain = params.pretrain_steps()  # the Stage 1 as a step of its own, which the flow runs beside round 0's trainings
-    assert (pretrain["toy-pretrain"].stage1_steps, pretrain["toy-stage1"]) == (0, params.pretrain_step())
-    assert order.index("toy-pretrain") < order.index("toy-stage1") < order.index("stage1-r0") < order.index("finetune-filter-r1")
+    assert (params.pretrain_step().stage1_steps, params.pretrain_step().stage2_steps) == (TOY_STAGE1_STEPS, TOY_STAGE2_STEPS)
+    pretrain = params.pretrain_steps()  # the Stages as a step of their own, which the flow runs beside round 0's trainings
+    assert (pretrain["toy-pretrain"].stage1_steps, pretrain["toy-pretrain"].stage2_steps) == (0, 0)
+    assert pretrain["toy-blip2"] == params.pretrain_step()
+    assert order.index("toy-pretrain") < order.index("toy-blip2") < order.index("stage1-r0") < order.index("finetune-filter-r1")
     own = BootstrapParams(source="src", root="/d", run="b", rounds=1, preset="toy", annotated="/a/ann.parquet",
-                          **parse_sets(("pretrain.stage1_steps=0",)))
+                          **parse_sets(("pretrain.stage1_steps=0", "pretrain.stage2_steps=0")))
     assert own.finetune_steps(1)["finetune-filter-r1"].stage1 == "/d/models/b-r0/stage1"
+    assert own.finetune_steps(1)["finetune-captioner-r1"].stage2 == "/d/models/b-r0/stage2"
     assert list(own.pretrain_steps()) == ["toy-pretrain"]
+    with pytest.raises(ConfigError, match="--stage2-steps needs --stage1-steps"):
+        BootstrapParams(source="src", root="/d", run="b", rounds=1, preset="toy", annotated="/a/ann.parquet",
+                        **parse_sets(("pretrain.stage1_steps=0",))).pretrain_step()
     named = BootstrapParams(source="src", root="/d", run="b", rounds=1, preset="toy", annotated="/a/ann.parquet",
-                            **parse_sets(("finetune_filter.stage1=/m/s1",)))
+                            **parse_sets(("finetune_filter.stage1=/m/s1", "finetune_captioner.stage2=/m/s2")))
     assert named.finetune_steps(1)["finetune-filter-r1"].stage1 == "/m/s1"
+    assert named.finetune_steps(1)["finetune-captioner-r1"].stage2 == "/m/s2"
     both = BootstrapParams(source="src", root="/d", run="b", rounds=1, preset="toy", annotated="/a/ann.parquet",
                            **parse_sets(("finetune_filter.folds=2",)))
     with pytest.raises(ConfigError, match="never trained on the images it judges.*--set pretrain.stage1_steps=0"):
         both.finetune_steps(1)
     folds = BootstrapParams(source="src", root="/d", run="b", rounds=1, preset="toy", annotated="/a/ann.parquet",
-                            **parse_sets(("finetune_filter.folds=2", "pretrain.stage1_steps=0")))
+                            **parse_sets(("finetune_filter.folds=2", "pretrain.stage1_steps=0", "pretrain.stage2_steps=0")))
     assert folds.finetune_steps(1)["finetune-filter-r1"].folds == 2
     quick = BootstrapParams(source="src", root="/d", run="b", rounds=1, preset="toy", quick=True,
                             **parse_sets(("pretrain.stage1_steps=40",)))  # --quick pretrains on the run's own pairs
@@ -414,6 +420,26 @@ def test_with_an_annotated_set_rounds_finetune_first_and_filter_every_caption_by
     # the calibrated filter's calibration.json is written by the finetune step: read when it runs
     check(BootstrapParams(source=str(source), root=str(tmp_path), run="b", rounds=1, preset="toy",
                           annotated="/a/ann.parquet"))
+
+
+def test_each_rounds_captioner_is_evaluated_on_its_own_on_the_held_out_world(tmp_path):
+    from flows.bootstrap import planned_steps
+    from flows.params import BootstrapParams
+
+    heldout = str(tmp_path)  # a held-out world folder
+    params = BootstrapParams(source="src", root="/d", run="b", rounds=2, preset="toy", annotated="/a/ann.parquet",
+                             heldout=heldout, truth="/w/truth.parquet")
+    steps = dict(planned_steps(params))
+    labels = list(steps)
+    assert labels[-2:] == ["eval-captioner-of-r1", "eval-captioner-of-r2"]  # after every arm's evaluation
+    ev = steps["eval-captioner-of-r1"]  # the captioner round 1 captioned with: round 0's finetuned one
+    assert (ev.config.captioner, ev.out, ev.config.heldout) == ("/d/models/b-r0/captioner",) * 2 + (heldout,)
+    assert ev.config.stage1 is None and ev.config.truth is None  # its captions only
+    assert ev.config.max_images == steps["eval-raw-r0"].config.max_images  # the arms' evaluation set
+    for other in (dict(annotated=None), dict(heldout=None), dict(stage2=None), dict(evaluate=False)):
+        fields = dict(source="src", root="/d", run="b", rounds=1, preset="toy", annotated="/a/ann.parquet",
+                      heldout=heldout) | other
+        assert not any(label.startswith("eval-captioner-of") for label, _ in planned_steps(BootstrapParams(**fields)))
 
 
 def test_the_ablation_trains_blips_table_1_arms_from_round_1s_captions_and_scores(tmp_path):

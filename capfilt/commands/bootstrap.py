@@ -99,4 +99,7 @@ def format_summary(summary: dict) -> str:
         for row in table:
             cells = "  ".join(f"{'-' if row[n] is None else format(row[n], '.3f'):>12}" for n in names)
             lines.append(f"{row['metric']:<{width}}  {cells}")
+    for label, figures in (summary.get("captioners") or {}).items():
+        lines.append(f"{label} (the captioner that wrote its synthetic captions), held-out: " + ", ".join(
+            f"{name.replace('_', ' ')} {'-' if value is None else format(value, '.3f')}" for name, value in figures.items()))
     return "\n".join(lines)
