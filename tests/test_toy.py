@@ -288,13 +288,13 @@ def test_toy_pretrain_stage2_learns_the_worlds_uncorrupted_pairs_from_its_stage1
     from capfilt.cli import main
     from model.captioners import load_captioner
     from model.toy.pretrain import TOY_DONE
-    from model.toy.world import clean_pairs, described_pairs, world_pairs
+    from model.toy.world import described_pairs, world_pairs
 
     argv = _world_pretrain_argv(tmp_path, monkeypatch, 30)
     main([*argv, "--stage1-steps", "2", "--stage2-steps", "3"])
     info = json.loads((tmp_path / "toy" / TOY_DONE).read_text())
     world = info["world"]
-    clean = clean_pairs(world)
+    clean = world_pairs(world, clean=True)
     assert 0 < len(clean) < len(world_pairs(world))  # the corrupted ones are left out
     assert info["stage2"]["pairs"] == info["counts"]["clean_pairs"] == len(clean) + len(described_pairs(world))
     assert info["stage2"]["steps"] == 3 and info["stage2"]["settings"]["stage1"] == info["stage1"]["settings"]

@@ -47,13 +47,13 @@ class ToyPretrainStep:
         world did not corrupt, and the described ones)."""
         from pathlib import Path
 
-        from model.toy.world import clean_pairs, described_pairs, pretraining_world, world_pairs
+        from model.toy.world import described_pairs, pretraining_world, world_pairs
 
         world = pretraining_world(Path(self.root) / "worlds" / f"toy-pretrain-{images}-noise{self.world_noise}"
                                   f"-seed{self.world_seed}-described", images, self.world_seed, self.world_noise)
         described = [(image, captions[0]) for image, captions in described_pairs(world)]
         texts = [text for _, captions in described_pairs(world) for text in captions[1:]]
-        return world, world_pairs(world) + described, texts, clean_pairs(world) + described
+        return world, world_pairs(world) + described, texts, world_pairs(world, clean=True) + described
 
     def execute(self, say=print) -> dict:
         from model.toy.preset import ToyPreset

@@ -136,7 +136,7 @@ def pretrain_toy_pairs(pairs: Sequence[tuple[bytes, str]], out: str | Path, pres
                    and (preset.stage1_steps == 0 or _stage1_of(before) == _stage1_settings(preset)))
     stage1_settings = _stage1_of(before) if keep_stage1 else _stage1_settings(preset)
     # so is its Stage 2, which also reads the LM
-    keep_stage2 = (keep_stage1 and keep_lm and (before.get("stage2") or None) is not None
+    keep_stage2 = (keep_stage1 and keep_lm and before.get("stage2") is not None
                    and (preset.stage2_steps == 0 or before["stage2"].get("settings")
                         == _stage2_settings(preset, stage1_settings)))
     if preset.stage2_steps and not keep_stage2 and not (caption_pairs and (keep_stage1 or preset.stage1_steps)):

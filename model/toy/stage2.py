@@ -6,7 +6,7 @@ It stands in for a public BLIP-2 captioning checkpoint, a model pretrained on ot
 (BLIP-2's was pretrained on CapFilt-ed captions). BLIP's captioner finetuned from it writes captions
 it learnt from clean text; finetuned from the round's own Stage 2, which learnt the source's web
 captions (40% corrupted in the demo world), it names the attributes of a scene about half the time
-(README, "A captioner pretrained elsewhere").
+(README, "A captioner that never learnt the source's noise").
 """
 
 from __future__ import annotations

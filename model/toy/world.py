@@ -340,24 +340,15 @@ def load_world(directory: str | Path) -> dict:
     return world
 
 
-def world_pairs(directory: str | Path) -> list[tuple[bytes, str]]:
+def world_pairs(directory: str | Path, clean: bool = False) -> list[tuple[bytes, str]]:
     """(image bytes, web caption) of a world's distinct images with a non-empty caption, in image order:
-    what an ingest of its source would give, read straight from its files (no server, no Ray)."""
+    what an ingest of its source would give, read straight from its files (no server, no Ray). `clean`:
+    only those whose web caption the world did not corrupt, the pairs a perfect filter would keep."""
     directory = Path(directory)
     truth = sorted((r for r in pq.read_table(directory / "ground_truth.parquet").to_pylist() if r["kind"] == "image"),
                    key=lambda r: r["image_index"])
     return [((directory / "files" / f"{r['image_index']:06d}.jpg").read_bytes(), r["web_caption"])
-            for r in truth if (r["web_caption"] or "").strip()]
-
-
-def clean_pairs(directory: str | Path) -> list[tuple[bytes, str]]:
-    """(image bytes, web caption) of a world's images whose web caption the world did not corrupt, in
-    image order: the pairs a perfect filter would keep (the toy's stand-in for a cleaned corpus)."""
-    directory = Path(directory)
-    truth = sorted((r for r in pq.read_table(directory / "ground_truth.parquet").to_pylist()
-                    if r["kind"] == "image" and not r["corrupted"] and (r["web_caption"] or "").strip()),
-                   key=lambda r: r["image_index"])
-    return [((directory / "files" / f"{r['image_index']:06d}.jpg").read_bytes(), r["web_caption"]) for r in truth]
+            for r in truth if (r["web_caption"] or "").strip() and not (clean and r["corrupted"])]
 
 
 def pretraining_world(directory: str | Path, images: int, seed: int, noise: float = 0.4,
