@@ -53,7 +53,7 @@ def planned_steps(params: BootstrapParams) -> list[tuple[str, object]]:
             steps += [(f"{stage}-{arm}", step) for stage, step in train_params.steps().items()]
     if params.evaluate:
         steps += [(f"eval-{label}", params.eval_step(run)) for run, label in model_labels(params).items()]
-        steps += [(f"eval-{label}", step) for label, (_, step) in params.captioner_evals().items()]
+        steps += [(f"eval-{label}", step) for label, step in params.captioner_evals().items()]
     return steps
 
 
@@ -94,15 +94,15 @@ def model_labels(params: BootstrapParams) -> dict[str, str]:
 
 @task(name="bootstrap-report")
 def write_report(params: BootstrapParams, labels: dict[str, str]) -> dict:
-    from pipeline.bootstrap_report import headline_rows, write_bootstrap_report
+    from pipeline.bootstrap_report import captioner_figures, headline_rows, write_bootstrap_report
 
     evaluations, captioners = {}, {}
     for run, label in labels.items():
         path = Path(params.models(run)) / "eval.json"
         if path.exists():
             evaluations[label] = json.loads(path.read_text())
-    for label, (folder, _) in params.captioner_evals().items():
-        path = Path(folder) / "eval.json"
+    for label, step in params.captioner_evals().items():
+        path = Path(step.out) / "eval.json"
         if path.exists():
             captioners[label] = json.loads(path.read_text())
     last = params.round_run(params.rounds)
@@ -114,10 +114,7 @@ def write_report(params: BootstrapParams, labels: dict[str, str]) -> dict:
                                   {label: params.models(run) for run, label in labels.items()}, evaluations, notes,
                                   captioners=captioners)
     return {"report": str(page), "table": headline_rows(evaluations),
-            "captioners": {label: {"cider": ev.get("captioning", {}).get("cider"),
-                                   "attribute_accuracy": ev.get("attributes", {}).get("attribute_accuracy"),
-                                   "all_attributes_right": ev.get("attributes", {}).get("exact_match")}
-                           for label, ev in captioners.items()}}
+            "captioners": {label: captioner_figures(ev) for label, ev in captioners.items()}}
 
 
 @flow(name="bootstrap", log_prints=True)
@@ -172,7 +169,7 @@ def _rounds(params: BootstrapParams) -> dict:
     if params.evaluate:
         for run, label in labels.items():
             run_step.with_options(task_run_name=f"eval-{label}")(f"eval-{label}", params.eval_step(run), params.execution)
-        for label, (_, step) in params.captioner_evals().items():  # the captioners that wrote the rounds' captions
+        for label, step in params.captioner_evals().items():  # the captioners that wrote the rounds' captions
             run_step.with_options(task_run_name=f"eval-{label}")(f"eval-{label}", step, params.execution)
     report = write_report(params, labels)
     summary = {"runs": list(labels), "models": {run: params.models(run) for run in labels}, **report}

@@ -315,19 +315,17 @@ class BootstrapParams(BaseModel):
         return make("synth oracle", {"truth": self.truth, "root": self.root, "from_run": self.round_run(0),
                                       "run": self.oracle_run})
 
-    def captioner_evals(self) -> dict[str, tuple[str, object]]:
-        """label -> (folder, step): the evaluation of the captions each CapFilt round's finetuned
-        captioner wrote its synthetic captions with (what the round's captions are worth, beside the
-        arms its data trained), on the held-out world; {} without an annotated set or a held-out world."""
+    def captioner_evals(self) -> dict:
+        """label -> the eval step (writing eval.json into the captioner's folder) of the captions each
+        CapFilt round's finetuned captioner wrote its synthetic captions with (what the round's
+        captions are worth, beside the arms its data trained), on the held-out world; {} without an
+        annotated set or a held-out world."""
         if not (self.annotated and self.heldout and self.evaluate and self.stage2 is not None):
             return {}
-        evals = {}
-        for k in range(1, self.rounds + 1):
-            folder = _join(self.models(self.round_run(k - 1)), FINETUNED_CAPTIONER)
-            evals[f"captioner-of-r{k}"] = (folder, make("eval", {**self.eval, "root": self.root, "run": self.round_run(k),
-                                                                 "captioner": folder, "heldout": self.heldout,
-                                                                 "out": folder}, self.will_exist))
-        return evals
+        folders = {k: _join(self.models(self.round_run(k - 1)), FINETUNED_CAPTIONER) for k in range(1, self.rounds + 1)}
+        return {f"captioner-of-r{k}": make("eval", {**self.eval, "root": self.root, "run": self.round_run(k),
+                                                    "captioner": folder, "heldout": self.heldout, "out": folder},
+                                           self.will_exist) for k, folder in folders.items()}
 
     def eval_step(self, run: str):
         """The evaluation of the models trained on `run`: retrieval (and captions with Stage 2) on the

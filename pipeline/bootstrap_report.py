@@ -234,14 +234,16 @@ CAPTIONER_COLUMNS = (("captioning.cider", "CIDEr"), ("captioning.bleu4", "BLEU-4
                      ("attributes.attribute_accuracy", "attribute accuracy"), ("attributes.exact_match", "all attributes right"))
 
 
+def captioner_figures(evaluation: dict) -> dict[str, float | None]:
+    """{column: value} of one captioner's eval.json, in CAPTIONER_COLUMNS' order (None: not measured)."""
+    flat = flatten(evaluation)
+    return {label: flat.get(key) for key, label in CAPTIONER_COLUMNS}
+
+
 def captioner_rows(captioners: dict[str, dict]) -> list[dict]:
-    """One row per captioner a round wrote its synthetic captions with: {captioner, cells}."""
-    rows = []
-    for name, ev in captioners.items():
-        flat = flatten(ev)
-        rows.append({"captioner": name, "images": flat.get("captioning.images"),
-                     "cells": [number(flat.get(key)) for key, _ in CAPTIONER_COLUMNS]})
-    return rows
+    """One row per captioner a round wrote its synthetic captions with: {captioner, images, cells}."""
+    return [{"captioner": name, "images": flatten(ev).get("captioning.images"),
+             "cells": [number(v) for v in captioner_figures(ev).values()]} for name, ev in captioners.items()]
 
 
 def _relative(target: str, start: str) -> str:

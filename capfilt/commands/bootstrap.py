@@ -101,5 +101,5 @@ def format_summary(summary: dict) -> str:
             lines.append(f"{row['metric']:<{width}}  {cells}")
     for label, figures in (summary.get("captioners") or {}).items():
         lines.append(f"{label} (the captioner that wrote its synthetic captions), held-out: " + ", ".join(
-            f"{name.replace('_', ' ')} {'-' if value is None else format(value, '.3f')}" for name, value in figures.items()))
+            f"{name} {'-' if value is None else format(value, '.3f')}" for name, value in figures.items()))
     return "\n".join(lines)
