@@ -34,7 +34,10 @@ def planned_steps(params: BootstrapParams) -> list[tuple[str, object]]:
     """(label, typed step) of every step `bootstrap` runs, in the order it runs them (curate's and
     train's steps included): what "step k of N" counts. Building them checks every stage's config."""
     steps: list[tuple[str, object]] = []
+    early, late = eval_labels(params)
     for k in range(params.rounds + 1):
+        if k == 1:
+            steps += [(f"eval-{label}", params.eval_step(run)) for run, label in early.items()]
         curate_params, _, train_params = params.round_params(k)
         steps += params.finetune_steps(k).items()
         steps += [(f"{stage}-r{k}", step) for stage, step in curate_params.steps(params.will_exist).items()]
@@ -51,8 +54,8 @@ def planned_steps(params: BootstrapParams) -> list[tuple[str, object]]:
             steps += [(f"{stage}-{arm}", step) for stage, step in curate_params.steps(params.will_exist).items()]
             steps.append((f"filter-{arm}", filter_step))
             steps += [(f"{stage}-{arm}", step) for stage, step in train_params.steps().items()]
+    steps += [(f"eval-{label}", params.eval_step(run)) for run, label in late.items()]
     if params.evaluate:
-        steps += [(f"eval-{label}", params.eval_step(run)) for run, label in model_labels(params).items()]
         steps += [(f"eval-{label}", step) for label, step in params.captioner_evals().items()]
     return steps
 
@@ -90,6 +93,18 @@ def model_labels(params: BootstrapParams) -> dict[str, str]:
     if params.truth:
         labels[params.oracle_run] = "oracle"
     return labels
+
+
+def eval_labels(params: BootstrapParams) -> tuple[dict[str, str], dict[str, str]]:
+    """The trained runs to evaluate (run -> label), in two groups: round 0's and the oracle's models,
+    evaluated before round 1 (while the flow would wait for the toy BLIP-2 pretraining beside them),
+    then the rest after the last round. Both empty without --evaluate."""
+    if not params.evaluate:
+        return {}, {}
+    labels = model_labels(params)
+    first = {params.round_run(0), params.oracle_run} if params.rounds >= 1 else set()
+    return ({run: label for run, label in labels.items() if run in first},
+            {run: label for run, label in labels.items() if run not in first})
 
 
 @task(name="bootstrap-report")
@@ -137,8 +152,10 @@ def _rounds(params: BootstrapParams) -> dict:
     # the toy BLIP-2 (Stage 1, then Stage 2; one torch thread: ToyPreset.threads), pretrained while round 0
     # and the oracle train; round 1's filter and captioner start from it
     beside = Beside(params.execution.mode == "embedded", threads=1)
+    early, late = eval_labels(params)
     for k in range(params.rounds + 1):
         if k == 1:
+            _evaluate(early, params)  # round 0's and the oracle's models, while the toy BLIP-2 finishes
             beside.wait()  # raises if it failed
         curate_params, _, train_params = params.round_params(k)
         for label, step in params.finetune_steps(k).items():  # BLIP: finetune on the annotated set first
@@ -166,9 +183,8 @@ def _rounds(params: BootstrapParams) -> dict:
             publish_artifacts(curate_params)
             train(train_params)
     labels = model_labels(params)
+    _evaluate(late, params)
     if params.evaluate:
-        for run, label in labels.items():
-            run_step.with_options(task_run_name=f"eval-{label}")(f"eval-{label}", params.eval_step(run), params.execution)
         for label, step in params.captioner_evals().items():  # the captioners that wrote the rounds' captions
             run_step.with_options(task_run_name=f"eval-{label}")(f"eval-{label}", step, params.execution)
     report = write_report(params, labels)
@@ -185,3 +201,8 @@ def _rounds(params: BootstrapParams) -> dict:
         create_link_artifact(link=Path(report["report"]).resolve().as_uri(), link_text="bootstrap report",
                              description=f"Bootstrap report of {params.run}")
     return summary
+
+
+def _evaluate(labels: dict[str, str], params: BootstrapParams) -> None:
+    for run, label in labels.items():
+        run_step.with_options(task_run_name=f"eval-{label}")(f"eval-{label}", params.eval_step(run), params.execution)

@@ -463,7 +463,9 @@ def test_the_ablation_trains_blips_table_1_arms_from_round_1s_captions_and_score
     # the oracle trains after round 0 (beside the toy Stage 1), the arms after round 1
     assert labels.index("stage2-r0") < labels.index("oracle") < labels.index("stage2-oracle") < labels.index("finetune-filter-r1")
     assert labels.index("filter-r1") < labels.index("filter-captioner")
-    assert labels[-5:] == ["eval-raw", "eval-captioner", "eval-filter", "eval-capfilt", "eval-oracle"]
+    # round 0's and the oracle's models are evaluated before round 1, while the toy BLIP-2 finishes; the rest last
+    assert labels.index("stage2-oracle") < labels.index("eval-raw") < labels.index("eval-oracle") < labels.index("finetune-filter-r1")
+    assert labels[-3:] == ["eval-captioner", "eval-filter", "eval-capfilt"]
     with pytest.raises(ValueError, match="rounds >= 1"):
         BootstrapParams(source="src", rounds=0, ablation=True)
 
