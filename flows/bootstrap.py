@@ -26,7 +26,7 @@ from flows.curate import curate, publish_artifacts
 from flows.jobs import Beside, stop_beside
 from flows.params import BootstrapParams
 from flows.progress import step_clock
-from flows.tasks import run_step
+from flows.tasks import run_step, run_steps
 from flows.train import train
 
 
@@ -34,10 +34,10 @@ def planned_steps(params: BootstrapParams) -> list[tuple[str, object]]:
     """(label, typed step) of every step `bootstrap` runs, in the order it runs them (curate's and
     train's steps included): what "step k of N" counts. Building them checks every stage's config."""
     steps: list[tuple[str, object]] = []
-    early, late = eval_labels(params)
+    early, late = eval_steps(params)
     for k in range(params.rounds + 1):
         if k == 1:
-            steps += [(f"eval-{label}", params.eval_step(run)) for run, label in early.items()]
+            steps += early.items()
         curate_params, _, train_params = params.round_params(k)
         steps += params.finetune_steps(k).items()
         steps += [(f"{stage}-r{k}", step) for stage, step in curate_params.steps(params.will_exist).items()]
@@ -54,10 +54,7 @@ def planned_steps(params: BootstrapParams) -> list[tuple[str, object]]:
             steps += [(f"{stage}-{arm}", step) for stage, step in curate_params.steps(params.will_exist).items()]
             steps.append((f"filter-{arm}", filter_step))
             steps += [(f"{stage}-{arm}", step) for stage, step in train_params.steps().items()]
-    steps += [(f"eval-{label}", params.eval_step(run)) for run, label in late.items()]
-    if params.evaluate:
-        steps += [(f"eval-{label}", step) for label, step in params.captioner_evals().items()]
-    return steps
+    return steps + list(late.items())
 
 
 def check(params: BootstrapParams) -> list[tuple[str, object]]:
@@ -95,16 +92,17 @@ def model_labels(params: BootstrapParams) -> dict[str, str]:
     return labels
 
 
-def eval_labels(params: BootstrapParams) -> tuple[dict[str, str], dict[str, str]]:
-    """The trained runs to evaluate (run -> label), in two groups: round 0's and the oracle's models,
-    evaluated before round 1 (while the flow would wait for the toy BLIP-2 pretraining beside them),
-    then the rest after the last round. Both empty without --evaluate."""
+def eval_steps(params: BootstrapParams) -> tuple[dict, dict]:
+    """The eval steps (label -> step), in two groups: round 0's and the oracle's models, evaluated
+    before round 1 (while the flow would wait for the toy BLIP-2 pretraining beside them), then the
+    other models and the rounds' captioners after the last round. Both empty without --evaluate."""
     if not params.evaluate:
         return {}, {}
-    labels = model_labels(params)
     first = {params.round_run(0), params.oracle_run} if params.rounds >= 1 else set()
-    return ({run: label for run, label in labels.items() if run in first},
-            {run: label for run, label in labels.items() if run not in first})
+    models = {run: (f"eval-{label}", params.eval_step(run)) for run, label in model_labels(params).items()}
+    late = dict(step for run, step in models.items() if run not in first)
+    late |= {f"eval-{label}": step for label, step in params.captioner_evals().items()}
+    return dict(step for run, step in models.items() if run in first), late
 
 
 @task(name="bootstrap-report")
@@ -152,14 +150,13 @@ def _rounds(params: BootstrapParams) -> dict:
     # the toy BLIP-2 (Stage 1, then Stage 2; one torch thread: ToyPreset.threads), pretrained while round 0
     # and the oracle train; round 1's filter and captioner start from it
     beside = Beside(params.execution.mode == "embedded", threads=1)
-    early, late = eval_labels(params)
+    early, late = eval_steps(params)
     for k in range(params.rounds + 1):
         if k == 1:
-            _evaluate(early, params)  # round 0's and the oracle's models, while the toy BLIP-2 finishes
+            run_steps(early, params.execution)  # round 0's and the oracle's models, while the toy BLIP-2 finishes
             beside.wait()  # raises if it failed
         curate_params, _, train_params = params.round_params(k)
-        for label, step in params.finetune_steps(k).items():  # BLIP: finetune on the annotated set first
-            run_step.with_options(task_run_name=label)(label, step, params.execution)
+        run_steps(params.finetune_steps(k), params.execution)  # BLIP: finetune on the annotated set first
         curate(curate_params)
         if k == 0:
             for label, step in params.pretrain_steps().items():
@@ -183,10 +180,7 @@ def _rounds(params: BootstrapParams) -> dict:
             publish_artifacts(curate_params)
             train(train_params)
     labels = model_labels(params)
-    _evaluate(late, params)
-    if params.evaluate:
-        for label, step in params.captioner_evals().items():  # the captioners that wrote the rounds' captions
-            run_step.with_options(task_run_name=f"eval-{label}")(f"eval-{label}", step, params.execution)
+    run_steps(late, params.execution)  # the other models, and the captioners that wrote the rounds' captions
     report = write_report(params, labels)
     summary = {"runs": list(labels), "models": {run: params.models(run) for run in labels}, **report}
     lines = [f"# bootstrap `{params.run}`", "", f"report: `{report['report']}`", "", "| run | models |", "|---|---|"]
@@ -201,8 +195,3 @@ def _rounds(params: BootstrapParams) -> dict:
         create_link_artifact(link=Path(report["report"]).resolve().as_uri(), link_text="bootstrap report",
                              description=f"Bootstrap report of {params.run}")
     return summary
-
-
-def _evaluate(labels: dict[str, str], params: BootstrapParams) -> None:
-    for run, label in labels.items():
-        run_step.with_options(task_run_name=f"eval-{label}")(f"eval-{label}", params.eval_step(run), params.execution)

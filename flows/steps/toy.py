@@ -51,8 +51,9 @@ class ToyPretrainStep:
 
         world = pretraining_world(Path(self.root) / "worlds" / f"toy-pretrain-{images}-noise{self.world_noise}"
                                   f"-seed{self.world_seed}-described", images, self.world_seed, self.world_noise)
-        described = [(image, captions[0]) for image, captions in described_pairs(world)]
-        texts = [text for _, captions in described_pairs(world) for text in captions[1:]]
+        every_wording = described_pairs(world)
+        described = [(image, captions[0]) for image, captions in every_wording]
+        texts = [text for _, captions in every_wording for text in captions[1:]]
         return world, world_pairs(world) + described, texts, world_pairs(world, clean=True) + described
 
     def execute(self, say=print) -> dict:
